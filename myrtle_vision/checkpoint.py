@@ -1,0 +1,101 @@
+"""Checkpoint files: atomic writes, ``weights_only`` loads, the model entry in the deploy layout.
+
+A training checkpoint is a dict::
+
+    format          "myrtle_vision/1"
+    model           the ViT in the accelerator's layout (see myrtle_vision.layout)
+    optimizer       optimizer state dict
+    lr_scheduler    scheduler state dict
+    iteration       optimizer updates done
+    epoch           epochs completed; update_in_epoch: updates done in the current epoch
+    best_val_top1   best validation top-1 so far (percent)
+    rng             torch (CPU and CUDA), Python and NumPy random states
+    config          the resolved train config, data config inline
+
+The earlier release's files (``model``, ``optimizer``, ``lr_scheduler``, ``iteration``) load too:
+their model is used; their optimizer state is not (its parameter order differs).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import layout
+from .errors import UserError
+
+FORMAT = "myrtle_vision/1"
+
+
+def save_atomic(obj, path: str | Path) -> Path:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def link_atomic(src: Path, dst: Path) -> None:
+    """Make ``dst`` a second name for ``src`` (a hard link, else a copy), replacing it atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint with ``weights_only=True``; any problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path}: not a checkpoint of this tool (no 'model' entry)")
+    return ckpt
+
+
+def load_model_weights(model: nn.Module, ckpt: dict, path) -> None:
+    """Put the checkpoint's deploy-layout weights into ``model``, or say exactly what differs."""
+    expected = layout.to_deploy(model.state_dict())
+    mismatch = layout.describe_mismatch(expected, ckpt["model"])
+    if mismatch:
+        raise UserError(f"{path}: checkpoint does not fit the config's model: {mismatch}")
+    model.load_state_dict(layout.from_deploy(ckpt["model"], str(path)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

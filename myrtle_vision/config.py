@@ -1,0 +1,300 @@
+"""Typed, validated configs.
+
+A train config (``train_configs/*.json``) has the sections ``train_config``, ``data_config_path``,
+``dist_config``, ``vit_config`` and optionally ``distiller_config``; the data config it points to
+is loaded with it. Every field is checked when the file is loaded: an unknown name (with the
+nearest valid one suggested), a wrong type, a missing required field or an impossible value is a
+:class:`~myrtle_vision.errors.ConfigError` naming the file and the field.
+
+Relative paths in configs (``data_config_path``, ``dataset_path``, ``output_directory``,
+``checkpoint_path``, ``teacher_weights_path``) are relative to the working directory, as in the
+earlier release.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+from .transforms import OpError, parse_ops
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("cosine", "step", "constant")
+Q_FORMATS = ("FP32",)
+
+
+@dataclass
+class TrainConfig:
+    output_directory: str
+    epochs: int
+    local_batch_size: int
+    global_batch_size: int
+    lr: float
+    checkpoint_path: str = ""
+    iters_per_checkpoint: int = 1000
+    iters_per_val: int = 1000
+    seed: int = 1234
+    drop_last_batch: bool = True
+    optimizer: str = "adamw"
+    opt_eps: float = 1e-8
+    opt_betas: Optional[list[float]] = None
+    clip_grad: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    scheduler: str = "cosine"
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    warmup_epochs: float = 5
+    cooldown_epochs: float = 0
+    decay_epochs: float = 30
+    decay_rate: float = 0.1
+    label_smoothing: float = 0.1
+    num_workers: int = 4
+    keep_checkpoints: Optional[int] = 5
+    # Accepted for compatibility with the earlier release; see the README for what happens to them.
+    lr_noise: Optional[list[float]] = None
+    lr_noise_pct: float = 0.67
+    lr_noise_std: float = 1.0
+    patience_epochs: float = 10
+    distributed: bool = False
+
+    def validate(self, v: "_Validator") -> None:
+        for name in ("epochs", "local_batch_size", "global_batch_size", "iters_per_checkpoint", "iters_per_val"):
+            v.check(getattr(self, name) >= 1, name, "must be at least 1")
+        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "momentum"):
+            v.check(getattr(self, name) >= 0, name, "must not be negative")
+        v.check(self.global_batch_size % self.local_batch_size == 0, "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of local_batch_size {self.local_batch_size}")
+        v.choice(self.optimizer, OPTIMIZERS, "optimizer")
+        v.choice(self.scheduler, SCHEDULERS, "scheduler")
+        v.check(self.opt_eps > 0, "opt_eps", "must be positive")
+        if self.opt_betas is not None:
+            v.check(len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas), "opt_betas",
+                    "must be null or two numbers in [0, 1)")
+        v.check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be null or positive")
+        v.check(self.momentum <= 1, "momentum", "must be in [0, 1]")
+        v.check(self.warmup_epochs + self.cooldown_epochs <= self.epochs, "warmup_epochs",
+                f"warmup_epochs + cooldown_epochs ({self.warmup_epochs + self.cooldown_epochs:g}) exceed epochs ({self.epochs})")
+        v.check(self.decay_epochs > 0, "decay_epochs", "must be positive")
+        v.check(0 < self.decay_rate <= 1, "decay_rate", "must be in (0, 1]")
+        v.check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        v.check(self.num_workers >= 0, "num_workers", "must not be negative")
+        v.check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "must be null or at least 1")
+        v.check(self.lr_noise is None, "lr_noise", "learning-rate noise is not supported; set it to null")
+
+
+@dataclass
+class DistConfig:
+    dist_backend: str = "nccl"
+    dist_url: str = "env://"
+
+    def validate(self, v: "_Validator") -> None:
+        v.choice(self.dist_backend, ("nccl", "gloo"), "dist_backend")
+
+
+@dataclass
+class VitConfig:
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    emb_dropout: float = 0.0
+    q_format: str = "FP32"
+
+    def validate(self, v: "_Validator") -> None:
+        for name in ("image_size", "patch_size", "embed_dim", "depth", "heads", "mlp_dim"):
+            v.check(getattr(self, name) >= 1, name, "must be at least 1")
+        v.check(self.image_size % self.patch_size == 0, "image_size",
+                f"{self.image_size} is not divisible by patch_size {self.patch_size}")
+        v.check(self.embed_dim % self.heads == 0, "embed_dim", f"{self.embed_dim} is not divisible by heads {self.heads}")
+        for name in ("dropout", "emb_dropout"):
+            v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
+        v.choice(self.q_format, Q_FORMATS, "q_format")
+
+
+@dataclass
+class DistillerConfig:
+    teacher_weights_path: str
+    temperature: float = 3.0
+    alpha: float = 0.5
+    distillation_type: str = "soft"
+    teacher_model: str = "resnet50"
+
+    def validate(self, v: "_Validator") -> None:
+        v.check(self.temperature > 0, "temperature", "must be positive")
+        v.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
+        v.choice(self.distillation_type, ("soft", "hard"), "distillation_type")
+
+
+@dataclass
+class DataConfig:
+    dataset_path: str
+    train_files: str
+    valid_files: str
+    test_files: str
+    label_map: str
+    number_of_classes: int
+    transform_ops_train: dict
+    transform_ops_val: dict
+
+    def validate(self, v: "_Validator") -> None:
+        v.check(self.number_of_classes >= 2, "number_of_classes", "must be at least 2")
+        for name in ("transform_ops_train", "transform_ops_val"):
+            try:
+                parse_ops(getattr(self, name))
+            except OpError as e:
+                v.fail(f"{name}.{e.where}" if e.where else name, e.problem)
+
+
+@dataclass
+class Config:
+    """A whole train config, with its data config loaded."""
+
+    train_config: TrainConfig
+    data_config_path: str
+    vit_config: VitConfig
+    data_config: Optional[DataConfig] = None  # loaded from data_config_path; inline only in saved configs
+    dist_config: DistConfig = field(default_factory=DistConfig)
+    distiller_config: Optional[DistillerConfig] = None
+    path: str = ""  # the file it was loaded from, for error messages
+
+    def to_dict(self) -> dict:
+        """The resolved config (every default filled in), as saved with each checkpoint."""
+        out = dataclasses.asdict(self)
+        out.pop("path")
+        return out
+
+
+# Fields the user's README names differently; the value is moved to the canonical name.
+ALIASES = {"vit_config": {"q_config": "q_format"}}
+
+
+class _Validator:
+    def __init__(self, path, prefix: str):
+        self.path, self.prefix = path, prefix
+
+    def fail(self, name: str, problem: str):
+        raise ConfigError(self.path, f"{self.prefix}{name}", problem)
+
+    def check(self, ok: bool, name: str, problem: str):
+        if not ok:
+            self.fail(name, problem)
+
+    def choice(self, value: str, choices, name: str):
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), choices, n=1)
+            self.fail(name, f"{value!r} is not one of {', '.join(choices)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _type_ok(value: Any, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(x, args[0]) for x in value)
+    if tp is dict:
+        return isinstance(value, dict)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _type_name(tp) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+             type(None): "null"}
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
+    return names.get(tp, str(tp))
+
+
+def build(cls, data: Any, path, prefix: str = ""):
+    """Build dataclass ``cls`` from a JSON object, checking names, types and values."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, prefix.rstrip("."), f"expected an object, got {type(data).__name__}")
+    data = dict(data)
+    for alias, name in ALIASES.get(prefix.rstrip("."), {}).items():
+        if alias in data:
+            if name in data:
+                raise ConfigError(path, f"{prefix}{alias}", f"give either {alias} or {name}, not both")
+            data[name] = data.pop(alias)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            raise ConfigError(path, f"{prefix}{key}", "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(path, f"{prefix}{name}", "missing required field")
+            continue
+        value, tp = data[name], hints[name]
+        if dataclasses.is_dataclass(tp) or (typing.get_origin(tp) is typing.Union and dataclasses.is_dataclass(typing.get_args(tp)[0])):
+            sub = tp if dataclasses.is_dataclass(tp) else typing.get_args(tp)[0]
+            kwargs[name] = None if value is None and sub is not tp else build(sub, value, path, f"{prefix}{name}.")
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(path, f"{prefix}{name}", f"expected {_type_name(tp)}, got {json.dumps(value)}")
+        kwargs[name] = float(value) if tp is float else value
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(_Validator(path, prefix))
+    return obj
+
+
+def read_json(path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found") from None
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def load_data_config(path) -> DataConfig:
+    return build(DataConfig, read_json(path), path)
+
+
+def load_config(path) -> Config:
+    """Load and validate a train config and the data config it names."""
+    raw = read_json(path)
+    if isinstance(raw, dict) and "data_config" in raw:
+        raise ConfigError(path, "data_config", "unknown field (did you mean 'data_config_path'?)")
+    cfg = build(Config, raw, path)
+    cfg.data_config = load_data_config(cfg.data_config_path)
+    cfg.path = str(path)
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str) -> Config:
+    """Rebuild a resolved config saved by :meth:`Config.to_dict` (it holds its data config inline)."""
+    cfg = build(Config, raw, source)
+    if cfg.data_config is None:
+        raise ConfigError(source, "data_config", "missing required field")
+    cfg.path = source
+    return cfg

@@ -1,0 +1,214 @@
+"""Datasets described by a data config: image lists, labels from class folders, transforms.
+
+A dataset folder holds ``images/<class>/<file>``, ``label_map.json`` (class folder name -> id)
+and one text file per split listing image paths relative to the folder. Everything that can be
+checked without decoding images is checked when a split is opened, each problem a
+:class:`~myrtle_vision.errors.UserError` naming the file.
+
+Training randomness is a function of position, not history: the sampler gives every sample a
+seed derived from (seed, epoch, index), and the dataset seeds torch with it before the random
+transforms run. The augmentation of an image is therefore the same whichever worker loads it and
+whether or not the run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DataConfig
+from .errors import UserError
+from .transforms import build_transform, parse_ops
+
+SPLITS = {"train": "train_files", "val": "valid_files", "test": "test_files"}
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of integers (seed, stream, epoch, index, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def read_label_map(cfg: DataConfig) -> dict[str, int]:
+    """Read and check ``label_map.json`` against ``number_of_classes``."""
+    path = Path(cfg.dataset_path) / cfg.label_map
+    try:
+        label_map = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: label map not found (data config field label_map)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the label map: {e}") from None
+    if not isinstance(label_map, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
+        raise UserError(f"{path}: expected an object mapping class folder names to integer ids")
+    if len(label_map) != cfg.number_of_classes:
+        raise UserError(f"{path}: has {len(label_map)} classes but the data config's number_of_classes is {cfg.number_of_classes}")
+    if sorted(label_map.values()) != list(range(len(label_map))):
+        raise UserError(f"{path}: class ids must be 0..{len(label_map) - 1}, each used once")
+    return label_map
+
+
+def class_names(label_map: dict[str, int]) -> list[str]:
+    return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+
+
+class ImageListDataset(Dataset):
+    """The images listed in one split file, labelled by their class folder."""
+
+    def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], transform=None):
+        self.root = Path(root)
+        self.list_path = self.root / list_file
+        self.transform = transform
+        self.paths, self.labels = self._read_list(label_map)
+
+    def _read_list(self, label_map: dict[str, int]) -> tuple[list[str], list[int]]:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: dataset folder not found (data config field dataset_path)")
+        try:
+            lines = self.list_path.read_text().splitlines()
+        except FileNotFoundError:
+            raise UserError(f"{self.list_path}: split file not found") from None
+        root = self.root.resolve()
+        paths, labels, class_dirs = [], [], set()
+        for lineno, line in enumerate(lines, 1):
+            rel = line.strip()
+            if not rel:
+                continue
+            where = f"{self.list_path}:{lineno}"
+            full = (root / rel).resolve()
+            if os.path.isabs(rel) or not full.is_relative_to(root):
+                raise UserError(f"{where}: {rel} is outside the dataset folder {root}")
+            if not full.is_file():
+                raise UserError(f"{where}: {rel} does not exist")
+            cls = full.parent.name
+            if cls not in label_map:
+                raise UserError(f"{where}: class folder {cls!r} of {rel} is not in the label map")
+            paths.append(str(full))
+            labels.append(label_map[cls])
+            class_dirs.add(full.parent.parent)
+        if not paths:
+            raise UserError(f"{self.list_path}: the split lists no images")
+        for parent in class_dirs:  # the folder of class folders must hold exactly the label map's classes
+            on_disk = {d.name for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")}
+            extra, missing = sorted(on_disk - set(label_map)), sorted(set(label_map) - on_disk)
+            if extra or missing:
+                detail = "; ".join(filter(None, [extra and f"not in the label map: {', '.join(extra[:5])}",
+                                                  missing and f"no folder for: {', '.join(missing[:5])}"]))
+                raise UserError(f"{parent}: class folders disagree with the label map ({detail})")
+        return paths, labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA")  # palette transparency needs RGBA first to composite sanely
+                    background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                    return Image.alpha_composite(background, img).convert("RGB")
+                return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"{path}: cannot read image: {e}") from None
+
+    def __getitem__(self, key):
+        """``key`` is an index, or (index, seed) to make the random transforms reproducible."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img = self.load_image(index)
+        if self.transform is not None:
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)  # CPU generator only: torch.manual_seed costs ~100x more
+            img = self.transform(img)
+        return img, self.labels[index]
+
+
+def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = None) -> ImageListDataset:
+    """Open the ``train``, ``val`` or ``test`` split with its transforms."""
+    label_map = label_map if label_map is not None else read_label_map(cfg)
+    ops = cfg.transform_ops_train if split == "train" else cfg.transform_ops_val
+    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, build_transform(parse_ops(ops)))
+
+
+class TrainPlan:
+    """Which samples make up every micro-batch of every optimizer update of an epoch.
+
+    The epoch's order is a permutation seeded by (seed, epoch). Updates take ``global_batch``
+    samples each (the last one fewer when ``drop_last`` is false), split into micro-batches of at
+    most ``local_batch``; ``rank``/``world_size`` give each process its share of every update.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, local_batch: int, seed: int, drop_last: bool,
+                 rank: int = 0, world_size: int = 1):
+        self.num_samples, self.global_batch, self.local_batch = num_samples, global_batch, local_batch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        full, rest = divmod(num_samples, global_batch)
+        self.updates_per_epoch = full + (1 if rest and not drop_last else 0)
+        if self.updates_per_epoch == 0:
+            raise ValueError(f"{num_samples} samples make no update of {global_batch} with drop_last")
+
+    def update(self, epoch: int, update: int) -> list[list[tuple[int, int]]]:
+        """This process's micro-batches of ``(index, sample seed)`` for one update of an epoch."""
+        order = self._order(epoch)
+        chunk = order[update * self.global_batch:(update + 1) * self.global_batch]
+        mine = chunk[self.rank::self.world_size]
+        keyed = [(int(i), derive_seed(self.seed, 1, epoch, int(i))) for i in mine]
+        return [keyed[s:s + self.local_batch] for s in range(0, len(keyed), self.local_batch)]
+
+    def num_micro_batches(self, update: int) -> int:
+        """How many micro-batches this process runs for ``update`` (the same in every epoch)."""
+        chunk = min(self.global_batch, self.num_samples - update * self.global_batch)
+        mine = len(range(self.rank, chunk, self.world_size))
+        return -(-mine // self.local_batch)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_cached_epoch", None) != epoch:
+            g = np.random.default_rng(derive_seed(self.seed, 0, epoch))
+            self._cached_order, self._cached_epoch = g.permutation(self.num_samples), epoch
+        return self._cached_order
+
+    def batches(self, epoch: int, start_update: int = 0):
+        """Every micro-batch of the epoch from ``start_update`` on, in order (for the loader)."""
+        for u in range(start_update, self.updates_per_epoch):
+            yield from self.update(epoch, u)
+
+
+class _EpochBatches:
+    """A batch sampler over one epoch's plan (from ``start_update``)."""
+
+    def __init__(self, plan: TrainPlan, epoch: int, start_update: int):
+        self.plan, self.epoch, self.start_update = plan, epoch, start_update
+
+    def __iter__(self):
+        return self.plan.batches(self.epoch, self.start_update)
+
+
+def _worker_init(_worker_id: int) -> None:
+    # The main process handles Ctrl-C/SIGTERM and shuts the workers down itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
+    return dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
+                prefetch_factor=4 if num_workers else None)
+
+
+def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: int, num_workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=_EpochBatches(plan, epoch, start_update),
+                      **_loader_kwargs(num_workers, pin_memory))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, indices: Sequence[int] | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """Every sample (or every one of ``indices``) once, in order, no batch dropped."""
+    sampler = list(range(len(dataset))) if indices is None else list(indices)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
+                      **_loader_kwargs(num_workers, pin_memory))

@@ -1,0 +1,267 @@
+"""Training and evaluation loops. Knows nothing of argument parsing.
+
+:func:`train` runs a whole training job from a :class:`~myrtle_vision.config.Config`;
+:func:`evaluate` measures a model on a data loader.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .config import Config
+from .data import TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, train_loader
+from .errors import UserError
+from .layout import to_deploy
+from .metrics import Accumulator
+from .models import build_model
+from .optim import LRSchedule, build_optimizer, build_scheduler
+from .reporting import Reporter
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, path: Path):
+        self.signum, self.path = signum, path
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {path}")
+
+
+@dataclass
+class Progress:
+    iteration: int = 0  # optimizer updates done
+    epoch: int = 0  # epochs completed
+    update_in_epoch: int = 0  # updates done in the current epoch
+    best_val_top1: float = -1.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> Accumulator:
+    """Loss and accuracy of ``model`` over every batch of ``loader``."""
+    was_training = model.training
+    model.eval()
+    acc = Accumulator(num_classes)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        acc.update(model(images), targets)
+    model.train(was_training)
+    return acc
+
+
+@contextmanager
+def _stop_on_signals():
+    """Turn the first SIGINT/SIGTERM into a request to stop at the next update boundary."""
+    requested: list[int] = []
+
+    def handler(signum, _frame):
+        if requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def new_run_dir(output_directory: str) -> Path:
+    base = Path(output_directory) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+class Trainer:
+    """One training job: model, optimizer, schedule, data plan, and where it writes."""
+
+    def __init__(self, cfg: Config, device: torch.device, reporter_dir: bool = True):
+        self.cfg, self.tc, self.device = cfg, cfg.train_config, device
+        tc = self.tc
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: the accelerator sees these weights
+        label_map = read_label_map(cfg.data_config)
+        self.class_names = class_names(label_map)
+        self.train_set = open_split(cfg.data_config, "train", label_map)
+        self.val_set = open_split(cfg.data_config, "val", label_map)
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg).to(device)
+        self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
+        if len(self.train_set) < tc.global_batch_size and tc.drop_last_batch:
+            raise UserError(f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
+                            f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
+                            "drop_last_batch to false")
+        self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch)
+        self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
+        self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.progress = Progress()
+        self.run_dir = self._resume() if tc.checkpoint_path else new_run_dir(tc.output_directory)
+        self.pin = device.type == "cuda"
+        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, tc.num_workers, pin_memory=self.pin)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _resume(self) -> Path:
+        path = Path(self.tc.checkpoint_path)
+        ckpt = ckpt_io.load(path)
+        ckpt_io.load_model_weights(self.model, ckpt, path)
+        if ckpt.get("format") != ckpt_io.FORMAT:
+            print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
+            return new_run_dir(self.tc.output_directory)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not fit this config ({e})") from None
+        self.progress = Progress(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
+        if self.progress.update_in_epoch >= self.plan.updates_per_epoch:
+            self.progress.epoch, self.progress.update_in_epoch = self.progress.epoch + 1, 0
+        ckpt_io.set_rng_state(ckpt["rng"])
+        # Continue in the run's own folder when the checkpoint lives in one.
+        run_dir = path.parent if (path.parent / "config.json").is_file() else new_run_dir(self.tc.output_directory)
+        print(f"resuming from {path} at iteration {self.progress.iteration} (epoch {self.progress.epoch + 1})")
+        return run_dir
+
+    def state(self) -> dict:
+        p = self.progress
+        return {"format": ckpt_io.FORMAT, "model": _deploy_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.scheduler.state_dict(), "iteration": p.iteration, "epoch": p.epoch,
+                "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
+                "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt_io.save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
+        ckpt_io.link_atomic(path, self.run_dir / "last.pt")
+        keep = self.tc.keep_checkpoints
+        if keep is not None:
+            for old in sorted(self.run_dir.glob("checkpoint_*.pt"))[:-keep]:
+                old.unlink()
+        return path
+
+    # --- loops -------------------------------------------------------------------------------
+
+    def validate(self, reporter: Reporter) -> None:
+        p = self.progress
+        acc = evaluate(self.model, self.val_loader, self.device, len(self.class_names))
+        improved = acc.top1 > p.best_val_top1
+        if improved:
+            p.best_val_top1 = acc.top1
+        reporter.scalars(p.iteration, **{"val/loss": acc.loss, "val/top1": acc.top1, "val/top5": acc.top5})
+        reporter.print(f"iteration {p.iteration} (epoch {p.epoch + 1}): val loss {acc.loss:.4f}  "
+                       f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%")
+        if improved:
+            ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt")
+
+    def _check_batch(self, images: torch.Tensor) -> None:
+        size = self.cfg.vit_config.image_size
+        if images.shape[-2:] != (size, size):
+            raise UserError(f"{self.cfg.data_config_path}: transform_ops_train gives {images.shape[-2]}x{images.shape[-1]} "
+                            f"images but vit_config.image_size is {size}")
+
+    def train_update(self, batches, update: int) -> tuple[float, int]:
+        """One optimizer update over this update's micro-batches; returns (mean loss, images)."""
+        p, tc = self.progress, self.tc
+        n_micro = self.plan.num_micro_batches(update)
+        n_images = min(tc.global_batch_size, len(self.train_set) - update * tc.global_batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for m in range(n_micro):
+            images, targets = next(batches)
+            if p.iteration == 0 and m == 0:
+                self._check_batch(images)
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m))  # dropout depends on position only
+            loss = self.criterion(self.model(images), targets)
+            # weight each micro-batch by its share so the gradient is the mean over the update
+            (loss * (targets.numel() / n_images)).backward()
+            loss_sum += loss.item() * targets.numel()
+        if tc.clip_grad is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss_sum / n_images, n_images
+
+    def fit(self) -> Path:
+        """Train to the end (or until a signal); returns the path of the last checkpoint."""
+        tc, p = self.tc, self.progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        reporter = Reporter(self.run_dir)
+        last_ckpt_at, last_val_at = -1, -1
+        self.model.train()
+        try:
+            with _stop_on_signals() as stop:
+                print(f"training on {self.device}: {len(self.train_set)} training images, {len(self.val_set)} validation "
+                      f"images, {self.plan.updates_per_epoch} updates per epoch of {tc.global_batch_size} images",
+                      flush=True)
+                while p.epoch < tc.epochs:
+                    bar = reporter.progress(self.plan.updates_per_epoch, p.update_in_epoch, f"epoch {p.epoch + 1}/{tc.epochs}")
+                    batches = iter(train_loader(self.train_set, self.plan, p.epoch, p.update_in_epoch,
+                                                tc.num_workers, self.pin))
+                    for update in range(p.update_in_epoch, self.plan.updates_per_epoch):
+                        start = time.perf_counter()
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        loss, n = self.train_update(batches, update)
+                        p.iteration, p.update_in_epoch = p.iteration + 1, update + 1
+                        ips = n / (time.perf_counter() - start)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                        reporter.scalars(p.iteration, **{"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips})
+                        if p.iteration % tc.iters_per_val == 0:
+                            self.validate(reporter)
+                            last_val_at = p.iteration
+                        if p.iteration % tc.iters_per_checkpoint == 0:
+                            self.save_checkpoint()
+                            last_ckpt_at = p.iteration
+                        if stop:
+                            path = self.save_checkpoint() if last_ckpt_at != p.iteration else self.run_dir / "last.pt"
+                            raise Interrupted(stop[0], path)
+                    del batches
+                    reporter.close_bar()
+                    if last_val_at != p.iteration:
+                        self.validate(reporter)
+                        last_val_at = p.iteration
+                    p.epoch, p.update_in_epoch = p.epoch + 1, 0
+                self.save_checkpoint()  # (re)written after the epoch-end validation and bookkeeping
+        finally:
+            reporter.close()
+        return self.run_dir / "last.pt"
+
+
+def _deploy_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in to_deploy(model.state_dict()).items()}
+
+
+def train(cfg: Config, device: torch.device) -> Path:
+    trainer = Trainer(cfg, device)
+    print(f"run directory: {trainer.run_dir}", flush=True)
+    if cfg.distiller_config is not None:
+        print("warning: distiller_config: distillation is not available yet; training the ViT without a teacher",
+              flush=True)
+    return trainer.fit()
+
+
+def test_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int):
+    """Evaluate on the whole test split; returns (Accumulator, class names)."""
+    label_map = read_label_map(cfg.data_config)
+    test_set = open_split(cfg.data_config, "test", label_map)
+    loader = eval_loader(test_set, batch_size, num_workers, pin_memory=device.type == "cuda")
+    return evaluate(model, loader, device, len(label_map)), class_names(label_map)
+
+

@@ -1,0 +1,30 @@
+"""The one error type that means "the user gave us something wrong".
+
+Scripts catch :class:`UserError` (see :func:`myrtle_vision.cli.main_guard`), print its message as
+one line on stderr and exit with status 2. Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A mistake in the user's input: a config, a dataset, a checkpoint, a command-line flag."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # A UserError raised inside a DataLoader worker comes back to the main process re-created
+        # from a message that embeds the worker's traceback; keep only the original message.
+        if "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+class ConfigError(UserError):
+    """A config file field that is missing, unknown, of the wrong type or impossible."""
+
+    def __init__(self, path, field: str, problem: str):
+        self.path, self.field, self.problem = str(path), field, problem
+        super().__init__(f"{path}: {field}: {problem}" if field else f"{path}: {problem}")
+
+    def __reduce__(self):  # keep it picklable across worker processes
+        return (ConfigError, (self.path, self.field, self.problem))

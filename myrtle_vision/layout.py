@@ -1,0 +1,100 @@
+"""The accelerator's checkpoint layout: the only module that knows its parameter names.
+
+A checkpoint's ``"model"`` entry holds the ViT in the names, shapes and semantics of the earlier
+release (``patch_to_embedding``, ``transformer.layers.i.0.fn.fn.to_qkv``, ``mlp_head.1``, ...),
+which the accelerator's importer reads. Our modules use timm's names. Every tensor maps one to
+one with the same shape and meaning, so the conversion is a renaming:
+
+===============================================  ==============================
+deploy layout                                    ``VisionTransformer``
+===============================================  ==============================
+``pos_embedding``                                ``pos_embed``
+``cls_token``                                    ``cls_token``
+``patch_to_embedding.{weight,bias}``             ``patch_embed.proj.*``
+``transformer.layers.i.0.fn.norm.*``             ``blocks.i.norm1.*``
+``transformer.layers.i.0.fn.fn.to_qkv.weight``   ``blocks.i.attn.qkv.weight``
+``transformer.layers.i.0.fn.fn.to_out.0.*``      ``blocks.i.attn.proj.*``
+``transformer.layers.i.1.fn.norm.*``             ``blocks.i.norm2.*``
+``transformer.layers.i.1.fn.fn.net.0.*``         ``blocks.i.mlp.fc1.*``
+``transformer.layers.i.1.fn.fn.net.3.*``         ``blocks.i.mlp.fc2.*``
+``mlp_head.0.*``                                 ``norm.*``
+``mlp_head.1.*``                                 ``head.*``
+===============================================  ==============================
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import UserError
+
+# (deploy-name pattern, module-name pattern); "{i}" stands for the block index.
+_NAMES = [
+    ("pos_embedding", "pos_embed"),
+    ("cls_token", "cls_token"),
+    ("patch_to_embedding.{p}", "patch_embed.proj.{p}"),
+    ("transformer.layers.{i}.0.fn.norm.{p}", "blocks.{i}.norm1.{p}"),
+    ("transformer.layers.{i}.0.fn.fn.to_qkv.{p}", "blocks.{i}.attn.qkv.{p}"),
+    ("transformer.layers.{i}.0.fn.fn.to_out.0.{p}", "blocks.{i}.attn.proj.{p}"),
+    ("transformer.layers.{i}.1.fn.norm.{p}", "blocks.{i}.norm2.{p}"),
+    ("transformer.layers.{i}.1.fn.fn.net.0.{p}", "blocks.{i}.mlp.fc1.{p}"),
+    ("transformer.layers.{i}.1.fn.fn.net.3.{p}", "blocks.{i}.mlp.fc2.{p}"),
+    ("mlp_head.0.{p}", "norm.{p}"),
+    ("mlp_head.1.{p}", "head.{p}"),
+]
+
+
+def _compile(pattern: str) -> re.Pattern:
+    regex = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile(regex + "$")
+
+
+_TO_MODULE = [(_compile(d), m) for d, m in _NAMES]
+_TO_DEPLOY = [(_compile(m), d) for d, m in _NAMES]
+
+
+def _rename(name: str, table) -> str | None:
+    for regex, target in table:
+        match = regex.match(name)
+        if match:
+            return target.format(**match.groupdict())
+    return None
+
+
+def to_deploy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ViT's state dict -> the accelerator's layout (plain ViT entries only)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        new = _rename(name, _TO_DEPLOY)
+        if new is None:
+            raise KeyError(f"{name} has no place in the deploy layout")
+        out[new] = tensor
+    return out
+
+
+def from_deploy(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The accelerator's layout -> our ViT's state dict names."""
+    out = {}
+    for name, tensor in state_dict.items():
+        new = _rename(name, _TO_MODULE)
+        if new is None:
+            raise UserError(f"{source}: model entry {name!r} is not part of the ViT checkpoint layout")
+        out[new] = tensor
+    return out
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
+    """One line saying how ``found`` (deploy names) differs from ``expected``, or None if it fits."""
+    problems = []
+    depth = lambda sd: len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})  # noqa: E731
+    if depth(expected) != depth(found):
+        problems.append(f"depth {depth(found)} (the config's model has {depth(expected)})")
+    for name, tensor in expected.items():
+        if name in found and tuple(found[name].shape) != tuple(tensor.shape):
+            problems.append(f"{name} has shape {tuple(found[name].shape)} (the config's model has {tuple(tensor.shape)})")
+    missing = [n for n in expected if n not in found and not n.startswith("transformer.layers.")]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    return "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "") if problems else None

@@ -1,0 +1,138 @@
+"""Vision Transformer (Dosovitskiy et al., 2020), pre-norm, as deployed on the accelerator.
+
+Module names follow timm (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks.i.attn.qkv``,
+``norm``, ``head``). The accelerator's checkpoint layout uses the earlier release's names; the
+translation between the two lives in :mod:`myrtle_vision.layout` and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ViTArgs:
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_dim: int = 768
+    dropout: float = 0.0  # after the attention projection, the MLP's GELU and the MLP's output
+    emb_dropout: float = 0.0  # after the position embedding is added
+
+    @classmethod
+    def from_config(cls, vit_config, num_classes: int) -> "ViTArgs":
+        return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
+                   embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
+                   mlp_dim=vit_config.mlp_dim, dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches, flatten each as (row, column, channel), project.
+
+    A Linear over flattened patches rather than a strided convolution: it is the layout the
+    accelerator runs (and the same function, with the weight permuted).
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(patch_size * patch_size * in_chans, embed_dim)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = img.shape
+        p = self.patch_size
+        patches = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+        return self.proj(patches)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        # output features are ordered (q|k|v, head, head_dim)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as deployed
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, args: ViTArgs):
+        super().__init__()
+        self.args = args
+        num_patches = (args.image_size // args.patch_size) ** 2
+        self.patch_embed = PatchEmbed(args.patch_size, args.in_chans, args.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, args.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
+        self.pos_drop = nn.Dropout(args.emb_dropout)
+        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout) for _ in range(args.depth))
+        self.norm = nn.LayerNorm(args.embed_dim, eps=1e-5)
+        self.head = nn.Linear(args.embed_dim, args.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's initialisation: truncated normal (std 0.02) weights, zero biases, unit norms."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that are not matrices and take no weight decay (besides biases and norms)."""
+        return {"cls_token", "pos_embed"}
+
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(img)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(img)[:, 0])

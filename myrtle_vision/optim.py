@@ -1,0 +1,77 @@
+"""Optimizer and learning-rate schedule from a train config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay; biases, norms, tokens and position embeddings do not."""
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    betas = tuple(cfg.opt_betas) if cfg.opt_betas is not None else (0.9, 0.999)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps, fused=fused)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate as a function of the optimizer update, stepped once per update.
+
+    Linear warmup from ``warmup_lr`` to ``lr`` over the warmup updates, then ``cosine`` down to
+    ``min_lr`` (reached ``cooldown`` updates before the end and held), ``step`` (multiply by
+    ``decay_rate`` every ``decay`` updates, never below ``min_lr``) or ``constant``.
+    """
+
+    kind: str
+    lr: float
+    warmup_lr: float
+    min_lr: float
+    warmup: int
+    total: int
+    cooldown: int = 0
+    decay: int = 1
+    decay_rate: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, updates_per_epoch: int) -> "LRSchedule":
+        u = updates_per_epoch
+        return cls(kind=cfg.scheduler, lr=cfg.lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                   warmup=round(cfg.warmup_epochs * u), total=cfg.epochs * u, cooldown=round(cfg.cooldown_epochs * u),
+                   decay=max(1, round(cfg.decay_epochs * u)), decay_rate=cfg.decay_rate)
+
+    def __call__(self, update: int) -> float:
+        if update < self.warmup:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * update / self.warmup
+        if self.kind == "constant":
+            return self.lr
+        if self.kind == "step":
+            return max(self.min_lr, self.lr * self.decay_rate ** ((update - self.warmup) // self.decay))
+        span = max(1, self.total - self.cooldown - self.warmup)
+        t = min(1.0, (update - self.warmup) / span)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that sets every group's lr to ``schedule(update)``."""
+    base = schedule.lr if schedule.lr > 0 else 1.0
+    for group in optimizer.param_groups:
+        group["initial_lr"] = base
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: schedule(update) / base)

@@ -1,0 +1,180 @@
+"""Image transforms described by a data config's ``transform_ops_*`` objects.
+
+An ops object maps an op name to its argument, applied in the order written, e.g.::
+
+    {"RandomResizedCrop": 224, "RandomHorizontalFlip": null,
+     "Normalize": {"Mean": [0.485, 0.456, 0.406], "Std": [0.229, 0.224, 0.225]}}
+
+:func:`parse_ops` validates such an object (it runs when the config is loaded) and
+:func:`build_transform` turns the parsed ops into a torchvision v2 pipeline that takes an RGB PIL
+image and returns a float tensor (C, H, W). Geometric and colour ops run on uint8 images; the
+conversion to float happens just before ``Normalize``, which must therefore come last.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from typing import Any, Callable
+
+import torch
+from torchvision.transforms import v2 as T
+
+
+class OpError(ValueError):
+    """A bad op in an ops object: ``where`` names the op (and argument), ``problem`` says what."""
+
+    def __init__(self, where: str, problem: str):
+        self.where, self.problem = where, problem
+        super().__init__(f"{where}: {problem}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _size(name: str, v) -> int | list[int]:
+    if _is_int(v) and v > 0:
+        return v
+    if isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v):
+        return list(v)
+    raise OpError(name, f"expected a positive integer size or [height, width], got {v!r}")
+
+
+def _pair(name: str, v, lo: float, hi: float) -> tuple[float, float]:
+    if isinstance(v, list) and len(v) == 2 and all(_is_num(x) and lo <= x <= hi for x in v) and v[0] <= v[1]:
+        return (float(v[0]), float(v[1]))
+    raise OpError(name, f"expected [low, high] with {lo} <= low <= high <= {hi}, got {v!r}")
+
+
+def _kwargs(name: str, v: dict, allowed: dict[str, Callable[[str, Any], Any]]) -> dict:
+    if not isinstance(v, dict):
+        raise OpError(name, f"expected an object with keys {sorted(allowed)}, got {v!r}")
+    out = {}
+    for key, value in v.items():
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            raise OpError(f"{name}.{key}", "unknown argument" + (f" (did you mean {hint[0]!r}?)" if hint else f"; valid: {sorted(allowed)}"))
+        out[key] = allowed[key](f"{name}.{key}", value)
+    return out
+
+
+def _prob(name: str, v) -> dict:
+    if v is None:
+        return {}
+    if _is_num(v) and 0 <= v <= 1:
+        return {"p": float(v)}
+    raise OpError(name, f"expected null or a probability in [0, 1], got {v!r}")
+
+
+def _nonneg_int(name, v):
+    if _is_int(v) and v >= 0:
+        return v
+    raise OpError(name, f"expected a non-negative integer, got {v!r}")
+
+
+def _jitter(name, v):
+    if _is_num(v) and v >= 0:
+        return float(v)
+    if isinstance(v, list):
+        return list(_pair(name, v, 0.0, float("inf")))
+    raise OpError(name, f"expected a non-negative number or [low, high], got {v!r}")
+
+
+def _parse_resized_crop(name, v):
+    if isinstance(v, dict):
+        kw = _kwargs(name, v, {"size": _size, "scale": lambda n, x: _pair(n, x, 0.0, 1.0),
+                               "ratio": lambda n, x: _pair(n, x, 1e-3, 1e3)})
+        if "size" not in kw:
+            raise OpError(f"{name}.size", "missing")
+        return kw
+    return {"size": _size(name, v)}
+
+
+def _parse_random_crop(name, v):
+    if isinstance(v, dict):
+        kw = _kwargs(name, v, {"size": _size, "padding": _nonneg_int})
+        if "size" not in kw:
+            raise OpError(f"{name}.size", "missing")
+        return kw
+    return {"size": _size(name, v)}
+
+
+def _parse_randaugment(name, v):
+    if v is None:
+        return {}
+    kw = _kwargs(name, v, {"num_ops": _nonneg_int, "magnitude": _nonneg_int, "num_magnitude_bins": _nonneg_int})
+    if kw.get("magnitude", 9) >= kw.get("num_magnitude_bins", 31):
+        raise OpError(f"{name}.magnitude", "must be smaller than num_magnitude_bins (31 by default)")
+    return kw
+
+
+def _parse_color_jitter(name, v):
+    if _is_num(v):  # one strength for brightness, contrast and saturation, as timm's color_jitter
+        return {k: _jitter(name, v) for k in ("brightness", "contrast", "saturation")}
+    kw = _kwargs(name, v, {"brightness": _jitter, "contrast": _jitter, "saturation": _jitter, "hue": _jitter})
+    hue = kw.get("hue", 0.0)
+    if (hue if isinstance(hue, float) else max(map(abs, hue))) > 0.5:
+        raise OpError(f"{name}.hue", "must be within [-0.5, 0.5]")
+    return kw
+
+
+def _parse_normalize(name, v):
+    def triple(n, x):
+        if isinstance(x, list) and len(x) == 3 and all(_is_num(e) for e in x):
+            return [float(e) for e in x]
+        raise OpError(n, f"expected 3 numbers (images are RGB), got {x!r}")
+
+    kw = _kwargs(name, v, {"Mean": triple, "Std": triple})
+    for key in ("Mean", "Std"):
+        if key not in kw:
+            raise OpError(f"{name}.{key}", "missing")
+    if min(kw["Std"]) <= 0:
+        raise OpError(f"{name}.Std", "every value must be positive")
+    return {"mean": kw["Mean"], "std": kw["Std"]}
+
+
+# op name -> (argument parser, torchvision v2 class)
+OPS: dict[str, tuple[Callable[[str, Any], dict], Callable[..., Any]]] = {
+    "Resize": (lambda n, v: {"size": _size(n, v)}, T.Resize),
+    "RandomResizedCrop": (_parse_resized_crop, T.RandomResizedCrop),
+    "CenterCrop": (lambda n, v: {"size": _size(n, v)}, T.CenterCrop),
+    "RandomCrop": (_parse_random_crop, T.RandomCrop),
+    "RandomHorizontalFlip": (_prob, T.RandomHorizontalFlip),
+    "RandomVerticalFlip": (_prob, T.RandomVerticalFlip),
+    "RandAugment": (_parse_randaugment, T.RandAugment),
+    "ColorJitter": (_parse_color_jitter, T.ColorJitter),
+    "Normalize": (_parse_normalize, T.Normalize),
+}
+
+
+def parse_ops(ops) -> list[tuple[str, dict]]:
+    """Validate an ops object; return ``[(op name, torchvision keyword arguments), ...]``."""
+    if not isinstance(ops, dict):
+        raise OpError("", f"expected an object mapping op names to arguments, got {type(ops).__name__}")
+    parsed = []
+    for name, value in ops.items():
+        if name not in OPS:
+            hint = difflib.get_close_matches(name, OPS, n=1)
+            raise OpError(name, "unknown op" + (f" (did you mean {hint[0]!r}?)" if hint else f"; valid ops: {', '.join(OPS)}"))
+        parsed.append((name, OPS[name][0](name, value)))
+    names = [n for n, _ in parsed]
+    if "Normalize" in names and names[-1] != "Normalize":
+        raise OpError("Normalize", "must be the last op (it works on float tensors; the others on images)")
+    return parsed
+
+
+def build_transform(parsed: list[tuple[str, dict]]) -> T.Compose:
+    """A v2 pipeline: PIL RGB image -> float32 tensor in [0, 1], normalised if asked."""
+    steps: list = [T.ToImage()]
+    for name, kwargs in parsed:
+        if name == "Normalize":
+            steps.append(T.ToDtype(torch.float32, scale=True))
+        steps.append(OPS[name][1](**kwargs))
+    if not parsed or parsed[-1][0] != "Normalize":
+        steps.append(T.ToDtype(torch.float32, scale=True))
+    return T.Compose(steps)

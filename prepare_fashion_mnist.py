@@ -1,0 +1,26 @@
+"""Write Fashion-MNIST as an image-folder dataset for the offline demo.
+
+    python prepare_fashion_mnist.py [--idx-dir DIR] [--out data/fashion-mnist]
+
+Reads the four IDX files (gzipped or not) from the Debian package dataset-fashion-mnist, or from
+--idx-dir, and writes PNG images, label_map.json and train/val/test lists in the Resisc45 layout
+(data_configs/fashion_mnist.json points at it).
+"""
+
+from myrtle_vision.cli import main_guard, parser
+from myrtle_vision.prepare import FASHION_MNIST_DEBIAN_DIR, prepare_fashion_mnist
+
+
+def main() -> int:
+    p = parser(__doc__, config=False)
+    p.add_argument("--idx-dir", default=FASHION_MNIST_DEBIAN_DIR, help=f"default: {FASHION_MNIST_DEBIAN_DIR}")
+    p.add_argument("--out", default="data/fashion-mnist", help="default: data/fashion-mnist")
+    p.add_argument("--val-per-class", type=int, default=500, help="training images per class held out for validation")
+    args = p.parse_args()
+    counts = prepare_fashion_mnist(args.idx_dir, args.out, args.val_per_class)
+    print(f"{args.out}: ready: {counts['train']} train, {counts['val']} validation, {counts['test']} test images")
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,115 @@
+"""Shared fixtures: small generated image-folder datasets, configs, and running the scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+sys.path.insert(0, str(REPO))
+
+NORMALIZE = {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}
+
+
+def class_image(cls: int, i: int, size: int = 32) -> Image.Image:
+    """A learnable picture: class k is a bright bar at a class-specific place, plus noise."""
+    rng = np.random.default_rng(1000 * cls + i)
+    arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    band = size // 4
+    if cls % 2 == 0:
+        arr[(cls // 2) * band % size:(cls // 2) * band % size + band, :, cls % 3] = 230
+    else:
+        arr[:, (cls // 2) * band % size:(cls // 2) * band % size + band, (cls + 1) % 3] = 230
+    return Image.fromarray(arr)
+
+
+def make_dataset(root: Path, classes: list[str], counts=(8, 4, 5), size: int = 32, ext: str = "png") -> Path:
+    """Write images/<class>/..., label_map.json and the three split lists; return root."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {"train": [], "val": [], "test": []}
+    for c, name in enumerate(classes):
+        folder = root / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        i = 0
+        for split, n in zip(splits, counts):
+            for _ in range(n):
+                rel = f"images/{name}/{name}_{i:03d}.{ext}"
+                class_image(c, i, size).save(root / rel)
+                splits[split].append(rel)
+                i += 1
+    (root / "label_map.json").write_text(json.dumps({n: i for i, n in enumerate(sorted(classes))}))
+    for split, names in splits.items():
+        (root / f"{split}_imagepaths.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+def data_config(path: Path, dataset: Path, num_classes: int, train_ops=None, val_ops=None, **extra) -> Path:
+    cfg = {"dataset_path": str(dataset), "train_files": "train_imagepaths.txt", "valid_files": "val_imagepaths.txt",
+           "test_files": "test_imagepaths.txt", "label_map": "label_map.json", "number_of_classes": num_classes,
+           "transform_ops_train": train_ops if train_ops is not None else {"RandomHorizontalFlip": None, "Normalize": NORMALIZE},
+           "transform_ops_val": val_ops if val_ops is not None else {"Normalize": NORMALIZE}, **extra}
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def train_config(path: Path, data_cfg: Path, out: Path, train=None, vit=None, **sections) -> Path:
+    tc = {"output_directory": str(out), "checkpoint_path": "", "epochs": 3, "local_batch_size": 4,
+          "global_batch_size": 8, "iters_per_checkpoint": 1000, "iters_per_val": 1000, "seed": 7, "lr": 3e-3,
+          "warmup_lr": 1e-4, "min_lr": 1e-4, "warmup_epochs": 1, "weight_decay": 0.01, "num_workers": 0,
+          "label_smoothing": 0.0}
+    vc = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
+          "dropout": 0.0, "emb_dropout": 0.0, "q_format": "FP32"}
+    tc.update(train or {})
+    vc.update(vit or {})
+    cfg = {"train_config": tc, "data_config_path": str(data_cfg), "vit_config": vc, **sections}
+    path.write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
+    for line in proc.stdout.splitlines():
+        if line.startswith("run directory: "):
+            return Path(line.split(": ", 1)[1])
+    raise AssertionError(f"no run directory printed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2, one line on stderr, no traceback, and the line names every needle."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """Three classes; 8 train, 4 val, 5 test images each (15 test images: not a batch multiple)."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny", CLASSES)
+
+
+@pytest.fixture
+def data_cfg(tmp_path, dataset) -> Path:
+    return data_config(tmp_path / "data.json", dataset, len(CLASSES))

@@ -1,0 +1,110 @@
+"""Configs: the users' files load; every bad field is a one-line error naming file and field."""
+
+import json
+
+import pytest
+from conftest import FIXTURES, REPO, assert_user_error, run_script, train_config
+
+from myrtle_vision.config import load_config
+from myrtle_vision.errors import ConfigError
+
+V1 = FIXTURES / "v1-configs"
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base"])
+def test_users_v1_configs_load_unchanged(name, monkeypatch):
+    monkeypatch.chdir(V1)  # their data_config_path is relative to the working directory
+    cfg = load_config(f"train_configs/{name}.json")
+    raw = json.loads((V1 / "train_configs" / f"{name}.json").read_text())
+    for key, value in raw["train_config"].items():
+        assert getattr(cfg.train_config, key) == value, key
+    for key, value in raw["vit_config"].items():
+        assert getattr(cfg.vit_config, key) == value, key
+    assert cfg.data_config.number_of_classes == 45
+    assert (cfg.distiller_config is not None) == name.startswith("deit")
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base"])
+def test_shipped_configs_keep_the_users_values(name):
+    """The project's own train_configs/ hold the values users know (paths aside)."""
+    ours = json.loads((REPO / "train_configs" / f"{name}.json").read_text())
+    theirs = json.loads((V1 / "train_configs" / f"{name}.json").read_text())
+    for section in ("train_config", "vit_config", "distiller_config", "dist_config"):
+        for key, value in theirs.get(section, {}).items():
+            assert ours[section][key] == value, f"{section}.{key}"
+    assert load_config(REPO / "train_configs" / f"{name}.json").vit_config.embed_dim == theirs["vit_config"]["embed_dim"]
+
+
+def test_q_config_is_accepted_as_the_readmes_name_for_q_format(tmp_path, data_cfg):
+    path = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", vit={"q_format": None})
+    raw = json.loads(path.read_text())
+    del raw["vit_config"]["q_format"]
+    raw["vit_config"]["q_config"] = "FP32"
+    path.write_text(json.dumps(raw))
+    assert load_config(path).vit_config.q_format == "FP32"
+
+
+def _broken(tmp_path, data_cfg, edit):
+    path = train_config(tmp_path / "broken.json", data_cfg, tmp_path / "out")
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+BAD_TRAIN_CONFIGS = {
+    "typo": (lambda r: r["train_config"].update(warmup_lrr=1e-6), "train_config.warmup_lrr", "did you mean 'warmup_lr'"),
+    "wrong type": (lambda r: r["train_config"].update(epochs="10"), "train_config.epochs", "integer"),
+    "missing": (lambda r: r["train_config"].pop("lr"), "train_config.lr", "missing"),
+    "patch": (lambda r: r["vit_config"].update(image_size=30), "vit_config.image_size", "patch_size"),
+    "batch": (lambda r: r["train_config"].update(global_batch_size=10, local_batch_size=4),
+              "train_config.global_batch_size", "local_batch_size"),
+    "negative lr": (lambda r: r["train_config"].update(lr=-0.1), "train_config.lr", "negative"),
+    "optimizer": (lambda r: r["train_config"].update(optimizer="adamww"), "train_config.optimizer", "adamw"),
+    "section typo": (lambda r: r.update(vit_confg=r.pop("vit_config")), "vit_confg", "did you mean 'vit_config'"),
+    "heads": (lambda r: r["vit_config"].update(heads=5), "vit_config.embed_dim", "heads"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAIN_CONFIGS))
+def test_bad_train_config_in_process(case, tmp_path, data_cfg):
+    edit, field, hint = BAD_TRAIN_CONFIGS[case]
+    path = _broken(tmp_path, data_cfg, edit)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.field == field and hint in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["typo", "wrong type", "missing", "patch", "batch", "negative lr"])
+@pytest.mark.parametrize("script", ["train.py", "test.py"])
+def test_bad_train_config_through_the_scripts(case, script, tmp_path, data_cfg):
+    edit, field, hint = BAD_TRAIN_CONFIGS[case]
+    path = _broken(tmp_path, data_cfg, edit)
+    assert_user_error(run_script(script, "-c", path), str(path), field, hint)
+
+
+BAD_DATA_CONFIGS = {
+    "unknown op": ({"transform_ops_train": {"RandomResizedCop": 32}}, "transform_ops_train.RandomResizedCop",
+                   "RandomResizedCrop"),
+    "bad op argument": ({"transform_ops_val": {"Normalize": {"Mean": [0.5], "Std": [1, 1, 1]}}},
+                        "transform_ops_val.Normalize.Mean", "3 numbers"),
+    "classes type": ({"number_of_classes": "three"}, "number_of_classes", "integer"),
+    "unknown field": ({"dataset_pth": "x"}, "dataset_pth", "dataset_path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA_CONFIGS))
+def test_bad_data_config_names_the_data_config(case, tmp_path, data_cfg):
+    change, field, hint = BAD_DATA_CONFIGS[case]
+    raw = json.loads(data_cfg.read_text())
+    raw.update(change)
+    data_cfg.write_text(json.dumps(raw))
+    path = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
+    assert_user_error(run_script("train.py", "-c", path), str(data_cfg), field, hint)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    assert_user_error(run_script("train.py", "-c", bad), str(bad), "not valid JSON")
+    assert_user_error(run_script("train.py", "-c", tmp_path / "nope.json"), "nope.json", "not found")

@@ -1,0 +1,157 @@
+"""The data pipeline: image lists, labels, transforms, image modes, and every dataset check."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, assert_user_error, class_image, data_config, make_dataset, run_script, train_config
+from PIL import Image
+
+from myrtle_vision.config import load_data_config
+from myrtle_vision.data import TrainPlan, eval_loader, open_split, read_label_map
+from myrtle_vision.errors import UserError
+from myrtle_vision.transforms import build_transform, parse_ops
+
+
+def test_labels_come_from_class_folders_through_the_label_map(dataset, data_cfg):
+    cfg = load_data_config(data_cfg)
+    train = open_split(cfg, "train")
+    label_map = json.loads((dataset / "label_map.json").read_text())
+    for path, label in zip(train.paths, train.labels):
+        assert label == label_map[path.split("/")[-2]]
+    img, label = train[0]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert len(open_split(cfg, "val")) == 12 and len(open_split(cfg, "test")) == 15
+
+
+def test_label_map_is_read_once_not_per_sample(tmp_path):
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    cfg = load_data_config(data_config(tmp_path / "d.json", ds, 3))
+    split = open_split(cfg, "train")
+    (ds / "label_map.json").unlink()  # workers must not need it any more
+    batches = list(eval_loader(split, 5, num_workers=2))
+    assert sum(len(y) for _, y in batches) == 24
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA", "I;16"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    target = ds / "images" / "cat" / "cat_000.png"
+    img = class_image(0, 0)
+    if mode == "CMYK":
+        target = target.with_suffix(".jpg")
+        img.convert("CMYK").save(target)
+        (ds / "train_imagepaths.txt").write_text("images/cat/cat_000.jpg\n")
+    else:
+        img.convert(mode).save(target)
+        (ds / "train_imagepaths.txt").write_text("images/cat/cat_000.png\n")
+    split = open_split(load_data_config(data_config(tmp_path / "d.json", ds, 3)), "train")
+    assert split.load_image(0).mode == "RGB"
+    assert split[0][0].shape == (3, 32, 32)
+
+
+def test_every_transform_op_builds_and_gives_the_asked_size():
+    ops = {"Resize": 40, "RandomResizedCrop": {"size": 24, "scale": [0.3, 1.0], "ratio": [0.8, 1.25]},
+           "RandomCrop": {"size": 20, "padding": 2}, "RandomHorizontalFlip": 0.5, "RandomVerticalFlip": None,
+           "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": {"brightness": 0.4, "hue": 0.1},
+           "CenterCrop": 16, "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.2, 0.2, 0.2]}}
+    t = build_transform(parse_ops(ops))
+    out = t(class_image(1, 2, 48))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    names = [type(s).__name__ for s in t.transforms]
+    assert names == ["ToImage", "Resize", "RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip",
+                     "RandomVerticalFlip", "RandAugment", "ColorJitter", "CenterCrop", "ToDtype", "Normalize"]
+
+
+def test_normalize_must_come_last():
+    with pytest.raises(ValueError, match="Normalize: must be the last op"):
+        parse_ops({"Normalize": {"Mean": [0, 0, 0], "Std": [1, 1, 1]}, "CenterCrop": 8})
+
+
+def test_val_transform_is_deterministic_and_train_augmentation_follows_the_seed(dataset, data_cfg):
+    raw = json.loads(data_cfg.read_text())
+    raw["transform_ops_train"] = {"RandomResizedCrop": 32, "RandAugment": None, "ColorJitter": 0.4}
+    data_cfg.write_text(json.dumps(raw))
+    train = open_split(load_data_config(data_cfg), "train")
+    a, b, c = train[(3, 11)][0], train[(3, 11)][0], train[(3, 12)][0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_train_plan_covers_each_sample_once_per_epoch_and_depends_only_on_the_seed():
+    plan = TrainPlan(50, global_batch=8, local_batch=4, seed=3, drop_last=False)
+    assert plan.updates_per_epoch == 7
+    seen = [i for b in plan.batches(0) for i, _ in b]
+    assert sorted(seen) == list(range(50))
+    assert [plan.num_micro_batches(u) for u in range(7)] == [2, 2, 2, 2, 2, 2, 1]
+    again = TrainPlan(50, 8, 4, seed=3, drop_last=False)
+    assert list(again.batches(1, start_update=2)) == list(plan.batches(1))[4:]
+    assert [i for b in plan.batches(1) for i, _ in b] != seen  # a new order every epoch
+    assert TrainPlan(50, 8, 4, seed=3, drop_last=True).updates_per_epoch == 6
+
+
+# --- every problem found when a split is opened: one line, exit 2, naming the file ---------------
+
+def _break(ds, case):
+    if case == "count":
+        return "number_of_classes", 4
+    if case == "missing file":
+        (ds / "images" / "dog" / "dog_002.png").unlink()
+        return str(ds / "train_imagepaths.txt") + ":", None
+    if case == "escape":
+        with open(ds / "train_imagepaths.txt", "a") as f:
+            f.write("../outside/secret.png\n")
+        (ds.parent / "outside").mkdir(exist_ok=True)
+        class_image(0, 0).save(ds.parent / "outside" / "secret.png")
+        return "outside the dataset folder", None
+    if case == "empty split":
+        (ds / "val_imagepaths.txt").write_text("\n")
+        return "lists no images", None
+    if case == "label map ids":
+        (ds / "label_map.json").write_text(json.dumps({"cat": 0, "dog": 2, "fox": 3}))
+        return "class ids must be 0..2", None
+    if case == "extra folder":
+        (ds / "images" / "wolf").mkdir()
+        return "not in the label map: wolf", None
+    if case == "unlisted class":
+        (ds / "label_map.json").write_text(json.dumps({"cat": 0, "dog": 1, "owl": 2}))
+        return "'fox'", None
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["count", "missing file", "escape", "empty split", "label map ids", "extra folder",
+                                  "unlisted class"])
+def test_dataset_problems_are_one_line_errors(tmp_path, case):
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    needle, classes = _break(ds, case)
+    data_cfg = data_config(tmp_path / "d.json", ds, classes or 3)
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
+    line = assert_user_error(run_script("train.py", "-c", cfg), needle)
+    assert str(ds) in line
+
+
+def test_label_map_disagreeing_with_number_of_classes(tmp_path):
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    cfg = load_data_config(data_config(tmp_path / "d.json", ds, 4))
+    with pytest.raises(UserError, match="has 3 classes but the data config's number_of_classes is 4"):
+        read_label_map(cfg)
+
+
+def test_split_smaller_than_a_global_batch(tmp_path, data_cfg):
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"global_batch_size": 32, "local_batch_size": 8})
+    assert_user_error(run_script("train.py", "-c", cfg), "fewer than one global batch")
+
+
+def test_transform_size_must_match_the_model(tmp_path, dataset):
+    ops = {"Resize": 24, "Normalize": {"Mean": [0.5] * 3, "Std": [0.2] * 3}}
+    data_cfg = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
+    assert_user_error(run_script("train.py", "-c", cfg), str(data_cfg), "24x24", "image_size is 32")
+
+
+def test_images_decode_identically_through_workers(dataset, data_cfg):
+    split = open_split(load_data_config(data_cfg), "test")
+    serial = torch.cat([x for x, _ in eval_loader(split, 4, 0)])
+    parallel = torch.cat([x for x, _ in eval_loader(split, 4, 2)])
+    assert torch.equal(serial, parallel) and len(serial) == 15
+    assert np.isfinite(serial.numpy()).all()

@@ -1,0 +1,94 @@
+"""The ViT and the accelerator's checkpoint layout: names, shapes and semantics, both ways."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES
+
+from myrtle_vision import layout
+from myrtle_vision.models.vit import ViTArgs, VisionTransformer
+from myrtle_vision.optim import param_groups
+
+TINY_45 = ViTArgs(image_size=224, patch_size=16, num_classes=45, embed_dim=192, depth=12, heads=3, mlp_dim=768)
+
+
+def test_deploy_layout_matches_the_accelerators_vit_tiny_exactly():
+    expected = json.loads((FIXTURES / "vit_tiny_checkpoint_layout.json").read_text())
+    deploy = layout.to_deploy(VisionTransformer(TINY_45).state_dict())
+    assert list(deploy) == list(expected)  # same names, same order
+    assert {k: list(v.shape) for k, v in deploy.items()} == expected
+
+
+def test_round_trip_both_ways_keeps_every_tensor():
+    model = VisionTransformer(ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, heads=2, mlp_dim=48))
+    sd = model.state_dict()
+    back = layout.from_deploy(layout.to_deploy(sd))
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    deploy = layout.to_deploy(sd)
+    again = layout.to_deploy(layout.from_deploy(deploy))
+    assert list(again) == list(deploy) and all(torch.equal(again[k], deploy[k]) for k in deploy)
+
+
+def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
+    """The deploy layout's semantics, written from its description, straight off the tensors."""
+    B, C, H, W = img.shape
+    x = img.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, patch * patch * C)
+    x = x @ sd["patch_to_embedding.weight"].T + sd["patch_to_embedding.bias"]
+    x = torch.cat([sd["cls_token"].expand(B, -1, -1), x], 1) + sd["pos_embedding"]
+    dim = x.shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})
+    for i in range(depth):
+        p = f"transformer.layers.{i}"
+        h = F.layer_norm(x, (dim,), sd[f"{p}.0.fn.norm.weight"], sd[f"{p}.0.fn.norm.bias"], eps=1e-5)
+        qkv = (h @ sd[f"{p}.0.fn.fn.to_qkv.weight"].T).reshape(B, -1, 3, heads, dim // heads)
+        q, k, v = qkv.unbind(2)
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(64)
+        out = torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v).reshape(B, -1, dim)
+        x = x + out @ sd[f"{p}.0.fn.fn.to_out.0.weight"].T + sd[f"{p}.0.fn.fn.to_out.0.bias"]
+        h = F.layer_norm(x, (dim,), sd[f"{p}.1.fn.norm.weight"], sd[f"{p}.1.fn.norm.bias"], eps=1e-5)
+        h = F.gelu(h @ sd[f"{p}.1.fn.fn.net.0.weight"].T + sd[f"{p}.1.fn.fn.net.0.bias"])
+        x = x + h @ sd[f"{p}.1.fn.fn.net.3.weight"].T + sd[f"{p}.1.fn.fn.net.3.bias"]
+    cls = F.layer_norm(x[:, 0], (dim,), sd["mlp_head.0.weight"], sd["mlp_head.0.bias"], eps=1e-5)
+    return cls @ sd["mlp_head.1.weight"].T + sd["mlp_head.1.bias"]
+
+
+def test_model_computes_what_the_deploy_layout_means():
+    torch.manual_seed(0)
+    # head_dim 64, as in every shipped size, so the reference's fixed 1/sqrt(64) applies
+    args = ViTArgs(image_size=32, patch_size=8, num_classes=7, embed_dim=128, depth=2, heads=2, mlp_dim=96)
+    model = VisionTransformer(args).eval()
+    for p in model.parameters():  # make every tensor matter (init zeroes biases)
+        p.data.normal_(0, 0.2)
+    img = torch.randn(3, 3, 32, 32)
+    deploy = layout.to_deploy(model.state_dict())
+    torch.testing.assert_close(model(img), reference_forward(deploy, img, args.heads, args.patch_size), rtol=1e-4, atol=1e-4)
+
+
+def test_timm_style_init_and_weight_decay_groups():
+    torch.manual_seed(0)
+    model = VisionTransformer(TINY_45)
+    w = model.blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001  # timm: trunc_normal_(std=.02)
+    assert torch.all(model.blocks[0].mlp.fc1.bias == 0) and torch.all(model.norm.weight == 1)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.norm1.weight", "blocks.0.attn.proj.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("change", ["depth", "embed_dim", "classes"])
+def test_mismatch_description_names_what_differs(change):
+    base = dict(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, heads=2, mlp_dim=48)
+    other = dict(base, **{"depth": {"depth": 3}, "embed_dim": {"embed_dim": 64}, "classes": {"num_classes": 4}}[change])
+    expected = layout.to_deploy(VisionTransformer(ViTArgs(**base)).state_dict())
+    found = layout.to_deploy(VisionTransformer(ViTArgs(**other)).state_dict())
+    message = layout.describe_mismatch(expected, found)
+    assert message is not None
+    assert {"depth": "depth 3", "embed_dim": "(1, 17, 64)", "classes": "mlp_head.1.weight has shape (4, 32)"}[change] in message
+    assert layout.describe_mismatch(expected, expected) is None

@@ -1,0 +1,208 @@
+"""train.py end to end on a small generated dataset: learning, checkpoints, resume, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, assert_user_error, run_dir_of, run_script, train_config
+
+from myrtle_vision import layout
+from myrtle_vision.checkpoint import load
+
+
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset):
+    """One ordinary run: 3 epochs of 3 updates; checkpoints every 2 updates, validation every 4."""
+    from conftest import data_config
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data_cfg = data_config(tmp / "data.json", dataset, 3)
+    cfg = train_config(tmp / "train.json", data_cfg, tmp / "out",
+                       train={"epochs": 6, "iters_per_checkpoint": 2, "iters_per_val": 4, "keep_checkpoints": 3})
+    proc = run_script("train.py", "-c", cfg, "--device", "cpu", check=True)
+    return proc, run_dir_of(proc), cfg
+
+
+def test_training_learns(trained):
+    proc, run_dir, _ = trained
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert len(losses) == 6 * 3
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    top1 = [v for _, v in scalars(run_dir, "val/top1")]
+    assert top1[-1] == 100.0, top1  # the classes are easy; a working trainer separates them
+
+
+def test_tensorboard_scalars_and_lr_schedule(trained):
+    _, run_dir, _ = trained
+    lrs = scalars(run_dir, "train/lr")
+    assert [s for s, _ in lrs] == list(range(1, 19))
+    values = [v for _, v in lrs]
+    # warmup_lr 1e-4 -> lr 3e-3 over the first epoch (3 updates), then cosine down to min_lr 1e-4
+    assert values[0] == pytest.approx(1e-4) and values[3] == pytest.approx(3e-3)
+    assert all(a >= b for a, b in zip(values[3:], values[4:])) and values[-1] > 1e-4
+    for tag in ("train/images_per_sec", "val/loss", "val/top5"):
+        assert scalars(run_dir, tag)
+    # validation every 4 updates and at every epoch end (3, 6, 9 ...), never twice for one update
+    assert [s for s, _ in scalars(run_dir, "val/top1")] == [3, 4, 6, 8, 9, 12, 15, 16, 18]
+
+
+def test_checkpoints_hold_everything_and_rotate(trained):
+    _, run_dir, cfg_path = trained
+    names = sorted(p.name for p in run_dir.glob("*.pt"))
+    # every 2 updates and at the end (18); only the 3 newest periodic ones are kept
+    assert names == ["best.pt", "checkpoint_0000014.pt", "checkpoint_0000016.pt", "checkpoint_0000018.pt", "last.pt"]
+    last = load(run_dir / "last.pt")
+    assert {"model", "optimizer", "lr_scheduler", "iteration", "epoch", "rng", "config", "best_val_top1"} <= set(last)
+    assert last["iteration"] == 18 and last["epoch"] == 6 and last["best_val_top1"] == 100.0
+    assert next(iter(last["model"])) == "pos_embedding" and "transformer.layers.1.1.fn.fn.net.3.weight" in last["model"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved == last["config"]
+    assert saved["train_config"]["lr"] == 3e-3 and saved["data_config"]["number_of_classes"] == 3
+    assert saved["train_config"]["label_smoothing"] == 0.0  # defaults are filled in
+    best = load(run_dir / "best.pt")
+    assert best["best_val_top1"] == 100.0 and best["iteration"] <= 18
+    assert not list(run_dir.glob(".*tmp*"))  # no temporary files left behind
+
+
+def _final_weights(run_dir):
+    return load(run_dir / "last.pt")["model"]
+
+
+def _assert_same_weights(a, b):
+    assert list(a) == list(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+HARD_RUN = {"epochs": 3, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
+            "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
+HARD_OPS = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
+            "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": 0.3,
+            "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}}
+
+
+@pytest.fixture(scope="module")
+def hard_run(tmp_path_factory, dataset):
+    """Accumulation over 3 micro-batches, dropout, random augmentation, 2 workers, clipping."""
+    from conftest import data_config
+
+    tmp = tmp_path_factory.mktemp("hard")
+    data_cfg = data_config(tmp / "data.json", dataset, 3, train_ops=HARD_OPS)
+    vit = {"dropout": 0.1, "emb_dropout": 0.1}
+    cfg = train_config(tmp / "train.json", data_cfg, tmp / "out", train=HARD_RUN, vit=vit)
+    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    reference = load(run_dir / "checkpoint_0000012.pt")["model"]  # read now: resuming rewrites the file
+    return tmp, data_cfg, vit, run_dir, reference
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(hard_run):
+    tmp, data_cfg, vit, run_dir, reference = hard_run
+    # 24 images / 6 = 4 updates per epoch; iteration 6 is in the middle of the second epoch
+    mid = run_dir / "checkpoint_0000006.pt"
+    assert load(mid)["update_in_epoch"] == 2
+    cfg = train_config(tmp / "resume.json", data_cfg, tmp / "out", train=dict(HARD_RUN, checkpoint_path=str(mid)), vit=vit)
+    proc = run_script("train.py", "-c", cfg, check=True)
+    assert "resuming from" in proc.stdout and run_dir_of(proc) == run_dir
+    _assert_same_weights(_final_weights(run_dir), reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_that_resumes_bit_exactly(hard_run, signum, tmp_path):
+    tmp, data_cfg, vit, _, reference = hard_run
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=HARD_RUN, vit=vit)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("training on"):
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=300)
+    stdout = "".join(lines) + out
+    assert proc.returncode == 128 + signum, stdout + err
+    assert "Traceback" not in err
+    assert f"interrupted by {signal.Signals(signum).name}; checkpoint saved to" in stdout
+    run_dir = run_dir_of(subprocess.CompletedProcess([], 0, stdout, err))
+    saved = load(run_dir / "last.pt")
+    assert 1 <= saved["iteration"] < 12
+    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
+                          train=dict(HARD_RUN, checkpoint_path=str(run_dir / "last.pt")), vit=vit)
+    run_script("train.py", "-c", resume, check=True)
+    _assert_same_weights(_final_weights(run_dir), reference)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cfg):
+    """global 12 as 6 micro-batches of 2 gives the weights of one batch of 12 (dropout off)."""
+    runs = {}
+    for local in (2, 12):
+        cfg = train_config(tmp_path / f"t{local}.json", data_cfg, tmp_path / f"out{local}",
+                           train={"epochs": 2, "local_batch_size": local, "global_batch_size": 12})
+        runs[local] = _final_weights(run_dir_of(run_script("train.py", "-c", cfg, check=True)))
+    for k in runs[2]:
+        torch.testing.assert_close(runs[2][k], runs[12][k], rtol=1e-4, atol=1e-5)
+
+
+def test_sgd_step_scheduler_and_no_drop_last_take_effect(tmp_path, data_cfg):
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                       train={"optimizer": "sgd", "momentum": 0.8, "scheduler": "step", "decay_epochs": 1,
+                              "decay_rate": 0.5, "warmup_epochs": 0, "epochs": 3, "global_batch_size": 16,
+                              "local_batch_size": 8, "drop_last_batch": False, "min_lr": 0.0})
+    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    last = load(run_dir / "last.pt")
+    group = last["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.8 and "betas" not in group
+    assert last["iteration"] == 6  # 24 images in updates of 16: 2 per epoch when the last is kept
+    lrs = [v for _, v in scalars(run_dir, "train/lr")]
+    assert lrs == pytest.approx([3e-3, 3e-3, 1.5e-3, 1.5e-3, 7.5e-4, 7.5e-4])
+
+
+def test_deploy_entry_loads_into_a_fresh_model(trained):
+    from myrtle_vision.config import config_from_dict
+    from myrtle_vision.models import build_model
+
+    _, run_dir, _ = trained
+    ckpt = load(run_dir / "last.pt")
+    model = build_model(config_from_dict(ckpt["config"], "saved"))
+    model.load_state_dict(layout.from_deploy(ckpt["model"]))
+    _assert_same_weights(layout.to_deploy(model.state_dict()), ckpt["model"])
+
+
+def test_corrupt_image_during_training_names_the_file(tmp_path):
+    from conftest import CLASSES, data_config, make_dataset
+
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    victim = ds / "images" / "dog" / "dog_003.png"
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    data_cfg = data_config(tmp_path / "data.json", ds, 3)
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"num_workers": 2})
+    assert_user_error(run_script("train.py", "-c", cfg), str(victim), "cannot read image")
+
+
+def test_cuda_request_without_cuda_is_a_user_error(tmp_path, data_cfg):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
+    assert_user_error(run_script("train.py", "-c", cfg, "--device", "cuda"), "--device cuda")
+
+
+def test_runs_never_overwrite_each_other(tmp_path, data_cfg):
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
+    first = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    time.sleep(0.01)
+    second = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    assert first != second and (first / "last.pt").exists() and (second / "last.pt").exists()

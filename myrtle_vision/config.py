@@ -79,8 +79,6 @@ class TrainConfig:
                     "must be null or two numbers in [0, 1)")
         v.check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be null or positive")
         v.check(self.momentum <= 1, "momentum", "must be in [0, 1]")
-        v.check(self.warmup_epochs + self.cooldown_epochs <= self.epochs, "warmup_epochs",
-                f"warmup_epochs + cooldown_epochs ({self.warmup_epochs + self.cooldown_epochs:g}) exceed epochs ({self.epochs})")
         v.check(self.decay_epochs > 0, "decay_epochs", "must be positive")
         v.check(0 < self.decay_rate <= 1, "decay_rate", "must be in (0, 1]")
         v.check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
 from .errors import UserError
-from .transforms import build_transform, parse_ops
+from .transforms import BatchToFloat, build_transform, parse_ops
 
 SPLITS = {"train": "train_files", "val": "valid_files", "test": "test_files"}
 
@@ -61,10 +61,11 @@ def class_names(label_map: dict[str, int]) -> list[str]:
 class ImageListDataset(Dataset):
     """The images listed in one split file, labelled by their class folder."""
 
-    def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], transform=None):
+    def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], transform=None, collate=None):
         self.root = Path(root)
         self.list_path = self.root / list_file
         self.transform = transform
+        self.collate = collate or BatchToFloat()  # batches the images and finishes the transform
         self.paths, self.labels = self._read_list(label_map)
 
     def _read_list(self, label_map: dict[str, int]) -> tuple[list[str], list[int]]:
@@ -119,7 +120,10 @@ class ImageListDataset(Dataset):
             raise UserError(f"{path}: cannot read image: {e}") from None
 
     def __getitem__(self, key):
-        """``key`` is an index, or (index, seed) to make the random transforms reproducible."""
+        """``key`` is an index, or (index, seed) to make the random transforms reproducible.
+
+        Returns (uint8 image tensor, label); the loaders' ``collate`` makes float batches of them.
+        """
         index, seed = key if isinstance(key, tuple) else (key, None)
         img = self.load_image(index)
         if self.transform is not None:
@@ -133,7 +137,8 @@ def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = N
     """Open the ``train``, ``val`` or ``test`` split with its transforms."""
     label_map = label_map if label_map is not None else read_label_map(cfg)
     ops = cfg.transform_ops_train if split == "train" else cfg.transform_ops_val
-    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, build_transform(parse_ops(ops)))
+    per_image, collate = build_transform(parse_ops(ops))
+    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, per_image, collate)
 
 
 class TrainPlan:
@@ -190,20 +195,19 @@ class _EpochBatches:
 
 
 def _worker_init(_worker_id: int) -> None:
-    # The main process handles Ctrl-C/SIGTERM and shuts the workers down itself.
+    # Ctrl-C reaches the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict:
+def _loader_kwargs(dataset, num_workers: int, pin_memory: bool) -> dict:
     return dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
-                prefetch_factor=4 if num_workers else None)
+                prefetch_factor=4 if num_workers else None, collate_fn=getattr(dataset, "collate", None))
 
 
 def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: int, num_workers: int,
                  pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_sampler=_EpochBatches(plan, epoch, start_update),
-                      **_loader_kwargs(num_workers, pin_memory))
+                      **_loader_kwargs(dataset, num_workers, pin_memory))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, indices: Sequence[int] | None = None,
@@ -211,4 +215,4 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, indices: Se
     """Every sample (or every one of ``indices``) once, in order, no batch dropped."""
     sampler = list(range(len(dataset))) if indices is None else list(indices)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
-                      **_loader_kwargs(num_workers, pin_memory))
+                      **_loader_kwargs(dataset, num_workers, pin_memory))

@@ -203,10 +203,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         reporter = Reporter(self.run_dir)
-        last_ckpt_at, last_val_at = -1, -1
+        saved_at, last_val_at = p.iteration, -1
         self.model.train()
-        try:
-            with _stop_on_signals() as stop:
+        with _stop_on_signals() as stop:
+            try:
                 print(f"training on {self.device}: {len(self.train_set)} training images, {len(self.val_set)} validation "
                       f"images, {self.plan.updates_per_epoch} updates per epoch of {tc.global_batch_size} images",
                       flush=True)
@@ -220,18 +220,16 @@ class Trainer:
                         loss, n = self.train_update(batches, update)
                         p.iteration, p.update_in_epoch = p.iteration + 1, update + 1
                         ips = n / (time.perf_counter() - start)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                        bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                         reporter.scalars(p.iteration, **{"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips})
                         if p.iteration % tc.iters_per_val == 0:
                             self.validate(reporter)
                             last_val_at = p.iteration
-                        if p.iteration % tc.iters_per_checkpoint == 0:
+                        if p.iteration % tc.iters_per_checkpoint == 0 or stop:
                             self.save_checkpoint()
-                            last_ckpt_at = p.iteration
+                            saved_at = p.iteration
                         if stop:
-                            path = self.save_checkpoint() if last_ckpt_at != p.iteration else self.run_dir / "last.pt"
-                            raise Interrupted(stop[0], path)
+                            raise Interrupted(stop[0], self.run_dir / "last.pt")
                     del batches
                     reporter.close_bar()
                     if last_val_at != p.iteration:
@@ -239,8 +237,17 @@ class Trainer:
                         last_val_at = p.iteration
                     p.epoch, p.update_in_epoch = p.epoch + 1, 0
                 self.save_checkpoint()  # (re)written after the epoch-end validation and bookkeeping
-        finally:
-            reporter.close()
+            except (Interrupted, KeyboardInterrupt):
+                raise  # a second Ctrl-C may land anywhere, even inside optimizer.step: save nothing then
+            except Exception:
+                # Model, optimizer and scheduler still hold the last completed update: keep it.
+                if p.iteration > saved_at:
+                    reporter.print(f"stopped by an error; iteration {p.iteration} saved to {self.save_checkpoint()}")
+                if stop:  # e.g. the same signal also stopped the data workers
+                    raise Interrupted(stop[0], self.run_dir / "last.pt") from None
+                raise
+            finally:
+                reporter.close()
         return self.run_dir / "last.pt"
 
 
@@ -257,11 +264,12 @@ def train(cfg: Config, device: torch.device) -> Path:
     return trainer.fit()
 
 
-def test_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int):
-    """Evaluate on the whole test split; returns (Accumulator, class names)."""
+def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
+                   split: str = "test"):
+    """Evaluate on every image of a split; returns (Accumulator, class names)."""
     label_map = read_label_map(cfg.data_config)
-    test_set = open_split(cfg.data_config, "test", label_map)
-    loader = eval_loader(test_set, batch_size, num_workers, pin_memory=device.type == "cuda")
+    dataset = open_split(cfg.data_config, split, label_map)
+    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
     return evaluate(model, loader, device, len(label_map)), class_names(label_map)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import Config
-from .engine import test_accuracy
+from .engine import split_accuracy
 from .errors import UserError
 from .metrics import confusion_image, format_report
 from .models import build_model
@@ -31,7 +31,7 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     ckpt_io.load_model_weights(model, ckpt, checkpoint)
     model.to(device)
     tc = cfg.train_config
-    acc, names = test_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers)
+    acc, names = split_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers)
     print(format_report(acc, names))
     out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"test_{checkpoint.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)

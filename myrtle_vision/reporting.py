@@ -1,12 +1,41 @@
-"""What a run shows its user: a tqdm bar, printed lines and TensorBoard scalars."""
+"""What a run shows its user: a progress bar, printed lines and TensorBoard scalars."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (logs, CI) a plain line on stdout every 30 seconds."""
+
+    def __init__(self, total: int, initial: int, desc: str, interval: float = 30.0):
+        self.total, self.n, self.desc, self.interval = total, initial, desc, interval
+        self.tqdm = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.last_line = time.monotonic()
+
+    def update(self, **postfix: str) -> None:
+        self.n += 1
+        if self.tqdm is not None:
+            self.tqdm.set_postfix(postfix, refresh=False)
+            self.tqdm.update(1)
+        elif time.monotonic() - self.last_line >= self.interval or self.n == self.total:
+            self.last_line = time.monotonic()
+            print(f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
+
+    def write(self, message: str) -> None:
+        if self.tqdm is not None:
+            self.tqdm.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
 
 
 class Reporter:
@@ -27,16 +56,16 @@ class Reporter:
 
             self.writer.add_image(tag, np.asarray(pil_image), step, dataformats="HWC")
 
-    def progress(self, total: int, initial: int, desc: str) -> tqdm:
+    def progress(self, total: int, initial: int, desc: str) -> "Progress":
         self.close_bar()
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=tty,
-                        mininterval=0.5 if tty else 30, file=sys.stderr)
+        self.bar = Progress(total, initial, desc)
         return self.bar
 
     def print(self, message: str) -> None:
-        (self.bar.write if self.bar is not None else print)(message)
-        sys.stdout.flush()
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
 
     def close_bar(self) -> None:
         if self.bar is not None:

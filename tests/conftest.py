@@ -20,9 +20,10 @@ NORMALIZE = {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}
 
 
 def class_image(cls: int, i: int, size: int = 32) -> Image.Image:
-    """A learnable picture: class k is a bright bar at a class-specific place, plus noise."""
+    """A learnable picture: class k has its own tint and a bright bar at its own place, plus noise."""
     rng = np.random.default_rng(1000 * cls + i)
     arr = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    arr[:, :, cls % 3] += 100
     band = size // 4
     if cls % 2 == 0:
         arr[(cls // 2) * band % size:(cls // 2) * band % size + band, :, cls % 3] = 230

@@ -21,7 +21,11 @@ def test_labels_come_from_class_folders_through_the_label_map(dataset, data_cfg)
     for path, label in zip(train.paths, train.labels):
         assert label == label_map[path.split("/")[-2]]
     img, label = train[0]
-    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
+    images, labels = next(iter(eval_loader(train, 4, 0)))
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32) and labels.tolist() == train.labels[:4]
+    # the batch step is ToDtype(scale) then Normalize(0.5, 0.25), exactly
+    torch.testing.assert_close(images[0], (img.float() / 255 - 0.5) / 0.25, rtol=0, atol=1e-6)
     assert len(open_split(cfg, "val")) == 12 and len(open_split(cfg, "test")) == 15
 
 
@@ -56,12 +60,14 @@ def test_every_transform_op_builds_and_gives_the_asked_size():
            "RandomCrop": {"size": 20, "padding": 2}, "RandomHorizontalFlip": 0.5, "RandomVerticalFlip": None,
            "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": {"brightness": 0.4, "hue": 0.1},
            "CenterCrop": 16, "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.2, 0.2, 0.2]}}
-    t = build_transform(parse_ops(ops))
-    out = t(class_image(1, 2, 48))
-    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-    names = [type(s).__name__ for s in t.transforms]
+    per_image, collate = build_transform(parse_ops(ops))
+    out = per_image(class_image(1, 2, 48))
+    assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
+    names = [type(s).__name__ for s in per_image.transforms]
     assert names == ["ToImage", "Resize", "RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip",
-                     "RandomVerticalFlip", "RandAugment", "ColorJitter", "CenterCrop", "ToDtype", "Normalize"]
+                     "RandomVerticalFlip", "RandAugment", "ColorJitter", "CenterCrop"]
+    images, labels = collate([(out, 1), (out, 2)])
+    assert images.dtype == torch.float32 and labels.tolist() == [1, 2] and collate.std == [0.2, 0.2, 0.2]
 
 
 def test_normalize_must_come_last():

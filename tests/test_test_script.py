@@ -9,7 +9,7 @@ from PIL import Image
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import test_accuracy
+from myrtle_vision.engine import split_accuracy
 from myrtle_vision.models import build_model
 
 
@@ -33,7 +33,7 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     # the numbers agree with a direct evaluation of the same weights
     model = build_model(load_config(cfg))
     ckpt_io.load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), "last.pt")
-    acc, _ = test_accuracy(model, load_config(cfg), torch.device("cpu"), 15, 0)
+    acc, _ = split_accuracy(model, load_config(cfg), torch.device("cpu"), 15, 0)
     assert result["top1"] == pytest.approx(acc.top1)
     for name, m in result["per_class"].items():
         assert m["recall"] == pytest.approx(100 * acc.confusion[CLASSES.index(name)].tolist()[CLASSES.index(name)] / 5)

@@ -25,13 +25,13 @@ def scalars(run_dir, tag):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, dataset):
-    """One ordinary run: 3 epochs of 3 updates; checkpoints every 2 updates, validation every 4."""
+    """One ordinary run: 10 epochs of 3 updates; checkpoints every 2 updates, validation every 4."""
     from conftest import data_config
 
     tmp = tmp_path_factory.mktemp("trained")
     data_cfg = data_config(tmp / "data.json", dataset, 3)
     cfg = train_config(tmp / "train.json", data_cfg, tmp / "out",
-                       train={"epochs": 6, "iters_per_checkpoint": 2, "iters_per_val": 4, "keep_checkpoints": 3})
+                       train={"epochs": 10, "iters_per_checkpoint": 2, "iters_per_val": 4, "keep_checkpoints": 3})
     proc = run_script("train.py", "-c", cfg, "--device", "cpu", check=True)
     return proc, run_dir_of(proc), cfg
 
@@ -39,7 +39,7 @@ def trained(tmp_path_factory, dataset):
 def test_training_learns(trained):
     proc, run_dir, _ = trained
     losses = [v for _, v in scalars(run_dir, "train/loss")]
-    assert len(losses) == 6 * 3
+    assert len(losses) == 10 * 3
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
     top1 = [v for _, v in scalars(run_dir, "val/top1")]
     assert top1[-1] == 100.0, top1  # the classes are easy; a working trainer separates them
@@ -48,7 +48,7 @@ def test_training_learns(trained):
 def test_tensorboard_scalars_and_lr_schedule(trained):
     _, run_dir, _ = trained
     lrs = scalars(run_dir, "train/lr")
-    assert [s for s, _ in lrs] == list(range(1, 19))
+    assert [s for s, _ in lrs] == list(range(1, 31))
     values = [v for _, v in lrs]
     # warmup_lr 1e-4 -> lr 3e-3 over the first epoch (3 updates), then cosine down to min_lr 1e-4
     assert values[0] == pytest.approx(1e-4) and values[3] == pytest.approx(3e-3)
@@ -56,24 +56,25 @@ def test_tensorboard_scalars_and_lr_schedule(trained):
     for tag in ("train/images_per_sec", "val/loss", "val/top5"):
         assert scalars(run_dir, tag)
     # validation every 4 updates and at every epoch end (3, 6, 9 ...), never twice for one update
-    assert [s for s, _ in scalars(run_dir, "val/top1")] == [3, 4, 6, 8, 9, 12, 15, 16, 18]
+    expected = sorted(set(range(4, 31, 4)) | set(range(3, 31, 3)))
+    assert [s for s, _ in scalars(run_dir, "val/top1")] == expected
 
 
 def test_checkpoints_hold_everything_and_rotate(trained):
     _, run_dir, cfg_path = trained
     names = sorted(p.name for p in run_dir.glob("*.pt"))
-    # every 2 updates and at the end (18); only the 3 newest periodic ones are kept
-    assert names == ["best.pt", "checkpoint_0000014.pt", "checkpoint_0000016.pt", "checkpoint_0000018.pt", "last.pt"]
+    # every 2 updates and at the end (30); only the 3 newest periodic ones are kept
+    assert names == ["best.pt", "checkpoint_0000026.pt", "checkpoint_0000028.pt", "checkpoint_0000030.pt", "last.pt"]
     last = load(run_dir / "last.pt")
     assert {"model", "optimizer", "lr_scheduler", "iteration", "epoch", "rng", "config", "best_val_top1"} <= set(last)
-    assert last["iteration"] == 18 and last["epoch"] == 6 and last["best_val_top1"] == 100.0
+    assert last["iteration"] == 30 and last["epoch"] == 10 and last["best_val_top1"] == 100.0
     assert next(iter(last["model"])) == "pos_embedding" and "transformer.layers.1.1.fn.fn.net.3.weight" in last["model"]
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved == last["config"]
     assert saved["train_config"]["lr"] == 3e-3 and saved["data_config"]["number_of_classes"] == 3
     assert saved["train_config"]["label_smoothing"] == 0.0  # defaults are filled in
     best = load(run_dir / "best.pt")
-    assert best["best_val_top1"] == 100.0 and best["iteration"] <= 18
+    assert best["best_val_top1"] == 100.0 and best["iteration"] <= 30
     assert not list(run_dir.glob(".*tmp*"))  # no temporary files left behind
 
 

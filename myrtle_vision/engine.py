@@ -37,7 +37,7 @@ class Interrupted(Exception):
 
 
 @dataclass
-class Progress:
+class TrainState:
     iteration: int = 0  # optimizer updates done
     epoch: int = 0  # epochs completed
     update_in_epoch: int = 0  # updates done in the current epoch
@@ -89,7 +89,7 @@ def new_run_dir(output_directory: str) -> Path:
 class Trainer:
     """One training job: model, optimizer, schedule, data plan, and where it writes."""
 
-    def __init__(self, cfg: Config, device: torch.device, reporter_dir: bool = True):
+    def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.tc, self.device = cfg, cfg.train_config, device
         tc = self.tc
         if device.type == "cuda":
@@ -109,7 +109,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
-        self.progress = Progress()
+        self.progress = TrainState()
         self.run_dir = self._resume() if tc.checkpoint_path else new_run_dir(tc.output_directory)
         self.pin = device.type == "cuda"
         self.val_loader = eval_loader(self.val_set, tc.local_batch_size, tc.num_workers, pin_memory=self.pin)
@@ -128,7 +128,7 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["lr_scheduler"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not fit this config ({e})") from None
-        self.progress = Progress(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
+        self.progress = TrainState(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
         if self.progress.update_in_epoch >= self.plan.updates_per_epoch:
             self.progress.epoch, self.progress.update_in_epoch = self.progress.epoch + 1, 0
         ckpt_io.set_rng_state(ckpt["rng"])

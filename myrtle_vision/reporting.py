@@ -27,19 +27,13 @@ class Progress:
             self.last_line = time.monotonic()
             print(f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
 
-    def write(self, message: str) -> None:
-        if self.tqdm is not None:
-            self.tqdm.write(message)
-        else:
-            print(message, flush=True)
-
     def close(self) -> None:
         if self.tqdm is not None:
             self.tqdm.close()
 
 
 class Reporter:
-    """TensorBoard event files in ``log_dir`` plus a progress bar on stderr."""
+    """TensorBoard event files in ``log_dir``, a progress display and printed lines."""
 
     def __init__(self, log_dir: str | Path | None):
         self.writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
@@ -62,8 +56,9 @@ class Reporter:
         return self.bar
 
     def print(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message)
+        """A line on stdout that does not break the progress bar."""
+        if self.bar is not None and self.bar.tqdm is not None:
+            self.bar.tqdm.write(message)
         else:
             print(message, flush=True)
 

@@ -207,3 +207,20 @@ def test_runs_never_overwrite_each_other(tmp_path, data_cfg):
     time.sleep(0.01)
     second = run_dir_of(run_script("train.py", "-c", cfg, check=True))
     assert first != second and (first / "last.pt").exists() and (second / "last.pt").exists()
+
+
+def test_an_error_mid_run_keeps_the_last_completed_update(tmp_path):
+    from conftest import CLASSES, data_config, make_dataset
+
+    from myrtle_vision.data import TrainPlan
+
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    listed = (ds / "train_imagepaths.txt").read_text().split()
+    # the default test run: 24 images, updates of 8 in micro-batches of 4, seed 7; spoil an image of update 2
+    victim = ds / listed[TrainPlan(24, 8, 4, seed=7, drop_last=True).update(0, 1)[0][0][0]]
+    victim.write_bytes(b"not an image at all")
+    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
+    proc = run_script("train.py", "-c", cfg)
+    assert_user_error(proc, str(victim), "cannot read image")
+    assert "stopped by an error; iteration 1 saved to" in proc.stdout
+    assert load(run_dir_of(proc) / "last.pt")["iteration"] == 1

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -210,9 +209,7 @@ def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: in
                       **_loader_kwargs(dataset, num_workers, pin_memory))
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, indices: Sequence[int] | None = None,
-                pin_memory: bool = False) -> DataLoader:
-    """Every sample (or every one of ``indices``) once, in order, no batch dropped."""
-    sampler = list(range(len(dataset))) if indices is None else list(indices)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False,
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Every sample once, in order, no batch dropped."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                       **_loader_kwargs(dataset, num_workers, pin_memory))

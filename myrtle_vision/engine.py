@@ -58,6 +58,15 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -
     return acc
 
 
+def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
+    """The split's transforms must give the model's input size (checked on its first image)."""
+    size = cfg.vit_config.image_size
+    height, width = dataset[0][0].shape[-2:]
+    if (height, width) != (size, size):
+        raise UserError(f"{cfg.data_config_path}: {ops_field} gives {height}x{width} images "
+                        f"but vit_config.image_size is {size}")
+
+
 @contextmanager
 def _stop_on_signals():
     """Turn the first SIGINT/SIGTERM into a request to stop at the next update boundary."""
@@ -98,13 +107,15 @@ class Trainer:
         self.class_names = class_names(label_map)
         self.train_set = open_split(cfg.data_config, "train", label_map)
         self.val_set = open_split(cfg.data_config, "val", label_map)
-        torch.manual_seed(tc.seed)
-        self.model = build_model(cfg).to(device)
-        self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
+        check_image_size(self.train_set, cfg, "transform_ops_train")
+        check_image_size(self.val_set, cfg, "transform_ops_val")
         if len(self.train_set) < tc.global_batch_size and tc.drop_last_batch:
             raise UserError(f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
                             f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
                             "drop_last_batch to false")
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg).to(device)
+        self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
         self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
@@ -167,12 +178,6 @@ class Trainer:
         if improved:
             ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt")
 
-    def _check_batch(self, images: torch.Tensor) -> None:
-        size = self.cfg.vit_config.image_size
-        if images.shape[-2:] != (size, size):
-            raise UserError(f"{self.cfg.data_config_path}: transform_ops_train gives {images.shape[-2]}x{images.shape[-1]} "
-                            f"images but vit_config.image_size is {size}")
-
     def train_update(self, batches, update: int) -> tuple[float, int]:
         """One optimizer update over this update's micro-batches; returns (mean loss, images)."""
         p, tc = self.progress, self.tc
@@ -182,8 +187,6 @@ class Trainer:
         loss_sum = 0.0
         for m in range(n_micro):
             images, targets = next(batches)
-            if p.iteration == 0 and m == 0:
-                self._check_batch(images)
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m))  # dropout depends on position only
@@ -269,6 +272,7 @@ def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_si
     """Evaluate on every image of a split; returns (Accumulator, class names)."""
     label_map = read_label_map(cfg.data_config)
     dataset = open_split(cfg.data_config, split, label_map)
+    check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
     loader = eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
     return evaluate(model, loader, device, len(label_map)), class_names(label_map)
 

@@ -22,10 +22,11 @@ def test_labels_come_from_class_folders_through_the_label_map(dataset, data_cfg)
         assert label == label_map[path.split("/")[-2]]
     img, label = train[0]
     assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
-    images, labels = next(iter(eval_loader(train, 4, 0)))
-    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32) and labels.tolist() == train.labels[:4]
+    val = open_split(cfg, "val")  # no random ops, so the image and the batch can be compared
+    images, labels = next(iter(eval_loader(val, 4, 0)))
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32) and labels.tolist() == val.labels[:4]
     # the batch step is ToDtype(scale) then Normalize(0.5, 0.25), exactly
-    torch.testing.assert_close(images[0], (img.float() / 255 - 0.5) / 0.25, rtol=0, atol=1e-6)
+    torch.testing.assert_close(images[0], (val[0][0].float() / 255 - 0.5) / 0.25, rtol=0, atol=1e-6)
     assert len(open_split(cfg, "val")) == 12 and len(open_split(cfg, "test")) == 15
 
 
@@ -148,11 +149,13 @@ def test_split_smaller_than_a_global_batch(tmp_path, data_cfg):
     assert_user_error(run_script("train.py", "-c", cfg), "fewer than one global batch")
 
 
-def test_transform_size_must_match_the_model(tmp_path, dataset):
+@pytest.mark.parametrize("field", ["transform_ops_train", "transform_ops_val"])
+def test_transform_size_must_match_the_model(tmp_path, dataset, field):
     ops = {"Resize": 24, "Normalize": {"Mean": [0.5] * 3, "Std": [0.2] * 3}}
-    data_cfg = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)
+    which = {"train_ops": ops} if field == "transform_ops_train" else {"val_ops": ops}
+    data_cfg = data_config(tmp_path / "d.json", dataset, 3, **which)
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
-    assert_user_error(run_script("train.py", "-c", cfg), str(data_cfg), "24x24", "image_size is 32")
+    assert_user_error(run_script("train.py", "-c", cfg), str(data_cfg), field, "24x24", "image_size is 32")
 
 
 def test_images_decode_identically_through_workers(dataset, data_cfg):

@@ -4,6 +4,8 @@ A training checkpoint is a dict::
 
     format          "myrtle_vision/1"
     model           the ViT in the accelerator's layout (see myrtle_vision.layout)
+    distillation    DeiT runs only: {"dist_token", "head_dist.weight", "head_dist.bias"}, kept
+                    apart so that ``model`` stays exactly what the accelerator imports
     optimizer       optimizer state dict
     lr_scheduler    scheduler state dict
     iteration       optimizer updates done
@@ -19,7 +21,6 @@ their model is used; their optimizer state is not (its parameter order differs).
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -60,28 +61,70 @@ def link_atomic(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def load_file(path: Path, what: str):
+    """``torch.load(weights_only=True)`` of a user's file; whatever goes wrong is a one-line UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable {what} ({first})") from None
+
+
 def load(path: str | Path) -> dict:
     """Load a checkpoint with ``weights_only=True``; any problem is a one-line UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first})") from None
+    ckpt = load_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path}: not a checkpoint of this tool (no 'model' entry)")
     return ckpt
 
 
-def load_model_weights(model: nn.Module, ckpt: dict, path) -> None:
-    """Put the checkpoint's deploy-layout weights into ``model``, or say exactly what differs."""
-    expected = layout.to_deploy(model.state_dict())
+DISTILLATION_PREFIXES = ("dist_token", "head_dist.")
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(plain ViT entries, distillation token and head entries) of a model state dict."""
+    plain = {k: v for k, v in state.items() if not k.startswith(DISTILLATION_PREFIXES)}
+    return plain, {k: v for k, v in state.items() if k.startswith(DISTILLATION_PREFIXES)}
+
+
+def model_entries(model: nn.Module) -> dict:
+    """The checkpoint entries that hold ``model``: ``model`` (deploy layout) and, for DeiT, ``distillation``."""
+    plain, dist = _split({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    return {"model": layout.to_deploy(plain), **({"distillation": dist} if dist else {})}
+
+
+def has_distillation(ckpt: dict) -> bool:
+    return isinstance(ckpt.get("distillation"), dict)
+
+
+def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation: bool = True) -> None:
+    """Put the checkpoint's weights into ``model``, or say exactly what differs.
+
+    A distilled model takes its distillation token and head from the ``distillation`` entry; when
+    the checkpoint has none and ``require_distillation`` is false they keep their initial values.
+    """
+    plain, dist = _split(model.state_dict())
+    expected = layout.to_deploy(plain)
     mismatch = layout.describe_mismatch(expected, ckpt["model"])
     if mismatch:
         raise UserError(f"{path}: checkpoint does not fit the config's model: {mismatch}")
-    model.load_state_dict(layout.from_deploy(ckpt["model"], str(path)))
+    weights = layout.from_deploy(ckpt["model"], str(path))
+    if dist:
+        if has_distillation(ckpt):
+            found = ckpt["distillation"]
+            bad = [k for k in dist if k not in found or tuple(found[k].shape) != tuple(dist[k].shape)]
+            if bad:
+                raise UserError(f"{path}: distillation entry does not fit the config's model ({', '.join(bad)})")
+            weights.update({k: found[k] for k in dist})
+        elif require_distillation:
+            raise UserError(f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "
+                            "distiller_config (its distillation token and head are missing)")
+        else:
+            weights.update(dist)
+    model.load_state_dict(weights)
 
 
 def rng_state() -> dict:

@@ -92,3 +92,39 @@ def test_mismatch_description_names_what_differs(change):
     assert message is not None
     assert {"depth": "depth 3", "embed_dim": "(1, 17, 64)", "classes": "mlp_head.1.weight has shape (4, 32)"}[change] in message
     assert layout.describe_mismatch(expected, expected) is None
+
+
+def test_deit_student_class_head_is_the_deployed_plain_vit():
+    """The distillation token never reaches the class path, so the accelerator runs what was trained."""
+    from myrtle_vision.checkpoint import model_entries
+
+    args = ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=128, depth=3, heads=2, mlp_dim=48, distilled=True)
+    torch.manual_seed(0)
+    student = VisionTransformer(args).eval()
+    for p in student.parameters():  # make every tensor matter (init zeroes biases)
+        p.data.normal_(0, 0.2)
+    entries = model_entries(student)
+    assert set(entries) == {"model", "distillation"}
+    assert set(entries["distillation"]) == {"dist_token", "head_dist.weight", "head_dist.bias"}
+    img = torch.randn(4, 3, 32, 32)
+    class_logits, dist_logits = student.forward_heads(img)
+    deployed = reference_forward(entries["model"], img, heads=2, patch=8)
+    torch.testing.assert_close(class_logits, deployed, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(student(img), deployed, rtol=1e-4, atol=1e-4)
+    # the distillation head does depend on its token; the class head does not
+    with torch.no_grad():
+        student.dist_token.add_(torch.randn_like(student.dist_token))  # not uniform: LayerNorm removes that
+    class_after, dist_after = student.forward_heads(img)
+    torch.testing.assert_close(class_after, class_logits)
+    assert (dist_after - dist_logits).abs().max() > 1e-3
+
+
+def test_deit_student_trains_its_distillation_token_and_head():
+    args = ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, heads=2, mlp_dim=48, distilled=True)
+    student = VisionTransformer(args)
+    class_logits, dist_logits = student.forward_heads(torch.randn(2, 3, 32, 32))
+    (class_logits.sum() + dist_logits.sum()).backward()
+    assert student.dist_token.grad.abs().sum() > 0 and student.head_dist.weight.grad.abs().sum() > 0
+    groups = param_groups(student, 0.05)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert id(student.dist_token) in no_decay and id(student.head_dist.weight) not in no_decay

@@ -3,6 +3,13 @@
 Module names follow timm (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks.i.attn.qkv``,
 ``norm``, ``head``). The accelerator's checkpoint layout uses the earlier release's names; the
 translation between the two lives in :mod:`myrtle_vision.layout` and nowhere else.
+
+With ``distilled=True`` the model is a DeiT student (Touvron et al., 2020): a distillation token
+(``dist_token``) is appended after the patch tokens and read out by its own head (``head_dist``).
+The accelerator runs the plain ViT, without that token. So that the class head it runs is exactly
+the one trained, the distillation token attends to every token but no token attends to it: the
+class path never sees it, ``forward`` (class head only) needs no distillation token at all, and
+``forward_heads`` returns both heads from one pass.
 """
 
 from __future__ import annotations
@@ -26,12 +33,14 @@ class ViTArgs:
     mlp_dim: int = 768
     dropout: float = 0.0  # after the attention projection, the MLP's GELU and the MLP's output
     emb_dropout: float = 0.0  # after the position embedding is added
+    distilled: bool = False  # DeiT: add a distillation token and head
 
     @classmethod
-    def from_config(cls, vit_config, num_classes: int) -> "ViTArgs":
+    def from_config(cls, vit_config, num_classes: int, distilled: bool = False) -> "ViTArgs":
         return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
                    embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
-                   mlp_dim=vit_config.mlp_dim, dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout)
+                   mlp_dim=vit_config.mlp_dim, dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
+                   distilled=distilled)
 
 
 class PatchEmbed(nn.Module):
@@ -61,11 +70,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         # output features are ordered (q|k|v, head, head_dim)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # softmax(q k^T / sqrt(head_dim)) v
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -90,8 +99,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = Mlp(dim, mlp_dim, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -107,12 +116,17 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout) for _ in range(args.depth))
         self.norm = nn.LayerNorm(args.embed_dim, eps=1e-5)
         self.head = nn.Linear(args.embed_dim, args.num_classes)
+        if args.distilled:
+            self.dist_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
+            self.head_dist = nn.Linear(args.embed_dim, args.num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """timm's initialisation: truncated normal (std 0.02) weights, zero biases, unit norms."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.args.distilled:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -124,15 +138,31 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that are not matrices and take no weight decay (besides biases and norms)."""
-        return {"cls_token", "pos_embed"}
+        return {"cls_token", "pos_embed", "dist_token"}
 
-    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, img: torch.Tensor, dist_token: bool = False) -> torch.Tensor:
+        """Normed tokens: class token, patch tokens and, with ``dist_token``, the distillation token last."""
         x = self.patch_embed(img)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        mask = None
+        if dist_token:
+            # The distillation token has no position, so no position embedding: the token is all there is.
+            x = torch.cat([x, self.dist_token.expand(x.shape[0], -1, -1)], dim=1)
+            n = x.shape[1]
+            mask = torch.ones(n, n, dtype=torch.bool, device=x.device)
+            mask[:-1, -1] = False  # queries other than the distillation token do not see it
+        x = self.pos_drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.norm(x)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Class-head logits: the plain ViT, as the accelerator runs it."""
         return self.head(self.forward_features(img)[:, 0])
+
+    def forward_heads(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class-head logits, distillation-head logits) of a distilled model, from one pass."""
+        if not self.args.distilled:
+            raise RuntimeError("forward_heads needs a model built with distilled=True")
+        x = self.forward_features(img, dist_token=True)
+        return self.head(x[:, 0]), self.head_dist(x[:, -1])

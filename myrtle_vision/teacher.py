@@ -1,0 +1,210 @@
+"""Finetune a CNN teacher for distillation, as the notebook and ``finetune_teacher.py`` do.
+
+The teacher learns with the same data pipeline as the ViT (the data config's splits and
+transforms, the same seeded order and augmentation), keeps the weights with the best validation
+top-1, saves them as a plain torchvision state dict (what a deit config's
+``distiller_config.teacher_weights_path`` loads), and reports their test accuracy. Beside the
+weights it writes ``<name>.json``: the parameters, where the weights started from, and the
+per-epoch history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import save_atomic
+from .config import OPTIMIZERS, TrainConfig, build, load_data_config
+from .data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
+from .engine import evaluate
+from .errors import UserError
+from .metrics import Accumulator
+from .models.teacher import starting_model
+from .optim import LRSchedule, build_optimizer, build_scheduler
+from .reporting import Progress
+
+
+@dataclass
+class TeacherConfig:
+    """The notebook's parameters cell (and ``finetune_teacher.py``'s flags)."""
+
+    data_config: str = "data_configs/data_config.json"
+    model: str = "resnet50"  # any torchvision classification model
+    weights: Optional[str] = "imagenet"  # "imagenet" (torchvision's cache), a .pth state dict, or None: from scratch
+    image_size: Optional[int] = None  # resize batches to this size; None: as the data config's transforms give
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.01
+    output_path: str = "resnet50_resisc45_pyt_finetuned_weights.pth"
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    seed: int = 1234
+    num_workers: int = 4
+    device: Optional[str] = None  # "cpu" or "cuda"; None: cuda when available
+    path: str = field(default="teacher parameters", repr=False)
+
+    def validate(self, v) -> None:
+        for name in ("epochs", "batch_size"):
+            v.check(getattr(self, name) >= 1, name, "must be at least 1")
+        v.check(self.image_size is None or self.image_size >= 8, "image_size", "must be None or at least 8")
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "num_workers"):
+            v.check(getattr(self, name) >= 0, name, "must not be negative")
+        v.check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        v.choice(self.optimizer, OPTIMIZERS, "optimizer")
+        v.check(self.device in (None, "cpu", "cuda"), "device", "must be None, 'cpu' or 'cuda'")
+        v.check(bool(self.output_path), "output_path", "must not be empty")
+
+    @classmethod
+    def from_dict(cls, params: dict, source: str = "teacher parameters") -> "TeacherConfig":
+        cfg = build(cls, params, source)
+        cfg.path = source
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("path")
+        return out
+
+    def train_config(self) -> TrainConfig:
+        """The same optimizer and schedule machinery as ViT training: one update per batch, cosine to zero."""
+        return TrainConfig(output_directory=str(Path(self.output_path).parent), epochs=self.epochs,
+                           local_batch_size=self.batch_size, global_batch_size=self.batch_size, lr=self.lr,
+                           seed=self.seed, optimizer=self.optimizer, momentum=self.momentum,
+                           weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, warmup_lr=self.lr / 100,
+                           min_lr=0.0, label_smoothing=self.label_smoothing, num_workers=self.num_workers)
+
+
+@dataclass
+class TeacherResult:
+    output_path: Path
+    started_from: str
+    history: list[dict]  # per epoch: epoch, lr, train_loss, train_top1, val_loss, val_top1, seconds
+    best_epoch: int
+    best_val_top1: float
+    test_top1: float
+    test_top5: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["output_path"] = str(self.output_path)
+        return out
+
+
+class _Resized(nn.Module):
+    """Feed ``model`` its batches resized to ``size`` (bilinear, antialiased) when they differ."""
+
+    def __init__(self, model: nn.Module, size: int | None):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(images.shape[-2:]) != (self.size, self.size):
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        return self.model(images)
+
+
+def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> TeacherResult:
+    """Finetune ``cfg.model`` on ``cfg.data_config``'s training split; return the curves and test accuracy."""
+    start_time = time.perf_counter()
+    if device is None:
+        from .cli import resolve_device
+
+        device = resolve_device(cfg.device)
+    data_cfg = load_data_config(cfg.data_config)
+    label_map = read_label_map(data_cfg)
+    train_set, val_set, test_set = (open_split(data_cfg, s, label_map) for s in ("train", "val", "test"))
+    if len(train_set) < cfg.batch_size:
+        raise UserError(f"{cfg.path}: batch_size: {cfg.batch_size} is more than the {len(train_set)} training images")
+    output = Path(cfg.output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    net, started_from = starting_model(cfg.model, data_cfg.number_of_classes, cfg.weights, f"{cfg.path}: weights")
+    print(started_from, flush=True)
+    model = _Resized(net, cfg.image_size).to(device)
+    tc = cfg.train_config()
+    optimizer = build_optimizer(net, tc)
+    plan = TrainPlan(len(train_set), cfg.batch_size, cfg.batch_size, cfg.seed, drop_last=True)
+    scheduler = build_scheduler(optimizer, LRSchedule.from_config(tc, plan.updates_per_epoch))
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    pin = device.type == "cuda"
+    val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, pin)
+    print(f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "
+          f"{cfg.epochs} epochs of {plan.updates_per_epoch} updates", flush=True)
+
+    history, best_top1, best_epoch = [], -1.0, 0
+    for epoch in range(cfg.epochs):
+        epoch_start = time.perf_counter()
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        seen = Accumulator(data_cfg.number_of_classes)
+        bar = Progress(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
+        for images, targets in train_loader(train_set, plan, epoch, 0, cfg.num_workers, pin):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            logits = model(images)
+            loss = criterion(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen.update(logits.detach(), targets)
+            bar.update(loss=f"{loss.item():.4f}")
+        bar.close()
+        val = evaluate(model, val_loader, device, data_cfg.number_of_classes)
+        if val.top1 > best_top1:
+            best_top1, best_epoch = val.top1, epoch + 1
+            save_atomic({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, output)
+        history.append({"epoch": epoch + 1, "lr": lr, "train_loss": seen.loss, "train_top1": seen.top1,
+                        "val_loss": val.loss, "val_top1": val.top1, "seconds": time.perf_counter() - epoch_start})
+        print(f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {seen.loss:.4f} top-1 {seen.top1:.2f}%  "
+              f"val loss {val.loss:.4f} top-1 {val.top1:.2f}%  (best {best_top1:.2f}% at epoch {best_epoch})",
+              flush=True)
+
+    net.load_state_dict(torch.load(output, map_location="cpu", weights_only=True))
+    test = evaluate(model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, pin), device,
+                    data_cfg.number_of_classes)
+    result = TeacherResult(output, started_from, history, best_epoch, best_top1, test.top1, test.top5,
+                           time.perf_counter() - start_time)
+    output.with_suffix(".json").write_text(json.dumps({"parameters": cfg.to_dict(), **result.to_dict()}, indent=2) + "\n")
+    print(f"teacher weights (best validation top-1 {best_top1:.2f}%, epoch {best_epoch}) saved to {output}; "
+          f"test top-1 {test.top1:.2f}%, top-{test.k} {test.top5:.2f}% on {test.count} images", flush=True)
+    return result
+
+
+def _cli_type(tp):
+    """argparse type for a TeacherConfig field; "none" gives None for optional fields."""
+    args = typing.get_args(tp)
+    inner = next(a for a in args if a is not type(None)) if args else tp
+
+    def parse(text: str):
+        if args and text.lower() in ("none", "null"):
+            return None
+        return inner(text)
+
+    parse.__name__ = inner.__name__
+    return parse
+
+
+def add_arguments(parser) -> None:
+    """One ``--flag`` per TeacherConfig field, defaulting to the field's default."""
+    hints = typing.get_type_hints(TeacherConfig)
+    for f in dataclasses.fields(TeacherConfig):
+        if f.name == "path":
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_cli_type(hints[f.name]),
+                            default=f.default, help=f"default: {f.default}")

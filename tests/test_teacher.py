@@ -1,0 +1,89 @@
+"""Teacher models: loading the earlier release's files, ImageNet weights from the cache only, the CLI."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_user_error, data_config, run_script
+
+from myrtle_vision.errors import UserError
+from myrtle_vision.models.teacher import load_teacher, replace_classifier, starting_model
+
+
+def test_earlier_release_resnet50_teacher_file_loads_as_it_is(tmp_path):
+    torch.manual_seed(0)
+    original = torchvision.models.resnet50(num_classes=45).eval()
+    torch.save(original.state_dict(), tmp_path / "resnet50_resisc45_pyt_finetuned_weights.pth")
+    teacher = load_teacher("resnet50", 45, tmp_path / "resnet50_resisc45_pyt_finetuned_weights.pth")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    img = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(img), original(img), rtol=0, atol=0)
+    # saved from DataParallel/DistributedDataParallel: "module." prefixes
+    torch.save({f"module.{k}": v for k, v in original.state_dict().items()}, tmp_path / "ddp.pth")
+    with torch.no_grad():
+        torch.testing.assert_close(load_teacher("resnet50", 45, tmp_path / "ddp.pth")(img), original(img))
+
+
+def test_unknown_architecture_suggests_a_name(tmp_path):
+    with pytest.raises(UserError, match="'resnet19' is not a torchvision classification model.*did you mean 'resnet18'"):
+        load_teacher("resnet19", 3, tmp_path / "x.pth")
+
+
+def test_imagenet_weights_come_from_torchvisions_cache_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(UserError, match="no ImageNet weights for resnet18 on this machine and nothing is downloaded"):
+        starting_model("resnet18", 3, "imagenet")
+    imagenet = torchvision.models.resnet18()
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(imagenet.state_dict(), cache / "resnet18-f37072fd.pth")  # torchvision's file name for these weights
+    model, origin = starting_model("resnet18", 3, "imagenet")
+    assert str(cache / "resnet18-f37072fd.pth") in origin
+    assert model.fc.out_features == 3 and model.fc.in_features == 512
+    assert torch.equal(model.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "squeezenet1_1"])
+def test_classifier_replacement_for_other_architectures(name, tmp_path):
+    source = torchvision.models.get_model(name)  # 1000 classes
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model, _ = starting_model(name, 7, str(tmp_path / "w.pth"))
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    replace_classifier(model, 4)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_a_finetuned_file_can_be_the_starting_point(tmp_path):
+    before = torchvision.models.get_model("resnet18", num_classes=3)
+    torch.save(before.state_dict(), tmp_path / "w.pth")
+    same, _ = starting_model("resnet18", 3, str(tmp_path / "w.pth"))
+    assert torch.equal(same.fc.weight, before.fc.weight)  # same classes: the classifier is kept
+
+
+def test_cli_finetunes_and_keeps_the_best_validation_weights(tmp_path, dataset):
+    data_cfg = data_config(tmp_path / "data.json", dataset, 3)
+    out = tmp_path / "t" / "teacher.pth"
+    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--model", "resnet18", "--weights", "none",
+                      "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--optimizer", "adamw", "--image-size", "48",
+                      "--num-workers", "0", "--device", "cpu", "--output-path", out, check=True)
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["parameters"]["image_size"] == 48 and len(info["history"]) == 2
+    assert f"saved to {out}" in proc.stdout and "test top-1" in proc.stdout
+    teacher = load_teacher("resnet18", 3, out)
+    assert teacher(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_cli_errors_are_one_line(tmp_path, dataset, monkeypatch):
+    data_cfg = data_config(tmp_path / "data.json", dataset, 3)
+    env_home = tmp_path / "empty_torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(env_home))
+    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--model", "resnet18", "--batch-size", "8")
+    assert_user_error(proc, "weights", "no ImageNet weights for resnet18", "set weights to None")
+    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--batch-size", "0")
+    assert_user_error(proc, "finetune_teacher.py arguments", "batch_size", "at least 1")
+    proc = run_script("finetune_teacher.py", "--data-config", tmp_path / "nope.json", "--weights", "none")
+    assert_user_error(proc, "nope.json", "file not found")
+    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--weights", "none")
+    assert_user_error(proc, "finetune_teacher.py arguments: batch_size", "more than the 24 training images")

@@ -131,6 +131,14 @@ class DistillerConfig:
         v.check(self.temperature > 0, "temperature", "must be positive")
         v.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         v.choice(self.distillation_type, ("soft", "hard"), "distillation_type")
+        v.check(bool(self.teacher_weights_path), "teacher_weights_path", "must not be empty")
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if self.teacher_model not in names:
+            hint = difflib.get_close_matches(self.teacher_model, names, n=1)
+            v.fail("teacher_model", f"{self.teacher_model!r} is not a torchvision classification model"
+                   + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
 @dataclass

@@ -21,9 +21,10 @@ from . import checkpoint as ckpt_io
 from .config import Config
 from .data import TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, train_loader
 from .errors import UserError
-from .layout import to_deploy
+from .losses import DistillationLoss
 from .metrics import Accumulator
 from .models import build_model
+from .models.teacher import load_teacher
 from .optim import LRSchedule, build_optimizer, build_scheduler
 from .reporting import Reporter
 
@@ -46,16 +47,31 @@ class TrainState:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> Accumulator:
-    """Loss and accuracy of ``model`` over every batch of ``loader``."""
+    """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``."""
+    return _evaluate(model, loader, device, num_classes, average_heads=False)[0]
+
+
+@torch.no_grad()
+def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int) -> tuple[Accumulator, Accumulator]:
+    """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
+    return _evaluate(model, loader, device, num_classes, average_heads=True)
+
+
+def _evaluate(model, loader, device, num_classes: int, average_heads: bool) -> tuple[Accumulator, Accumulator]:
     was_training = model.training
     model.eval()
-    acc = Accumulator(num_classes)
+    class_acc, avg_acc = Accumulator(num_classes), Accumulator(num_classes)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        acc.update(model(images), targets)
+        if average_heads:
+            class_logits, dist_logits = model.forward_heads(images)
+            avg_acc.update((class_logits + dist_logits) / 2, targets)
+        else:
+            class_logits = model(images)
+        class_acc.update(class_logits, targets)
     model.train(was_training)
-    return acc
+    return class_acc, avg_acc
 
 
 def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
@@ -120,6 +136,13 @@ class Trainer:
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.teacher = None
+        dc = cfg.distiller_config
+        if dc is not None:
+            where = f"{cfg.path}: distiller_config.teacher_weights_path"
+            self.teacher = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, dc.teacher_weights_path,
+                                        where).to(device)
+            self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
         self.progress = TrainState()
         self.run_dir = self._resume() if tc.checkpoint_path else new_run_dir(tc.output_directory)
         self.pin = device.type == "cuda"
@@ -130,8 +153,12 @@ class Trainer:
     def _resume(self) -> Path:
         path = Path(self.tc.checkpoint_path)
         ckpt = ckpt_io.load(path)
-        ckpt_io.load_model_weights(self.model, ckpt, path)
-        if ckpt.get("format") != ckpt_io.FORMAT:
+        current = ckpt.get("format") == ckpt_io.FORMAT
+        if current and ckpt_io.has_distillation(ckpt) and self.teacher is None:
+            raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
+                            f"{self.cfg.path} has no distiller_config")
+        ckpt_io.load_model_weights(self.model, ckpt, path, require_distillation=current)
+        if not current:
             print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
             return new_run_dir(self.tc.output_directory)
         try:
@@ -150,7 +177,7 @@ class Trainer:
 
     def state(self) -> dict:
         p = self.progress
-        return {"format": ckpt_io.FORMAT, "model": _deploy_state(self.model), "optimizer": self.optimizer.state_dict(),
+        return {"format": ckpt_io.FORMAT, **ckpt_io.model_entries(self.model), "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.scheduler.state_dict(), "iteration": p.iteration, "epoch": p.epoch,
                 "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
                 "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
@@ -168,13 +195,19 @@ class Trainer:
 
     def validate(self, reporter: Reporter) -> None:
         p = self.progress
-        acc = evaluate(self.model, self.val_loader, self.device, len(self.class_names))
+        # The class head is what the accelerator runs: it alone picks the best checkpoint.
+        if self.teacher is not None:
+            acc, avg = evaluate_heads(self.model, self.val_loader, self.device, len(self.class_names))
+            reporter.scalars(p.iteration, **{"val/top1_average_heads": avg.top1})
+            both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
+        else:
+            acc, both = evaluate(self.model, self.val_loader, self.device, len(self.class_names)), ""
         improved = acc.top1 > p.best_val_top1
         if improved:
             p.best_val_top1 = acc.top1
         reporter.scalars(p.iteration, **{"val/loss": acc.loss, "val/top1": acc.top1, "val/top5": acc.top5})
         reporter.print(f"iteration {p.iteration} (epoch {p.epoch + 1}): val loss {acc.loss:.4f}  "
-                       f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%")
+                       f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%{both}")
         if improved:
             ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt")
 
@@ -190,7 +223,12 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m))  # dropout depends on position only
-            loss = self.criterion(self.model(images), targets)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+                loss = self.criterion(*self.model.forward_heads(images), teacher_logits, targets)
+            else:
+                loss = self.criterion(self.model(images), targets)
             # weight each micro-batch by its share so the gradient is the mean over the update
             (loss * (targets.numel() / n_images)).backward()
             loss_sum += loss.item() * targets.numel()
@@ -254,26 +292,27 @@ class Trainer:
         return self.run_dir / "last.pt"
 
 
-def _deploy_state(model: nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in to_deploy(model.state_dict()).items()}
-
-
 def train(cfg: Config, device: torch.device) -> Path:
     trainer = Trainer(cfg, device)
     print(f"run directory: {trainer.run_dir}", flush=True)
-    if cfg.distiller_config is not None:
-        print("warning: distiller_config: distillation is not available yet; training the ViT without a teacher",
-              flush=True)
+    dc = cfg.distiller_config
+    if dc is not None:
+        print(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
+              f"alpha {dc.alpha:g} on the distillation head" + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "")
+              + ")", flush=True)
     return trainer.fit()
 
 
 def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
-                   split: str = "test"):
-    """Evaluate on every image of a split; returns (Accumulator, class names)."""
+                   split: str = "test") -> tuple[Accumulator, Accumulator | None, list[str]]:
+    """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
     label_map = read_label_map(cfg.data_config)
     dataset = open_split(cfg.data_config, split, label_map)
     check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
     loader = eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
-    return evaluate(model, loader, device, len(label_map)), class_names(label_map)
+    if getattr(model, "args", None) is not None and model.args.distilled:
+        acc, avg = evaluate_heads(model, loader, device, len(label_map))
+        return acc, avg, class_names(label_map)
+    return evaluate(model, loader, device, len(label_map)), None, class_names(label_map)
 
 

@@ -63,6 +63,13 @@ BAD_TRAIN_CONFIGS = {
     "optimizer": (lambda r: r["train_config"].update(optimizer="adamww"), "train_config.optimizer", "adamw"),
     "section typo": (lambda r: r.update(vit_confg=r.pop("vit_config")), "vit_confg", "did you mean 'vit_config'"),
     "heads": (lambda r: r["vit_config"].update(heads=5), "vit_config.embed_dim", "heads"),
+    "teacher model": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_model": "resnet5"}),
+                      "distiller_config.teacher_model", "did you mean 'resnet50'"),
+    "distillation type": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth",
+                                                               "distillation_type": "hrad"}),
+                          "distiller_config.distillation_type", "did you mean 'hard'"),
+    "alpha": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "alpha": 1.5}),
+              "distiller_config.alpha", "[0, 1]"),
 }
 
 

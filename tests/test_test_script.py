@@ -33,7 +33,7 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     # the numbers agree with a direct evaluation of the same weights
     model = build_model(load_config(cfg))
     ckpt_io.load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), "last.pt")
-    acc, _ = split_accuracy(model, load_config(cfg), torch.device("cpu"), 15, 0)
+    acc, _, _ = split_accuracy(model, load_config(cfg), torch.device("cpu"), 15, 0)
     assert result["top1"] == pytest.approx(acc.top1)
     for name, m in result["per_class"].items():
         assert m["recall"] == pytest.approx(100 * acc.confusion[CLASSES.index(name)].tolist()[CLASSES.index(name)] / 5)

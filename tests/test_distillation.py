@@ -1,0 +1,174 @@
+"""DeiT end to end: the teacher notebook run headless, distillation training, resume, test.py, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from conftest import REPO, assert_user_error, data_config, run_dir_of, run_script, train_config
+
+from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision import layout
+from myrtle_vision.config import load_config
+from myrtle_vision.engine import split_accuracy
+from myrtle_vision.models import build_model
+
+TEACHER = "mobilenet_v3_small"
+
+
+def _distiller(teacher_path, **extra):
+    return {"distiller_config": {"teacher_model": TEACHER, "teacher_weights_path": str(teacher_path), **extra}}
+
+
+@pytest.fixture(scope="module")
+def notebook_run(tmp_path_factory, dataset):
+    """The notebook, its parameters cell set for the tiny dataset, executed headless by nbconvert."""
+    import nbformat
+
+    tmp = tmp_path_factory.mktemp("notebook")
+    data_cfg = data_config(tmp / "data.json", dataset, 3)
+    nb = nbformat.read(REPO / "Finetune_CNN_Resisc45.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and nb.cells.index(params[0]) == 1  # the first code cell
+    params[0].source = "\n".join([
+        f"data_config = {str(data_cfg)!r}", f"model = {TEACHER!r}", "weights = None", "image_size = None",
+        "epochs = 3", "batch_size = 8", "lr = 0.01", f"output_path = {str(tmp / 'teacher' / 'small.pth')!r}",
+        "optimizer = 'adamw'", "weight_decay = 0.01", "num_workers = 0", "device = 'cpu'"])
+    nbformat.write(nb, tmp / "teacher.ipynb")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+                           "--ExecutePreprocessor.timeout=600", str(tmp / "teacher.ipynb"), "--output", "executed.ipynb"],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, nbformat.read(tmp / "executed.ipynb", as_version=4), tmp / "teacher" / "small.pth"
+
+
+def test_notebook_finetunes_plots_and_reports_test_accuracy(notebook_run):
+    _, executed, teacher_path = notebook_run
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no loss/accuracy plot"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "from scratch" in text and "test top-1" in text
+    sidecar = json.loads(teacher_path.with_suffix(".json").read_text())
+    assert [h["epoch"] for h in sidecar["history"]] == [1, 2, 3]
+    assert sidecar["parameters"]["model"] == TEACHER
+    assert sidecar["best_val_top1"] == max(h["val_top1"] for h in sidecar["history"])
+    assert f"test top-1 {sidecar['test_top1']:.2f}%" in text
+    # the file is a plain torchvision state dict, as the earlier release wrote teacher files
+    state = torch.load(teacher_path, weights_only=True)
+    torchvision.models.get_model(TEACHER, num_classes=3).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def deit_run(tmp_path_factory, dataset, notebook_run):
+    tmp = tmp_path_factory.mktemp("deit")
+    data_cfg = data_config(tmp / "data.json", dataset, 3)
+    cfg = train_config(tmp / "deit.json", data_cfg, tmp / "out", train={"epochs": 8, "iters_per_checkpoint": 3},
+                       **_distiller(notebook_run[2], distillation_type="soft", temperature=2.0))
+    proc = run_script("train.py", "-c", cfg, "--device", "cpu", check=True)
+    return tmp, cfg, proc, run_dir_of(proc)
+
+
+def test_deit_run_learns_with_the_notebooks_teacher(deit_run):
+    from test_train import scalars
+
+    _, _, proc, run_dir = deit_run
+    assert f"distilling from {TEACHER}" in proc.stdout and "soft, alpha 0.5" in proc.stdout
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert len(losses) == 8 * 3
+    assert sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
+    assert scalars(run_dir, "val/top1_average_heads")
+
+
+def test_deit_checkpoint_keeps_the_deploy_entry_a_plain_vit(deit_run):
+    _, cfg, _, run_dir = deit_run
+    ckpt = ckpt_io.load(run_dir / "last.pt")
+    plain = layout.to_deploy(build_model(load_config(cfg), distilled=False).state_dict())
+    assert {k: tuple(v.shape) for k, v in ckpt["model"].items()} == {k: tuple(v.shape) for k, v in plain.items()}
+    assert set(ckpt["distillation"]) == {"dist_token", "head_dist.weight", "head_dist.bias"}
+    assert ckpt["distillation"]["head_dist.weight"].shape == (3, 32)
+    assert ckpt["config"]["distiller_config"]["teacher_model"] == TEACHER
+
+
+def test_test_script_reports_class_head_and_averaged_heads(deit_run):
+    tmp, cfg, _, run_dir = deit_run
+    proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", tmp / "r.json", check=True)
+    result = json.loads((tmp / "r.json").read_text())
+    assert set(result["average_heads"]) == {"top1", "top5"}
+    assert "average of the class and distillation heads" in proc.stdout
+    # the class-head figure is what the accelerator sees: the deploy entry alone, as a plain ViT
+    c = load_config(cfg)
+    plain = build_model(c, distilled=False)
+    plain.load_state_dict(layout.from_deploy(ckpt_io.load(run_dir / "last.pt")["model"]))
+    acc, avg, _ = split_accuracy(plain, c, torch.device("cpu"), 4, 0)
+    assert avg is None and result["top1"] == pytest.approx(acc.top1)
+    assert f"top-1 {result['average_heads']['top1']:.2f}%" in proc.stdout
+
+
+def test_a_plain_vit_config_tests_a_deit_checkpoint_too(deit_run, tmp_path, data_cfg):
+    tmp, _, _, run_dir = deit_run
+    cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out")
+    proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", check=True)
+    assert "average of the class and distillation heads" in proc.stdout
+
+
+def test_resuming_a_deit_run_without_its_distiller_config_is_an_error(deit_run, tmp_path, data_cfg):
+    _, _, _, run_dir = deit_run
+    cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out",
+                       train={"checkpoint_path": str(run_dir / "last.pt")})
+    assert_user_error(run_script("train.py", "-c", cfg), str(run_dir / "last.pt"), "no distiller_config")
+
+
+RESUME_RUN = {"epochs": 2, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
+              "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_deit_resume_is_bit_exact(kind, tmp_path, data_cfg, notebook_run):
+    vit = {"dropout": 0.1, "emb_dropout": 0.1}
+    sections = _distiller(notebook_run[2], distillation_type=kind)
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RESUME_RUN, vit=vit, **sections)
+    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    reference = ckpt_io.load(run_dir / "last.pt")
+    mid = run_dir / "checkpoint_0000006.pt"  # 4 updates per epoch: in the middle of the second
+    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
+                          train=dict(RESUME_RUN, checkpoint_path=str(mid)), vit=vit, **sections)
+    run_script("train.py", "-c", resume, check=True)
+    final = ckpt_io.load(run_dir / "last.pt")
+    assert final["iteration"] == reference["iteration"] == 8
+    for entry in ("model", "distillation"):
+        for k, v in reference[entry].items():
+            assert torch.equal(final[entry][k], v), f"{entry}.{k} differs after resume"
+
+
+def _bad_teacher_files(tmp_path):
+    wrong_classes = tmp_path / "wrong_classes.pth"
+    torch.save(torchvision.models.get_model(TEACHER, num_classes=45).state_dict(), wrong_classes)
+    wrong_arch = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.get_model("resnet18", num_classes=3).state_dict(), wrong_arch)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a weights file")
+    return {"missing": (tmp_path / "nowhere.pth", "file not found"),
+            "garbage": (garbage, "not a readable weights file"),
+            "classes": (wrong_classes, f"does not fit teacher_model '{TEACHER}' with 3 classes (it holds a 45-class"),
+            "architecture": (wrong_arch, f"it is not a {TEACHER}")}
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "classes", "architecture"])
+def test_bad_teacher_file_is_a_one_line_error(case, tmp_path, data_cfg):
+    path, message = _bad_teacher_files(tmp_path)[case]
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(path))
+    assert_user_error(run_script("train.py", "-c", cfg), str(tmp_path / "t.json"), "teacher_weights_path", str(path),
+                      message)
+
+
+def test_deit_config_cannot_resume_a_vit_checkpoint(tmp_path, data_cfg, notebook_run):
+    vit_cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out", train={"epochs": 1})
+    last = run_dir_of(run_script("train.py", "-c", vit_cfg, check=True)) / "last.pt"
+    cfg = train_config(tmp_path / "deit.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(last)},
+                       **_distiller(notebook_run[2]))
+    assert_user_error(run_script("train.py", "-c", cfg), str(last), "trained without a teacher")

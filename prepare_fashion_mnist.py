@@ -8,6 +8,7 @@ Reads the four IDX files (gzipped or not) from the Debian package dataset-fashio
 """
 
 from myrtle_vision.cli import main_guard, parser
+from myrtle_vision.errors import UserError
 from myrtle_vision.prepare import FASHION_MNIST_DEBIAN_DIR, prepare_fashion_mnist
 
 
@@ -16,8 +17,12 @@ def main() -> int:
     p.add_argument("--idx-dir", default=FASHION_MNIST_DEBIAN_DIR, help=f"default: {FASHION_MNIST_DEBIAN_DIR}")
     p.add_argument("--out", default="data/fashion-mnist", help="default: data/fashion-mnist")
     p.add_argument("--val-per-class", type=int, default=500, help="training images per class held out for validation")
+    p.add_argument("--train-per-class", type=int, help="keep only the first N training images of each class "
+                   "(default: all; the demo keeps 500, the scale of NWPU-RESISC45)")
     args = p.parse_args()
-    counts = prepare_fashion_mnist(args.idx_dir, args.out, args.val_per_class)
+    if args.train_per_class is not None and args.train_per_class < 1:
+        raise UserError(f"--train-per-class: must be at least 1, got {args.train_per_class}")
+    counts = prepare_fashion_mnist(args.idx_dir, args.out, args.val_per_class, args.train_per_class)
     print(f"{args.out}: ready: {counts['train']} train, {counts['val']} validation, {counts['test']} test images")
     return 0
 

@@ -125,11 +125,13 @@ def _find_idx(src: Path, name: str) -> Path:
                     "or pass a folder holding the four Fashion-MNIST IDX files)")
 
 
-def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int = 500) -> dict[str, int]:
+def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int = 500,
+                          train_per_class: int | None = None) -> dict[str, int]:
     """Write Fashion-MNIST as PNG files in the Resisc45 layout.
 
     Validation is the last ``val_per_class`` training images of each class (held out of
-    training); test is the official test set. Returns the number of images per split.
+    training); training is the rest, or the first ``train_per_class`` of them; test is the
+    official test set. Only listed images are written. Returns the number of images per split.
     """
     from PIL import Image
 
@@ -148,8 +150,12 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
             if part == "test":
                 splits["test"] += paths
             else:
-                splits["train"] += paths[:-val_per_class]
+                train = paths[:-val_per_class]
+                keep = len(train) if train_per_class is None else train_per_class
+                splits["train"] += train[:keep]
                 splits["val"] += paths[-val_per_class:]
+                paths = train[:keep] + paths[-val_per_class:]
+                idx = np.concatenate([idx[:-val_per_class][:keep], idx[-val_per_class:]])
             todo += list(zip(paths, idx, [part] * len(idx)))
     for cls in FASHION_MNIST_CLASSES:
         (out / "images" / cls).mkdir(parents=True, exist_ok=True)

@@ -200,11 +200,23 @@ def _cli_type(tp):
     return parse
 
 
+_HELP = {
+    "data_config": "the data config the ViT trains with",
+    "model": "any torchvision classification model",
+    "weights": "imagenet (from torchvision's cache, never downloaded), a .pth state dict, or none (from scratch)",
+    "image_size": "resize batches to this size; none: as the data config's transforms give",
+    "output_path": "where to save the best weights (a plain state dict)",
+    "optimizer": "adamw, adam or sgd",
+    "device": "cpu or cuda; none: cuda when available",
+}
+
+
 def add_arguments(parser) -> None:
     """One ``--flag`` per TeacherConfig field, defaulting to the field's default."""
     hints = typing.get_type_hints(TeacherConfig)
     for f in dataclasses.fields(TeacherConfig):
         if f.name == "path":
             continue
+        what = f"{_HELP[f.name]}; " if f.name in _HELP else ""
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_cli_type(hints[f.name]),
-                            default=f.default, help=f"default: {f.default}")
+                            default=f.default, help=f"{what}default: {f.default}")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The offline demo, end to end: set up, prepare Fashion-MNIST, train the demo ViT, test it,
-# print a results table. Usage: bash scripts/demo.sh [train config] (default train_configs/vit_demo.json)
+# The offline demo, end to end: set up, prepare Fashion-MNIST, finetune a CNN teacher, train the
+# demo ViT without a teacher and the demo DeiT with it (same budget), test all three, print a
+# results table. Usage: bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:-train_configs/vit_demo.json}
 idx_dir=/usr/share/datasets/fashion-mnist
 results=demo_results
+teacher=runs/teacher_demo/resnet18_fashion_mnist.pth  # where train_configs/deit_demo.json looks for it
 mkdir -p "$results"
 
 echo "== setup: .venv and requirements"
@@ -26,21 +27,33 @@ timed() {  # timed NAME command...: run, keep its output in $results/NAME.log, r
 
 echo "== prepare data"
 timed prepare "$py" prepare_fashion_mnist.py --idx-dir "$idx_dir" --out data/fashion-mnist
-echo "== train ($config)"
-timed train "$py" train.py -c "$config"
-run_dir=$(sed -n 's/^run directory: //p' "$results/train.log" | head -n 1)
-echo "== test ($run_dir/last.pt)"
-timed test "$py" test.py -c "$config" --checkpoint "$run_dir/last.pt" --json "$results/test.json"
+echo "== finetune the teacher (ResNet-18 from scratch: no ImageNet weights offline)"
+timed teacher "$py" finetune_teacher.py --data-config data_configs/fashion_mnist.json --model resnet18 \
+    --weights none --epochs 2 --batch-size 128 --optimizer adamw --lr 2e-3 --weight-decay 0.05 \
+    --warmup-epochs 0.2 --num-workers 1 --output-path "$teacher"
+for model in vit deit; do
+    echo "== train the demo ${model^^} (train_configs/${model}_demo.json)"
+    timed "train_$model" "$py" train.py -c "train_configs/${model}_demo.json"
+    run_dir=$(sed -n 's/^run directory: //p' "$results/train_$model.log" | head -n 1)
+    echo "== test $run_dir/last.pt"
+    timed "test_$model" "$py" test.py -c "train_configs/${model}_demo.json" --checkpoint "$run_dir/last.pt" \
+        --json "$results/test_$model.json"
+done
 
-"$py" - "$results" "$run_dir" <<'PY'
+"$py" - "$results" "$teacher" <<'PY'
 import json, sys
 from pathlib import Path
-results, run_dir = Path(sys.argv[1]), sys.argv[2]
-seconds = {s: int((results / f"{s}.seconds").read_text()) for s in ("prepare", "train", "test")}
-test = json.loads((results / "test.json").read_text())
-print("\n| step | result | time |\n|---|---|---|")
-print(f"| prepare Fashion-MNIST | 55000 train / 5000 val / 10000 test images | {seconds['prepare']} s |")
-print(f"| train demo ViT | checkpoints in {run_dir} | {seconds['train']} s |")
-print(f"| test demo ViT | top-1 {test['top1']:.2f}%, top-5 {test['top5']:.2f}% on {test['num_images']} images | {seconds['test']} s |")
-print(f"| total | | {sum(seconds.values())} s |")
+results, teacher = Path(sys.argv[1]), Path(sys.argv[2])
+steps = ("prepare", "teacher", "train_vit", "test_vit", "train_deit", "test_deit")
+seconds = {s: int((results / f"{s}.seconds").read_text()) for s in steps}
+t = json.loads(teacher.with_suffix(".json").read_text())
+vit, deit = (json.loads((results / f"test_{m}.json").read_text()) for m in ("vit", "deit"))
+print("\n| model | test top-1 | test top-5 | time (train + test) |\n|---|---|---|---|")
+print(f"| teacher: ResNet-18 | {t['test_top1']:.2f}% | {t['test_top5']:.2f}% | {seconds['teacher']} s |")
+print(f"| ViT, no teacher | {vit['top1']:.2f}% | {vit['top5']:.2f}% | {seconds['train_vit']} + {seconds['test_vit']} s |")
+print(f"| DeiT, class head (deployed) | {deit['top1']:.2f}% | {deit['top5']:.2f}% | {seconds['train_deit']} + {seconds['test_deit']} s |")
+avg = deit["average_heads"]
+print(f"| DeiT, average of both heads | {avg['top1']:.2f}% | {avg['top5']:.2f}% | |")
+print(f"\nDeiT class head minus ViT: {deit['top1'] - vit['top1']:+.2f} points on {vit['num_images']} test images")
+print(f"total {sum(seconds.values())} s, of which preparing the data {seconds['prepare']} s")
 PY

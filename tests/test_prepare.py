@@ -120,6 +120,20 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     before = _snapshot(out)
     run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", out, "--val-per-class", 1, check=True)
     assert _snapshot(out) == before
+    # a smaller training set: the first N training images of each class, the same validation images
+    small = tmp_path / "small"
+    proc = run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--val-per-class", 1,
+                      "--train-per-class", 2, check=True)
+    assert "20 train, 10 validation, 20 test" in proc.stdout
+    small_train = (small / "train_imagepaths.txt").read_text().split()
+    assert set(small_train) < set(train) and (small / "val_imagepaths.txt").read_text().split() == val
+    for cls in FASHION_MNIST_CLASSES:
+        mine = sorted(p for p in train if p.startswith(f"images/{cls}/"))
+        assert sorted(p for p in small_train if p.startswith(f"images/{cls}/")) == mine[:2]
+    written = {str(p.relative_to(small)) for p in small.rglob("*.png")}
+    assert written == set(small_train) | set(val) | set(test)  # nothing unlisted is written
+    assert_user_error(run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--train-per-class", 0),
+                      "--train-per-class")
 
 
 def test_fashion_mnist_without_the_files(tmp_path):

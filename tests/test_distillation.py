@@ -23,6 +23,28 @@ def _distiller(teacher_path, **extra):
     return {"distiller_config": {"teacher_model": TEACHER, "teacher_weights_path": str(teacher_path), **extra}}
 
 
+def _execute_notebook(folder, parameters: str) -> subprocess.CompletedProcess:
+    """The notebook with its parameters cell replaced, executed headless by nbconvert in ``folder``."""
+    import nbformat
+
+    nb = nbformat.read(REPO / "Finetune_CNN_Resisc45.ipynb", as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and nb.cells.index(params[0]) == 1  # the first code cell
+    params[0].source = parameters
+    nbformat.write(nb, folder / "teacher.ipynb")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+                           "--ExecutePreprocessor.timeout=600", str(folder / "teacher.ipynb"), "--output",
+                           "executed.ipynb"], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _parameters(data_cfg, output, epochs=3):
+    return "\n".join([
+        f"data_config = {str(data_cfg)!r}", f"model = {TEACHER!r}", "weights = None", "image_size = None",
+        f"epochs = {epochs}", "batch_size = 8", "lr = 0.01", f"output_path = {str(output)!r}",
+        "optimizer = 'adamw'", "weight_decay = 0.01", "num_workers = 0", "device = 'cpu'"])
+
+
 @pytest.fixture(scope="module")
 def notebook_run(tmp_path_factory, dataset):
     """The notebook, its parameters cell set for the tiny dataset, executed headless by nbconvert."""
@@ -30,20 +52,16 @@ def notebook_run(tmp_path_factory, dataset):
 
     tmp = tmp_path_factory.mktemp("notebook")
     data_cfg = data_config(tmp / "data.json", dataset, 3)
-    nb = nbformat.read(REPO / "Finetune_CNN_Resisc45.ipynb", as_version=4)
-    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1 and nb.cells.index(params[0]) == 1  # the first code cell
-    params[0].source = "\n".join([
-        f"data_config = {str(data_cfg)!r}", f"model = {TEACHER!r}", "weights = None", "image_size = None",
-        "epochs = 3", "batch_size = 8", "lr = 0.01", f"output_path = {str(tmp / 'teacher' / 'small.pth')!r}",
-        "optimizer = 'adamw'", "weight_decay = 0.01", "num_workers = 0", "device = 'cpu'"])
-    nbformat.write(nb, tmp / "teacher.ipynb")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-                           "--ExecutePreprocessor.timeout=600", str(tmp / "teacher.ipynb"), "--output", "executed.ipynb"],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    proc = _execute_notebook(tmp, _parameters(data_cfg, tmp / "teacher" / "small.pth"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, nbformat.read(tmp / "executed.ipynb", as_version=4), tmp / "teacher" / "small.pth"
+
+
+def test_notebook_reports_a_bad_parameter_in_one_line(tmp_path, data_cfg):
+    proc = _execute_notebook(tmp_path, _parameters(data_cfg, tmp_path / "t.pth", epochs=0))
+    assert proc.returncode != 0
+    assert "SystemExit" in proc.stderr and "error: notebook parameters: epochs: must be at least 1" in proc.stderr
+    assert "myrtle_vision/" not in proc.stderr  # no traceback into the package, just the message
 
 
 def test_notebook_finetunes_plots_and_reports_test_accuracy(notebook_run):

@@ -132,13 +132,11 @@ class DistillerConfig:
         v.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         v.choice(self.distillation_type, ("soft", "hard"), "distillation_type")
         v.check(bool(self.teacher_weights_path), "teacher_weights_path", "must not be empty")
-        import torchvision
+        from .models.teacher import name_problem  # torchvision's model registry
 
-        names = torchvision.models.list_models(module=torchvision.models)
-        if self.teacher_model not in names:
-            hint = difflib.get_close_matches(self.teacher_model, names, n=1)
-            v.fail("teacher_model", f"{self.teacher_model!r} is not a torchvision classification model"
-                   + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        problem = name_problem(self.teacher_model)
+        if problem:
+            v.fail("teacher_model", problem)
 
 
 @dataclass

@@ -22,12 +22,19 @@ def teacher_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def check_name(name: str, where: str) -> None:
+def name_problem(name: str) -> str | None:
+    """Why ``name`` is not a torchvision classification model (with the nearest name), or None."""
     names = teacher_names()
-    if name not in names:
-        hint = difflib.get_close_matches(name, names, n=1)
-        raise UserError(f"{where}: {name!r} is not a torchvision classification model"
-                        + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if name in names:
+        return None
+    hint = difflib.get_close_matches(name, names, n=1)
+    return f"{name!r} is not a torchvision classification model" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+
+
+def check_name(name: str, where: str) -> None:
+    problem = name_problem(name)
+    if problem:
+        raise UserError(f"{where}: {problem}")
 
 
 def build(name: str, num_classes: int) -> nn.Module:

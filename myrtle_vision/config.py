@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .quantization import Q_FORMATS, ROUNDINGS
 from .transforms import OpError, parse_ops
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
-Q_FORMATS = ("FP32",)
 
 
 @dataclass
@@ -106,7 +106,8 @@ class VitConfig:
     mlp_dim: int
     dropout: float = 0.0
     emb_dropout: float = 0.0
-    q_format: str = "FP32"
+    q_format: str = "FP32"  # FP32 trains in FP32; any other format trains with it simulated (QAT)
+    q_rounding: str = "nearest_even"  # or "qtorch": ties away from zero, saturating
 
     def validate(self, v: "_Validator") -> None:
         for name in ("image_size", "patch_size", "embed_dim", "depth", "heads", "mlp_dim"):
@@ -117,6 +118,7 @@ class VitConfig:
         for name in ("dropout", "emb_dropout"):
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         v.choice(self.q_format, Q_FORMATS, "q_format")
+        v.choice(self.q_rounding, ROUNDINGS, "q_rounding")
 
 
 @dataclass

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..quantization import Arithmetic, arithmetic
 
 
 @dataclass
@@ -34,13 +38,17 @@ class ViTArgs:
     dropout: float = 0.0  # after the attention projection, the MLP's GELU and the MLP's output
     emb_dropout: float = 0.0  # after the position embedding is added
     distilled: bool = False  # DeiT: add a distillation token and head
+    q_format: str = "FP32"  # number format simulated in the forward pass (see myrtle_vision.quantization)
+    q_rounding: str = "nearest_even"
 
     @classmethod
-    def from_config(cls, vit_config, num_classes: int, distilled: bool = False) -> "ViTArgs":
+    def from_config(cls, vit_config, num_classes: int, distilled: bool = False, q_format: str | None = None,
+                    q_rounding: str | None = None) -> "ViTArgs":
         return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
                    embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
                    mlp_dim=vit_config.mlp_dim, dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
-                   distilled=distilled)
+                   distilled=distilled, q_format=q_format or vit_config.q_format,
+                   q_rounding=q_rounding or vit_config.q_rounding)
 
 
 class PatchEmbed(nn.Module):
@@ -50,10 +58,10 @@ class PatchEmbed(nn.Module):
     accelerator runs (and the same function, with the weight permuted).
     """
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, ar: Arithmetic):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Linear(patch_size * patch_size * in_chans, embed_dim)
+        self.proj = ar.linear(patch_size * patch_size * in_chans, embed_dim)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         B, C, H, W = img.shape
@@ -63,62 +71,74 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, ar: Arithmetic):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = ar.linear(dim, dim * 3, bias=False)
+        self.proj = ar.linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
+        self.round = ar.activation() if ar.rounds_attention else None  # FP16_16: scores, softmax and output
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         # output features are ordered (q|k|v, head, head_dim)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # softmax(q k^T / sqrt(head_dim)) v
+        if self.round is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # softmax(q k^T / sqrt(head_dim)) v
+        else:  # the same, step by step, each result rounded
+            scores = self.round(q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1])))
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            x = self.round(self.round(scores.softmax(dim=-1)) @ v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float):
+    def __init__(self, dim: int, hidden: int, dropout: float, ar: Arithmetic):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = ar.linear(dim, hidden)
         self.act = nn.GELU()  # exact (erf) GELU, as deployed
+        self.round_act = ar.activation()
         self.drop1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = ar.linear(hidden, dim)
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(self.round_act(self.act(self.fc1(x))))))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, ar: Arithmetic):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
-        self.attn = Attention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = Mlp(dim, mlp_dim, dropout)
+        self.norm1 = ar.layer_norm(dim, eps=1e-5)
+        self.attn = Attention(dim, heads, dropout, ar)
+        self.norm2 = ar.layer_norm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, mlp_dim, dropout, ar)
+        self.round_add = ar.activation()  # FP16_16: the residual adds
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.mlp(self.norm2(x))
+        x = self.round_add(x + self.attn(self.norm1(x), attn_mask))
+        return self.round_add(x + self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, args: ViTArgs):
         super().__init__()
         self.args = args
+        ar = arithmetic(args.q_format, args.q_rounding)
         num_patches = (args.image_size // args.patch_size) ** 2
-        self.patch_embed = PatchEmbed(args.patch_size, args.in_chans, args.embed_dim)
+        self.patch_embed = PatchEmbed(args.patch_size, args.in_chans, args.embed_dim, ar)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, args.embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
+        self.round = ar.activation()  # FP16_16: the tokens, the position embedding and its add
         self.pos_drop = nn.Dropout(args.emb_dropout)
-        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout) for _ in range(args.depth))
-        self.norm = nn.LayerNorm(args.embed_dim, eps=1e-5)
-        self.head = nn.Linear(args.embed_dim, args.num_classes)
+        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar)
+                                    for _ in range(args.depth))
+        self.norm = ar.layer_norm(args.embed_dim, eps=1e-5)
+        self.head = ar.linear(args.embed_dim, args.num_classes)
         if args.distilled:
             self.dist_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
-            self.head_dist = nn.Linear(args.embed_dim, args.num_classes)
+            self.head_dist = ar.linear(args.embed_dim, args.num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -143,11 +163,12 @@ class VisionTransformer(nn.Module):
     def forward_features(self, img: torch.Tensor, dist_token: bool = False) -> torch.Tensor:
         """Normed tokens: class token, patch tokens and, with ``dist_token``, the distillation token last."""
         x = self.patch_embed(img)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([self.round(self.cls_token).expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.round(x + self.round(self.pos_embed))
         mask = None
         if dist_token:
             # The distillation token has no position, so no position embedding: the token is all there is.
-            x = torch.cat([x, self.dist_token.expand(x.shape[0], -1, -1)], dim=1)
+            x = torch.cat([x, self.round(self.dist_token).expand(x.shape[0], -1, -1)], dim=1)
             n = x.shape[1]
             mask = torch.ones(n, n, dtype=torch.bool, device=x.device)
             mask[:-1, -1] = False  # queries other than the distillation token do not see it

@@ -6,6 +6,8 @@ A training checkpoint is a dict::
     model           the ViT in the accelerator's layout (see myrtle_vision.layout)
     distillation    DeiT runs only: {"dist_token", "head_dist.weight", "head_dist.bias"}, kept
                     apart so that ``model`` stays exactly what the accelerator imports
+    quantization    {"q_format", "q_rounding"} the model was trained with ("FP32" unless it was
+                    quantization-aware training); ``model`` always holds the FP32 master weights
     optimizer       optimizer state dict
     lr_scheduler    scheduler state dict
     iteration       optimizer updates done
@@ -125,6 +127,13 @@ def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation:
         else:
             weights.update(dist)
     model.load_state_dict(weights)
+
+
+def trained_format(ckpt: dict) -> tuple[str, str]:
+    """(q_format, q_rounding) of the arithmetic the checkpoint was trained in; FP32 for older files."""
+    q = ckpt.get("quantization")
+    q = q if isinstance(q, dict) else {}
+    return str(q.get("q_format", "FP32")), str(q.get("q_rounding", "nearest_even"))
 
 
 def rng_state() -> dict:

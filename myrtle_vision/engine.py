@@ -157,6 +157,11 @@ class Trainer:
         if current and ckpt_io.has_distillation(ckpt) and self.teacher is None:
             raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
                             f"{self.cfg.path} has no distiller_config")
+        trained, vc = ckpt_io.trained_format(ckpt), self.cfg.vit_config
+        if current and trained != (vc.q_format, vc.q_rounding):
+            raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
+                            f"{self.cfg.path} has vit_config.q_format {vc.q_format} ({vc.q_rounding} rounding); "
+                            "a resumed run keeps its number format")
         ckpt_io.load_model_weights(self.model, ckpt, path, require_distillation=current)
         if not current:
             print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
@@ -177,7 +182,10 @@ class Trainer:
 
     def state(self) -> dict:
         p = self.progress
-        return {"format": ckpt_io.FORMAT, **ckpt_io.model_entries(self.model), "optimizer": self.optimizer.state_dict(),
+        vc = self.cfg.vit_config
+        return {"format": ckpt_io.FORMAT, **ckpt_io.model_entries(self.model),
+                "quantization": {"q_format": vc.q_format, "q_rounding": vc.q_rounding},
+                "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.scheduler.state_dict(), "iteration": p.iteration, "epoch": p.epoch,
                 "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
                 "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
@@ -300,19 +308,28 @@ def train(cfg: Config, device: torch.device) -> Path:
         print(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
               f"alpha {dc.alpha:g} on the distillation head" + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "")
               + ")", flush=True)
+    vc = cfg.vit_config
+    if vc.q_format != "FP32":
+        print(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
+              "gradients pass straight through and the weights stay FP32", flush=True)
     return trainer.fit()
+
+
+def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers: int, split: str = "test"):
+    """(a loader over every image of a split, in order, with the evaluation transforms; class names)."""
+    label_map = read_label_map(cfg.data_config)
+    dataset = open_split(cfg.data_config, split, label_map)
+    check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
+    return eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"), class_names(label_map)
 
 
 def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
                    split: str = "test") -> tuple[Accumulator, Accumulator | None, list[str]]:
     """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
-    label_map = read_label_map(cfg.data_config)
-    dataset = open_split(cfg.data_config, split, label_map)
-    check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
-    loader = eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda")
+    loader, names = split_loader(cfg, device, batch_size, num_workers, split)
     if getattr(model, "args", None) is not None and model.args.distilled:
-        acc, avg = evaluate_heads(model, loader, device, len(label_map))
-        return acc, avg, class_names(label_map)
-    return evaluate(model, loader, device, len(label_map)), None, class_names(label_map)
+        acc, avg = evaluate_heads(model, loader, device, len(names))
+        return acc, avg, names
+    return evaluate(model, loader, device, len(names)), None, names
 
 

@@ -1,4 +1,5 @@
-"""Test-split evaluation of a checkpoint: accuracy, per-class report, confusion matrix."""
+"""Test-split evaluation of a checkpoint: accuracy, per-class report, confusion matrix; and the same
+checkpoint in FP32 beside a simulated number format (post-training quantization)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import Config
-from .engine import split_accuracy
+from .engine import split_accuracy, split_loader
 from .errors import UserError
-from .metrics import confusion_image, format_report
+from .metrics import Accumulator, confusion_image, format_report
 from .models import build_model
+from .quantization import Q_FORMATS, ROUNDINGS
 from .reporting import Reporter
 
 
@@ -31,6 +33,9 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     model = build_model(cfg, distilled=ckpt_io.has_distillation(ckpt))
     ckpt_io.load_model_weights(model, ckpt, checkpoint)
     model.to(device)
+    if model.args.q_format != "FP32":
+        print(f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
+              f"as {cfg.path} vit_config.q_format says")
     tc = cfg.train_config
     acc, avg, names = split_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers)
     print(format_report(acc, names))
@@ -52,7 +57,88 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
     if avg is not None:
         result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
+    _write_json(result, json_path)
+    return result
+
+
+def _write_json(result: dict, json_path: str | None) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+@torch.no_grad()
+def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, device: torch.device,
+            num_classes: int) -> tuple[Accumulator, Accumulator, int, float]:
+    """Both models on every batch: (reference accuracy, quantized accuracy, predictions that changed,
+    largest absolute difference between their logits)."""
+    reference.eval(), quantized.eval()
+    ref_acc, q_acc = Accumulator(num_classes), Accumulator(num_classes)
+    changed, max_diff = 0, 0.0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        ref, q = reference(images), quantized(images)
+        ref_acc.update(ref, targets)
+        q_acc.update(q, targets)
+        changed += (ref.argmax(1) != q.argmax(1)).sum().item()
+        max_diff = max(max_diff, (ref - q).abs().max().item())
+    return ref_acc, q_acc, changed, max_diff
+
+
+def resolve_format(cfg: Config, trained: tuple[str, str], quantized_ckpt: bool, q_format: str | None,
+                   q_rounding: str | None, path: Path) -> tuple[str, str]:
+    """The (q_format, q_rounding) to test in; the checkpoint's kind must match ``--quantized_ckpt``."""
+    if trained[0] != "FP32" and not quantized_ckpt:
+        raise UserError(f"{path}: checkpoint made by quantization-aware training (q_format {trained[0]}); "
+                        "add --quantized_ckpt to test it")
+    if trained[0] == "FP32" and quantized_ckpt:
+        raise UserError(f"{path}: FP32 checkpoint, not made by quantization-aware training; drop --quantized_ckpt "
+                        "(test_quantize.py quantizes an FP32 checkpoint after training)")
+    if q_format is not None and q_format not in Q_FORMATS:
+        raise UserError(f"--q_format {q_format!r} is not one of {', '.join(Q_FORMATS)}")
+    if q_rounding is not None and q_rounding not in ROUNDINGS:
+        raise UserError(f"--q_rounding {q_rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    vc = cfg.vit_config
+    # The flag, else the config's format, else the one it was trained in, else the accelerator's.
+    fmt = q_format or next(f for f in (vc.q_format, trained[0], "FP16_32") if f != "FP32")
+    rounding = q_rounding or (trained[1] if quantized_ckpt else vc.q_rounding)
+    return fmt, rounding
+
+
+def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_format: str | None = None,
+                      q_rounding: str | None = None, quantized_ckpt: bool = False,
+                      json_path: str | None = None) -> dict:
+    """Test ``checkpoint`` in FP32 and in a simulated number format, side by side; print and return the results.
+
+    Floating-point formats need no calibration (there are no scales to fit), so the validation
+    split is not read; the test split is read once, both models seeing each batch. A DeiT
+    checkpoint is tested by its class head, which is what the accelerator runs.
+    """
+    ckpt = ckpt_io.load(checkpoint)
+    trained = ckpt_io.trained_format(ckpt)
+    fmt, rounding = resolve_format(cfg, trained, quantized_ckpt, q_format, q_rounding, checkpoint)
+    models = []
+    for f in ("FP32", fmt):
+        model = build_model(cfg, distilled=False, q_format=f, q_rounding=rounding)
+        ckpt_io.load_model_weights(model, ckpt, checkpoint, require_distillation=False)
+        models.append(model.to(device))
+    tc = cfg.train_config
+    loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
+    kind = (f"trained with quantization-aware training in {trained[0]}" if quantized_ckpt
+            else "trained in FP32, quantized after training")
+    print(f"{checkpoint}: {kind}; testing in {fmt} ({rounding} rounding)"
+          + (" (DeiT: class head)" if ckpt_io.has_distillation(ckpt) else ""), flush=True)
+    ref, q, changed, max_diff = compare(*models, loader, device, len(names))
+    unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
+    width = max(7, len(fmt))
+    print(f"{'':<26}{'FP32':>{width}}  {fmt:>{width}}")
+    print(f"{'top-1':<26}{ref.top1:>{width - 1}.2f}%  {q.top1:>{width - 1}.2f}%")
+    print(f"{f'top-{ref.k}':<26}{ref.top5:>{width - 1}.2f}%  {q.top5:>{width - 1}.2f}%")
+    print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} test images changed)")
+    print(f"largest logit difference: {max_diff:.6g}")
+    result = {"q_format": fmt, "q_rounding": rounding, "quantized_ckpt": quantized_ckpt, "num_images": ref.count,
+              "fp32": {"top1": ref.top1, "top5": ref.top5}, "quantized": {"top1": q.top1, "top5": q.top5},
+              "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
+    _write_json(result, json_path)
     return result

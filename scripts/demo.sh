@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The offline demo, end to end: set up, prepare Fashion-MNIST, finetune a CNN teacher, train the
-# demo ViT without a teacher and the demo DeiT with it (same budget), test all three, print a
-# results table. Usage: bash scripts/demo.sh
+# demo ViT without a teacher and the demo DeiT with it (same budget), test all three, test the ViT
+# and the DeiT again in the accelerator's FP16_32 arithmetic, print a results table.
+# Usage: bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 idx_dir=/usr/share/datasets/fashion-mnist
@@ -38,22 +39,33 @@ for model in vit deit; do
     echo "== test $run_dir/last.pt"
     timed "test_$model" "$py" test.py -c "train_configs/${model}_demo.json" --checkpoint "$run_dir/last.pt" \
         --json "$results/test_$model.json"
+    echo "== test $run_dir/last.pt in FP16_32, the accelerator's arithmetic"
+    timed "quantize_$model" "$py" test_quantize.py -c "train_configs/${model}_demo.json" --checkpoint "$run_dir/last.pt" \
+        --q_format FP16_32 --json "$results/quantize_$model.json"
 done
 
 "$py" - "$results" "$teacher" <<'PY'
 import json, sys
 from pathlib import Path
 results, teacher = Path(sys.argv[1]), Path(sys.argv[2])
-steps = ("prepare", "teacher", "train_vit", "test_vit", "train_deit", "test_deit")
+steps = ("prepare", "teacher", "train_vit", "test_vit", "quantize_vit", "train_deit", "test_deit", "quantize_deit")
 seconds = {s: int((results / f"{s}.seconds").read_text()) for s in steps}
 t = json.loads(teacher.with_suffix(".json").read_text())
 vit, deit = (json.loads((results / f"test_{m}.json").read_text()) for m in ("vit", "deit"))
+qvit, qdeit = (json.loads((results / f"quantize_{m}.json").read_text()) for m in ("vit", "deit"))
 print("\n| model | test top-1 | test top-5 | time (train + test) |\n|---|---|---|---|")
 print(f"| teacher: ResNet-18 | {t['test_top1']:.2f}% | {t['test_top5']:.2f}% | {seconds['teacher']} s |")
 print(f"| ViT, no teacher | {vit['top1']:.2f}% | {vit['top5']:.2f}% | {seconds['train_vit']} + {seconds['test_vit']} s |")
+print(f"| ViT in FP16_32 (test_quantize.py) | {qvit['quantized']['top1']:.2f}% | {qvit['quantized']['top5']:.2f}% "
+      f"| {seconds['quantize_vit']} s |")
 print(f"| DeiT, class head (deployed) | {deit['top1']:.2f}% | {deit['top5']:.2f}% | {seconds['train_deit']} + {seconds['test_deit']} s |")
 avg = deit["average_heads"]
 print(f"| DeiT, average of both heads | {avg['top1']:.2f}% | {avg['top5']:.2f}% | |")
+print(f"| DeiT class head in FP16_32 (test_quantize.py) | {qdeit['quantized']['top1']:.2f}% "
+      f"| {qdeit['quantized']['top5']:.2f}% | {seconds['quantize_deit']} s |")
 print(f"\nDeiT class head minus ViT: {deit['top1'] - vit['top1']:+.2f} points on {vit['num_images']} test images")
+for name, q in (("ViT", qvit), ("DeiT", qdeit)):
+    print(f"{name} in FP16_32: top-1 {q['quantized']['top1'] - q['fp32']['top1']:+.2f} points against FP32, "
+          f"{q['unchanged_predictions']:.2f}% of predictions unchanged, largest logit difference {q['max_logit_diff']:.4g}")
 print(f"total {sum(seconds.values())} s, of which preparing the data {seconds['prepare']} s")
 PY

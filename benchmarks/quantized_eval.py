@@ -1,0 +1,127 @@
+"""Benchmark: evaluation time in a simulated number format against FP32, on the same data and machine.
+
+    python benchmarks/quantized_eval.py [-c train_configs/vit_demo.json] [--checkpoint PATH] [--repeats 5]
+
+Two measurements, each alternating FP32 and the other formats so that drifts in machine speed hit
+both alike; the figure kept is the median over repeats:
+
+- evaluation: the whole test split through the data loader (decode, transforms, model), as
+  test.py and test_quantize.py run it;
+- model only: the model's forward passes over the same test batches, held in memory.
+
+Results go to benchmarks/RESULTS.md (its section for this benchmark is replaced), with the machine.
+The target for FP16_32 is at most 1.15x FP32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from myrtle_vision import checkpoint as ckpt_io  # noqa: E402
+from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
+from myrtle_vision.config import load_config  # noqa: E402
+from myrtle_vision.engine import evaluate, split_loader  # noqa: E402
+from myrtle_vision.models import build_model  # noqa: E402
+
+FORMATS = ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16")
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BEGIN, END = "<!-- quantized_eval: begin -->", "<!-- quantized_eval: end -->"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default="train_configs/vit_demo.json")
+    p.add_argument("--checkpoint", help="weights to load (default: a fresh initialisation; speed does not depend on them)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    args = p.parse_args()
+    cfg = load_config(args.config)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    models = {}
+    for f in FORMATS:
+        model = build_model(cfg, distilled=False, q_format=f)
+        if args.checkpoint:
+            ckpt_io.load_model_weights(model, ckpt_io.load(args.checkpoint), args.checkpoint, require_distillation=False)
+        elif models:
+            model.load_state_dict(models["FP32"].state_dict())
+        models[f] = model.to(device).eval()
+    tc = cfg.train_config
+    loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
+    batches = [x.to(device) for x, _ in loader]
+    n_images = sum(len(x) for x in batches)
+
+    def forward_all(model):
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+
+    for model in models.values():  # warm-up: allocator, kernels, rounded-weight caches
+        forward_all(model)
+    e2e = {f: [] for f in FORMATS}
+    fwd = {f: [] for f in FORMATS}
+    for r in range(args.repeats):
+        for f, model in models.items():
+            fwd[f].append(timed(lambda: forward_all(model), device))
+        for f in ("FP32", "FP16_32"):  # the whole evaluation is slow: the target pair only
+            e2e[f].append(timed(lambda: evaluate(models[f], loader, device, len(names)), device))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{f} {fwd[f][-1]:.2f} s" for f in FORMATS), flush=True)
+    med = {f: statistics.median(v) for f, v in fwd.items()}
+    e2e_med = {f: statistics.median(v) for f, v in e2e.items() if v}
+    lines = [BEGIN, "## Evaluation in a simulated number format against FP32", "",
+             f"`python benchmarks/quantized_eval.py -c {args.config}` on {machine(device)}; "
+             f"{n_images} test images, batch {tc.local_batch_size}, {tc.num_workers} loader worker(s); "
+             f"median of {args.repeats} alternating repeats. Target: FP16_32 at most 1.15x FP32.", "",
+             "| measurement | format | seconds | images/s | time vs FP32 |", "|---|---|---|---|---|"]
+    for f, s in e2e_med.items():
+        lines.append(f"| evaluation (data + model) | {f} | {s:.2f} | {n_images / s:.0f} | {s / e2e_med['FP32']:.2f}x |")
+    for f, s in med.items():
+        lines.append(f"| model only | {f} | {s:.2f} | {n_images / s:.0f} | {s / med['FP32']:.2f}x |")
+    lines.append(END)
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+        if BEGIN in text:
+            text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + table + "\n"
+        RESULTS.write_text(text)
+        print(f"written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,13 +1,15 @@
 """Benchmark: evaluation time in a simulated number format against FP32, on the same data and machine.
 
     python benchmarks/quantized_eval.py [-c train_configs/vit_demo.json] [--checkpoint PATH] [--repeats 5]
+    python benchmarks/quantized_eval.py -c train_configs/vit_tiny.json --random-batches 4  # model only
 
 Two measurements, each alternating FP32 and the other formats so that drifts in machine speed hit
 both alike; the figure kept is the median over repeats:
 
 - evaluation: the whole test split through the data loader (decode, transforms, model), as
   test.py and test_quantize.py run it;
-- model only: the model's forward passes over the same test batches, held in memory.
+- model only: the model's forward passes over the same test batches, held in memory (or, with
+  ``--random-batches N``, over N random batches: for configs whose dataset is not on disk).
 
 Results go to benchmarks/RESULTS.md (its section for this benchmark is replaced), with the machine.
 The target for FP16_32 is at most 1.15x FP32.
@@ -34,7 +36,9 @@ from myrtle_vision.models import build_model  # noqa: E402
 
 FORMATS = ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16")
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-BEGIN, END = "<!-- quantized_eval: begin -->", "<!-- quantized_eval: end -->"
+HEADING = "## Evaluation in a simulated number format against FP32 (quantized_eval.py)"
+INTRO = ("Target: FP16_32 evaluation at most 1.15x the time of FP32 evaluation on the same data and machine. "
+         "Each table is rewritten when its command is run again.")
 
 
 def machine(device: torch.device) -> str:
@@ -64,6 +68,7 @@ def main() -> int:
     p.add_argument("-c", "--config", default="train_configs/vit_demo.json")
     p.add_argument("--checkpoint", help="weights to load (default: a fresh initialisation; speed does not depend on them)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--random-batches", type=int, metavar="N", help="model only, on N random batches")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args()
@@ -79,8 +84,14 @@ def main() -> int:
             model.load_state_dict(models["FP32"].state_dict())
         models[f] = model.to(device).eval()
     tc = cfg.train_config
-    loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
-    batches = [x.to(device) for x, _ in loader]
+    if args.random_batches:
+        size = cfg.vit_config.image_size
+        batches = [torch.randn(tc.local_batch_size, 3, size, size, device=device) for _ in range(args.random_batches)]
+        what = f"{args.random_batches} random batches of {tc.local_batch_size} {size}x{size} images"
+    else:
+        loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
+        batches = [x.to(device) for x, _ in loader]
+        what = f"the test split, batch {tc.local_batch_size}, {tc.num_workers} loader worker(s)"
     n_images = sum(len(x) for x in batches)
 
     def forward_all(model):
@@ -95,32 +106,42 @@ def main() -> int:
     for r in range(args.repeats):
         for f, model in models.items():
             fwd[f].append(timed(lambda: forward_all(model), device))
-        for f in ("FP32", "FP16_32"):  # the whole evaluation is slow: the target pair only
+        for f in () if args.random_batches else ("FP32", "FP16_32"):  # slow: the target pair only
             e2e[f].append(timed(lambda: evaluate(models[f], loader, device, len(names)), device))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{f} {fwd[f][-1]:.2f} s" for f in FORMATS), flush=True)
     med = {f: statistics.median(v) for f, v in fwd.items()}
     e2e_med = {f: statistics.median(v) for f, v in e2e.items() if v}
-    lines = [BEGIN, "## Evaluation in a simulated number format against FP32", "",
-             f"`python benchmarks/quantized_eval.py -c {args.config}` on {machine(device)}; "
-             f"{n_images} test images, batch {tc.local_batch_size}, {tc.num_workers} loader worker(s); "
-             f"median of {args.repeats} alternating repeats. Target: FP16_32 at most 1.15x FP32.", "",
+    command = " ".join(["python benchmarks/quantized_eval.py", *sys.argv[1:]])
+    lines = [f"`{command}`: {Path(args.config).name}, {n_images} images ({what}), on {machine(device)}; "
+             f"median of {args.repeats} alternating repeats.", "",
              "| measurement | format | seconds | images/s | time vs FP32 |", "|---|---|---|---|---|"]
     for f, s in e2e_med.items():
         lines.append(f"| evaluation (data + model) | {f} | {s:.2f} | {n_images / s:.0f} | {s / e2e_med['FP32']:.2f}x |")
     for f, s in med.items():
         lines.append(f"| model only | {f} | {s:.2f} | {n_images / s:.0f} | {s / med['FP32']:.2f}x |")
-    lines.append(END)
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + table + "\n"
-        RESULTS.write_text(text)
+        write_section(table, Path(args.config).stem + ("_random" if args.random_batches else ""))
         print(f"written to {RESULTS}")
     return 0
+
+
+def write_section(table: str, key: str) -> None:
+    """Replace this benchmark's table for ``key`` in RESULTS.md (or add it), keeping everything else."""
+    begin, end = f"<!-- quantized_eval {key}: begin -->", f"<!-- quantized_eval {key}: end -->"
+    block = f"{begin}\n{table}\n{end}"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    if HEADING not in text:
+        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{INTRO}\n"
+    if begin in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        at = text.index(HEADING) + len(HEADING)
+        nxt = text.find("\n## ", at)
+        at = len(text.rstrip("\n")) if nxt < 0 else nxt
+        text = text[:at].rstrip("\n") + "\n\n" + block + "\n" + text[at:]
+    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

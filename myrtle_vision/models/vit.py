@@ -10,6 +10,11 @@ The accelerator runs the plain ViT, without that token. So that the class head i
 the one trained, the distillation token attends to every token but no token attends to it: the
 class path never sees it, ``forward`` (class head only) needs no distillation token at all, and
 ``forward_heads`` returns both heads from one pass.
+
+With a ``q_format`` other than FP32 the forward pass simulates that number format (see
+:mod:`myrtle_vision.quantization`): the Linear and LayerNorm layers are rounding subclasses with the
+same parameters, so the state dict and the deploy layout do not change, and under FP16_16 the
+``round*`` modules round the activations too (they are identities otherwise).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
 from .errors import UserError
@@ -153,7 +153,8 @@ class TrainPlan:
         self.num_samples, self.global_batch, self.local_batch = num_samples, global_batch, local_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         full, rest = divmod(num_samples, global_batch)
-        self.updates_per_epoch = full + (1 if rest and not drop_last else 0)
+        # A last, smaller update is kept unless drop_last, or it is too small to give every process a sample.
+        self.updates_per_epoch = full + (1 if rest >= world_size and not drop_last else 0)
         if self.updates_per_epoch == 0:
             raise ValueError(f"{num_samples} samples make no update of {global_batch} with drop_last")
 
@@ -209,7 +210,11 @@ def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: in
                       **_loader_kwargs(dataset, num_workers, pin_memory))
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """Every sample once, in order, no batch dropped."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
-                      **_loader_kwargs(dataset, num_workers, pin_memory))
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
+    """Every sample once, in order, no batch dropped; with ``world_size`` processes, this process's
+    share (samples ``rank``, ``rank + world_size``, ...), so that the shares cover the split exactly once."""
+    kwargs = _loader_kwargs(dataset, num_workers, pin_memory)
+    if world_size > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt_io
 from .config import Config
+from .distributed import Dist
 from .data import TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, train_loader
 from .errors import UserError
 from .losses import DistillationLoss
@@ -46,18 +49,31 @@ class TrainState:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> Accumulator:
-    """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``."""
-    return _evaluate(model, loader, device, num_classes, average_heads=False)[0]
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist()) -> Accumulator:
+    """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
+    (with several processes: over every process's share, summed)."""
+    return _evaluate(model, loader, device, num_classes, False, dist)[0]
 
 
 @torch.no_grad()
-def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int) -> tuple[Accumulator, Accumulator]:
+def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int,
+                   dist: Dist = Dist()) -> tuple[Accumulator, Accumulator]:
     """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
-    return _evaluate(model, loader, device, num_classes, average_heads=True)
+    return _evaluate(model, loader, device, num_classes, True, dist)
 
 
-def _evaluate(model, loader, device, num_classes: int, average_heads: bool) -> tuple[Accumulator, Accumulator]:
+def _sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
+    """Add up every process's counts (float64 holds counts exactly up to 2^53)."""
+    if dist.enabled:
+        packed = torch.cat([torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
+                            acc.confusion.flatten().double()])
+        dist.all_reduce_sum(packed)
+        acc.count, acc.top5_correct, acc.loss_sum = int(packed[0]), int(packed[1]), float(packed[2])
+        acc.confusion = packed[3:].round().long().view_as(acc.confusion)
+    return acc
+
+
+def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist: Dist) -> tuple[Accumulator, Accumulator]:
     was_training = model.training
     model.eval()
     class_acc, avg_acc = Accumulator(num_classes), Accumulator(num_classes)
@@ -71,7 +87,7 @@ def _evaluate(model, loader, device, num_classes: int, average_heads: bool) -> t
             class_logits = model(images)
         class_acc.update(class_logits, targets)
     model.train(was_training)
-    return class_acc, avg_acc
+    return _sum_over_processes(class_acc, dist), _sum_over_processes(avg_acc, dist)
 
 
 def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
@@ -111,11 +127,27 @@ def new_run_dir(output_directory: str) -> Path:
     return run_dir
 
 
-class Trainer:
-    """One training job: model, optimizer, schedule, data plan, and where it writes."""
+class _BothHeads(nn.Module):
+    """``forward`` is the DeiT student's ``forward_heads``, so DistributedDataParallel can wrap it."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.model.forward_heads(images)
+
+
+class Trainer:
+    """One training job: model, optimizer, schedule, data plan, and where it writes.
+
+    With several processes (``dist``), each trains on its share of every update, gradients are
+    averaged across processes on the last micro-batch of the update, and rank 0 alone writes.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, dist: Dist | None = None):
         self.cfg, self.tc, self.device = cfg, cfg.train_config, device
+        self.dist = dist = dist or Dist(device=device)
         tc = self.tc
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: the accelerator sees these weights
@@ -129,10 +161,14 @@ class Trainer:
             raise UserError(f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
                             f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
                             "drop_last_batch to false")
+        if tc.global_batch_size < dist.world_size:
+            raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
+                            f"{dist.world_size} processes: each needs at least one image per update")
         torch.manual_seed(tc.seed)
         self.model = build_model(cfg).to(device)
         self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
-        self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch)
+        self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch,
+                              dist.rank, dist.world_size)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
@@ -144,9 +180,19 @@ class Trainer:
                                         where).to(device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
         self.progress = TrainState()
-        self.run_dir = self._resume() if tc.checkpoint_path else new_run_dir(tc.output_directory)
+        self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
         self.pin = device.type == "cuda"
-        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, tc.num_workers, pin_memory=self.pin)
+        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, tc.num_workers, self.pin, dist.rank,
+                                      dist.world_size)
+        # What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging.
+        self.step_module = _BothHeads(self.model) if self.teacher is not None else self.model
+        if dist.enabled:
+            self.step_module = DistributedDataParallel(
+                self.step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def _new_run_dir(self) -> Path:
+        """A fresh run directory, made by rank 0 and shared with the other processes."""
+        return Path(self.dist.broadcast(str(new_run_dir(self.tc.output_directory)) if self.dist.is_main else None))
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -164,8 +210,9 @@ class Trainer:
                             "a resumed run keeps its number format")
         ckpt_io.load_model_weights(self.model, ckpt, path, require_distillation=current)
         if not current:
-            print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
-            return new_run_dir(self.tc.output_directory)
+            if self.dist.is_main:
+                print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
+            return self._new_run_dir()
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -176,8 +223,9 @@ class Trainer:
             self.progress.epoch, self.progress.update_in_epoch = self.progress.epoch + 1, 0
         ckpt_io.set_rng_state(ckpt["rng"])
         # Continue in the run's own folder when the checkpoint lives in one.
-        run_dir = path.parent if (path.parent / "config.json").is_file() else new_run_dir(self.tc.output_directory)
-        print(f"resuming from {path} at iteration {self.progress.iteration} (epoch {self.progress.epoch + 1})")
+        run_dir = path.parent if (path.parent / "config.json").is_file() else self._new_run_dir()
+        if self.dist.is_main:
+            print(f"resuming from {path} at iteration {self.progress.iteration} (epoch {self.progress.epoch + 1})")
         return run_dir
 
     def state(self) -> dict:
@@ -191,6 +239,9 @@ class Trainer:
                 "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes; every process returns the path."""
+        if not self.dist.is_main:
+            return self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt"
         path = ckpt_io.save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
         ckpt_io.link_atomic(path, self.run_dir / "last.pt")
         keep = self.tc.keep_checkpoints
@@ -205,60 +256,66 @@ class Trainer:
         p = self.progress
         # The class head is what the accelerator runs: it alone picks the best checkpoint.
         if self.teacher is not None:
-            acc, avg = evaluate_heads(self.model, self.val_loader, self.device, len(self.class_names))
+            acc, avg = evaluate_heads(self.model, self.val_loader, self.device, len(self.class_names), self.dist)
             reporter.scalars(p.iteration, **{"val/top1_average_heads": avg.top1})
             both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
         else:
-            acc, both = evaluate(self.model, self.val_loader, self.device, len(self.class_names)), ""
+            acc, both = evaluate(self.model, self.val_loader, self.device, len(self.class_names), self.dist), ""
         improved = acc.top1 > p.best_val_top1
         if improved:
             p.best_val_top1 = acc.top1
         reporter.scalars(p.iteration, **{"val/loss": acc.loss, "val/top1": acc.top1, "val/top5": acc.top5})
         reporter.print(f"iteration {p.iteration} (epoch {p.epoch + 1}): val loss {acc.loss:.4f}  "
                        f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%{both}")
-        if improved:
+        if improved and self.dist.is_main:
             ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt")
 
     def train_update(self, batches, update: int) -> tuple[float, int]:
-        """One optimizer update over this update's micro-batches; returns (mean loss, images)."""
-        p, tc = self.progress, self.tc
+        """One optimizer update over this process's micro-batches; returns (mean loss, images), over all processes."""
+        p, tc, dist = self.progress, self.tc, self.dist
         n_micro = self.plan.num_micro_batches(update)
         n_images = min(tc.global_batch_size, len(self.train_set) - update * tc.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for m in range(n_micro):
             images, targets = next(batches)
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m))  # dropout depends on position only
-            if self.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(images)
-                loss = self.criterion(*self.model.forward_heads(images), teacher_logits, targets)
-            else:
-                loss = self.criterion(self.model(images), targets)
-            # weight each micro-batch by its share so the gradient is the mean over the update
-            (loss * (targets.numel() / n_images)).backward()
-            loss_sum += loss.item() * targets.numel()
+            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, dist.rank))  # dropout depends on position only
+            # Gradients are averaged across processes once per update, on its last micro-batch.
+            sync = contextlib.nullcontext() if not dist.enabled or m == n_micro - 1 else self.step_module.no_sync()
+            with sync:
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(images)
+                    loss = self.criterion(*self.step_module(images), teacher_logits, targets)
+                else:
+                    loss = self.criterion(self.step_module(images), targets)
+                # Weight each micro-batch by its share of the update, so the gradient is the mean over the
+                # update's images; times the process count, because averaging across processes divides by it.
+                (loss * (targets.numel() * dist.world_size / n_images)).backward()
+            loss_sum += loss.detach().double().cpu() * targets.numel()
         if tc.clip_grad is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
         self.optimizer.step()
         self.scheduler.step()
-        return loss_sum / n_images, n_images
+        return dist.all_reduce_sum(loss_sum).item() / n_images, n_images
 
     def fit(self) -> Path:
         """Train to the end (or until a signal); returns the path of the last checkpoint."""
-        tc, p = self.tc, self.progress
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        reporter = Reporter(self.run_dir)
+        tc, p, dist = self.tc, self.progress, self.dist
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        reporter = Reporter(self.run_dir, enabled=dist.is_main)
         saved_at, last_val_at = p.iteration, -1
         self.model.train()
         with _stop_on_signals() as stop:
             try:
-                print(f"training on {self.device}: {len(self.train_set)} training images, {len(self.val_set)} validation "
-                      f"images, {self.plan.updates_per_epoch} updates per epoch of {tc.global_batch_size} images",
-                      flush=True)
+                processes = f" in {dist.world_size} processes" if dist.enabled else ""
+                reporter.print(f"training on {self.device}{processes}: {len(self.train_set)} training images, "
+                               f"{len(self.val_set)} validation images, {self.plan.updates_per_epoch} updates per "
+                               f"epoch of {tc.global_batch_size} images")
                 while p.epoch < tc.epochs:
                     bar = reporter.progress(self.plan.updates_per_epoch, p.update_in_epoch, f"epoch {p.epoch + 1}/{tc.epochs}")
                     batches = iter(train_loader(self.train_set, self.plan, p.epoch, p.update_in_epoch,
@@ -274,11 +331,12 @@ class Trainer:
                         if p.iteration % tc.iters_per_val == 0:
                             self.validate(reporter)
                             last_val_at = p.iteration
-                        if p.iteration % tc.iters_per_checkpoint == 0 or stop:
+                        stopping = dist.any(bool(stop))  # every process stops at the same update
+                        if p.iteration % tc.iters_per_checkpoint == 0 or stopping:
                             self.save_checkpoint()
                             saved_at = p.iteration
-                        if stop:
-                            raise Interrupted(stop[0], self.run_dir / "last.pt")
+                        if stopping:
+                            raise Interrupted(stop[0] if stop else signal.SIGTERM, self.run_dir / "last.pt")
                     del batches
                     reporter.close_bar()
                     if last_val_at != p.iteration:
@@ -300,18 +358,19 @@ class Trainer:
         return self.run_dir / "last.pt"
 
 
-def train(cfg: Config, device: torch.device) -> Path:
-    trainer = Trainer(cfg, device)
-    print(f"run directory: {trainer.run_dir}", flush=True)
-    dc = cfg.distiller_config
-    if dc is not None:
-        print(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
-              f"alpha {dc.alpha:g} on the distillation head" + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "")
-              + ")", flush=True)
-    vc = cfg.vit_config
-    if vc.q_format != "FP32":
-        print(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
-              "gradients pass straight through and the weights stay FP32", flush=True)
+def train(cfg: Config, device: torch.device, dist: Dist | None = None) -> Path:
+    trainer = Trainer(cfg, device, dist)
+    if trainer.dist.is_main:
+        print(f"run directory: {trainer.run_dir}", flush=True)
+        dc = cfg.distiller_config
+        if dc is not None:
+            print(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
+                  f"alpha {dc.alpha:g} on the distillation head"
+                  + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "") + ")", flush=True)
+        vc = cfg.vit_config
+        if vc.q_format != "FP32":
+            print(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
+                  "gradients pass straight through and the weights stay FP32", flush=True)
     return trainer.fit()
 
 

@@ -32,11 +32,25 @@ class Progress:
             self.tqdm.close()
 
 
-class Reporter:
-    """TensorBoard event files in ``log_dir``, a progress display and printed lines."""
+class _NoProgress:
+    tqdm = None
 
-    def __init__(self, log_dir: str | Path | None):
-        self.writer = SummaryWriter(str(log_dir)) if log_dir is not None else None
+    def update(self, **postfix: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Reporter:
+    """TensorBoard event files in ``log_dir``, a progress display and printed lines.
+
+    A disabled reporter (a process other than rank 0) shows and writes nothing.
+    """
+
+    def __init__(self, log_dir: str | Path | None, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(log_dir)) if log_dir is not None and enabled else None
         self.bar = None
 
     def scalars(self, step: int, **values: float) -> None:
@@ -52,11 +66,13 @@ class Reporter:
 
     def progress(self, total: int, initial: int, desc: str) -> "Progress":
         self.close_bar()
-        self.bar = Progress(total, initial, desc)
+        self.bar = Progress(total, initial, desc) if self.enabled else _NoProgress()
         return self.bar
 
     def print(self, message: str) -> None:
         """A line on stdout that does not break the progress bar."""
+        if not self.enabled:
+            return
         if self.bar is not None and self.bar.tqdm is not None:
             self.bar.tqdm.write(message)
         else:

@@ -1,0 +1,99 @@
+"""Data-parallel processes started by torchrun: set-up, tear-down, and the few collectives we use.
+
+``torchrun --nproc_per_node=N train.py -c CONFIG`` starts N copies of the script with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in the environment; :func:`session`
+turns that into a process group (NCCL on CUDA, Gloo on CPU) and a device per process. Without
+torchrun it is one process and every collective here is a no-op, so the same code serves both.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, logs and progress."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all processes (in place, and returned)."""
+        if self.enabled:
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device)
+            tensor.copy_(on_device.to(tensor.device))
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every process if it is true on any."""
+        if not self.enabled:
+            return flag
+        return bool(self.all_reduce_sum(torch.tensor([int(flag)])).item())
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+
+def launched_processes() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def session(cfg, device: torch.device):
+    """The process group for this run, if torchrun started several processes; torn down on exit.
+
+    ``device`` is the user's choice (cpu or cuda); with CUDA each process takes the GPU of its
+    ``LOCAL_RANK``. The backend is ``dist_config.dist_backend`` on CUDA (NCCL by default) and
+    Gloo on CPU, where NCCL cannot run.
+    """
+    world = launched_processes()
+    if world == 1:
+        yield Dist(device=device)
+        return
+    if not cfg.train_config.distributed:
+        raise UserError(f"{cfg.path}: train_config.distributed is false, but torchrun started {world} processes; "
+                        "set it to true or launch one process")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
+                            "start at most that many processes per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = cfg.dist_config.dist_backend
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                            device_id=device if device.type == "cuda" else None)
+    try:
+        yield Dist(rank, world, local_rank, device)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""torchrun with Gloo on CPU: two processes train what one does, count each sample once, and rank 0 alone writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_script, train_config
+from test_train import scalars
+
+from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision.config import load_config
+from myrtle_vision.data import eval_loader, open_split
+from myrtle_vision.engine import evaluate
+from myrtle_vision.models import build_model
+
+# 24 training images, 8 per update: 3 updates per epoch. 15 validation images: 8 and 7 per process.
+RUN = {"epochs": 3, "local_batch_size": 4, "global_batch_size": 8, "iters_per_checkpoint": 2, "iters_per_val": 4,
+       "keep_checkpoints": None, "distributed": True, "num_workers": 1}
+
+
+def torchrun(*args, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(REPO / "train.py"), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    dataset = make_dataset(tmp / "data", CLASSES, counts=(8, 5, 5))
+    data_cfg = data_config(tmp / "data.json", dataset, len(CLASSES))
+    one_cfg = train_config(tmp / "one.json", data_cfg, tmp / "one", train=RUN)
+    one = run_script("train.py", "-c", one_cfg, check=True)
+    two_cfg = train_config(tmp / "two.json", data_cfg, tmp / "two", train=RUN)
+    two = torchrun("-c", two_cfg)
+    assert two.returncode == 0, two.stdout + two.stderr
+    return tmp, data_cfg, (one_cfg, run_dir_of(one)), (two_cfg, run_dir_of(two), two)
+
+
+def _assert_close(a: dict, b: dict, atol: float = 1e-5):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < atol, worst
+
+
+def test_two_processes_with_half_the_batch_each_train_what_one_process_does(runs):
+    _, _, (_, one_dir), (_, two_dir, _) = runs
+    one, two = ckpt_io.load(one_dir / "last.pt"), ckpt_io.load(two_dir / "last.pt")
+    assert one["iteration"] == two["iteration"] == 9
+    _assert_close(one["model"], two["model"])
+    assert not all(torch.equal(one["model"][k], two["model"][k]) for k in one["model"])  # really two computations
+    # the logged training loss is the mean over all 8 images of each update, in both
+    for (s1, l1), (s2, l2) in zip(scalars(one_dir, "train/loss"), scalars(two_dir, "train/loss")):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_validation_counts_every_image_once(runs):
+    _, _, _, (cfg_path, run_dir, _) = runs
+    cfg = load_config(cfg_path)
+    model = build_model(cfg)
+    ckpt_io.load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), run_dir / "last.pt")
+    val = open_split(cfg.data_config, "val")
+    assert len(val) == 15
+    acc = evaluate(model, eval_loader(val, 4, 0), torch.device("cpu"), len(CLASSES))  # one process, every image
+    step, top1 = scalars(run_dir, "val/top1")[-1]
+    _, loss = scalars(run_dir, "val/loss")[-1]
+    assert step == 9 and top1 == pytest.approx(acc.top1) and loss == pytest.approx(acc.loss, rel=1e-5)
+    # 15 images: a top-1 that is not a multiple of 1/15 would mean an image counted twice or dropped
+    assert round(top1 * 15 / 100, 4) == round(top1 * 15 / 100)
+
+
+def test_rank_zero_alone_writes(runs):
+    tmp, _, _, (_, run_dir, proc) = runs
+    assert [p.name for p in (tmp / "two").iterdir()] == [run_dir.name]  # one run directory, not one per process
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == [f"checkpoint_{i:07d}.pt" for i in (2, 4, 6, 8, 9)]
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("val loss") == 3 + 2
+    assert "training on cpu in 2 processes" in proc.stdout
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
+    _, data_cfg, _, (_, two_dir, _) = runs
+    mid = two_dir / "checkpoint_0000004.pt"
+    copy = tmp_path / "mid"  # resume outside the run's folder, which must stay as it is for the other tests
+    copy.mkdir()
+    (copy / "mid.pt").write_bytes(mid.read_bytes())
+    cfg = train_config(tmp_path / "resume.json", data_cfg, tmp_path / "out",
+                       train=dict(RUN, checkpoint_path=str(copy / "mid.pt")))
+    proc = run_script("train.py", "-c", cfg, check=True)
+    assert "resuming from" in proc.stdout
+    _assert_close(ckpt_io.load(run_dir_of(proc) / "last.pt")["model"], ckpt_io.load(two_dir / "last.pt")["model"])
+
+
+def test_torchrun_with_distributed_false_is_refused(runs, tmp_path):
+    _, data_cfg, _, _ = runs
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(RUN, distributed=False))
+    proc = torchrun("-c", cfg)
+    assert proc.returncode != 0
+    assert f"error: {cfg}: train_config.distributed is false, but torchrun started 2 processes" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error:")[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_deit_trains_in_two_processes_as_in_one(runs, tmp_path):
+    """The DeiT student (both heads through DistributedDataParallel) with a teacher in each process."""
+    import torchvision
+
+    _, data_cfg, _, _ = runs
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=len(CLASSES)).state_dict(), teacher)
+    deit = {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher),
+                                 "distillation_type": "hard", "alpha": 0.5}}
+    train = dict(RUN, epochs=1)
+    one = run_script("train.py", "-c", train_config(tmp_path / "one.json", data_cfg, tmp_path / "one", train=train, **deit),
+                     check=True)
+    proc = torchrun("-c", train_config(tmp_path / "two.json", data_cfg, tmp_path / "two", train=train, **deit))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = ckpt_io.load(run_dir_of(one) / "last.pt"), ckpt_io.load(run_dir_of(proc) / "last.pt")
+    _assert_close(a["model"], b["model"])
+    _assert_close(a["distillation"], b["distillation"])

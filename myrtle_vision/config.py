@@ -27,6 +27,7 @@ from .transforms import OpError, parse_ops
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     num_workers: int = 4
     keep_checkpoints: Optional[int] = 5
+    precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast and a gradient scaler; CUDA)
     # Accepted for compatibility with the earlier release; see the README for what happens to them.
     lr_noise: Optional[list[float]] = None
     lr_noise_pct: float = 0.67
@@ -73,6 +75,7 @@ class TrainConfig:
                 f"{self.global_batch_size} is not a multiple of local_batch_size {self.local_batch_size}")
         v.choice(self.optimizer, OPTIMIZERS, "optimizer")
         v.choice(self.scheduler, SCHEDULERS, "scheduler")
+        v.choice(self.precision, PRECISIONS, "precision")
         v.check(self.opt_eps > 0, "opt_eps", "must be positive")
         if self.opt_betas is not None:
             v.check(len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas), "opt_betas",

@@ -49,17 +49,18 @@ class TrainState:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist()) -> Accumulator:
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
+             precision: str = "fp32") -> Accumulator:
     """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
     (with several processes: over every process's share, summed)."""
-    return _evaluate(model, loader, device, num_classes, False, dist)[0]
+    return _evaluate(model, loader, device, num_classes, False, dist, precision)[0]
 
 
 @torch.no_grad()
-def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int,
-                   dist: Dist = Dist()) -> tuple[Accumulator, Accumulator]:
+def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
+                   precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
     """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
-    return _evaluate(model, loader, device, num_classes, True, dist)
+    return _evaluate(model, loader, device, num_classes, True, dist, precision)
 
 
 def _sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
@@ -73,18 +74,29 @@ def _sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
     return acc
 
 
-def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist: Dist) -> tuple[Accumulator, Accumulator]:
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a ``precision`` (``fp32``: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist: Dist,
+              precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
     was_training = model.training
     model.eval()
     class_acc, avg_acc = Accumulator(num_classes), Accumulator(num_classes)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            if average_heads:
+                class_logits, dist_logits = model.forward_heads(images)
+                avg_logits = (class_logits.float() + dist_logits.float()) / 2
+            else:
+                class_logits = model(images)
         if average_heads:
-            class_logits, dist_logits = model.forward_heads(images)
-            avg_acc.update((class_logits + dist_logits) / 2, targets)
-        else:
-            class_logits = model(images)
+            avg_acc.update(avg_logits, targets)
         class_acc.update(class_logits, targets)
     model.train(was_training)
     return _sum_over_processes(class_acc, dist), _sum_over_processes(avg_acc, dist)
@@ -161,6 +173,13 @@ class Trainer:
             raise UserError(f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
                             f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
                             "drop_last_batch to false")
+        if tc.precision == "fp16" and device.type != "cuda":
+            raise UserError(f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
+                            "scaler); on CPU use bf16 or fp32")
+        if tc.precision != "fp32" and cfg.vit_config.q_format != "FP32":
+            raise UserError(f"{cfg.path}: train_config.precision {tc.precision} with vit_config.q_format "
+                            f"{cfg.vit_config.q_format}: quantization-aware training simulates its format in FP32; "
+                            "set precision to fp32")
         if tc.global_batch_size < dist.world_size:
             raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
                             f"{dist.world_size} processes: each needs at least one image per update")
@@ -171,6 +190,8 @@ class Trainer:
                               dist.rank, dist.world_size)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
+        # fp16 needs its loss scaled so that small gradients survive; bf16 has FP32's range and does not.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.teacher = None
         dc = cfg.distiller_config
@@ -216,6 +237,8 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.scaler.is_enabled() and "grad_scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["grad_scaler"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not fit this config ({e})") from None
         self.progress = TrainState(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
@@ -234,7 +257,9 @@ class Trainer:
         return {"format": ckpt_io.FORMAT, **ckpt_io.model_entries(self.model),
                 "quantization": {"q_format": vc.q_format, "q_rounding": vc.q_rounding},
                 "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.scheduler.state_dict(), "iteration": p.iteration, "epoch": p.epoch,
+                "lr_scheduler": self.scheduler.state_dict(),
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+                "iteration": p.iteration, "epoch": p.epoch,
                 "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
                 "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
 
@@ -256,11 +281,13 @@ class Trainer:
         p = self.progress
         # The class head is what the accelerator runs: it alone picks the best checkpoint.
         if self.teacher is not None:
-            acc, avg = evaluate_heads(self.model, self.val_loader, self.device, len(self.class_names), self.dist)
+            acc, avg = evaluate_heads(self.model, self.val_loader, self.device, len(self.class_names), self.dist,
+                                      self.tc.precision)
             reporter.scalars(p.iteration, **{"val/top1_average_heads": avg.top1})
             both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
         else:
-            acc, both = evaluate(self.model, self.val_loader, self.device, len(self.class_names), self.dist), ""
+            acc = evaluate(self.model, self.val_loader, self.device, len(self.class_names), self.dist, self.tc.precision)
+            both = ""
         improved = acc.top1 > p.best_val_top1
         if improved:
             p.best_val_top1 = acc.top1
@@ -285,19 +312,22 @@ class Trainer:
             # Gradients are averaged across processes once per update, on its last micro-batch.
             sync = contextlib.nullcontext() if not dist.enabled or m == n_micro - 1 else self.step_module.no_sync()
             with sync:
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(images)
-                    loss = self.criterion(*self.step_module(images), teacher_logits, targets)
-                else:
-                    loss = self.criterion(self.step_module(images), targets)
+                with autocast(self.device, tc.precision):
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(images)
+                        loss = self.criterion(*self.step_module(images), teacher_logits, targets)
+                    else:
+                        loss = self.criterion(self.step_module(images), targets)
                 # Weight each micro-batch by its share of the update, so the gradient is the mean over the
                 # update's images; times the process count, because averaging across processes divides by it.
-                (loss * (targets.numel() * dist.world_size / n_images)).backward()
+                self.scaler.scale(loss * (targets.numel() * dist.world_size / n_images)).backward()
             loss_sum += loss.detach().double().cpu() * targets.numel()
         if tc.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
+        self.scaler.update()
         self.scheduler.step()
         return dist.all_reduce_sum(loss_sum).item() / n_images, n_images
 

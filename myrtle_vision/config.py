@@ -59,6 +59,7 @@ class TrainConfig:
     num_workers: int = 4
     keep_checkpoints: Optional[int] = 5
     precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast and a gradient scaler; CUDA)
+    compile: bool = False  # torch.compile the training step's model
     # Accepted for compatibility with the earlier release; see the README for what happens to them.
     lr_noise: Optional[list[float]] = None
     lr_noise_pct: float = 0.67

@@ -210,6 +210,8 @@ class Trainer:
         if dist.enabled:
             self.step_module = DistributedDataParallel(
                 self.step_module, device_ids=[device.index] if device.type == "cuda" else None)
+        if tc.compile:  # compiled around DDP, as PyTorch recommends; checkpoints and evaluation use the plain model
+            self.step_module = torch.compile(self.step_module)
 
     def _new_run_dir(self) -> Path:
         """A fresh run directory, made by rank 0 and shared with the other processes."""
@@ -310,7 +312,8 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, dist.rank))  # dropout depends on position only
             # Gradients are averaged across processes once per update, on its last micro-batch.
-            sync = contextlib.nullcontext() if not dist.enabled or m == n_micro - 1 else self.step_module.no_sync()
+            ddp = getattr(self.step_module, "_orig_mod", self.step_module)  # under torch.compile, the DDP module
+            sync = contextlib.nullcontext() if not dist.enabled or m == n_micro - 1 else ddp.no_sync()
             with sync:
                 with autocast(self.device, tc.precision):
                     if self.teacher is not None:

@@ -99,7 +99,7 @@ def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist
             avg_acc.update(avg_logits, targets)
         class_acc.update(class_logits, targets)
     model.train(was_training)
-    return _sum_over_processes(class_acc, dist), _sum_over_processes(avg_acc, dist)
+    return _sum_over_processes(class_acc, dist), _sum_over_processes(avg_acc, dist) if average_heads else avg_acc
 
 
 def check_image_size(dataset, cfg: Config, ops_field: str) -> None:

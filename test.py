@@ -1,5 +1,7 @@
-"""Measure a checkpoint's accuracy on the test split: python test.py -c CONFIG [--checkpoint PATH]"""
+"""Measure a checkpoint's accuracy on the test split: python test.py -c CONFIG [--checkpoint PATH]
+On several processes: torchrun --nproc_per_node=N test.py -c CONFIG"""
 
+from myrtle_vision import distributed
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.evaluation import checkpoint_for, run_test
@@ -13,7 +15,9 @@ def main() -> int:
                                         "(default: test_<checkpoint name> beside the checkpoint)")
     args = p.parse_args()
     cfg = load_config(args.config)
-    run_test(cfg, checkpoint_for(cfg, args.checkpoint), resolve_device(args.device), args.json, args.output_dir)
+    checkpoint = checkpoint_for(cfg, args.checkpoint)
+    with distributed.session(cfg, resolve_device(args.device)) as dist:
+        run_test(cfg, checkpoint, dist.device, args.json, args.output_dir, dist)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Test a checkpoint in FP32 and in the accelerator's number format, side by side:
-python test_quantize.py -c CONFIG [--checkpoint PATH] [--q_format F] [--quantized_ckpt] [--json PATH]"""
+python test_quantize.py -c CONFIG [--checkpoint PATH] [--q_format F] [--quantized_ckpt] [--json PATH]
+On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ..."""
 
+from myrtle_vision import distributed
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.evaluation import checkpoint_for, run_quantize_test
@@ -21,8 +23,10 @@ def main() -> int:
     p.add_argument("--json", help="also write the FP32 and quantized results here")
     args = p.parse_args()
     cfg = load_config(args.config)
-    run_quantize_test(cfg, checkpoint_for(cfg, args.checkpoint), resolve_device(args.device), args.q_format,
-                      args.q_rounding, args.quantized_ckpt, args.json)
+    checkpoint = checkpoint_for(cfg, args.checkpoint)
+    with distributed.session(cfg, resolve_device(args.device)) as dist:
+        run_quantize_test(cfg, checkpoint, dist.device, args.q_format, args.q_rounding, args.quantized_ckpt,
+                          args.json, dist)
     return 0
 
 

@@ -184,11 +184,16 @@ class TrainPlan:
             yield from self.update(epoch, u)
 
 
-class _EpochBatches:
-    """A batch sampler over one epoch's plan (from ``start_update``)."""
+class EpochBatches:
+    """A batch sampler over one epoch's plan (from ``start_update``); :meth:`set_epoch` moves it on,
+    so that a loader with persistent workers serves every epoch."""
 
     def __init__(self, plan: TrainPlan, epoch: int, start_update: int):
-        self.plan, self.epoch, self.start_update = plan, epoch, start_update
+        self.set_epoch(epoch, start_update)
+        self.plan = plan
+
+    def set_epoch(self, epoch: int, start_update: int = 0) -> None:
+        self.epoch, self.start_update = epoch, start_update
 
     def __iter__(self):
         return self.plan.batches(self.epoch, self.start_update)
@@ -199,22 +204,34 @@ def _worker_init(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _loader_kwargs(dataset, num_workers: int, pin_memory: bool) -> dict:
+def _loader_kwargs(dataset, num_workers: int, pin_memory: bool, persistent: bool) -> dict:
     return dict(num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
-                prefetch_factor=4 if num_workers else None, collate_fn=getattr(dataset, "collate", None))
+                prefetch_factor=4 if num_workers else None, persistent_workers=persistent and num_workers > 0,
+                collate_fn=getattr(dataset, "collate", None))
 
 
 def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: int, num_workers: int,
-                 pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=_EpochBatches(plan, epoch, start_update),
-                      **_loader_kwargs(dataset, num_workers, pin_memory))
+                 pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """The micro-batches of ``plan`` from ``(epoch, start_update)``. With ``persistent`` workers, move it to
+    another epoch with ``loader.batch_sampler.set_epoch(...)`` before iterating it again."""
+    return DataLoader(dataset, batch_sampler=EpochBatches(plan, epoch, start_update),
+                      **_loader_kwargs(dataset, num_workers, pin_memory, persistent))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool = False, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
+                world_size: int = 1, persistent: bool = False) -> DataLoader:
     """Every sample once, in order, no batch dropped; with ``world_size`` processes, this process's
     share (samples ``rank``, ``rank + world_size``, ...), so that the shares cover the split exactly once."""
-    kwargs = _loader_kwargs(dataset, num_workers, pin_memory)
+    kwargs = _loader_kwargs(dataset, num_workers, pin_memory, persistent)
     if world_size > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **kwargs)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now, rather than when the loader is garbage-collected
+    (the next iteration starts new ones)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None

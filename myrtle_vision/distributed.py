@@ -42,6 +42,14 @@ class Dist:
             tensor.copy_(on_device.to(tensor.device))
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The largest ``tensor`` over all processes, elementwise (in place, and returned)."""
+        if self.enabled:
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+            tensor.copy_(on_device.to(tensor.device))
+        return tensor
+
     def any(self, flag: bool) -> bool:
         """True on every process if it is true on any."""
         if not self.enabled:

@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint as ckpt_io
 from .config import Config
 from .distributed import Dist
-from .data import TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, train_loader
+from .data import (TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, stop_workers,
+                   train_loader)
 from .errors import UserError
 from .losses import DistillationLoss
 from .metrics import Accumulator
@@ -63,7 +64,7 @@ def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: 
     return _evaluate(model, loader, device, num_classes, True, dist, precision)
 
 
-def _sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
+def sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
     """Add up every process's counts (float64 holds counts exactly up to 2^53)."""
     if dist.enabled:
         packed = torch.cat([torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
@@ -99,7 +100,7 @@ def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist
             avg_acc.update(avg_logits, targets)
         class_acc.update(class_logits, targets)
     model.train(was_training)
-    return _sum_over_processes(class_acc, dist), _sum_over_processes(avg_acc, dist) if average_heads else avg_acc
+    return sum_over_processes(class_acc, dist), sum_over_processes(avg_acc, dist) if average_heads else avg_acc
 
 
 def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
@@ -203,8 +204,11 @@ class Trainer:
         self.progress = TrainState()
         self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
         self.pin = device.type == "cuda"
+        # Workers that live as long as the run: no start-up at every epoch and validation.
+        self.train_loader = train_loader(self.train_set, self.plan, self.progress.epoch, self.progress.update_in_epoch,
+                                         tc.num_workers, self.pin, persistent=True)
         self.val_loader = eval_loader(self.val_set, tc.local_batch_size, tc.num_workers, self.pin, dist.rank,
-                                      dist.world_size)
+                                      dist.world_size, persistent=True)
         # What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging.
         self.step_module = _BothHeads(self.model) if self.teacher is not None else self.model
         if dist.enabled:
@@ -351,8 +355,8 @@ class Trainer:
                                f"epoch of {tc.global_batch_size} images")
                 while p.epoch < tc.epochs:
                     bar = reporter.progress(self.plan.updates_per_epoch, p.update_in_epoch, f"epoch {p.epoch + 1}/{tc.epochs}")
-                    batches = iter(train_loader(self.train_set, self.plan, p.epoch, p.update_in_epoch,
-                                                tc.num_workers, self.pin))
+                    self.train_loader.batch_sampler.set_epoch(p.epoch, p.update_in_epoch)
+                    batches = iter(self.train_loader)
                     for update in range(p.update_in_epoch, self.plan.updates_per_epoch):
                         start = time.perf_counter()
                         lr = self.optimizer.param_groups[0]["lr"]
@@ -370,7 +374,6 @@ class Trainer:
                             saved_at = p.iteration
                         if stopping:
                             raise Interrupted(stop[0] if stop else signal.SIGTERM, self.run_dir / "last.pt")
-                    del batches
                     reporter.close_bar()
                     if last_val_at != p.iteration:
                         self.validate(reporter)
@@ -388,6 +391,8 @@ class Trainer:
                 raise
             finally:
                 reporter.close()
+                stop_workers(self.train_loader)
+                stop_workers(self.val_loader)
         return self.run_dir / "last.pt"
 
 
@@ -407,21 +412,25 @@ def train(cfg: Config, device: torch.device, dist: Dist | None = None) -> Path:
     return trainer.fit()
 
 
-def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers: int, split: str = "test"):
-    """(a loader over every image of a split, in order, with the evaluation transforms; class names)."""
+def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers: int, split: str = "test",
+                 dist: Dist = Dist()):
+    """(a loader over every image of a split, in order, with the evaluation transforms; class names).
+    With several processes, each loads its share, and the shares cover the split once."""
     label_map = read_label_map(cfg.data_config)
     dataset = open_split(cfg.data_config, split, label_map)
     check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
-    return eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"), class_names(label_map)
+    loader = eval_loader(dataset, batch_size, num_workers, device.type == "cuda", dist.rank, dist.world_size)
+    return loader, class_names(label_map)
 
 
 def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
-                   split: str = "test") -> tuple[Accumulator, Accumulator | None, list[str]]:
+                   split: str = "test", dist: Dist = Dist(), precision: str = "fp32",
+                   ) -> tuple[Accumulator, Accumulator | None, list[str]]:
     """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
-    loader, names = split_loader(cfg, device, batch_size, num_workers, split)
+    loader, names = split_loader(cfg, device, batch_size, num_workers, split, dist)
     if getattr(model, "args", None) is not None and model.args.distilled:
-        acc, avg = evaluate_heads(model, loader, device, len(names))
+        acc, avg = evaluate_heads(model, loader, device, len(names), dist, precision)
         return acc, avg, names
-    return evaluate(model, loader, device, len(names)), None, names
+    return evaluate(model, loader, device, len(names), dist, precision), None, names
 
 

@@ -10,7 +10,8 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .config import Config
-from .engine import split_accuracy, split_loader
+from .distributed import Dist
+from .engine import split_accuracy, split_loader, sum_over_processes
 from .errors import UserError
 from .metrics import Accumulator, confusion_image, format_report
 from .models import build_model
@@ -26,18 +27,28 @@ def checkpoint_for(cfg: Config, override: str | None) -> Path:
 
 
 def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str | None = None,
-             output_dir: str | None = None) -> dict:
-    """Evaluate ``checkpoint`` on every test image; print and save the results; return the JSON dict."""
+             output_dir: str | None = None, dist: Dist = Dist()) -> dict:
+    """Evaluate ``checkpoint`` on every test image; print and save the results; return the JSON dict.
+
+    With several processes each evaluates its share of the split and the counts are summed; rank 0
+    alone prints and writes. Always in FP32 (whatever the config's training ``precision``): the
+    weights as deployed.
+    """
     ckpt = ckpt_io.load(checkpoint)
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
     model = build_model(cfg, distilled=ckpt_io.has_distillation(ckpt))
     ckpt_io.load_model_weights(model, ckpt, checkpoint)
     model.to(device)
-    if model.args.q_format != "FP32":
+    tc = cfg.train_config
+    if dist.is_main and model.args.q_format != "FP32":
         print(f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
               f"as {cfg.path} vit_config.q_format says")
-    tc = cfg.train_config
-    acc, avg, names = split_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers)
+    acc, avg, names = split_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
+    result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
+    if avg is not None:
+        result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
+    if not dist.is_main:
+        return result
     print(format_report(acc, names))
     if avg is not None:
         print(f"DeiT checkpoint: the figures above are the class head's, which is what the accelerator runs; "
@@ -54,9 +65,6 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     reporter.scalars(int(ckpt.get("iteration", 0)), **scalars)
     reporter.close()
     print(f"confusion matrix: {out_dir / 'confusion_matrix.png'} (and TensorBoard in {out_dir})")
-    result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
-    if avg is not None:
-        result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
     _write_json(result, json_path)
     return result
 
@@ -69,9 +77,9 @@ def _write_json(result: dict, json_path: str | None) -> None:
 
 @torch.no_grad()
 def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, device: torch.device,
-            num_classes: int) -> tuple[Accumulator, Accumulator, int, float]:
+            num_classes: int, dist: Dist = Dist()) -> tuple[Accumulator, Accumulator, int, float]:
     """Both models on every batch: (reference accuracy, quantized accuracy, predictions that changed,
-    largest absolute difference between their logits)."""
+    largest absolute difference between their logits); with several processes, over all their shares."""
     reference.eval(), quantized.eval()
     ref_acc, q_acc = Accumulator(num_classes), Accumulator(num_classes)
     changed, max_diff = 0, 0.0
@@ -83,7 +91,9 @@ def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, devi
         q_acc.update(q, targets)
         changed += (ref.argmax(1) != q.argmax(1)).sum().item()
         max_diff = max(max_diff, (ref - q).abs().max().item())
-    return ref_acc, q_acc, changed, max_diff
+    changed = int(dist.all_reduce_sum(torch.tensor([changed], dtype=torch.float64)).item())
+    max_diff = float(dist.all_reduce_max(torch.tensor([max_diff], dtype=torch.float64)).item())
+    return sum_over_processes(ref_acc, dist), sum_over_processes(q_acc, dist), changed, max_diff
 
 
 def resolve_format(cfg: Config, trained: tuple[str, str], quantized_ckpt: bool, q_format: str | None,
@@ -108,7 +118,7 @@ def resolve_format(cfg: Config, trained: tuple[str, str], quantized_ckpt: bool, 
 
 def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_format: str | None = None,
                       q_rounding: str | None = None, quantized_ckpt: bool = False,
-                      json_path: str | None = None) -> dict:
+                      json_path: str | None = None, dist: Dist = Dist()) -> dict:
     """Test ``checkpoint`` in FP32 and in a simulated number format, side by side; print and return the results.
 
     Floating-point formats need no calibration (there are no scales to fit), so the validation
@@ -124,21 +134,24 @@ def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_for
         ckpt_io.load_model_weights(model, ckpt, checkpoint, require_distillation=False)
         models.append(model.to(device))
     tc = cfg.train_config
-    loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
+    loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
     kind = (f"trained with quantization-aware training in {trained[0]}" if quantized_ckpt
             else "trained in FP32, quantized after training")
-    print(f"{checkpoint}: {kind}; testing in {fmt} ({rounding} rounding)"
-          + (" (DeiT: class head)" if ckpt_io.has_distillation(ckpt) else ""), flush=True)
-    ref, q, changed, max_diff = compare(*models, loader, device, len(names))
+    if dist.is_main:
+        print(f"{checkpoint}: {kind}; testing in {fmt} ({rounding} rounding)"
+              + (" (DeiT: class head)" if ckpt_io.has_distillation(ckpt) else ""), flush=True)
+    ref, q, changed, max_diff = compare(*models, loader, device, len(names), dist)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
+    result = {"q_format": fmt, "q_rounding": rounding, "quantized_ckpt": quantized_ckpt, "num_images": ref.count,
+              "fp32": {"top1": ref.top1, "top5": ref.top5}, "quantized": {"top1": q.top1, "top5": q.top5},
+              "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
+    if not dist.is_main:
+        return result
     width = max(7, len(fmt))
     print(f"{'':<26}{'FP32':>{width}}  {fmt:>{width}}")
     print(f"{'top-1':<26}{ref.top1:>{width - 1}.2f}%  {q.top1:>{width - 1}.2f}%")
     print(f"{f'top-{ref.k}':<26}{ref.top5:>{width - 1}.2f}%  {q.top5:>{width - 1}.2f}%")
     print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} test images changed)")
     print(f"largest logit difference: {max_diff:.6g}")
-    result = {"q_format": fmt, "q_rounding": rounding, "quantized_ckpt": quantized_ckpt, "num_images": ref.count,
-              "fp32": {"top1": ref.top1, "top5": ref.top5}, "quantized": {"top1": q.top1, "top5": q.top5},
-              "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
     _write_json(result, json_path)
     return result

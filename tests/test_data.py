@@ -1,6 +1,7 @@
 """The data pipeline: image lists, labels, transforms, image modes, and every dataset check."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from conftest import CLASSES, assert_user_error, class_image, data_config, make_
 from PIL import Image
 
 from myrtle_vision.config import load_data_config
-from myrtle_vision.data import TrainPlan, eval_loader, open_split, read_label_map
+from myrtle_vision.data import TrainPlan, eval_loader, open_split, read_label_map, stop_workers, train_loader
 from myrtle_vision.errors import UserError
 from myrtle_vision.transforms import build_transform, parse_ops
 
@@ -164,3 +165,30 @@ def test_images_decode_identically_through_workers(dataset, data_cfg):
     parallel = torch.cat([x for x, _ in eval_loader(split, 4, 2)])
     assert torch.equal(serial, parallel) and len(serial) == 15
     assert np.isfinite(serial.numpy()).all()
+
+
+class _Keys(torch.utils.data.Dataset):
+    """Returns what the sampler asked for, and which process loaded it."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, key):
+        index, seed = key
+        return torch.tensor([index, seed, os.getpid()])
+
+
+def test_persistent_training_workers_serve_each_epoch_its_own_plan():
+    plan = TrainPlan(20, 8, 4, seed=3, drop_last=False)
+    loader = train_loader(_Keys(), plan, 0, 0, num_workers=2, persistent=True)
+    pids = set()
+    try:
+        for epoch, start in ((0, 0), (1, 0), (2, 1)):
+            loader.batch_sampler.set_epoch(epoch, start)
+            batches = list(loader)
+            assert [b[:, :2].tolist() for b in batches] == [[list(k) for k in mb] for mb in plan.batches(epoch, start)]
+            pids.update(int(p) for b in batches for p in b[:, 2])
+        assert len(pids) == 2 and os.getpid() not in pids  # the same two workers served every epoch
+    finally:
+        stop_workers(loader)
+    assert loader._iterator is None

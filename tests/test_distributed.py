@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,10 +24,10 @@ RUN = {"epochs": 3, "local_batch_size": 4, "global_batch_size": 8, "iters_per_ch
        "keep_checkpoints": None, "distributed": True, "num_workers": 1}
 
 
-def torchrun(*args, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun(*args, script: str = "train.py", nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(REPO / "train.py"), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                           str(REPO / script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -125,3 +126,32 @@ def test_deit_trains_in_two_processes_as_in_one(runs, tmp_path):
     a, b = ckpt_io.load(run_dir_of(one) / "last.pt"), ckpt_io.load(run_dir_of(proc) / "last.pt")
     _assert_close(a["model"], b["model"])
     _assert_close(a["distillation"], b["distillation"])
+
+
+def test_test_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
+    _, _, _, (cfg, run_dir, _) = runs
+    ckpt = run_dir / "checkpoint_0000004.pt"
+    args = ("-c", cfg, "--checkpoint", ckpt)
+    one = run_script("test.py", *args, "--json", tmp_path / "one.json", "--output-dir", tmp_path / "one", check=True)
+    two = torchrun(*args, "--json", tmp_path / "two.json", "--output-dir", tmp_path / "two", script="test.py")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["num_images"] == b["num_images"] == 15  # split 8 and 7 between the processes
+    assert a == b  # sums of counts: exactly equal, per class too
+    assert two.stdout.count("confusion matrix:") == 1 and (tmp_path / "two" / "confusion_matrix.png").is_file()
+    assert two.stdout.count("top-1") == one.stdout.count("top-1")  # rank 0 alone prints
+
+
+def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
+    _, _, _, (cfg, run_dir, _) = runs
+    args = ("-c", cfg, "--checkpoint", run_dir / "checkpoint_0000004.pt", "--q_format", "FP16_16")
+    run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", check=True)
+    two = torchrun(*args, "--json", tmp_path / "two.json", script="test_quantize.py")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["num_images"] == b["num_images"] == 15
+    assert a["changed_predictions"] == b["changed_predictions"]
+    assert (a["fp32"], a["quantized"]) == (b["fp32"], b["quantized"])
+    # the largest difference is taken over both processes' shares (batches differ, so the logits may by an ulp)
+    assert b["max_logit_diff"] == pytest.approx(a["max_logit_diff"], rel=1e-3) and a["max_logit_diff"] > 0
+    assert two.stdout.count("predictions unchanged") == 1

@@ -18,16 +18,15 @@ The target for FP16_32 is at most 1.15x FP32.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import machine, timed, write_section  # noqa: E402
 from myrtle_vision import checkpoint as ckpt_io  # noqa: E402
 from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
 from myrtle_vision.config import load_config  # noqa: E402
@@ -35,32 +34,9 @@ from myrtle_vision.engine import evaluate, split_loader  # noqa: E402
 from myrtle_vision.models import build_model  # noqa: E402
 
 FORMATS = ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16")
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADING = "## Evaluation in a simulated number format against FP32 (quantized_eval.py)"
 INTRO = ("Target: FP16_32 evaluation at most 1.15x the time of FP32 evaluation on the same data and machine. "
          "Each table is rewritten when its command is run again.")
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -122,26 +98,10 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section(table, Path(args.config).stem + ("_random" if args.random_batches else ""))
-        print(f"written to {RESULTS}")
+        key = Path(args.config).stem + ("_random" if args.random_batches else "")
+        write_section(HEADING, INTRO, f"quantized_eval {key}", table)
+        print("written to benchmarks/RESULTS.md")
     return 0
-
-
-def write_section(table: str, key: str) -> None:
-    """Replace this benchmark's table for ``key`` in RESULTS.md (or add it), keeping everything else."""
-    begin, end = f"<!-- quantized_eval {key}: begin -->", f"<!-- quantized_eval {key}: end -->"
-    block = f"{begin}\n{table}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{INTRO}\n"
-    if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        at = text.index(HEADING) + len(HEADING)
-        nxt = text.find("\n## ", at)
-        at = len(text.rstrip("\n")) if nxt < 0 else nxt
-        text = text[:at].rstrip("\n") + "\n\n" + block + "\n" + text[at:]
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end and report every measurement. Their speed is never asserted
+here (the machines are noisy); the figures live in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO, data_config, make_dataset, train_config
+
+RUN = {"epochs": 1, "local_batch_size": 4, "global_batch_size": 4, "num_workers": 0}
+
+
+def _run(*args) -> str:
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _ratios(table: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\*\*([0-9.]+)x\*\*", table)]
+
+
+def test_vs_timm_measures_ours_and_timm_training_inference_and_the_data_pipeline():
+    out = _run("benchmarks/vs_timm.py", "--models", "tiny", "--settings", "fp32", "bf16", "--image-size", "32",
+               "--batch-size", "4", "--images-per-class", "2", "--warmup", "1", "--repeats", "1", "--no-write")
+    assert re.search(r"Measured fp32 matmul rate: \*\*\d+ GFLOP/s\*\*", out)
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| ViT-Tiny")}
+    assert {"training", "inference", "fp32", "bf16"} <= rows.keys()
+    # the shares of the matmul rate are percentages of real FLOP counts
+    assert all(re.search(r"\| \d+% \| \d+% \|$", rows[k]) for k in ("training", "inference"))
+    assert "| fp32 eager |" in rows["bf16"]  # the best-settings rows compare against timm in fp32 eager
+    ratios = _ratios(out)
+    assert len(ratios) == 2 + 2 + 1 and all(r > 0 for r in ratios)
+    assert re.search(r"^\| 4 \| \d+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)  # 4 loader workers: the default
+
+
+def test_quantized_eval_reports_every_format(tmp_path):
+    dataset = make_dataset(tmp_path / "data", ["a", "b"], counts=(4, 2, 6))
+    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", dataset, 2), tmp_path / "out", train=RUN,
+                       vit={"image_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32})
+    out = _run("benchmarks/quantized_eval.py", "-c", cfg, "--repeats", "1", "--no-write")
+    assert "12 images" in out
+    for fmt in ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16"):
+        assert re.search(rf"\| model only \| {fmt} \|", out)
+    assert re.search(r"\| evaluation \(data \+ model\) \| FP16_32 \| [0-9.]+ \| \d+ \| [0-9.]+x \|", out)

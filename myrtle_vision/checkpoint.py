@@ -32,13 +32,18 @@ import torch
 from torch import nn
 
 from . import layout
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 
 FORMAT = "myrtle_vision/1"
 
 
 def save_atomic(obj, path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+
+    A crash at any moment leaves either the previous file or the new one under ``path``, never a
+    partial one. A write that fails (full disk, no permission) removes the temporary file, leaves
+    the previous file as it was, and raises :class:`TrainingStopped` naming the path and the reason.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -47,20 +52,51 @@ def save_atomic(obj, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise TrainingStopped(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
+                              "the previous checkpoints are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power cut (where the file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def link_atomic(src: Path, dst: Path) -> None:
     """Make ``dst`` a second name for ``src`` (a hard link, else a copy), replacing it atomically."""
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except OSError as e:
+        raise TrainingStopped(f"{dst}: cannot update it to point to {src.name} ({e.strerror or e}); "
+                              f"{src} itself is complete") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes that a crash interrupted (``.NAME.tmpPID``)."""
+    for tmp in folder.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_file(path: Path, what: str):

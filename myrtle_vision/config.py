@@ -60,6 +60,7 @@ class TrainConfig:
     keep_checkpoints: Optional[int] = 5
     precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast and a gradient scaler; CUDA)
     compile: bool = False  # torch.compile the training step's model
+    nonfinite_loss: str = "stop"  # a NaN/inf loss: "stop" the run (nothing saved) or "skip" the update
     # Accepted for compatibility with the earlier release; see the README for what happens to them.
     lr_noise: Optional[list[float]] = None
     lr_noise_pct: float = 0.67
@@ -77,6 +78,7 @@ class TrainConfig:
         v.choice(self.optimizer, OPTIMIZERS, "optimizer")
         v.choice(self.scheduler, SCHEDULERS, "scheduler")
         v.choice(self.precision, PRECISIONS, "precision")
+        v.choice(self.nonfinite_loss, ("stop", "skip"), "nonfinite_loss")
         v.check(self.opt_eps > 0, "opt_eps", "must be positive")
         if self.opt_betas is not None:
             v.check(len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas), "opt_betas",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from contextlib import contextmanager
@@ -24,13 +25,20 @@ from .config import Config
 from .distributed import Dist
 from .data import (TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, stop_workers,
                    train_loader)
-from .errors import UserError
+from .errors import TrainingStopped, UserError
 from .losses import DistillationLoss
 from .metrics import Accumulator
 from .models import build_model
 from .models.teacher import load_teacher
 from .optim import LRSchedule, build_optimizer, build_scheduler
 from .reporting import Reporter
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # nonfinite_loss "skip" gives up after this many non-finite updates in a row
+
+
+class NonFiniteLoss(TrainingStopped):
+    """The training loss became NaN or infinite: the run stops, and nothing is saved."""
 
 
 class Interrupted(Exception):
@@ -136,7 +144,11 @@ def new_run_dir(output_directory: str) -> Path:
     while run_dir.exists():
         n += 1
         run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise TrainingStopped(f"{run_dir}: cannot create the run directory ({e.strerror or e}); "
+                              "check train_config.output_directory") from None
     return run_dir
 
 
@@ -202,6 +214,7 @@ class Trainer:
                                         where).to(device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
         self.progress = TrainState()
+        self.skipped_in_a_row = 0
         self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
         self.pin = device.type == "cuda"
         # Workers that live as long as the run: no start-up at every epoch and validation.
@@ -330,20 +343,46 @@ class Trainer:
                 # update's images; times the process count, because averaging across processes divides by it.
                 self.scaler.scale(loss * (targets.numel() * dist.world_size / n_images)).backward()
             loss_sum += loss.detach().double().cpu() * targets.numel()
-        if tc.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-        self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
-        self.scaler.update()
+        mean_loss = dist.all_reduce_sum(loss_sum).item() / n_images  # the same on every process, NaN included
+        if not math.isfinite(mean_loss):
+            self._nonfinite_loss(mean_loss)
+        else:
+            self.skipped_in_a_row = 0
+            if tc.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+            self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
+            self.scaler.update()
         self.scheduler.step()
-        return dist.all_reduce_sum(loss_sum).item() / n_images, n_images
+        return mean_loss, n_images
+
+    def _nonfinite_loss(self, loss: float) -> None:
+        """Stop before the optimizer step (``nonfinite_loss: stop``), or drop this update's gradients (``skip``)."""
+        p = self.progress
+        where = f"iteration {p.iteration + 1} (epoch {p.epoch + 1}): the training loss is {loss}"
+        if self.tc.nonfinite_loss == "skip" and self.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+            self.skipped_in_a_row += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.dist.is_main:
+                print(f"{where}; update skipped (train_config.nonfinite_loss is skip)", flush=True)
+            return
+        saved = sorted(self.run_dir.glob("checkpoint_*.pt"))
+        last = f"the last checkpoint, {saved[-1]}, is untouched" if saved else "no checkpoint was written yet"
+        more = (f" after {MAX_SKIPPED_IN_A_ROW} skipped updates in a row" if self.tc.nonfinite_loss == "skip" else "")
+        raise NonFiniteLoss(f"{where}{more}; stopped without saving: {last}. Lower the learning rate, set clip_grad, "
+                            "or set train_config.nonfinite_loss to skip")
 
     def fit(self) -> Path:
         """Train to the end (or until a signal); returns the path of the last checkpoint."""
         tc, p, dist = self.tc, self.progress, self.dist
         if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                ckpt_io.remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
+                (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+            except OSError as e:
+                raise TrainingStopped(f"{self.run_dir}: cannot write the run directory ({e.strerror or e}); "
+                                      f"check {self.cfg.path} train_config.output_directory") from None
         reporter = Reporter(self.run_dir, enabled=dist.is_main)
         saved_at, last_val_at = p.iteration, -1
         self.model.train()
@@ -382,6 +421,8 @@ class Trainer:
                 self.save_checkpoint()  # (re)written after the epoch-end validation and bookkeeping
             except (Interrupted, KeyboardInterrupt):
                 raise  # a second Ctrl-C may land anywhere, even inside optimizer.step: save nothing then
+            except TrainingStopped:
+                raise  # a checkpoint write that failed, or a non-finite loss: writing again would not help
             except Exception:
                 # Model, optimizer and scheduler still hold the last completed update: keep it.
                 if p.iteration > saved_at:

@@ -28,3 +28,9 @@ class ConfigError(UserError):
 
     def __reduce__(self):  # keep it picklable across worker processes
         return (ConfigError, (self.path, self.field, self.problem))
+
+
+class TrainingStopped(UserError):
+    """A run that cannot go on (a checkpoint that cannot be written, a loss that is not finite): one line, exit 3."""
+
+    exit_code = 3

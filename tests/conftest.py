@@ -75,8 +75,9 @@ def train_config(path: Path, data_cfg: Path, out: Path, train=None, vit=None, **
     return path
 
 
-def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -32,10 +32,23 @@ def main_guard(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever it quotes
         code = e.exit_code
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator raises a plain one
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
+                and "can't allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({_first_line(e)}); lower train_config.local_batch_size (gradient accumulation "
+              "keeps global_batch_size) or use a smaller model", file=sys.stderr)
+        code = 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
     sys.stdout.flush()
     sys.exit(code or 0)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:300] if text else type(e).__name__

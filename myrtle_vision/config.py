@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,8 @@ class TrainConfig:
         v.check(self.decay_epochs > 0, "decay_epochs", "must be positive")
         v.check(0 < self.decay_rate <= 1, "decay_rate", "must be in (0, 1]")
         v.check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        v.check(self.num_workers >= 0, "num_workers", "must not be negative")
+        v.check(0 <= self.num_workers <= 1024, "num_workers", "must be in [0, 1024]")
+        v.check(0 <= self.seed < 2 ** 63, "seed", "must be in [0, 2^63)")
         v.check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "must be null or at least 1")
         v.check(self.lr_noise is None, "lr_noise", "learning-rate noise is not supported; set it to null")
 
@@ -100,6 +102,9 @@ class DistConfig:
 
     def validate(self, v: "_Validator") -> None:
         v.choice(self.dist_backend, ("nccl", "gloo"), "dist_backend")
+
+
+MAX_PARAMETERS = 4_000_000_000  # ViT-Huge has 0.63e9; beyond this a model does not fit a GPU's memory anyway
 
 
 @dataclass
@@ -115,12 +120,22 @@ class VitConfig:
     q_format: str = "FP32"  # FP32 trains in FP32; any other format trains with it simulated (QAT)
     q_rounding: str = "nearest_even"  # or "qtorch": ties away from zero, saturating
 
+    def parameter_count(self, num_classes: int = 1000) -> int:
+        """About how many parameters the model has (to refuse one that cannot be built)."""
+        d, patches = self.embed_dim, (self.image_size // self.patch_size) ** 2
+        block = 4 * d * d + 2 * d * self.mlp_dim + self.mlp_dim + 6 * d
+        return 3 * self.patch_size ** 2 * d + (patches + 2) * d + self.depth * block + (d + 1) * num_classes
+
     def validate(self, v: "_Validator") -> None:
         for name in ("image_size", "patch_size", "embed_dim", "depth", "heads", "mlp_dim"):
             v.check(getattr(self, name) >= 1, name, "must be at least 1")
         v.check(self.image_size % self.patch_size == 0, "image_size",
                 f"{self.image_size} is not divisible by patch_size {self.patch_size}")
         v.check(self.embed_dim % self.heads == 0, "embed_dim", f"{self.embed_dim} is not divisible by heads {self.heads}")
+        params = self.parameter_count()
+        v.check(params <= MAX_PARAMETERS, "embed_dim", f"with depth {self.depth}, mlp_dim {self.mlp_dim} and "
+                f"{(self.image_size // self.patch_size) ** 2} patches the model has {float(min(params, 10 ** 300)):.3g} parameters; "
+                f"at most {MAX_PARAMETERS:.0g} are supported")
         for name in ("dropout", "emb_dropout"):
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         v.choice(self.q_format, Q_FORMATS, "q_format")
@@ -217,8 +232,9 @@ def _type_ok(value: Any, tp) -> bool:
         return isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # finite: JSON parsers accept NaN and Infinity, and huge integers overflow a float
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e300
+                and math.isfinite(value))
     if tp is str:
         return isinstance(value, str)
     if origin is list:
@@ -229,7 +245,7 @@ def _type_ok(value: Any, tp) -> bool:
 
 
 def _type_name(tp) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+    names = {bool: "true/false", int: "an integer", float: "a finite number", str: "a string", dict: "an object",
              type(None): "null"}
     if typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
@@ -282,6 +298,8 @@ def read_json(path) -> Any:
         raise ConfigError(path, "", "file not found") from None
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not a JSON text file (it is not UTF-8)") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -298,6 +316,8 @@ def load_config(path) -> Config:
     if isinstance(raw, dict) and "data_config" in raw:
         raise ConfigError(path, "data_config", "unknown field (did you mean 'data_config_path'?)")
     cfg = build(Config, raw, path)
+    if not Path(cfg.data_config_path).is_file():
+        raise ConfigError(path, "data_config_path", f"{cfg.data_config_path}: file not found")
     cfg.data_config = load_data_config(cfg.data_config_path)
     cfg.path = str(path)
     return cfg

@@ -37,12 +37,14 @@ def derive_seed(*parts: int) -> int:
 
 def read_label_map(cfg: DataConfig) -> dict[str, int]:
     """Read and check ``label_map.json`` against ``number_of_classes``."""
+    if not Path(cfg.dataset_path).is_dir():
+        raise UserError(f"{cfg.dataset_path}: dataset folder not found (data config field dataset_path)")
     path = Path(cfg.dataset_path) / cfg.label_map
     try:
         label_map = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: label map not found (data config field label_map)") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text at all
         raise UserError(f"{path}: cannot read the label map: {e}") from None
     if not isinstance(label_map, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
         raise UserError(f"{path}: expected an object mapping class folder names to integer ids")
@@ -74,6 +76,8 @@ class ImageListDataset(Dataset):
             lines = self.list_path.read_text().splitlines()
         except FileNotFoundError:
             raise UserError(f"{self.list_path}: split file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.list_path}: cannot read the split file ({getattr(e, 'strerror', None) or e})") from None
         root = self.root.resolve()
         paths, labels, class_dirs = [], [], set()
         for lineno, line in enumerate(lines, 1):

@@ -23,6 +23,8 @@ class ConfigError(UserError):
     """A config file field that is missing, unknown, of the wrong type or impossible."""
 
     def __init__(self, path, field: str, problem: str):
+        if not field.isprintable():  # a field name typed with a newline or a control character
+            field = field.encode("unicode_escape").decode("ascii")
         self.path, self.field, self.problem = str(path), field, problem
         super().__init__(f"{path}: {field}: {problem}" if field else f"{path}: {problem}")
 

@@ -1,0 +1,414 @@
+"""A corpus of bad inputs, each run through the script a user would run: one line on stderr that
+names the file and the field, exit status 2, no traceback. And a property test: random mutations
+of a valid config never end in a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import CLASSES, REPO, data_config, make_dataset, train_config
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from myrtle_vision.cli import main_guard
+from myrtle_vision.config import load_config
+from myrtle_vision.engine import Trainer
+from myrtle_vision.errors import UserError
+
+
+def run(script: str, *args) -> tuple[int, str, str]:
+    """Run a root script in this process, as ``python script args`` would: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [str(REPO / script), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A dataset, a checkpoint of a short run and a teacher file, copied for each case to break."""
+    root = tmp_path_factory.mktemp("pristine")
+    make_dataset(root / "ds", CLASSES, counts=(8, 2, 3))
+    cfg = train_config(root / "t.json", data_config(root / "d.json", root / "ds", 3), root / "out",
+                       train={"epochs": 1, "global_batch_size": 8})
+    code, out, err = run("train.py", "-c", cfg)
+    assert code == 0, out + err
+    shutil.copy(next((root / "out").glob("*/last.pt")), root / "ckpt.pt")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=3).state_dict(), root / "teacher.pth")
+    return root
+
+
+class Case:
+    """A copy of the pristine inputs in ``root``, to break; ``train``/``vit``/... go into the config."""
+
+    def __init__(self, pristine: Path, root: Path):
+        shutil.copytree(pristine / "ds", root / "ds")
+        for name in ("ckpt.pt", "teacher.pth"):
+            shutil.copy(pristine / name, root / name)
+        self.root, self.ds = root, root / "ds"
+        self.data = {"dataset_path": str(self.ds), "train_files": "train_imagepaths.txt",
+                     "valid_files": "val_imagepaths.txt", "test_files": "test_imagepaths.txt",
+                     "label_map": "label_map.json", "number_of_classes": 3,
+                     "transform_ops_train": {"RandomHorizontalFlip": None,
+                                             "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}},
+                     "transform_ops_val": {"Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}}
+        self.data_path = root / "data.json"
+        self.cfg_path = root / "train.json"
+        self.cfg = json.loads(train_config(self.cfg_path, self.data_path, root / "out",
+                                           train={"epochs": 1, "global_batch_size": 8}).read_text())
+
+    def write(self) -> Path:
+        """Write the data config, and the train config unless a case replaced or removed its file."""
+        self.data_path.write_text(json.dumps(self.data))
+        if self.cfg is not None:
+            self.cfg_path.write_text(json.dumps(self.cfg))
+        return self.cfg_path
+
+
+def _set(d: dict, dotted: str, value):
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d[p]
+    d[last] = value
+
+
+def _del(d: dict, dotted: str):
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d[p]
+    del d[last]
+
+
+def _image(c: Case, n: int = 3) -> Path:
+    """The n-th training image (the first is read at start-up, later ones during training)."""
+    return c.ds / (c.ds / "train_imagepaths.txt").read_text().split()[n]
+
+
+# Each case breaks one thing and says which script shows it and what its line must name.
+# A function of the Case returns (script args after -c CONFIG, [needles]); "{cfg}", "{data}" and
+# "{ds}" in needles are the config, data config and dataset paths.
+def _raw_cfg(text, *needles):
+    def f(c: Case):
+        c.write()
+        c.cfg_path.write_text(text(c.cfg_path.read_text()) if callable(text) else text)
+        c.cfg = None
+        return [], ["{cfg}", *needles]
+    return f
+
+
+def _cfg(dotted: str, value, *needles):
+    def f(c: Case):
+        _set(c.cfg, dotted, value)
+        return [], ["{cfg}", dotted.split(".", 1)[1] if "." in dotted else dotted, *needles]
+    return f
+
+
+def _cfg_del(dotted: str, *needles):
+    def f(c: Case):
+        _del(c.cfg, dotted)
+        return [], ["{cfg}", dotted.split(".")[-1], "missing", *needles]
+    return f
+
+
+def _data(key: str, value, *needles):
+    def f(c: Case):
+        _set(c.data, key, value)
+        return [], ["{data}", key.split(".")[0], *needles]
+    return f
+
+
+def _file(action, *needles):
+    def f(c: Case):
+        needle = action(c)
+        return [], [*needles, *([needle] if needle else [])]
+    return f
+
+
+def _spoil(data: bytes, n: int = 3):
+    def f(c: Case) -> str:
+        _image(c, n).write_bytes(data)
+        return _image(c, n).name
+    return f
+
+
+def _ckpt(script: str, action, *needles):
+    def f(c: Case):
+        path = action(c)
+        if script == "train.py":
+            c.cfg["train_config"]["checkpoint_path"] = str(path)
+            return [], [str(path), *needles]
+        return ["--checkpoint", path], [str(path), *needles]
+    f.script = script
+    return f
+
+
+def _teacher(action, *needles):
+    def f(c: Case):
+        path = action(c)
+        c.cfg["distiller_config"] = {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(path)}
+        return [], ["teacher_weights_path", str(path), *needles]
+    return f
+
+
+def _truncate(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+def _other_architecture(c: Case) -> Path:
+    ckpt = torch.load(c.root / "ckpt.pt", weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if ".1." not in k}  # one block fewer
+    torch.save(ckpt, c.root / "other.pt")
+    return c.root / "other.pt"
+
+
+def _symlink_out(c: Case) -> None:
+    outside = c.root / "outside.png"
+    shutil.copy(_image(c, 0), outside)
+    link = c.ds / "images" / "cat" / "link.png"
+    link.symlink_to(outside)
+    with open(c.ds / "train_imagepaths.txt", "a") as f:
+        f.write("images/cat/link.png\n")
+
+
+def _append_line(line: str):
+    def f(c: Case):
+        with open(c.ds / "train_imagepaths.txt", "a") as fh:
+            fh.write(line + "\n")
+        return str(c.ds / "train_imagepaths.txt")
+    return f
+
+
+def _mobilenet(classes: int, name="mobilenet_v3_small"):
+    def f(c: Case):
+        torch.save(torchvision.models.get_model(name, num_classes=classes).state_dict(), c.root / "t2.pth")
+        return c.root / "t2.pth"
+    return f
+
+
+CASES = {
+    # the train config's JSON
+    "malformed JSON": _raw_cfg('{"train_config": {', "not valid JSON", "line 1"),
+    "truncated JSON": _raw_cfg(lambda text: text[:len(text) // 2], "not valid JSON"),
+    "empty config file": _raw_cfg("", "not valid JSON"),
+    "config is a list": _raw_cfg("[1, 2]", "expected an object"),
+    "binary config file": lambda c: (c.write(), c.cfg_path.write_bytes(b"\x80\x04\x95 pickle"),
+                                     setattr(c, "cfg", None), ([], ["{cfg}", "not UTF-8"]))[3],
+    "config not found": lambda c: (c.cfg_path.unlink(), setattr(c, "cfg", None), ([], ["{cfg}", "not found"]))[2],
+    "missing section": _cfg_del("vit_config"),
+    "missing field": _cfg_del("train_config.lr"),
+    "unknown field": _cfg("train_config.learning_rate", 0.1, "unknown field", "did you mean"),
+    "misspelled section": _cfg("vit_confg", {}, "unknown field", "did you mean 'vit_config'"),
+    "string for an integer": _cfg("train_config.epochs", "ten", "expected an integer"),
+    "list for a number": _cfg("train_config.lr", [0.1], "expected a finite number"),
+    "true for an integer": _cfg("train_config.epochs", True, "expected an integer"),
+    "null for a required integer": _cfg("vit_config.image_size", None, "expected an integer"),
+    "section of the wrong type": _cfg("train_config", [], "expected an object"),
+    "negative lr": _cfg("train_config.lr", -0.1, "must not be negative"),
+    "zero epochs": _cfg("train_config.epochs", 0, "at least 1"),
+    "batch sizes that do not divide": _cfg("train_config.local_batch_size", 3, "not a multiple"),
+    "image size not divisible by patch size": _cfg("vit_config.patch_size", 5, "not divisible by patch_size 5"),
+    "embed_dim not divisible by heads": _cfg("vit_config.heads", 3, "not divisible by heads 3"),
+    "unknown optimizer": _cfg("train_config.optimizer", "adamx", "not one of adamw, adam, sgd"),
+    "unknown scheduler": _cfg("train_config.scheduler", "cosinus", "not one of"),
+    "unknown q_format": _cfg("vit_config.q_format", "FP8", "not one of"),
+    "unknown precision": _cfg("train_config.precision", "fp8", "not one of"),
+    "dropout of 1.5": _cfg("vit_config.dropout", 1.5, "[0, 1)"),
+    "infinite learning rate": _cfg("train_config.lr", float("inf"), "finite"),
+    "a model too large to build": _cfg("vit_config.embed_dim", 10 ** 7, "parameters"),
+    "data config not found": _cfg("data_config_path", "nowhere.json", "nowhere.json: file not found"),
+    "seed out of range": _cfg("train_config.seed", 2 ** 70, "seed"),
+    # the data config
+    "one class": _data("number_of_classes", 1, "at least 2"),
+    "unknown transform op": _data("transform_ops_train", {"RandomCropp": 32}, "RandomCropp"),
+    "Normalize not last": _data("transform_ops_val", {"Normalize": {"Mean": [0.5] * 3, "Std": [0.2] * 3},
+                                                      "CenterCrop": 32}, "last"),
+    "Normalize with two channels": _data("transform_ops_val", {"Normalize": {"Mean": [0.5] * 2, "Std": [0.2] * 2}},
+                                         "Normalize"),
+    "data config unknown field": _data("label_mapp", "x", "unknown field"),
+    "string class count": _data("number_of_classes", "three", "expected an integer"),
+    "class count disagrees with the label map": lambda c: (_set(c.data, "number_of_classes", 4), ([], [
+        str(c.ds / "label_map.json"), "3 classes", "number_of_classes is 4"]))[1],
+    # the dataset on disk
+    "dataset folder missing": _file(lambda c: shutil.rmtree(c.ds), "{ds}", "dataset_path"),
+    "split file missing": _file(lambda c: (c.ds / "val_imagepaths.txt").unlink(), "val_imagepaths.txt", "not found"),
+    "listed image missing": _file(lambda c: _image(c).unlink() or str(_image(c).name), "does not exist"),
+    "corrupt image": _file(_spoil(b"\x89PNG\r\n\x1a\n garbage"), "cannot read image"),
+    "zero-byte image": _file(_spoil(b""), "cannot read image"),
+    "truncated image": _file(lambda c: _truncate(_image(c)).name, "cannot read image"),
+    "corrupt first image": _file(_spoil(b"not an image", 0), "cannot read image"),
+    "label map malformed": _file(lambda c: (c.ds / "label_map.json").write_text("{cat: 0") and "label_map.json",
+                                 "cannot read the label map"),
+    "label map missing": _file(lambda c: (c.ds / "label_map.json").unlink() or "label_map.json", "not found"),
+    "class folder not in the label map": _file(lambda c: (c.ds / "images" / "wolf").mkdir() or "wolf",
+                                               "not in the label map"),
+    "empty split": _file(lambda c: (c.ds / "val_imagepaths.txt").write_text("") or "val_imagepaths.txt",
+                         "no images"),
+    "path escaping with ..": _file(_append_line("../outside.png"), "outside the dataset folder"),
+    "absolute path": _file(_append_line("/etc/hostname"), "outside the dataset folder"),
+    "symlink pointing outside": _file(lambda c: _symlink_out(c) or "link.png", "outside the dataset folder"),
+    # checkpoints
+    "checkpoint missing": _ckpt("train.py", lambda c: c.root / "nope.pt", "not found"),
+    "truncated checkpoint": _ckpt("train.py", lambda c: _truncate(c.root / "ckpt.pt"), "not a readable checkpoint"),
+    "zero-byte checkpoint": _ckpt("test.py", lambda c: _truncate(c.root / "ckpt.pt", 0), "not a readable checkpoint"),
+    "checkpoint of another architecture": _ckpt("test.py", _other_architecture, "depth"),
+    "a tensor, not a checkpoint": _ckpt("test_quantize.py", lambda c: torch.save(torch.ones(3), c.root / "t.pt")
+                                        or c.root / "t.pt", "not a checkpoint"),
+    # teacher files
+    "teacher file missing": _teacher(lambda c: c.root / "none.pth", "not found"),
+    "teacher of another class count": _teacher(_mobilenet(7), "7-class"),
+    "teacher of another architecture": _teacher(_mobilenet(3, "resnet18"), "not a mobilenet_v3_small"),
+    "truncated teacher": _teacher(lambda c: _truncate(c.root / "teacher.pth")),
+}
+SCRIPTS = {name: getattr(f, "script", "train.py") for name, f in CASES.items()}
+
+
+def test_the_corpus_is_large():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_line_naming_file_and_field(name, pristine, tmp_path):
+    c = Case(pristine, tmp_path)
+    extra, needles = CASES[name](c)
+    c.write()
+    code, out, err = run(SCRIPTS[name], "-c", c.cfg_path, *extra)
+    assert code == 2, f"exit {code}\n{out}\n{err}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    paths = {"{cfg}": str(c.cfg_path), "{data}": str(c.data_path), "{ds}": str(c.ds)}
+    for needle in needles:
+        assert paths.get(needle, needle) in lines[0], f"{paths.get(needle, needle)!r} not in {lines[0]!r}"
+
+
+# --- random mutations of a valid config -----------------------------------------------------------
+
+JSON_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-3, max_value=300),
+    st.sampled_from([10 ** 6, 10 ** 12, 2 ** 63, -(2 ** 63), 10 ** 400]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.lists(st.one_of(st.integers(-2, 300), st.floats(-2, 2)), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(-2, 5), max_size=2))
+
+
+def _leaves(tree: dict, prefix=()) -> list[tuple]:
+    out = []
+    for k, v in tree.items():
+        out.append((*prefix, k))
+        if isinstance(v, dict):
+            out += _leaves(v, (*prefix, k))
+    return out
+
+
+@st.composite
+def mutated(draw, tree: dict) -> dict:
+    """``tree`` with one to three random edits: a value replaced, a key removed, an unknown or misspelled key."""
+    tree = json.loads(json.dumps(tree))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = _leaves(tree)
+        if not paths:
+            break
+        *parents, key = draw(st.sampled_from(paths))
+        node = tree
+        for p in parents:
+            node = node[p]
+        if not isinstance(node, dict) or key not in node:
+            continue
+        op = draw(st.sampled_from(["near", "near", "set", "set", "delete", "unknown", "typo"]))
+        old = node[key]
+        if op == "near" and isinstance(old, bool):
+            node[key] = not old
+        elif op == "near" and isinstance(old, int):  # a plausible value: often valid, sometimes just not
+            node[key] = draw(st.integers(-1, max(1, 2 * old + 2)))
+        elif op == "near" and isinstance(old, float):
+            node[key] = draw(st.floats(-0.5, max(1.0, 2 * old + 1)))
+        elif op in ("set", "near"):
+            node[key] = draw(JSON_VALUES)
+        elif op == "delete":
+            del node[key]
+        elif op == "unknown":
+            node[draw(st.text(min_size=1, max_size=8))] = draw(JSON_VALUES)
+        else:
+            node[key[:-1] + draw(st.sampled_from("aeiouxz_"))] = node.pop(key)
+    return tree
+
+
+def _set_up(cfg_path: Path) -> None:
+    """What train.py does before its first update: load and check everything, build the model and data."""
+    Trainer(load_config(cfg_path), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def mutation_case(pristine, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mutations")
+    c = Case(pristine, root)
+    c.write()
+    return c
+
+
+@settings(max_examples=int(os.environ.get("MUTATION_EXAMPLES", "400")), deadline=None, derandomize="MUTATION_EXAMPLES" not in os.environ,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_config_mutations_never_end_in_a_traceback(mutation_case, data):
+    c = mutation_case
+    which = data.draw(st.sampled_from(["train", "data", "both"]))
+    cfg = data.draw(mutated(c.cfg)) if which != "data" else c.cfg
+    dcfg = data.draw(mutated(c.data)) if which != "train" else c.data
+    c.cfg_path.write_text(json.dumps(cfg, allow_nan=True))
+    c.data_path.write_text(json.dumps(dcfg, allow_nan=True))
+    cwd = os.getcwd()
+    os.chdir(c.root)  # a mutated output_directory is created relative to here
+    try:
+        _set_up(c.cfg_path)
+        event("set up")
+    except UserError as e:
+        event("one-line error")
+        message = str(e)
+        assert message and "\n" not in message and "Traceback" not in message
+    finally:
+        os.chdir(cwd)
+
+
+def test_mutation_setup_really_builds_a_valid_config(mutation_case):
+    """The property above is not vacuous: the unmutated config sets up without error."""
+    mutation_case.write()
+    _set_up(mutation_case.cfg_path)
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(capsys):
+    def allocate_a_petabyte():
+        torch.empty(2 ** 50, dtype=torch.uint8)
+
+    with pytest.raises(SystemExit) as exit_:
+        main_guard(allocate_a_petabyte)
+    assert exit_.value.code == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "local_batch_size" in err
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    def bug():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        main_guard(bug)

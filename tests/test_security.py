@@ -1,0 +1,114 @@
+"""Files users are sent cannot run code, and split files cannot reach outside the dataset folder."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from conftest import CLASSES, assert_user_error, class_image, data_config, make_dataset, run_script, train_config
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def malicious(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "gift.pt"
+    torch.save({"model": {"pos_embed": torch.zeros(1)}, "exploit": _RunsCode(marker)}, path)
+    # it really is malicious: a plain (unsafe) load runs the command
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    return path, marker
+
+
+def _deit_section(teacher):
+    return {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
+
+
+@pytest.mark.parametrize("entry", ["train.py resume", "test.py", "test_quantize.py", "teacher file"])
+def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, malicious, tmp_path, data_cfg):
+    path, marker = malicious
+    if entry == "train.py resume":
+        cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(path)})
+        proc = run_script("train.py", "-c", cfg)
+    elif entry == "teacher file":
+        cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_deit_section(path))
+        proc = run_script("train.py", "-c", cfg)
+    else:
+        cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
+        proc = run_script(entry, "-c", cfg, "--checkpoint", path)
+    assert_user_error(proc, str(path), "Weights only load failed")
+    assert not marker.exists()
+
+
+def test_the_notebook_loader_and_every_load_in_the_package_use_weights_only():
+    """Every torch.load in the package and the scripts passes weights_only=True."""
+    from conftest import REPO
+
+    sources = [*REPO.glob("*.py"), *(REPO / "myrtle_vision").rglob("*.py")]
+    calls = [(p, line) for p in sources for line in p.read_text().splitlines() if "torch.load(" in line]
+    assert calls
+    assert all("weights_only=True" in line for _, line in calls), calls
+
+
+# --- split files cannot escape the dataset folder ----------------------------------------------------
+
+def _escape(ds, tmp_path, how: str) -> str:
+    outside = tmp_path / "outside"
+    (outside / "cat").mkdir(parents=True)
+    class_image(0, 0).save(outside / "cat" / "secret.png")
+    if how == "dot-dot":
+        line = "../outside/cat/secret.png"
+    elif how == "absolute":
+        line = str(outside / "cat" / "secret.png")
+    elif how == "symlinked file":
+        (ds / "images" / "cat" / "link.png").symlink_to(outside / "cat" / "secret.png")
+        line = "images/cat/link.png"
+    elif how == "symlinked folder":
+        (ds / "images" / "cat" / "more").symlink_to(outside / "cat", target_is_directory=True)
+        line = "images/cat/more/secret.png"
+    else:
+        line = "images/cat/../../../outside/cat/secret.png"
+    with open(ds / "train_imagepaths.txt", "a") as f:
+        f.write(line + "\n")
+    return line
+
+
+@pytest.mark.parametrize("how", ["dot-dot", "absolute", "symlinked file", "symlinked folder", "dot-dot inside"])
+def test_split_paths_cannot_escape_the_dataset_folder(how, tmp_path):
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    line = _escape(ds, tmp_path, how)
+    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
+    n = len((ds / "train_imagepaths.txt").read_text().splitlines())
+    assert_user_error(run_script("train.py", "-c", cfg), f"train_imagepaths.txt:{n}", line, "outside the dataset folder")
+
+
+def test_a_symlink_that_stays_inside_the_dataset_is_allowed(tmp_path):
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    (ds / "images" / "cat" / "again.png").symlink_to(ds / "images" / "cat" / "cat_000.png")
+    with open(ds / "train_imagepaths.txt", "a") as f:
+        f.write("images/cat/again.png\n")
+    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out",
+                       train={"epochs": 1})
+    run_script("train.py", "-c", cfg, check=True)
+
+
+def test_pickle_protocol_is_not_used_for_anything_users_send(tmp_path):
+    """Label maps and configs are JSON: a pickle given as a label map is a parse error, nothing more."""
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    marker = tmp_path / "code_ran"
+    (ds / "label_map.json").write_bytes(pickle.dumps(_RunsCode(marker)))
+    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
+    assert_user_error(run_script("train.py", "-c", cfg), "label_map.json", "cannot read the label map")
+    assert not marker.exists()

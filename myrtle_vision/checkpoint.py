@@ -53,8 +53,9 @@ def save_atomic(obj, path: str | Path) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
-        raise TrainingStopped(f"{path}: cannot write the checkpoint ({e.strerror or e}); "
+    except (OSError, RuntimeError) as e:  # torch's archive writer reports a failed write as a RuntimeError
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise TrainingStopped(f"{path}: cannot write the checkpoint ({reason}); "
                               "the previous checkpoints are intact") from None
     finally:
         tmp.unlink(missing_ok=True)

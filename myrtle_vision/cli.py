@@ -51,4 +51,4 @@ def main_guard(main: Callable[[], int | None]) -> None:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[-1][:300] if text else type(e).__name__
+    return text.splitlines()[0][:300] if text else type(e).__name__

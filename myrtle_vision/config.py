@@ -133,8 +133,8 @@ class VitConfig:
                 f"{self.image_size} is not divisible by patch_size {self.patch_size}")
         v.check(self.embed_dim % self.heads == 0, "embed_dim", f"{self.embed_dim} is not divisible by heads {self.heads}")
         params = self.parameter_count()
-        v.check(params <= MAX_PARAMETERS, "embed_dim", f"with depth {self.depth}, mlp_dim {self.mlp_dim} and "
-                f"{(self.image_size // self.patch_size) ** 2} patches the model has {float(min(params, 10 ** 300)):.3g} parameters; "
+        v.check(params <= MAX_PARAMETERS, "embed_dim/depth/mlp_dim", f"embed_dim {self.embed_dim}, depth {self.depth}, mlp_dim {self.mlp_dim} and "
+                f"{(self.image_size // self.patch_size) ** 2} patches make {float(min(params, 10 ** 300)):.3g} parameters; "
                 f"at most {MAX_PARAMETERS:.0g} are supported")
         for name in ("dropout", "emb_dropout"):
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")

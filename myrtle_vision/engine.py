@@ -146,9 +146,9 @@ def new_run_dir(output_directory: str) -> Path:
         run_dir = base.with_name(f"{base.name}-{n}")
     try:
         run_dir.mkdir(parents=True)
-    except OSError as e:
-        raise TrainingStopped(f"{run_dir}: cannot create the run directory ({e.strerror or e}); "
-                              "check train_config.output_directory") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise UserError(f"{run_dir}: cannot create the run directory ({getattr(e, 'strerror', None) or e}); "
+                        "check train_config.output_directory") from None
     return run_dir
 
 
@@ -232,7 +232,21 @@ class Trainer:
 
     def _new_run_dir(self) -> Path:
         """A fresh run directory, made by rank 0 and shared with the other processes."""
-        return Path(self.dist.broadcast(str(new_run_dir(self.tc.output_directory)) if self.dist.is_main else None))
+        return self._on_rank0(lambda: new_run_dir(self.tc.output_directory))
+
+    def _on_rank0(self, write):
+        """``write()`` on rank 0, its result on every process. If it fails, every process raises the
+        error: none is left waiting in a collective for a rank that has stopped."""
+        result, error = None, None
+        if self.dist.is_main:
+            try:
+                result = write()
+            except UserError as e:
+                error = e
+        result, error = self.dist.broadcast((result, error))
+        if error is not None:
+            raise error
+        return result
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -283,9 +297,10 @@ class Trainer:
                 "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> Path:
-        """Rank 0 writes; every process returns the path."""
-        if not self.dist.is_main:
-            return self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt"
+        """Rank 0 writes; every process returns the path (or raises, if the write failed)."""
+        return self._on_rank0(self._write_checkpoint)
+
+    def _write_checkpoint(self) -> Path:
         path = ckpt_io.save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
         ckpt_io.link_atomic(path, self.run_dir / "last.pt")
         keep = self.tc.keep_checkpoints
@@ -313,8 +328,8 @@ class Trainer:
         reporter.scalars(p.iteration, **{"val/loss": acc.loss, "val/top1": acc.top1, "val/top5": acc.top5})
         reporter.print(f"iteration {p.iteration} (epoch {p.epoch + 1}): val loss {acc.loss:.4f}  "
                        f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%{both}")
-        if improved and self.dist.is_main:
-            ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt")
+        if improved:
+            self._on_rank0(lambda: ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt"))
 
     def train_update(self, batches, update: int) -> tuple[float, int]:
         """One optimizer update over this process's micro-batches; returns (mean loss, images), over all processes."""
@@ -344,22 +359,31 @@ class Trainer:
                 self.scaler.scale(loss * (targets.numel() * dist.world_size / n_images)).backward()
             loss_sum += loss.detach().double().cpu() * targets.numel()
         mean_loss = dist.all_reduce_sum(loss_sum).item() / n_images  # the same on every process, NaN included
-        if not math.isfinite(mean_loss):
-            self._nonfinite_loss(mean_loss)
+        problem = None if math.isfinite(mean_loss) else f"the training loss is {mean_loss}"
+        norm = None
+        if problem is None and tc.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
+        elif problem is None and not self.scaler.is_enabled():
+            norm = nn.utils.get_total_norm([q.grad for q in self.model.parameters() if q.grad is not None])
+        # The gradients are averaged over processes, so every process sees the same norm. With fp16, the
+        # scaler itself skips steps whose gradients overflowed and lowers the scale.
+        if norm is not None and not self.scaler.is_enabled() and not torch.isfinite(norm):
+            problem = f"the gradient norm is {norm.item()}"
+        if problem is not None:
+            self._nonfinite(problem)
         else:
             self.skipped_in_a_row = 0
-            if tc.clip_grad is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
             self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
             self.scaler.update()
         self.scheduler.step()
         return mean_loss, n_images
 
-    def _nonfinite_loss(self, loss: float) -> None:
-        """Stop before the optimizer step (``nonfinite_loss: stop``), or drop this update's gradients (``skip``)."""
+    def _nonfinite(self, problem: str) -> None:
+        """Stop before the optimizer step (``nonfinite_loss: stop``), or drop this update's gradients (``skip``:
+        the update still counts, so the data and the learning-rate schedule go on)."""
         p = self.progress
-        where = f"iteration {p.iteration + 1} (epoch {p.epoch + 1}): the training loss is {loss}"
+        where = f"iteration {p.iteration + 1} (epoch {p.epoch + 1}): {problem}"
         if self.tc.nonfinite_loss == "skip" and self.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
             self.skipped_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -372,17 +396,19 @@ class Trainer:
         raise NonFiniteLoss(f"{where}{more}; stopped without saving: {last}. Lower the learning rate, set clip_grad, "
                             "or set train_config.nonfinite_loss to skip")
 
+    def _prepare_run_dir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
+            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{self.run_dir}: cannot write the run directory ({getattr(e, 'strerror', None) or e}); "
+                            f"check {self.cfg.path} train_config.output_directory") from None
+
     def fit(self) -> Path:
         """Train to the end (or until a signal); returns the path of the last checkpoint."""
         tc, p, dist = self.tc, self.progress, self.dist
-        if dist.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                ckpt_io.remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
-                (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-            except OSError as e:
-                raise TrainingStopped(f"{self.run_dir}: cannot write the run directory ({e.strerror or e}); "
-                                      f"check {self.cfg.path} train_config.output_directory") from None
+        self._on_rank0(self._prepare_run_dir)
         reporter = Reporter(self.run_dir, enabled=dist.is_main)
         saved_at, last_val_at = p.iteration, -1
         self.model.train()
@@ -424,9 +450,14 @@ class Trainer:
             except TrainingStopped:
                 raise  # a checkpoint write that failed, or a non-finite loss: writing again would not help
             except Exception:
-                # Model, optimizer and scheduler still hold the last completed update: keep it.
-                if p.iteration > saved_at:
-                    reporter.print(f"stopped by an error; iteration {p.iteration} saved to {self.save_checkpoint()}")
+                # Model, optimizer and scheduler still hold the last completed update: keep it (rank 0
+                # alone, with no collective: the other processes may have stopped already).
+                if p.iteration > saved_at and dist.is_main:
+                    try:
+                        reporter.print(f"stopped by an error; iteration {p.iteration} saved to "
+                                       f"{self._write_checkpoint()}")
+                    except TrainingStopped as e:
+                        reporter.print(f"stopped by an error, and iteration {p.iteration} could not be saved: {e}")
                 if stop:  # e.g. the same signal also stopped the data workers
                     raise Interrupted(stop[0], self.run_dir / "last.pt") from None
                 raise

@@ -24,8 +24,9 @@ RUN = {"epochs": 3, "local_batch_size": 4, "global_batch_size": 8, "iters_per_ch
        "keep_checkpoints": None, "distributed": True, "num_workers": 1}
 
 
-def torchrun(*args, script: str = "train.py", nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def torchrun(*args, script: str = "train.py", nproc: int = 2, timeout: float = 600,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(REPO / script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -155,3 +156,20 @@ def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tm
     # the largest difference is taken over both processes' shares (batches differ, so the logits may by an ulp)
     assert b["max_logit_diff"] == pytest.approx(a["max_logit_diff"], rel=1e-3) and a["max_logit_diff"] > 0
     assert two.stdout.count("predictions unchanged") == 1
+
+
+def test_a_checkpoint_write_failing_on_rank_zero_stops_every_process(runs, tmp_path):
+    """Rank 0 alone writes; when it cannot, the other process must stop too rather than wait for it."""
+    from test_faults import INJECT
+
+    _, data_cfg, _, _ = runs
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECT)
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RUN)
+    proc = torchrun("-c", cfg, timeout=300, env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}",
+                                                 "FAIL_SAVE_FROM": "1", "FAIL_KIND": "full"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, proc.stderr  # one line from each process, the same line
+    assert errors[0] == errors[1] and "checkpoint_0000002.pt: cannot write the checkpoint (No space left" in errors[0]
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,16 +69,17 @@ def _iteration(path: Path) -> int:
 
 
 def _check_run_dir(run_dir: Path) -> int:
-    """Every checkpoint on disk loads; last.pt is the newest periodic one. Returns its iteration (0: none yet)."""
+    """Every checkpoint on disk loads, and last.pt is the newest periodic one (or the one before, when the
+    kill fell between writing a checkpoint and pointing last.pt at it). Returns last.pt's iteration (0: none)."""
     periodic = sorted(run_dir.glob("checkpoint_*.pt"))
     for path in [*periodic, *run_dir.glob("best.pt"), *run_dir.glob("last.pt")]:
         ckpt_io.load(path)  # raises on a partial or corrupt file
-    if not periodic:
-        assert not (run_dir / "last.pt").exists()
+    if not (run_dir / "last.pt").exists():
+        assert [_iteration(p) for p in periodic] in ([], [INTERVAL])
         return 0
-    newest = max(_iteration(p) for p in periodic)
-    assert _iteration(run_dir / "last.pt") == newest
-    return newest
+    newest, last = max(_iteration(p) for p in periodic), _iteration(run_dir / "last.pt")
+    assert newest - INTERVAL <= last <= newest, (last, newest)
+    return last
 
 
 def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_path):
@@ -92,13 +94,14 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
         run = _Run(train_config(tmp_path / f"run{kills}.json", data, out, train=train, vit=VIT))
         # Where to kill: while starting up, after a random number of updates (and a random moment
         # within the next one), or as soon as a checkpoint write is under way; the last run finishes.
-        mode = "finish" if kills >= 24 else "write" if kills % 4 == 3 else "start" if kills % 6 == 1 else "update"
+        mode = ("finish" if kills >= 24 else "write" if kills % 4 == 3 else "start" if kills in (1, 5, 9)
+                else "update")
         updates, delay = rng.randint(0, 5), rng.uniform(0.0, 0.06)
         started, seen_at = time.monotonic(), None
         killed = False
         while run.proc.poll() is None and not killed:
-            if mode == "write":
-                killed = bool(run_dirs := list(out.glob("*"))) and any(run_dirs[0].glob(".*.tmp*"))
+            if mode == "write":  # this process's temporary file: a checkpoint write under way
+                killed = any(out.glob(f"*/.*.tmp{run.proc.pid}"))
             elif mode == "start":
                 killed = time.monotonic() - started > delay * 30  # up to 1.8 s: imports, data, model
             elif mode == "update":
@@ -120,15 +123,15 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
             kills_at_start += 1
             continue
         assert len(run_dirs) == 1  # resumed runs continue in their own folder
-        newest = _check_run_dir(run_dirs[0])
+        saved = _check_run_dir(run_dirs[0])
         reached = run.iterations()
         if reached:
-            assert reached[-1] - newest <= INTERVAL, (reached[-1], newest)
+            assert reached[-1] - saved <= INTERVAL, (reached[-1], saved)
             at_iterations.append(reached[-1])
         else:
             kills_at_start += 1
         last = run_dirs[0] / "last.pt"
-    assert kills >= 24 and kills_in_writes >= 5 and kills_at_start >= 3
+    assert kills >= 24 and kills_in_writes == 6 and kills_at_start >= 3
     assert len(set(at_iterations)) >= 10, at_iterations  # the kills landed at many different points of training
     assert f"resuming from {last}" in "".join(run.lines)
     # ... and the run that survived them all ends exactly where the uninterrupted one did
@@ -155,6 +158,33 @@ def _failing_save(obj, f, *args, **kwargs):
     return _save(obj, f, *args, **kwargs)
 torch.save = _failing_save
 '''
+
+
+def test_a_real_write_failure_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp_path):
+    """Not simulated: a file-size limit makes the kernel refuse the write (EFBIG) inside torch's own writer."""
+    import resource
+
+    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT,
+                       train=dict(RUN, epochs=2, iters_per_val=1000, iters_per_checkpoint=1))
+    run_dir = tmp_path / "out"
+    reference = run_script("train.py", "-c", cfg, check=True)  # how large the checkpoints are
+    size = (run_dir_of(reference) / "last.pt").stat().st_size
+    shutil.rmtree(run_dir)
+
+    def limit_file_size():  # in the child: writes beyond the limit fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=env, text=True,
+                          capture_output=True, preexec_fn=limit_file_size, timeout=600)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "checkpoint_0000001.pt: cannot write the checkpoint (" in lines[0]
+    assert "the previous checkpoints are intact" in lines[0]
+    killed_dir = run_dir_of(proc)
+    assert not list(killed_dir.glob("checkpoint_*.pt")) and not list(killed_dir.glob(".*.tmp*"))
 
 
 @pytest.mark.parametrize("kind,reason", [("full", "No space left on device"), ("denied", "Permission denied")])
@@ -233,3 +263,19 @@ def test_skip_gives_up_after_too_many_nonfinite_updates_in_a_row(data, tmp_path)
     trainer = _trainer(data, tmp_path, nonfinite_loss="skip", lr=1e30, warmup_epochs=0)
     with pytest.raises(NonFiniteLoss, match=f"after {MAX_SKIPPED_IN_A_ROW} skipped updates in a row"):
         trainer.fit()
+
+
+def test_nonfinite_gradients_with_a_finite_loss_stop_the_run_too(data, tmp_path):
+    trainer = _trainer(data, tmp_path, epochs=1)
+    poison = [False]
+    trainer.model.head.weight.register_hook(lambda g: g * float("inf") if poison[0] else g)
+    update = trainer.train_update
+
+    def second_update_poisoned(batches, u):
+        poison[0] = u == 1
+        return update(batches, u)
+
+    trainer.train_update = second_update_poisoned
+    with pytest.raises(NonFiniteLoss, match=r"iteration 2 \(epoch 1\): the gradient norm is (inf|nan); stopped"):
+        trainer.fit()
+    assert trainer.progress.iteration == 1

@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .quantization import Q_FORMATS, ROUNDINGS
+
+PRETRAINED_FORMATS = ("timm", "deit", "torchvision")
 from .transforms import OpError, parse_ops
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -62,6 +64,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast and a gradient scaler; CUDA)
     compile: bool = False  # torch.compile the training step's model
     nonfinite_loss: str = "stop"  # a NaN/inf loss: "stop" the run (nothing saved) or "skip" the update
+    layer_decay: Optional[float] = None  # finetuning: block i's lr is lr * layer_decay ** (depth + 1 - (i + 1))
     # Accepted for compatibility with the earlier release; see the README for what happens to them.
     lr_noise: Optional[list[float]] = None
     lr_noise_pct: float = 0.67
@@ -80,6 +83,7 @@ class TrainConfig:
         v.choice(self.scheduler, SCHEDULERS, "scheduler")
         v.choice(self.precision, PRECISIONS, "precision")
         v.choice(self.nonfinite_loss, ("stop", "skip"), "nonfinite_loss")
+        v.check(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", "must be null or in (0, 1]")
         v.check(self.opt_eps > 0, "opt_eps", "must be positive")
         if self.opt_betas is not None:
             v.check(len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas), "opt_betas",
@@ -119,6 +123,10 @@ class VitConfig:
     emb_dropout: float = 0.0
     q_format: str = "FP32"  # FP32 trains in FP32; any other format trains with it simulated (QAT)
     q_rounding: str = "nearest_even"  # or "qtorch": ties away from zero, saturating
+    qkv_bias: bool = False  # biases on q, k, v: the deploy layout gains to_qkv.bias entries
+    layer_norm_eps: float = 1e-5
+    pretrained_weights: str = ""  # a timm, DeiT or torchvision ViT file to start from (see myrtle_vision.pretrained)
+    pretrained_format: str = "timm"
 
     def parameter_count(self, num_classes: int = 1000) -> int:
         """About how many parameters the model has (to refuse one that cannot be built)."""
@@ -140,6 +148,8 @@ class VitConfig:
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         v.choice(self.q_format, Q_FORMATS, "q_format")
         v.choice(self.q_rounding, ROUNDINGS, "q_rounding")
+        v.check(0 < self.layer_norm_eps < 1, "layer_norm_eps", "must be in (0, 1)")
+        v.choice(self.pretrained_format, PRETRAINED_FORMATS, "pretrained_format")
 
 
 @dataclass

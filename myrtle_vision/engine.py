@@ -29,6 +29,7 @@ from .errors import TrainingStopped, UserError
 from .losses import DistillationLoss
 from .metrics import Accumulator
 from .models import build_model
+from .pretrained import load_pretrained
 from .models.teacher import load_teacher
 from .optim import LRSchedule, build_optimizer, build_scheduler
 from .reporting import Reporter
@@ -197,7 +198,15 @@ class Trainer:
             raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
                             f"{dist.world_size} processes: each needs at least one image per update")
         torch.manual_seed(tc.seed)
-        self.model = build_model(cfg).to(device)
+        self.model = build_model(cfg)
+        vc = cfg.vit_config
+        if vc.pretrained_weights and not tc.checkpoint_path:  # a resumed run has its weights in its checkpoint
+            fresh = load_pretrained(self.model, vc.pretrained_weights, vc.pretrained_format,
+                                    f"{cfg.path}: vit_config.pretrained_weights")
+            if dist.is_main:
+                print(f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
+                      + (f" ({', '.join(fresh)} freshly initialised: another class count)" if fresh else ""), flush=True)
+        self.model.to(device)
         self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
         self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch,
                               dist.rank, dist.world_size)

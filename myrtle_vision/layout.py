@@ -13,6 +13,7 @@ deploy layout                                    ``VisionTransformer``
 ``patch_to_embedding.{weight,bias}``             ``patch_embed.proj.*``
 ``transformer.layers.i.0.fn.norm.*``             ``blocks.i.norm1.*``
 ``transformer.layers.i.0.fn.fn.to_qkv.weight``   ``blocks.i.attn.qkv.weight``
+``transformer.layers.i.0.fn.fn.to_qkv.bias``     ``blocks.i.attn.qkv.bias`` (``qkv_bias`` only)
 ``transformer.layers.i.0.fn.fn.to_out.0.*``      ``blocks.i.attn.proj.*``
 ``transformer.layers.i.1.fn.norm.*``             ``blocks.i.norm2.*``
 ``transformer.layers.i.1.fn.fn.net.0.*``         ``blocks.i.mlp.fc1.*``

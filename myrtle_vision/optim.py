@@ -11,19 +11,37 @@ from torch import nn
 from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; biases, norms, tokens and position embeddings do not."""
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Matrices decay; biases, norms, tokens and position embeddings do not.
+
+    With ``layer_decay`` (finetuning, as in BEiT and DeiT III), each group also has an
+    ``lr_scale``: ``layer_decay ** (depth + 1 - layer)``, where the embeddings are layer 0, block i
+    is layer i + 1, and the final norm and the heads are layer depth + 1 (the full learning rate).
+    """
     skip = getattr(model, "no_weight_decay", lambda: set())()
-    decay, no_decay = [], []
+    depth = len(getattr(model, "blocks", ()))
+    groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        layer = _layer_of(name, depth) if layer_decay is not None else depth + 1
+        groups.setdefault((layer, decays), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             **({"lr_scale": layer_decay ** (depth + 1 - layer)} if layer_decay is not None else {})}
+            for (layer, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+
+
+def _layer_of(name: str, depth: int) -> int:
+    if name.startswith(("cls_token", "pos_embed", "dist_token", "patch_embed.")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     betas = tuple(cfg.opt_betas) if cfg.opt_betas is not None else (0.9, 0.999)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
@@ -70,8 +88,8 @@ class LRSchedule:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that sets every group's lr to ``schedule(update)``."""
+    """A LambdaLR that sets every group's lr to ``schedule(update)`` (times the group's ``lr_scale``)."""
     base = schedule.lr if schedule.lr > 0 else 1.0
     for group in optimizer.param_groups:
-        group["initial_lr"] = base
+        group["initial_lr"] = base * group.get("lr_scale", 1.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: schedule(update) / base)

@@ -36,11 +36,14 @@ def _deit_section(teacher):
     return {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
 
 
-@pytest.mark.parametrize("entry", ["train.py resume", "test.py", "test_quantize.py", "teacher file"])
+@pytest.mark.parametrize("entry", ["train.py resume", "test.py", "test_quantize.py", "teacher file", "pretrained file"])
 def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, malicious, tmp_path, data_cfg):
     path, marker = malicious
     if entry == "train.py resume":
         cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(path)})
+        proc = run_script("train.py", "-c", cfg)
+    elif entry == "pretrained file":
+        cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", vit={"pretrained_weights": str(path)})
         proc = run_script("train.py", "-c", cfg)
     elif entry == "teacher file":
         cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_deit_section(path))

@@ -40,6 +40,8 @@ class ViTArgs:
     depth: int = 12
     heads: int = 3
     mlp_dim: int = 768
+    qkv_bias: bool = False  # biases on q, k, v (timm's and DeiT's pretrained ViTs have them; the deploy layout gains to_qkv.bias)
+    layer_norm_eps: float = 1e-5  # nn.LayerNorm's default, as the earlier release; timm and torchvision use 1e-6
     dropout: float = 0.0  # after the attention projection, the MLP's GELU and the MLP's output
     emb_dropout: float = 0.0  # after the position embedding is added
     distilled: bool = False  # DeiT: add a distillation token and head
@@ -51,7 +53,8 @@ class ViTArgs:
                     q_rounding: str | None = None) -> "ViTArgs":
         return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
                    embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
-                   mlp_dim=vit_config.mlp_dim, dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
+                   mlp_dim=vit_config.mlp_dim, qkv_bias=vit_config.qkv_bias, layer_norm_eps=vit_config.layer_norm_eps,
+                   dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
                    distilled=distilled, q_format=q_format or vit_config.q_format,
                    q_rounding=q_rounding or vit_config.q_rounding)
 
@@ -76,10 +79,10 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float, ar: Arithmetic):
+    def __init__(self, dim: int, heads: int, dropout: float, ar: Arithmetic, qkv_bias: bool = False):
         super().__init__()
         self.heads = heads
-        self.qkv = ar.linear(dim, dim * 3, bias=False)
+        self.qkv = ar.linear(dim, dim * 3, bias=qkv_bias)
         self.proj = ar.linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
         self.round = ar.activation() if ar.rounds_attention else None  # FP16_16: scores, softmax and output
@@ -113,11 +116,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, ar: Arithmetic):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, ar: Arithmetic, qkv_bias: bool = False,
+                 eps: float = 1e-5):
         super().__init__()
-        self.norm1 = ar.layer_norm(dim, eps=1e-5)
-        self.attn = Attention(dim, heads, dropout, ar)
-        self.norm2 = ar.layer_norm(dim, eps=1e-5)
+        self.norm1 = ar.layer_norm(dim, eps=eps)
+        self.attn = Attention(dim, heads, dropout, ar, qkv_bias)
+        self.norm2 = ar.layer_norm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, dropout, ar)
         self.round_add = ar.activation()  # FP16_16: the residual adds
 
@@ -137,9 +141,9 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
         self.round = ar.activation()  # FP16_16: the tokens, the position embedding and its add
         self.pos_drop = nn.Dropout(args.emb_dropout)
-        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar)
-                                    for _ in range(args.depth))
-        self.norm = ar.layer_norm(args.embed_dim, eps=1e-5)
+        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar, args.qkv_bias,
+                                          args.layer_norm_eps) for _ in range(args.depth))
+        self.norm = ar.layer_norm(args.embed_dim, eps=args.layer_norm_eps)
         self.head = ar.linear(args.embed_dim, args.num_classes)
         if args.distilled:
             self.dist_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))

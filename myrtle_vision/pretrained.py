@@ -1,0 +1,156 @@
+"""Start from pretrained weights on disk: timm's ``VisionTransformer``, Facebook's DeiT release, or
+torchvision's ``vit_*`` models, converted into our :class:`~myrtle_vision.models.vit.VisionTransformer`.
+
+Nothing is downloaded: the file is read with ``torch.load(weights_only=True)``. The conversion is
+one function per source, at the edge, into timm's names (which our modules use), then one
+function that fits those tensors to the model being built:
+
+- the patch embedding's convolution ``(D, C, p, p)`` becomes our Linear over patches flattened as
+  (row, column, channel): the same function, the weight permuted;
+- the position embedding is resized by bicubic interpolation of its grid when the image size or
+  patch grid differs (as timm does: antialiased, the class token's position kept);
+- the classifier is replaced (freshly initialised) when ``number_of_classes`` differs;
+- a distilled DeiT checkpoint brings its distillation token and head. Our distillation token has no
+  position embedding (see :mod:`myrtle_vision.models.vit`), so its learnt position is added into
+  the token itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .config import PRETRAINED_FORMATS as FORMATS  # noqa: F401  (the choices of vit_config.pretrained_format)
+from .errors import UserError
+
+
+def read_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a pretrained file, in timm's names."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{where}: {path}: file not found")
+    if path.suffix == ".safetensors":  # timm's hub format: tensors only, no pickle
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{where}: {path}: not a readable safetensors file ({e})") from None
+    else:
+        obj = ckpt_io.load_file(path, f"{fmt} weights file")
+    for key in ("model", "state_dict", "model_ema"):  # DeiT's release and training checkpoints wrap it
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{where}: {path}: not a state dict (a mapping of names to tensors)")
+    raw = {k.removeprefix("module."): v for k, v in obj.items()}
+    state = _from_torchvision(raw) if fmt == "torchvision" else raw
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        found = "torchvision" if "conv_proj.weight" in raw else "timm' or 'deit" if "patch_embed.proj.weight" in raw else None
+        hint = f" (it looks like a {found} file: set pretrained_format to '{found}')" if found else ""
+        raise UserError(f"{where}: {path}: not a {fmt} ViT state dict: no patch embedding or position embedding{hint}")
+    return state
+
+
+_TORCHVISION = [
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"class_token", "cls_token"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:0|linear_1)\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.(?:3|linear_2)\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
+    (r"heads\.head\.(weight|bias)", r"head.\1"),
+]
+
+
+def _from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's ``VisionTransformer`` names in timm's. Its attention packs q, k, v like timm's qkv."""
+    out = {}
+    for name, tensor in state.items():
+        for pattern, replacement in _TORCHVISION:
+            if re.fullmatch(pattern, name):
+                out[re.sub(pattern, replacement, name)] = tensor
+                break
+    return out
+
+
+def resize_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """A ``(1, n*n, D)`` grid of position embeddings resampled to ``(1, grid*grid, D)``."""
+    old = round(pos.shape[1] ** 0.5)
+    if old * old != pos.shape[1]:
+        raise ValueError(f"{pos.shape[1]} positions are not a square grid")
+    if old == grid:
+        return pos
+    dim = pos.shape[-1]
+    image = pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    return image.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos.dtype)
+
+
+def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) -> list[str]:
+    """Fill ``model`` (one of ours, freshly built) from a pretrained file; returns what was left as initialised."""
+    args = model.args
+    state = read_state_dict(path, fmt, where)
+    theirs = f"{where}: {path}"
+    weight = state["patch_embed.proj.weight"]
+    if weight.ndim != 4 or weight.shape[0] != args.embed_dim or tuple(weight.shape[1:]) != (
+            args.in_chans, args.patch_size, args.patch_size):
+        raise UserError(f"{theirs}: its patch embedding is {tuple(weight.shape)} (embed_dim, channels, patch, patch), "
+                        f"but vit_config has embed_dim {args.embed_dim} and patch_size {args.patch_size}")
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    if depth != args.depth:
+        raise UserError(f"{theirs}: it has {depth} blocks, but vit_config has depth {args.depth}")
+    has_qkv_bias = "blocks.0.attn.qkv.bias" in state
+    if has_qkv_bias and not args.qkv_bias:
+        raise UserError(f"{theirs}: its attention has qkv biases; set vit_config.qkv_bias to true")
+    prefix = 2 if "dist_token" in state else 1
+    grid = args.image_size // args.patch_size
+    pos = state["pos_embed"]
+    try:
+        patches = resize_grid(pos[:, prefix:], grid)
+    except ValueError as e:
+        raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: {e}") from None
+
+    converted = {
+        "patch_embed.proj.weight": weight.permute(0, 2, 3, 1).reshape(args.embed_dim, -1),  # (row, col, channel)
+        "patch_embed.proj.bias": state["patch_embed.proj.bias"],
+        "cls_token": state["cls_token"],
+        "pos_embed": torch.cat([pos[:, :1], patches], dim=1),
+        **{k: v for k, v in state.items() if k.startswith(("blocks.", "norm."))},
+    }
+    if args.distilled and "dist_token" in state:
+        converted["dist_token"] = state["dist_token"] + pos[:, 1:2]  # ours has no position: fold it in
+    fresh = []
+    for head in ("head", "head_dist") if args.distilled else ("head",):
+        if state.get(f"{head}.weight") is not None and state[f"{head}.weight"].shape == (args.num_classes, args.embed_dim):
+            converted[f"{head}.weight"], converted[f"{head}.bias"] = state[f"{head}.weight"], state[f"{head}.bias"]
+        else:
+            fresh.append(head)  # another class count: the classifier is replaced
+    if args.distilled and "dist_token" not in converted:
+        fresh.append("dist_token")
+    own = model.state_dict()
+    unexpected = sorted(set(converted) - set(own))
+    if unexpected:
+        raise UserError(f"{theirs}: entries this model has no place for, e.g. {', '.join(unexpected[:3])} "
+                        "(a ViT with other options, such as layer scale or register tokens?)")
+    for name, tensor in converted.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise UserError(f"{theirs}: {name} is {tuple(tensor.shape)}, this model's is {tuple(own[name].shape)} "
+                            "(check vit_config's embed_dim, heads and mlp_dim)")
+    missing = sorted(set(own) - set(converted) - {f"{h}.{p}" for h in fresh for p in ("weight", "bias")}
+                     - {"dist_token"})
+    if missing:
+        raise UserError(f"{theirs}: it has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    model.load_state_dict(converted, strict=False)
+    return fresh

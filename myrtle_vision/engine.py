@@ -205,7 +205,8 @@ class Trainer:
                                     f"{cfg.path}: vit_config.pretrained_weights")
             if dist.is_main:
                 print(f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
-                      + (f" ({', '.join(fresh)} freshly initialised: another class count)" if fresh else ""), flush=True)
+                      + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another class count)"
+                         if fresh else ""), flush=True)
         self.model.to(device)
         self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
         self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch,
@@ -276,6 +277,11 @@ class Trainer:
             if self.dist.is_main:
                 print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
             return self._new_run_dir()
+        saved = ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else {}
+        saved_scales = [g.get("lr_scale") if isinstance(g, dict) else None for g in saved.get("param_groups", [])]
+        if saved_scales != [g.get("lr_scale") for g in self.optimizer.param_groups]:
+            raise UserError(f"{path}: the checkpoint's learning-rate groups differ from {self.cfg.path}'s "
+                            "(train_config.layer_decay changed?); a resumed run keeps its layer_decay")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -433,7 +439,7 @@ class Trainer:
                     batches = iter(self.train_loader)
                     for update in range(p.update_in_epoch, self.plan.updates_per_epoch):
                         start = time.perf_counter()
-                        lr = self.optimizer.param_groups[0]["lr"]
+                        lr = self.optimizer.param_groups[-1]["lr"]  # the last group has the full lr (layer_decay)
                         loss, n = self.train_update(batches, update)
                         p.iteration, p.update_in_epoch = p.iteration + 1, update + 1
                         ips = n / (time.perf_counter() - start)

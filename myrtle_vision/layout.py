@@ -95,7 +95,15 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
     for name, tensor in expected.items():
         if name in found and tuple(found[name].shape) != tuple(tensor.shape):
             problems.append(f"{name} has shape {tuple(found[name].shape)} (the config's model has {tuple(tensor.shape)})")
-    missing = [n for n in expected if n not in found and not n.startswith("transformer.layers.")]
+    same_depth = depth(expected) == depth(found)
+    missing = [n for n in expected if n not in found and (same_depth or not n.startswith("transformer.layers."))]
     if missing:
-        problems.append(f"missing {', '.join(missing)}")
+        problems.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+                        + (" (the config has qkv_bias true; the checkpoint was trained without)"
+                           if any(n.endswith("to_qkv.bias") for n in missing) else ""))
+    extra = [n for n in found if n not in expected and (same_depth or not n.startswith("transformer.layers."))]
+    if extra:
+        problems.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "")
+                        + (" (the checkpoint was trained with qkv_bias; set it to true in the config)"
+                           if any(n.endswith("to_qkv.bias") for n in extra) else ""))
     return "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "") if problems else None

@@ -51,12 +51,13 @@ def read_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.T
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{where}: {path}: not a state dict (a mapping of names to tensors)")
     raw = {k.removeprefix("module."): v for k, v in obj.items()}
-    state = _from_torchvision(raw) if fmt == "torchvision" else raw
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+    expected = ("conv_proj.weight", "encoder.pos_embedding") if fmt == "torchvision" else ("patch_embed.proj.weight",
+                                                                                           "pos_embed")
+    if not all(k in raw for k in expected):
         found = "torchvision" if "conv_proj.weight" in raw else "timm' or 'deit" if "patch_embed.proj.weight" in raw else None
         hint = f" (it looks like a {found} file: set pretrained_format to '{found}')" if found else ""
-        raise UserError(f"{where}: {path}: not a {fmt} ViT state dict: no patch embedding or position embedding{hint}")
-    return state
+        raise UserError(f"{where}: {path}: not a {fmt} ViT state dict: no {' or '.join(expected)}{hint}")
+    return _from_torchvision(raw) if fmt == "torchvision" else raw
 
 
 _TORCHVISION = [
@@ -75,14 +76,23 @@ _TORCHVISION = [
 
 
 def _from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision's ``VisionTransformer`` names in timm's. Its attention packs q, k, v like timm's qkv."""
+    """torchvision's ``VisionTransformer`` names in timm's (its attention packs q, k, v like timm's qkv);
+    names it does not know are kept, so that they are reported rather than dropped."""
     out = {}
     for name, tensor in state.items():
         for pattern, replacement in _TORCHVISION:
             if re.fullmatch(pattern, name):
-                out[re.sub(pattern, replacement, name)] = tensor
+                name = re.sub(pattern, replacement, name)
                 break
+        out[name] = tensor
     return out
+
+
+# What a plain ViT file holds, in timm's names; anything else (layer scale, register tokens, a
+# pre-norm, pooling heads) would make the model compute something else, so it is refused.
+_KNOWN = re.compile(r"(patch_embed\.proj\.(weight|bias)|cls_token|dist_token|pos_embed|norm\.(weight|bias)"
+                    r"|head(_dist)?\.(weight|bias)|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+                    r"\.(weight|bias))")
 
 
 def resize_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -103,6 +113,14 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
     args = model.args
     state = read_state_dict(path, fmt, where)
     theirs = f"{where}: {path}"
+    unknown = sorted(k for k in state if not _KNOWN.fullmatch(k))
+    if unknown:
+        raise UserError(f"{theirs}: entries a plain ViT has no place for: {', '.join(unknown[:3])}"
+                        + (" ..." if len(unknown) > 3 else "") + " (layer scale, register tokens, a pre-norm or a "
+                        "pooling head would change what the model computes)")
+    for key in ("patch_embed.proj.bias", "cls_token"):
+        if key not in state:
+            raise UserError(f"{theirs}: it has no {key}")
     weight = state["patch_embed.proj.weight"]
     if weight.ndim != 4 or weight.shape[0] != args.embed_dim or tuple(weight.shape[1:]) != (
             args.in_chans, args.patch_size, args.patch_size):
@@ -117,10 +135,16 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
     prefix = 2 if "dist_token" in state else 1
     grid = args.image_size // args.patch_size
     pos = state["pos_embed"]
-    try:
-        patches = resize_grid(pos[:, prefix:], grid)
-    except ValueError as e:
-        raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: {e}") from None
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != args.embed_dim or pos.shape[1] <= prefix:
+        raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: expected (1, {prefix} + patches, "
+                        f"{args.embed_dim})")
+    n = pos.shape[1] - prefix
+    if round(n ** 0.5) ** 2 != n:
+        square = round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]
+        raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: "
+                        + ("no position for the class token (timm's no_embed_class, as DeiT III): not supported"
+                           if square else f"{n} patch positions are not a square grid"))
+    patches = resize_grid(pos[:, prefix:], grid)
 
     converted = {
         "patch_embed.proj.weight": weight.permute(0, 2, 3, 1).reshape(args.embed_dim, -1),  # (row, col, channel)
@@ -133,7 +157,8 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
         converted["dist_token"] = state["dist_token"] + pos[:, 1:2]  # ours has no position: fold it in
     fresh = []
     for head in ("head", "head_dist") if args.distilled else ("head",):
-        if state.get(f"{head}.weight") is not None and state[f"{head}.weight"].shape == (args.num_classes, args.embed_dim):
+        if f"{head}.bias" in state and state.get(f"{head}.weight", torch.empty(0)).shape == (
+                args.num_classes, args.embed_dim):
             converted[f"{head}.weight"], converted[f"{head}.bias"] = state[f"{head}.weight"], state[f"{head}.bias"]
         else:
             fresh.append(head)  # another class count: the classifier is replaced

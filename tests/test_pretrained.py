@@ -127,17 +127,36 @@ def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path
     assert (w1 - w0).norm() < 0.5 * w0.norm()
 
 
-@pytest.mark.parametrize("case", ["missing", "wrong format", "wrong size", "qkv bias off"])
+@pytest.mark.parametrize("case", ["missing", "wrong format", "wrong size", "qkv bias off", "no class token",
+                                  "layer scale", "no class position", "flat position embedding", "corrupt safetensors"])
 def test_bad_pretrained_files_are_one_line_errors(case, tmp_path, data_cfg):
-    torch.save(_random_timm(32, 32, 2, depth=1, classes=3).state_dict(), tmp_path / "timm.pth")
+    state = _random_timm(32, 32, 2, depth=1, classes=3).state_dict()
+    torch.save(state, tmp_path / "timm.pth")
     weights, vit, needles = tmp_path / "timm.pth", {}, []
+    if case == "no class token":
+        del state["cls_token"]
+        needles = ["it has no cls_token"]
+    elif case == "layer scale":
+        state["blocks.0.ls1.gamma"] = torch.ones(32)
+        needles = ["no place for: blocks.0.ls1.gamma"]
+    elif case == "no class position":
+        state["pos_embed"] = state["pos_embed"][:, 1:]
+        needles = ["no position for the class token"]
+    elif case == "flat position embedding":
+        state["pos_embed"] = state["pos_embed"][0]
+        needles = ["position embedding (5, 32): expected (1, 1 + patches, 32)"]
+    elif case == "corrupt safetensors":
+        weights = tmp_path / "model.safetensors"
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+        needles = ["not a readable safetensors file"]
+    torch.save(state, tmp_path / "timm.pth")
     if case == "missing":
         weights, needles = tmp_path / "none.pth", ["file not found"]
     elif case == "wrong format":
-        vit, needles = {"pretrained_format": "torchvision"}, ["not a torchvision ViT state dict", "set pretrained_format to 'timm' or 'deit'"]
+        vit, needles = {"pretrained_format": "torchvision"}, ["not a torchvision ViT state dict: no conv_proj.weight", "set pretrained_format to 'timm' or 'deit'"]
     elif case == "wrong size":
         vit, needles = {"embed_dim": 64, "heads": 2}, ["patch embedding is (32, 3, 16, 16)", "embed_dim 64"]
-    else:
+    elif case == "qkv bias off":
         vit, needles = {"qkv_bias": False}, ["set vit_config.qkv_bias to true"]
     cfg = _finetune_config(tmp_path, data_cfg, weights, **vit)
     assert_user_error(run_script("train.py", "-c", cfg), "pretrained_weights", str(weights), *needles)
@@ -190,3 +209,23 @@ def test_the_finetune_configs_load_with_finetuning_defaults(name):
     assert vc.pretrained_format == ("deit" if name.startswith("deit") else "timm")
     assert tc.layer_decay == 0.75 and tc.lr <= 1e-4
     assert (cfg.distiller_config is not None) == name.startswith("deit")
+
+
+def test_a_checkpoint_and_a_config_that_disagree_on_qkv_bias_is_a_one_line_error(tmp_path, data_cfg):
+    torch.save(_random_timm(32, 32, 2, depth=1, classes=len(CLASSES)).state_dict(), tmp_path / "timm.pth")
+    cfg = _finetune_config(tmp_path, data_cfg, tmp_path / "timm.pth")
+    proc = run_script("train.py", "-c", cfg, check=True)
+    from test_train import scalars
+
+    peak = max(v for _, v in scalars(run_dir_of(proc), "train/lr"))
+    assert peak == pytest.approx(1e-3)  # the logged lr is the full one (heads'), not a decayed group's
+    ckpt = run_dir_of(proc) / "last.pt"
+    raw = json.loads(cfg.read_text())
+    raw["vit_config"]["qkv_bias"] = False
+    cfg.write_text(json.dumps(raw))
+    assert_user_error(run_script("test.py", "-c", cfg, "--checkpoint", ckpt), str(ckpt), "unexpected",
+                      "to_qkv.bias", "set it to true")
+    raw["vit_config"]["qkv_bias"] = True
+    raw["train_config"].update(checkpoint_path=str(ckpt), layer_decay=0.5, epochs=3)
+    cfg.write_text(json.dumps(raw))
+    assert_user_error(run_script("train.py", "-c", cfg), str(ckpt), "layer_decay")

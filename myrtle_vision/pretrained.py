@@ -7,8 +7,8 @@ function that fits those tensors to the model being built:
 
 - the patch embedding's convolution ``(D, C, p, p)`` becomes our Linear over patches flattened as
   (row, column, channel): the same function, the weight permuted;
-- the position embedding is resized by bicubic interpolation of its grid when the image size or
-  patch grid differs (as timm does: antialiased, the class token's position kept);
+- the position embedding is resized by bicubic interpolation of its grid when the image size gives
+  another grid, as the source library resizes its own (the class token's position kept);
 - the classifier is replaced (freshly initialised) when ``number_of_classes`` differs;
 - a distilled DeiT checkpoint brings its distillation token and head. Our distillation token has no
   position embedding (see :mod:`myrtle_vision.models.vit`), so its learnt position is added into
@@ -95,8 +95,9 @@ _KNOWN = re.compile(r"(patch_embed\.proj\.(weight|bias)|cls_token|dist_token|pos
                     r"\.(weight|bias))")
 
 
-def resize_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """A ``(1, n*n, D)`` grid of position embeddings resampled to ``(1, grid*grid, D)``."""
+def resize_grid(pos: torch.Tensor, grid: int, fmt: str = "timm") -> torch.Tensor:
+    """A ``(1, n*n, D)`` grid of position embeddings resampled to ``(1, grid*grid, D)``, bicubic, the way
+    the source library resizes its own: timm antialiased with align_corners off, torchvision with it on."""
     old = round(pos.shape[1] ** 0.5)
     if old * old != pos.shape[1]:
         raise ValueError(f"{pos.shape[1]} positions are not a square grid")
@@ -104,7 +105,10 @@ def resize_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
         return pos
     dim = pos.shape[-1]
     image = pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    image = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    if fmt == "torchvision":
+        image = F.interpolate(image, size=(grid, grid), mode="bicubic", align_corners=True)
+    else:
+        image = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
     return image.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos.dtype)
 
 
@@ -144,7 +148,7 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
         raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: "
                         + ("no position for the class token (timm's no_embed_class, as DeiT III): not supported"
                            if square else f"{n} patch positions are not a square grid"))
-    patches = resize_grid(pos[:, prefix:], grid)
+    patches = resize_grid(pos[:, prefix:], grid, fmt)
 
     converted = {
         "patch_embed.proj.weight": weight.permute(0, 2, 3, 1).reshape(args.embed_dim, -1),  # (row, col, channel)

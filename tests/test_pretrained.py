@@ -56,20 +56,30 @@ def test_a_timm_vit_converted_gives_timm_logits(size, image_size, tmp_path):
     assert expected.abs().max() > 0.1  # the logits are not trivially small
 
 
-def test_a_torchvision_vit_converted_gives_torchvision_logits(tmp_path):
+@pytest.mark.parametrize("image_size", [32, 48], ids=["same grid", "resized position embedding"])
+def test_a_torchvision_vit_converted_gives_torchvision_logits(image_size, tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    def torchvision_vit(size):
+        return TorchvisionViT(image_size=size, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=3)
+
     torch.manual_seed(0)
-    source = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                  hidden_dim=32, mlp_dim=64, num_classes=3).eval()
+    source = torchvision_vit(32)
     with torch.no_grad():
         for p in source.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path / "vit.pth"
     torch.save(source.state_dict(), path)
-    ours = _ours(32, 8, 32, 2, 2, 64, 3)
+    ours = _ours(image_size, 8, 32, 2, 2, 64, 3)
     assert load_pretrained(ours, path, "torchvision", "test") == []
-    x = torch.randn(4, 3, 32, 32)
+    # torchvision's own way of using the file at this image size
+    reference = torchvision_vit(image_size)
+    reference.load_state_dict(interpolate_embeddings(image_size, 8, torch.load(path, weights_only=True)))
+    x = torch.randn(4, 3, image_size, image_size)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), source(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(x), reference.eval()(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_deit_release_file_brings_its_distillation_token_and_head(tmp_path):

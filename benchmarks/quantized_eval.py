@@ -32,8 +32,8 @@ from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
 from myrtle_vision.config import load_config  # noqa: E402
 from myrtle_vision.engine import evaluate, split_loader  # noqa: E402
 from myrtle_vision.models import build_model  # noqa: E402
+from myrtle_vision.quantization import Q_FORMATS as FORMATS  # noqa: E402
 
-FORMATS = ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16")
 HEADING = "## Evaluation in a simulated number format against FP32 (quantized_eval.py)"
 INTRO = ("Target: FP16_32 evaluation at most 1.15x the time of FP32 evaluation on the same data and machine. "
          "Each table is rewritten when its command is run again.")

@@ -24,11 +24,10 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .quantization import Q_FORMATS, ROUNDINGS
-
-PRETRAINED_FORMATS = ("timm", "deit", "torchvision")
 from .transforms import OpError, parse_ops
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+PRETRAINED_FORMATS = ("timm", "deit", "torchvision")  # who wrote vit_config.pretrained_weights
 SCHEDULERS = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 

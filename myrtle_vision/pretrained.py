@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .config import PRETRAINED_FORMATS as FORMATS  # noqa: F401  (the choices of vit_config.pretrained_format)
 from .errors import UserError
 
 

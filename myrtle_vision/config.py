@@ -158,9 +158,12 @@ class DistillerConfig:
     alpha: float = 0.5
     distillation_type: str = "soft"
     teacher_model: str = "resnet50"
+    teacher_image_size: Optional[int] = None  # the teacher sees the batches resized to this; None: as the student
 
     def validate(self, v: "_Validator") -> None:
         v.check(self.temperature > 0, "temperature", "must be positive")
+        v.check(self.teacher_image_size is None or 8 <= self.teacher_image_size <= 4096, "teacher_image_size",
+                "must be null or in [8, 4096]")
         v.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         v.choice(self.distillation_type, ("soft", "hard"), "distillation_type")
         v.check(bool(self.teacher_weights_path), "teacher_weights_path", "must not be empty")

@@ -30,7 +30,7 @@ from .losses import DistillationLoss
 from .metrics import Accumulator
 from .models import build_model
 from .pretrained import load_pretrained
-from .models.teacher import load_teacher
+from .models.teacher import Resized, load_teacher
 from .optim import LRSchedule, build_optimizer, build_scheduler
 from .reporting import Reporter
 
@@ -220,8 +220,8 @@ class Trainer:
         dc = cfg.distiller_config
         if dc is not None:
             where = f"{cfg.path}: distiller_config.teacher_weights_path"
-            self.teacher = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, dc.teacher_weights_path,
-                                        where).to(device)
+            teacher = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, dc.teacher_weights_path, where)
+            self.teacher = Resized(teacher, dc.teacher_image_size).to(device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
         self.progress = TrainState()
         self.skipped_in_a_row = 0

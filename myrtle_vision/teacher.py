@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_atomic
@@ -28,7 +27,7 @@ from .data import TrainPlan, eval_loader, open_split, read_label_map, train_load
 from .engine import evaluate
 from .errors import UserError
 from .metrics import Accumulator
-from .models.teacher import starting_model
+from .models.teacher import Resized, starting_model
 from .optim import LRSchedule, build_optimizer, build_scheduler
 from .reporting import Progress
 
@@ -103,20 +102,6 @@ class TeacherResult:
         return out
 
 
-class _Resized(nn.Module):
-    """Feed ``model`` its batches resized to ``size`` (bilinear, antialiased) when they differ."""
-
-    def __init__(self, model: nn.Module, size: int | None):
-        super().__init__()
-        self.model, self.size = model, size
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.size is not None and tuple(images.shape[-2:]) != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        return self.model(images)
-
-
 def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> TeacherResult:
     """Finetune ``cfg.model`` on ``cfg.data_config``'s training split; return the curves and test accuracy."""
     start_time = time.perf_counter()
@@ -135,7 +120,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     torch.manual_seed(cfg.seed)
     net, started_from = starting_model(cfg.model, data_cfg.number_of_classes, cfg.weights, f"{cfg.path}: weights")
     print(started_from, flush=True)
-    model = _Resized(net, cfg.image_size).to(device)
+    model = Resized(net, cfg.image_size).to(device)
     tc = cfg.train_config()
     optimizer = build_optimizer(net, tc)
     plan = TrainPlan(len(train_set), cfg.batch_size, cfg.batch_size, cfg.seed, drop_last=True)

@@ -190,3 +190,18 @@ def test_deit_config_cannot_resume_a_vit_checkpoint(tmp_path, data_cfg, notebook
     cfg = train_config(tmp_path / "deit.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(last)},
                        **_distiller(notebook_run[2]))
     assert_user_error(run_script("train.py", "-c", cfg), str(last), "trained without a teacher")
+
+
+@pytest.mark.parametrize("size", [None, 48])
+def test_the_teacher_sees_the_batches_at_teacher_image_size(size, tmp_path, data_cfg, notebook_run):
+    """A teacher finetuned at another image_size (the notebook's parameter) is fed batches resized to it."""
+    from myrtle_vision.engine import Trainer
+
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(notebook_run[2], teacher_image_size=size))
+    trainer = Trainer(load_config(cfg), torch.device("cpu"))
+    seen = []
+    trainer.teacher.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    loss, images = trainer.train_update(iter(trainer.train_loader), 0)
+    assert seen and set(seen) == {(size or 32, size or 32)}  # the student's image_size is 32
+    assert images == 8 and torch.isfinite(torch.tensor(loss))
+    assert not any(p.requires_grad for p in trainer.teacher.parameters()) and not trainer.teacher.model.training

@@ -11,6 +11,7 @@ import difflib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -41,6 +42,20 @@ def build(name: str, num_classes: int) -> nn.Module:
     """A freshly initialised ``name`` with a ``num_classes``-way classifier."""
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+class Resized(nn.Module):
+    """Feed ``model`` its batches resized to ``size`` (bilinear, antialiased) when they differ; no parameters."""
+
+    def __init__(self, model: nn.Module, size: int | None):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(images.shape[-2:]) != (self.size, self.size):
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        return self.model(images)
 
 
 def classifier_name(model: nn.Module) -> str:

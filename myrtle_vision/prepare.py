@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import UserError
 
-SPLIT_FILES = {"train": "train_imagepaths.txt", "val": "val_imagepaths.txt", "test": "test_imagepaths.txt"}
+SPLIT_FILES = {"train": "train_imagepaths.txt", "val": "val_imagepaths.txt", "test": "test_imagepaths.txt",
+               "extra": "extra_imagepaths.txt"}  # extra: training images left out of train (Fashion-MNIST only)
 
 RESISC45_CLASSES = (
     "airplane airport baseball_diamond basketball_court beach bridge chaparral church circular_farmland cloud "
@@ -45,7 +46,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def write_index(root: Path, classes: list[str], splits: dict[str, list[str]]) -> None:
-    """Write label_map.json (sorted classes -> 0..n-1) and the three split files."""
+    """Write label_map.json (sorted classes -> 0..n-1) and one file per split."""
     label_map = {name: i for i, name in enumerate(sorted(classes))}
     _write_if_changed(root / "label_map.json", json.dumps(label_map, indent=2) + "\n")
     for split, names in splits.items():
@@ -130,8 +131,10 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
     """Write Fashion-MNIST as PNG files in the Resisc45 layout.
 
     Validation is the last ``val_per_class`` training images of each class (held out of
-    training); training is the rest, or the first ``train_per_class`` of them; test is the
-    official test set. Only listed images are written. Returns the number of images per split.
+    training); training is the rest, or the first ``train_per_class`` of them, and then the
+    training images left out are listed as ``extra`` (the demo teacher's pretraining set, which the
+    students never see); test is the official test set. Only listed images are written. Returns
+    the number of images per split.
     """
     from PIL import Image
 
@@ -140,7 +143,7 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
     for part in ("train", "test"):
         if len(arrays[f"{part}_images"]) != len(arrays[f"{part}_labels"]) or arrays[f"{part}_labels"].max() > 9:
             raise UserError(f"{src}: {part} images and labels do not match")
-    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": [], "extra": []}
     todo = []
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
@@ -153,9 +156,8 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
                 train = paths[:-val_per_class]
                 keep = len(train) if train_per_class is None else train_per_class
                 splits["train"] += train[:keep]
+                splits["extra"] += train[keep:]
                 splits["val"] += paths[-val_per_class:]
-                paths = train[:keep] + paths[-val_per_class:]
-                idx = np.concatenate([idx[:-val_per_class][:keep], idx[-val_per_class:]])
             todo += list(zip(paths, idx, [part] * len(idx)))
     for cls in FASHION_MNIST_CLASSES:
         (out / "images" / cls).mkdir(parents=True, exist_ok=True)
@@ -167,5 +169,8 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
             os.replace(tmp, path)
     for split in splits:
         splits[split].sort()
+    if not splits["extra"]:
+        del splits["extra"]
+        (out / SPLIT_FILES["extra"]).unlink(missing_ok=True)  # from an earlier run with --train-per-class
     write_index(out, FASHION_MNIST_CLASSES, splits)
     return {k: len(v) for k, v in splits.items()}

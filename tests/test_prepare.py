@@ -124,14 +124,20 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     small = tmp_path / "small"
     proc = run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--val-per-class", 1,
                       "--train-per-class", 2, check=True)
-    assert "20 train, 10 validation, 20 test" in proc.stdout
+    assert "20 train, 10 validation, 20 test images, 10 extra" in proc.stdout
     small_train = (small / "train_imagepaths.txt").read_text().split()
+    extra = (small / "extra_imagepaths.txt").read_text().split()
     assert set(small_train) < set(train) and (small / "val_imagepaths.txt").read_text().split() == val
+    assert sorted(small_train + extra) == sorted(train)  # the rest of training, for the demo teacher's pretraining
     for cls in FASHION_MNIST_CLASSES:
         mine = sorted(p for p in train if p.startswith(f"images/{cls}/"))
         assert sorted(p for p in small_train if p.startswith(f"images/{cls}/")) == mine[:2]
+        assert sorted(p for p in extra if p.startswith(f"images/{cls}/")) == mine[2:]
     written = {str(p.relative_to(small)) for p in small.rglob("*.png")}
-    assert written == set(small_train) | set(val) | set(test)  # nothing unlisted is written
+    assert written == set(small_train) | set(extra) | set(val) | set(test)  # nothing unlisted is written
+    run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--val-per-class", 1, check=True)
+    assert not (small / "extra_imagepaths.txt").exists()  # all training images train again: no extra list
+    assert (small / "train_imagepaths.txt").read_text().split() == train
     assert_user_error(run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--train-per-class", 0),
                       "--train-per-class")
 

@@ -221,7 +221,7 @@ class Trainer:
         if dc is not None:
             where = f"{cfg.path}: distiller_config.teacher_weights_path"
             teacher = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, dc.teacher_weights_path, where)
-            self.teacher = Resized(teacher, dc.teacher_image_size).to(device)
+            self.teacher = Resized(teacher, dc.teacher_image_size).eval().to(device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
         self.progress = TrainState()
         self.skipped_in_a_row = 0

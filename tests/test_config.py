@@ -24,6 +24,25 @@ def test_users_v1_configs_load_unchanged(name, monkeypatch):
     assert (cfg.distiller_config is not None) == name.startswith("deit")
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "train_configs").glob("*.json")))
+def test_every_shipped_train_config_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # data_config_path is relative to the working directory, as users run them
+    cfg = load_config(f"train_configs/{path}")
+    assert cfg.data_config.number_of_classes in (10, 45)
+
+
+def test_demo_pair_differs_only_by_the_teacher():
+    """The demo's ViT and DeiT train with the same budget: only the output folder and the teacher differ."""
+    vit, deit = (json.loads((REPO / "train_configs" / f"{m}_demo.json").read_text()) for m in ("vit", "deit"))
+    assert "distiller_config" not in vit and deit.pop("distiller_config")["distillation_type"] == "soft"
+    assert vit["train_config"].pop("output_directory") != deit["train_config"].pop("output_directory")
+    assert vit == deit
+    extra = json.loads((REPO / "data_configs" / "fashion_mnist_extra.json").read_text())
+    plain = json.loads((REPO / "data_configs" / "fashion_mnist.json").read_text())
+    assert extra.pop("train_files") == "extra_imagepaths.txt" and plain.pop("train_files") == "train_imagepaths.txt"
+    assert extra == plain  # the teacher pretrains with the students' splits, transforms and validation
+
+
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base"])
 def test_shipped_configs_keep_the_users_values(name):
     """The project's own train_configs/ hold the values users know (paths aside)."""
@@ -70,6 +89,8 @@ BAD_TRAIN_CONFIGS = {
                           "distiller_config.distillation_type", "did you mean 'hard'"),
     "alpha": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "alpha": 1.5}),
               "distiller_config.alpha", "[0, 1]"),
+    "teacher size": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_image_size": 4}),
+                     "distiller_config.teacher_image_size", "[8, 4096]"),
 }
 
 

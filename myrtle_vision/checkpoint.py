@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import layout
-from .errors import TrainingStopped, UserError
+from .errors import TrainingStopped, UserError, reason
 
 FORMAT = "myrtle_vision/1"
 
@@ -54,8 +54,7 @@ def save_atomic(obj, path: str | Path) -> Path:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:  # torch's archive writer reports a failed write as a RuntimeError
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-        raise TrainingStopped(f"{path}: cannot write the checkpoint ({reason}); "
+        raise TrainingStopped(f"{path}: cannot write the checkpoint ({reason(e)}); "
                               "the previous checkpoints are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -88,7 +87,7 @@ def link_atomic(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
         _fsync_dir(dst.parent)
     except OSError as e:
-        raise TrainingStopped(f"{dst}: cannot update it to point to {src.name} ({e.strerror or e}); "
+        raise TrainingStopped(f"{dst}: cannot update it to point to {src.name} ({reason(e)}); "
                               f"{src} itself is complete") from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -105,8 +104,7 @@ def load_file(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a readable {what} ({first})") from None
+        raise UserError(f"{path}: not a readable {what} ({reason(e)})") from None
 
 
 def load(path: str | Path) -> dict:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, reason
 
 
 def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def main_guard(main: Callable[[], int | None]) -> None:
         if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
                 and "can't allocate memory" not in str(e):
             raise
-        print(f"error: out of memory ({_first_line(e)}); lower train_config.local_batch_size (gradient accumulation "
+        print(f"error: out of memory ({reason(e)[:300]}); lower train_config.local_batch_size (gradient accumulation "
               "keeps global_batch_size) or use a smaller model", file=sys.stderr)
         code = 3
     except KeyboardInterrupt:
@@ -47,8 +47,3 @@ def main_guard(main: Callable[[], int | None]) -> None:
         code = 130
     sys.stdout.flush()
     sys.exit(code or 0)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
-from .errors import UserError
+from .errors import UserError, reason
 from .transforms import BatchToFloat, build_transform, parse_ops
 
 SPLITS = {"train": "train_files", "val": "valid_files", "test": "test_files"}
@@ -77,7 +77,7 @@ class ImageListDataset(Dataset):
         except FileNotFoundError:
             raise UserError(f"{self.list_path}: split file not found") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.list_path}: cannot read the split file ({getattr(e, 'strerror', None) or e})") from None
+            raise UserError(f"{self.list_path}: cannot read the split file ({reason(e)})") from None
         root = self.root.resolve()
         paths, labels, class_dirs = [], [], set()
         for lineno, line in enumerate(lines, 1):

@@ -25,7 +25,7 @@ from .config import Config
 from .distributed import Dist
 from .data import (TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, stop_workers,
                    train_loader)
-from .errors import TrainingStopped, UserError
+from .errors import TrainingStopped, UserError, reason
 from .losses import DistillationLoss
 from .metrics import Accumulator
 from .models import build_model
@@ -148,7 +148,7 @@ def new_run_dir(output_directory: str) -> Path:
     try:
         run_dir.mkdir(parents=True)
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        raise UserError(f"{run_dir}: cannot create the run directory ({getattr(e, 'strerror', None) or e}); "
+        raise UserError(f"{run_dir}: cannot create the run directory ({reason(e)}); "
                         "check train_config.output_directory") from None
     return run_dir
 
@@ -417,7 +417,7 @@ class Trainer:
             ckpt_io.remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
             (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         except (OSError, ValueError) as e:
-            raise UserError(f"{self.run_dir}: cannot write the run directory ({getattr(e, 'strerror', None) or e}); "
+            raise UserError(f"{self.run_dir}: cannot write the run directory ({reason(e)}); "
                             f"check {self.cfg.path} train_config.output_directory") from None
 
     def fit(self) -> Path:

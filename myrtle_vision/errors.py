@@ -5,6 +5,12 @@ one line on stderr and exit with status 2. Anything else is a bug and keeps its 
 """
 
 
+def reason(e: BaseException) -> str:
+    """What went wrong, for one line: an OSError's strerror, else the first line of the message, else the type."""
+    text = getattr(e, "strerror", None) or str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class UserError(Exception):
     """A mistake in the user's input: a config, a dataset, a checkpoint, a command-line flag."""
 

@@ -107,6 +107,42 @@ def load_file(path: Path, what: str):
         raise UserError(f"{path}: not a readable {what} ({reason(e)})") from None
 
 
+WRAPPERS = ("model", "state_dict", "model_ema")  # how training scripts (DeiT's, timm's, ours) nest a state dict
+
+
+def read_state_dict(path: str | Path, what: str, where: str) -> dict[str, torch.Tensor]:
+    """The tensors of a user's weights file (a teacher, pretrained weights), named as the file names them.
+
+    ``.safetensors`` is read as such (tensors only, no pickle); anything else with ``weights_only``.
+    A state dict nested under one of :data:`WRAPPERS`, or as the only entry, is taken out, and
+    DataParallel's ``module.`` prefixes are dropped. Problems are one-line errors starting with ``where``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{where}: {path}: file not found")
+    if path.suffix == ".safetensors":  # timm's hub format
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            obj = load_safetensors(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{where}: {path}: not a readable safetensors file ({e})") from None
+    else:
+        try:
+            obj = load_file(path, what)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    if isinstance(obj, dict):
+        nested = [obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)]
+        if not nested and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+            nested = list(obj.values())
+        obj = nested[0] if nested else obj
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{where}: {path}: not a state dict (a mapping of parameter names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
 def load(path: str | Path) -> dict:
     """Load a checkpoint with ``weights_only=True``; any problem is a one-line UserError."""
     path = Path(path)

@@ -28,28 +28,9 @@ from . import checkpoint as ckpt_io
 from .errors import UserError
 
 
-def read_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.Tensor]:
+def read_timm_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.Tensor]:
     """The tensors of a pretrained file, in timm's names."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{where}: {path}: file not found")
-    if path.suffix == ".safetensors":  # timm's hub format: tensors only, no pickle
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{where}: {path}: not a readable safetensors file ({e})") from None
-    else:
-        obj = ckpt_io.load_file(path, f"{fmt} weights file")
-    for key in ("model", "state_dict", "model_ema"):  # DeiT's release and training checkpoints wrap it
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{where}: {path}: not a state dict (a mapping of names to tensors)")
-    raw = {k.removeprefix("module."): v for k, v in obj.items()}
+    raw = ckpt_io.read_state_dict(path, f"{fmt} weights file", where)
     expected = ("conv_proj.weight", "encoder.pos_embedding") if fmt == "torchvision" else ("patch_embed.proj.weight",
                                                                                            "pos_embed")
     if not all(k in raw for k in expected):
@@ -114,7 +95,7 @@ def resize_grid(pos: torch.Tensor, grid: int, fmt: str = "timm") -> torch.Tensor
 def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) -> list[str]:
     """Fill ``model`` (one of ours, freshly built) from a pretrained file; returns what was left as initialised."""
     args = model.args
-    state = read_state_dict(path, fmt, where)
+    state = read_timm_state_dict(path, fmt, where)
     theirs = f"{where}: {path}"
     unknown = sorted(k for k in state if not _KNOWN.fullmatch(k))
     if unknown:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..checkpoint import load_file
+from ..checkpoint import read_state_dict
 from ..errors import UserError
 
 
@@ -79,24 +79,6 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pth`` file (``weights_only``); DataParallel ``module.`` prefixes dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what}: {path}: file not found")
-    try:
-        state = load_file(path, "weights file")
-    except UserError as e:
-        raise UserError(f"{what}: {e}") from None
-    if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
-        state = next(iter(state.values()))  # {"state_dict": {...}} or {"model": {...}}
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{what}: {path}: not a state dict (a mapping of parameter names to tensors)")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def _fit_problem(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     """How ``state`` fails to fit ``model`` (first few differences), or None."""
     return _fit_problem_of(model.state_dict(), state, strict=True)
@@ -127,7 +109,7 @@ def load_teacher(name: str, num_classes: int, path: str | Path, where: str = "te
     """
     check_name(name, where)
     model = build(name, num_classes)
-    state = read_state_dict(path, where)
+    state = read_state_dict(path, "weights file", where)
     problem = _fit_problem(model, state)
     if problem:
         head = classifier_name(model)
@@ -182,7 +164,7 @@ def starting_model(name: str, num_classes: int, weights: str | None, where: str 
                             f"{get}set weights to a .pth file, or set weights to None to train from scratch")
     else:
         path = Path(weights)
-    state = read_state_dict(path, where)
+    state = read_state_dict(path, "weights file", where)
     model = torchvision.models.get_model(name, weights=None)
     classes = _classes_in(state, classifier_name(model))
     if classes is not None and classes != 1000:

@@ -26,6 +26,21 @@ def test_earlier_release_resnet50_teacher_file_loads_as_it_is(tmp_path):
         torch.testing.assert_close(load_teacher("resnet50", 45, tmp_path / "ddp.pth")(img), original(img))
 
 
+def test_teacher_from_a_training_checkpoint_or_safetensors(tmp_path):
+    """The same reader as pretrained weights: a state dict under "model" beside other entries, or safetensors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=10).eval()
+    state = original.state_dict()
+    torch.save({"model": state, "optimizer": {"lr": 0.1}, "epoch": 3}, tmp_path / "checkpoint.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "teacher.safetensors")
+    img = torch.randn(2, 3, 32, 32)
+    for name in ("checkpoint.pth", "teacher.safetensors"):
+        with torch.no_grad():
+            torch.testing.assert_close(load_teacher("resnet18", 10, tmp_path / name)(img), original(img), rtol=0, atol=0)
+
+
 def test_unknown_architecture_suggests_a_name(tmp_path):
     with pytest.raises(UserError, match="'resnet19' is not a torchvision classification model.*did you mean 'resnet18'"):
         load_teacher("resnet19", 3, tmp_path / "x.pth")

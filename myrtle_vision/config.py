@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .quantization import Q_FORMATS, ROUNDINGS
+from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from .transforms import OpError, parse_ops
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -120,12 +120,18 @@ class VitConfig:
     mlp_dim: int
     dropout: float = 0.0
     emb_dropout: float = 0.0
-    q_format: str = "FP32"  # FP32 trains in FP32; any other format trains with it simulated (QAT)
+    q_format: str = "FP32"  # FP32 trains in FP32; FP16_32 etc. train with it simulated (QAT); PyTorchINT8: FP32 (PTQ only)
     q_rounding: str = "nearest_even"  # or "qtorch": ties away from zero, saturating
     qkv_bias: bool = False  # biases on q, k, v: the deploy layout gains to_qkv.bias entries
     layer_norm_eps: float = 1e-5
     pretrained_weights: str = ""  # a timm, DeiT or torchvision ViT file to start from (see myrtle_vision.pretrained)
     pretrained_format: str = "timm"
+
+    @property
+    def trained_q_format(self) -> str:
+        """The format training (and test.py) simulates: a post-training format such as PyTorchINT8 is
+        applied by test_quantize.py alone, so training runs in FP32, as in the earlier release."""
+        return "FP32" if self.q_format in POST_TRAINING_FORMATS else self.q_format
 
     def parameter_count(self, num_classes: int = 1000) -> int:
         """About how many parameters the model has (to refuse one that cannot be built)."""
@@ -145,7 +151,7 @@ class VitConfig:
                 f"at most {MAX_PARAMETERS:.0g} are supported")
         for name in ("dropout", "emb_dropout"):
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
-        v.choice(self.q_format, Q_FORMATS, "q_format")
+        v.choice(self.q_format, Q_FORMATS + POST_TRAINING_FORMATS, "q_format")
         v.choice(self.q_rounding, ROUNDINGS, "q_rounding")
         v.check(0 < self.layer_norm_eps < 1, "layer_norm_eps", "must be in (0, 1)")
         v.choice(self.pretrained_format, PRETRAINED_FORMATS, "pretrained_format")

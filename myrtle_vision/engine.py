@@ -190,7 +190,7 @@ class Trainer:
         if tc.precision == "fp16" and device.type != "cuda":
             raise UserError(f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
                             "scaler); on CPU use bf16 or fp32")
-        if tc.precision != "fp32" and cfg.vit_config.q_format != "FP32":
+        if tc.precision != "fp32" and cfg.vit_config.trained_q_format != "FP32":
             raise UserError(f"{cfg.path}: train_config.precision {tc.precision} with vit_config.q_format "
                             f"{cfg.vit_config.q_format}: quantization-aware training simulates its format in FP32; "
                             "set precision to fp32")
@@ -268,9 +268,9 @@ class Trainer:
             raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
                             f"{self.cfg.path} has no distiller_config")
         trained, vc = ckpt_io.trained_format(ckpt), self.cfg.vit_config
-        if current and trained != (vc.q_format, vc.q_rounding):
+        if current and trained != (vc.trained_q_format, vc.q_rounding):
             raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
-                            f"{self.cfg.path} has vit_config.q_format {vc.q_format} ({vc.q_rounding} rounding); "
+                            f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} rounding); "
                             "a resumed run keeps its number format")
         ckpt_io.load_model_weights(self.model, ckpt, path, require_distillation=current)
         if not current:
@@ -303,7 +303,7 @@ class Trainer:
         p = self.progress
         vc = self.cfg.vit_config
         return {"format": ckpt_io.FORMAT, **ckpt_io.model_entries(self.model),
-                "quantization": {"q_format": vc.q_format, "q_rounding": vc.q_rounding},
+                "quantization": {"q_format": vc.trained_q_format, "q_rounding": vc.q_rounding},
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.scheduler.state_dict(),
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
@@ -493,7 +493,10 @@ def train(cfg: Config, device: torch.device, dist: Dist | None = None) -> Path:
                   f"alpha {dc.alpha:g} on the distillation head"
                   + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "") + ")", flush=True)
         vc = cfg.vit_config
-        if vc.q_format != "FP32":
+        if vc.q_format != vc.trained_q_format:
+            print(f"vit_config.q_format {vc.q_format} is post-training quantization: training runs in FP32, as in the "
+                  f"earlier release; test_quantize.py quantizes the checkpoint", flush=True)
+        elif vc.q_format != "FP32":
             print(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
                   "gradients pass straight through and the weights stay FP32", flush=True)
     return trainer.fit()

@@ -43,7 +43,10 @@ import torch.nn.functional as F
 from qtorch import FloatingPoint
 from torch import nn
 
-Q_FORMATS = ("FP32", "FP16_16", "FP16_32", "TF32", "BF16_32")
+Q_FORMATS = ("FP32", "FP16_16", "FP16_32", "TF32", "BF16_32")  # simulated in training (QAT) and evaluation
+# Post-training only (test_quantize.py calibrates them); a config naming one trains and tests in FP32,
+# as the earlier release did.
+POST_TRAINING_FORMATS = ("PyTorchINT8",)
 ROUNDINGS = ("nearest_even", "qtorch")
 
 FP16 = FloatingPoint(exp=5, man=10)

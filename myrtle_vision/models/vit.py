@@ -55,7 +55,7 @@ class ViTArgs:
                    embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
                    mlp_dim=vit_config.mlp_dim, qkv_bias=vit_config.qkv_bias, layer_norm_eps=vit_config.layer_norm_eps,
                    dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
-                   distilled=distilled, q_format=q_format or vit_config.q_format,
+                   distilled=distilled, q_format=q_format or vit_config.trained_q_format,
                    q_rounding=q_rounding or vit_config.q_rounding)
 
 

@@ -16,8 +16,8 @@ A training checkpoint is a dict::
     rng             torch (CPU and CUDA), Python and NumPy random states
     config          the resolved train config, data config inline
 
-The earlier release's files (``model``, ``optimizer``, ``lr_scheduler``, ``iteration``) load too:
-their model is used; their optimizer state is not (its parameter order differs).
+The earlier release's files (``model``, ``optimizer``, ``lr_scheduler``, ``iteration``) load too; a
+training run resumes them with their optimizer state (see :mod:`myrtle_vision.earlier_release`).
 """
 
 from __future__ import annotations

@@ -54,22 +54,42 @@ class TrainConfig:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     warmup_epochs: float = 5
-    cooldown_epochs: float = 0
     decay_epochs: float = 30
     decay_rate: float = 0.1
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0  # the earlier release trained with plain cross entropy
     num_workers: int = 4
     keep_checkpoints: Optional[int] = 5
     precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast and a gradient scaler; CUDA)
     compile: bool = False  # torch.compile the training step's model
     nonfinite_loss: str = "stop"  # a NaN/inf loss: "stop" the run (nothing saved) or "skip" the update
     layer_decay: Optional[float] = None  # finetuning: block i's lr is lr * layer_decay ** (depth + 1 - (i + 1))
+    # lr is the rate for this many images per update; the peak is lr * global_batch_size / lr_base_size
+    # (DeiT's linear scaling rule, as the earlier release applied it); None: lr is the peak itself.
+    lr_base_size: Optional[int] = 512
+    # The class and distillation tokens and the position embedding take weight decay, as in the earlier
+    # release (its model exempted nothing but biases and norms); false: exempt them, as timm and DeiT do.
+    weight_decay_tokens: bool = True
     # Accepted for compatibility with the earlier release; see the README for what happens to them.
     lr_noise: Optional[list[float]] = None
     lr_noise_pct: float = 0.67
     lr_noise_std: float = 1.0
     patience_epochs: float = 10
+    cooldown_epochs: float = 0
     distributed: bool = False
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate the schedule rises to: ``lr`` scaled to ``global_batch_size`` (see ``lr_base_size``)."""
+        if self.lr_base_size is None:
+            return self.lr
+        return self.lr * self.global_batch_size / self.lr_base_size
+
+    def describe_lr(self) -> str:
+        """The peak learning rate, and how it follows from the config, for the start-up line."""
+        if self.lr_base_size is None:
+            return f"peak learning rate {self.peak_lr:.4g} (train_config.lr; lr_base_size is null, so it is not scaled)"
+        return (f"peak learning rate {self.peak_lr:.4g} = train_config.lr {self.lr:g} x global_batch_size "
+                f"{self.global_batch_size} / lr_base_size {self.lr_base_size}")
 
     def validate(self, v: "_Validator") -> None:
         for name in ("epochs", "local_batch_size", "global_batch_size", "iters_per_checkpoint", "iters_per_val"):
@@ -83,6 +103,7 @@ class TrainConfig:
         v.choice(self.precision, PRECISIONS, "precision")
         v.choice(self.nonfinite_loss, ("stop", "skip"), "nonfinite_loss")
         v.check(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", "must be null or in (0, 1]")
+        v.check(self.lr_base_size is None or self.lr_base_size >= 1, "lr_base_size", "must be null or at least 1")
         v.check(self.opt_eps > 0, "opt_eps", "must be positive")
         if self.opt_betas is not None:
             v.check(len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas), "opt_betas",

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt_io
+from . import earlier_release
 from .config import Config
 from .distributed import Dist
 from .data import (TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, stop_workers,
@@ -31,7 +32,7 @@ from .metrics import Accumulator
 from .models import build_model
 from .pretrained import load_pretrained
 from .models.teacher import Resized, load_teacher
-from .optim import LRSchedule, build_optimizer, build_scheduler
+from .optim import LRSchedule, build_optimizer, build_scheduler, start_schedule_at
 from .reporting import Reporter
 
 
@@ -274,9 +275,7 @@ class Trainer:
                             "a resumed run keeps its number format")
         ckpt_io.load_model_weights(self.model, ckpt, path, require_distillation=current)
         if not current:
-            if self.dist.is_main:
-                print(f"{path}: checkpoint of the earlier release: starting from its weights with a fresh optimizer")
-            return self._new_run_dir()
+            return self._resume_earlier_release(ckpt, path)
         saved = ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else {}
         saved_scales = [g.get("lr_scale") if isinstance(g, dict) else None for g in saved.get("param_groups", [])]
         if saved_scales != [g.get("lr_scale") for g in self.optimizer.param_groups]:
@@ -298,6 +297,35 @@ class Trainer:
         if self.dist.is_main:
             print(f"resuming from {path} at iteration {self.progress.iteration} (epoch {self.progress.epoch + 1})")
         return run_dir
+
+    def _resume_earlier_release(self, ckpt: dict, path: Path) -> Path:
+        """Continue an earlier-release run at its iteration, with its optimizer state on our parameters
+        (see :mod:`myrtle_vision.earlier_release`) and the schedule from that update; in a new run directory."""
+        iteration = ckpt.get("iteration")
+        if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+            raise UserError(f"{path}: 'iteration' is {iteration!r}, not a count of optimizer updates")
+        missing, distilled = [], False
+        if isinstance(ckpt.get("optimizer"), dict):
+            by_name, distilled = earlier_release.optimizer_state_by_name(ckpt, path)
+            restored = earlier_release.load_optimizer_state(self.optimizer, self.model, by_name, self.tc.optimizer, path)
+            optimizer = f"the {self.tc.optimizer} state of its {len(restored)} ViT parameters"
+        else:
+            optimizer = "a fresh optimizer"
+            missing.append("the optimizer state (the file has none)")
+        if self.teacher is not None:
+            missing.append("the distillation token and head, which start fresh ("
+                           + ("the earlier release did not save them; their optimizer state is dropped)" if distilled
+                              else "the checkpoint is of a ViT trained without a teacher)"))
+        missing.append("the data order and random state, which the file does not hold (this release's data order "
+                       "continues from that update)")
+        upe = self.plan.updates_per_epoch
+        self.progress = TrainState(iteration, iteration // upe, iteration % upe)
+        start_schedule_at(self.optimizer, self.scheduler, iteration)
+        if self.dist.is_main:
+            print(f"{path}: checkpoint of the earlier release: resuming at iteration {iteration} (epoch "
+                  f"{iteration // upe + 1}, update {iteration % upe} of {upe}) with its weights, {optimizer} and the "
+                  f"learning-rate schedule from that update; not restored: {'; '.join(missing)}", flush=True)
+        return self._new_run_dir()
 
     def state(self) -> dict:
         p = self.progress
@@ -425,6 +453,7 @@ class Trainer:
         tc, p, dist = self.tc, self.progress, self.dist
         self._on_rank0(self._prepare_run_dir)
         reporter = Reporter(self.run_dir, enabled=dist.is_main)
+        reporter.scalars(p.iteration, **{"train/peak_lr": tc.peak_lr})
         saved_at, last_val_at = p.iteration, -1
         self.model.train()
         with _stop_on_signals() as stop:
@@ -487,10 +516,12 @@ def train(cfg: Config, device: torch.device, dist: Dist | None = None) -> Path:
     trainer = Trainer(cfg, device, dist)
     if trainer.dist.is_main:
         print(f"run directory: {trainer.run_dir}", flush=True)
+        print(cfg.train_config.describe_lr(), flush=True)
         dc = cfg.distiller_config
         if dc is not None:
             print(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
-                  f"alpha {dc.alpha:g} on the distillation head"
+                  f"loss = {dc.alpha:g} x cross entropy to the labels + {1 - dc.alpha:g} x distillation term "
+                  f"(alpha weights the labels)"
                   + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "") + ")", flush=True)
         vc = cfg.vit_config
         if vc.q_format != vc.trained_q_format:

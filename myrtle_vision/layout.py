@@ -64,6 +64,11 @@ def _rename(name: str, table) -> str | None:
     return None
 
 
+def deploy_name(name: str) -> str | None:
+    """The deploy-layout name of one of our ViT's tensors; None for the distillation token and head."""
+    return _rename(name, _TO_DEPLOY)
+
+
 def to_deploy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our ViT's state dict -> the accelerator's layout (plain ViT entries only)."""
     out = {}

@@ -2,9 +2,10 @@
 
 The class head learns from the labels and the distillation head from the teacher::
 
-    loss = (1 - alpha) * CE(class_logits, labels) + alpha * distillation term
+    loss = alpha * CE(class_logits, labels) + (1 - alpha) * distillation term
 
-``alpha`` weights the distillation term (the users' configs use 0.5, an even mix).
+``alpha`` weights the **label** term, as in the earlier release (the users' configs use 0.5, an
+even mix). DeiT's own code weights the other way round: its ``alpha`` is our ``1 - alpha``.
 
 - ``soft``: ``T^2 * KL(softmax(teacher / T) || softmax(dist / T))``, averaged over the batch.
   The ``T^2`` keeps the gradient's size independent of the temperature (Hinton et al., 2015).
@@ -38,4 +39,4 @@ class DistillationLoss(nn.Module):
     def forward(self, class_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 targets: torch.Tensor) -> torch.Tensor:
         base = self.base_criterion(class_logits, targets)
-        return (1 - self.alpha) * base + self.alpha * self.distillation_term(dist_logits, teacher_logits)
+        return self.alpha * base + (1 - self.alpha) * self.distillation_term(dist_logits, teacher_logits)

@@ -11,14 +11,17 @@ from torch import nn
 from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Matrices decay; biases, norms, tokens and position embeddings do not.
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 decay_tokens: bool = False) -> list[dict]:
+    """Matrices decay; biases and norms (every parameter of one dimension) do not. Tokens and position
+    embeddings (the model's ``no_weight_decay()``) do not either, unless ``decay_tokens``, as in the
+    earlier release, whose model exempted nothing else.
 
     With ``layer_decay`` (finetuning, as in BEiT and DeiT III), each group also has an
     ``lr_scale``: ``layer_decay ** (depth + 1 - layer)``, where the embeddings are layer 0, block i
     is layer i + 1, and the final norm and the heads are layer depth + 1 (the full learning rate).
     """
-    skip = getattr(model, "no_weight_decay", lambda: set())()
+    skip = set() if decay_tokens else getattr(model, "no_weight_decay", lambda: set())()
     depth = len(getattr(model, "blocks", ()))
     groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
@@ -41,12 +44,12 @@ def _layer_of(name: str, depth: int) -> int:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.weight_decay_tokens)
     betas = tuple(cfg.opt_betas) if cfg.opt_betas is not None else (0.9, 0.999)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=betas, eps=cfg.opt_eps, fused=fused)
+    return cls(groups, lr=cfg.peak_lr, betas=betas, eps=cfg.opt_eps, fused=fused)
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,8 @@ class LRSchedule:
     """Learning rate as a function of the optimizer update, stepped once per update.
 
     Linear warmup from ``warmup_lr`` to ``lr`` over the warmup updates, then ``cosine`` down to
-    ``min_lr`` (reached ``cooldown`` updates before the end and held), ``step`` (multiply by
-    ``decay_rate`` every ``decay`` updates, never below ``min_lr``) or ``constant``.
+    ``min_lr`` at the last update, ``step`` (timm's: ``lr * decay_rate ** (update // decay)``,
+    counted from update 0, with no floor) or ``constant``.
     """
 
     kind: str
@@ -64,15 +67,14 @@ class LRSchedule:
     min_lr: float
     warmup: int
     total: int
-    cooldown: int = 0
     decay: int = 1
     decay_rate: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, updates_per_epoch: int) -> "LRSchedule":
         u = updates_per_epoch
-        return cls(kind=cfg.scheduler, lr=cfg.lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                   warmup=round(cfg.warmup_epochs * u), total=cfg.epochs * u, cooldown=round(cfg.cooldown_epochs * u),
+        return cls(kind=cfg.scheduler, lr=cfg.peak_lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                   warmup=round(cfg.warmup_epochs * u), total=cfg.epochs * u,
                    decay=max(1, round(cfg.decay_epochs * u)), decay_rate=cfg.decay_rate)
 
     def __call__(self, update: int) -> float:
@@ -81,8 +83,8 @@ class LRSchedule:
         if self.kind == "constant":
             return self.lr
         if self.kind == "step":
-            return max(self.min_lr, self.lr * self.decay_rate ** ((update - self.warmup) // self.decay))
-        span = max(1, self.total - self.cooldown - self.warmup)
+            return self.lr * self.decay_rate ** (update // self.decay)
+        span = max(1, self.total - self.warmup)
         t = min(1.0, (update - self.warmup) / span)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
 
@@ -93,3 +95,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> t
     for group in optimizer.param_groups:
         group["initial_lr"] = base * group.get("lr_scale", 1.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: schedule(update) / base)
+
+
+def start_schedule_at(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, update: int) -> None:
+    """Move a fresh scheduler from :func:`build_scheduler` (and its optimizer's learning rates) to ``update``,
+    for a run resumed from a checkpoint that holds no scheduler state of ours."""
+    lrs = [base * fn(update) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    state = scheduler.state_dict()
+    state.update(last_epoch=update, _step_count=update + 1, _last_lr=lrs)
+    scheduler.load_state_dict(state)

@@ -80,6 +80,7 @@ class TeacherConfig:
         """The same optimizer and schedule machinery as ViT training: one update per batch, cosine to zero."""
         return TrainConfig(output_directory=str(Path(self.output_path).parent), epochs=self.epochs,
                            local_batch_size=self.batch_size, global_batch_size=self.batch_size, lr=self.lr,
+                           lr_base_size=None,  # the notebook's lr is the rate itself
                            seed=self.seed, optimizer=self.optimizer, momentum=self.momentum,
                            weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, warmup_lr=self.lr / 100,
                            min_lr=0.0, label_smoothing=self.label_smoothing, num_workers=self.num_workers)

@@ -96,6 +96,24 @@ def _parse_resized_crop(name, v):
     return {"size": _size(name, v)}
 
 
+def _positive_int(name, v) -> int:
+    if _is_int(v) and v > 0:
+        return v
+    raise OpError(name, f"expected a positive integer, got {v!r}")
+
+
+def _parse_resize(name, v):
+    """``n``: n x n, as the earlier release (``Resize((n, n))``); ``[h, w]``; or ``{"shorter_side": n}``:
+    the shorter side to n, keeping the aspect ratio (torchvision's ``Resize(n)``)."""
+    if isinstance(v, dict):
+        kw = _kwargs(name, v, {"shorter_side": _positive_int})
+        if "shorter_side" not in kw:
+            raise OpError(f"{name}.shorter_side", "missing")
+        return {"size": kw["shorter_side"]}
+    size = _size(name, v)
+    return {"size": [size, size] if _is_int(size) else size}
+
+
 def _parse_random_crop(name, v):
     if isinstance(v, dict):
         kw = _kwargs(name, v, {"size": _size, "padding": _nonneg_int})
@@ -141,7 +159,7 @@ def _parse_normalize(name, v):
 
 # op name -> (argument parser, torchvision v2 class)
 OPS: dict[str, tuple[Callable[[str, Any], dict], Callable[..., Any]]] = {
-    "Resize": (lambda n, v: {"size": _size(n, v)}, T.Resize),
+    "Resize": (_parse_resize, T.Resize),
     "RandomResizedCrop": (_parse_resized_crop, T.RandomResizedCrop),
     "CenterCrop": (lambda n, v: {"size": _size(n, v)}, T.CenterCrop),
     "RandomCrop": (_parse_random_crop, T.RandomCrop),

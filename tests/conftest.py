@@ -65,7 +65,7 @@ def train_config(path: Path, data_cfg: Path, out: Path, train=None, vit=None, **
     tc = {"output_directory": str(out), "checkpoint_path": "", "epochs": 3, "local_batch_size": 4,
           "global_batch_size": 8, "iters_per_checkpoint": 1000, "iters_per_val": 1000, "seed": 7, "lr": 3e-3,
           "warmup_lr": 1e-4, "min_lr": 1e-4, "warmup_epochs": 1, "weight_decay": 0.01, "num_workers": 0,
-          "label_smoothing": 0.0}
+          "label_smoothing": 0.0, "lr_base_size": None, "weight_decay_tokens": False}
     vc = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
           "dropout": 0.0, "emb_dropout": 0.0, "q_format": "FP32"}
     tc.update(train or {})
@@ -90,6 +90,15 @@ def run_dir_of(proc: subprocess.CompletedProcess) -> Path:
         if line.startswith("run directory: "):
             return Path(line.split(": ", 1)[1])
     raise AssertionError(f"no run directory printed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def scalars(run_dir, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every TensorBoard scalar ``tag`` a run wrote."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

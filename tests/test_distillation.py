@@ -92,10 +92,10 @@ def deit_run(tmp_path_factory, dataset, notebook_run):
 
 
 def test_deit_run_learns_with_the_notebooks_teacher(deit_run):
-    from test_train import scalars
+    from conftest import scalars
 
     _, _, proc, run_dir = deit_run
-    assert f"distilling from {TEACHER}" in proc.stdout and "soft, alpha 0.5" in proc.stdout
+    assert f"distilling from {TEACHER}" in proc.stdout and "soft, loss = 0.5 x cross entropy to the labels + 0.5 x distillation term" in proc.stdout
     losses = [v for _, v in scalars(run_dir, "train/loss")]
     assert len(losses) == 8 * 3
     assert sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses

@@ -33,7 +33,7 @@ def test_soft_loss_matches_direct_computation(alpha, T):
     for d_row, t_row in zip(dist.tolist(), teacher.tolist()):
         log_p_t, log_p_s = _log_softmax(t_row, T), _log_softmax(d_row, T)
         kl += sum(math.exp(a) * (a - b) for a, b in zip(log_p_t, log_p_s))
-    expected = (1 - alpha) * _cross_entropy(cls, y) + alpha * T * T * kl / len(y)
+    expected = alpha * _cross_entropy(cls, y) + (1 - alpha) * T * T * kl / len(y)  # alpha weights the labels
     loss = DistillationLoss(nn.CrossEntropyLoss(), "soft", alpha, T)(cls, dist, teacher, y)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -44,7 +44,7 @@ def test_hard_loss_matches_direct_computation(alpha, T):
     cls, dist, teacher, y = _logits()
     teacher_labels = teacher.argmax(dim=1)
     assert not torch.equal(teacher_labels, y)  # so that the two terms really differ
-    expected = (1 - alpha) * _cross_entropy(cls, y) + alpha * _cross_entropy(dist, teacher_labels)
+    expected = alpha * _cross_entropy(cls, y) + (1 - alpha) * _cross_entropy(dist, teacher_labels)
     loss = DistillationLoss(nn.CrossEntropyLoss(), "hard", alpha, T)(cls, dist, teacher, y)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -59,7 +59,7 @@ def test_gradients_reach_only_the_student():
 
 def test_soft_term_is_zero_when_student_matches_teacher():
     _, _, teacher, y = _logits()
-    loss = DistillationLoss(nn.CrossEntropyLoss(), "soft", 1.0, 3.0)(teacher, teacher.clone(), teacher, y)
+    loss = DistillationLoss(nn.CrossEntropyLoss(), "soft", 0.0, 3.0)(teacher, teacher.clone(), teacher, y)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 

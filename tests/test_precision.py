@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import assert_user_error, run_dir_of, run_script, train_config
-from test_train import scalars
+from conftest import scalars
 
 from myrtle_vision import checkpoint as ckpt_io
 

@@ -9,18 +9,10 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_dir_of, run_script, train_config
+from conftest import REPO, assert_user_error, run_dir_of, run_script, scalars, train_config
 
 from myrtle_vision import layout
 from myrtle_vision.checkpoint import load
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Train a ViT from a train config: python train.py -c train_configs/vit_tiny.json
-On several processes: torchrun --nproc_per_node=N train.py -c CONFIG"""
+With "distributed": true it trains on every visible GPU, one process each (or --nproc_per_node N);
+on several machines: torchrun --nnodes=M --nproc_per_node=N ... train.py -c CONFIG"""
 
 from myrtle_vision import distributed
 from myrtle_vision.cli import main_guard, parser, resolve_device
@@ -8,9 +9,19 @@ from myrtle_vision.engine import Interrupted, train
 
 
 def main() -> int:
-    args = parser(__doc__).parse_args()
+    p = parser(__doc__)
+    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, metavar="N",
+                   help="train in N processes on this machine (one per GPU on CUDA; Gloo on CPU); default: one per "
+                        "visible GPU when train_config.distributed is true, else one")
+    args = p.parse_args()
     cfg = load_config(args.config)
-    with distributed.session(cfg, resolve_device(args.device)) as dist:
+    device = resolve_device(args.device)
+    nproc = distributed.processes_to_start(cfg, device, args.nproc_per_node)
+    if nproc > 1:
+        print(f"starting {nproc} processes on {device.type} with PyTorch's launcher "
+              f"(as torchrun --standalone --nproc_per_node={nproc})", flush=True)
+        return distributed.launch(nproc, __file__, ["-c", args.config] + (["--device", args.device] if args.device else []))
+    with distributed.session(cfg, device) as dist:
         try:
             last = train(cfg, dist.device, dist)
         except Interrupted as e:

@@ -74,6 +74,49 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def processes_to_start(cfg, device: torch.device, requested: int | None = None, gpu_count: int | None = None) -> int:
+    """How many processes ``train.py`` starts itself (1: it just runs).
+
+    As in the earlier release, a config with ``train_config.distributed`` true trains on every visible
+    GPU: one process per GPU when there are several, unless torchrun already started the processes.
+    ``requested`` (``--nproc_per_node``) chooses the count instead, on CPU (Gloo) too.
+    """
+    where = f"{cfg.path}: train_config.distributed"
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--nproc_per_node {requested}: must be at least 1")
+        if launched_processes() > 1:
+            raise UserError("--nproc_per_node: torchrun already started the processes; give one or the other")
+        if requested > 1 and not cfg.train_config.distributed:
+            raise UserError(f"{where} is false; set it to true to train in {requested} processes")
+        gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+        if device.type == "cuda" and requested > gpus:
+            raise UserError(f"--nproc_per_node {requested}: this machine has {gpus} GPU(s); one process per GPU at most")
+        return requested
+    if launched_processes() > 1 or device.type != "cuda":
+        return 1
+    gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
+    return gpus if cfg.train_config.distributed and gpus > 1 else 1
+
+
+def launch(nproc: int, script: str, args: list[str]) -> int:
+    """Run ``script args`` in ``nproc`` processes on this machine with PyTorch's own launcher, exactly as
+    ``torchrun --standalone --nproc_per_node=nproc script args`` does; wait for them and return the exit
+    status (the first failing process's; each process reports its own error)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", script, *args]))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+    except SignalException as e:  # Ctrl-C or SIGTERM: the launcher passed it on to every process, which saved
+        return 128 + int(e.sigval)
+    return 0
+
+
 @contextmanager
 def session(cfg, device: torch.device):
     """The process group for this run, if torchrun started several processes; torn down on exit.

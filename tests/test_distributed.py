@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_script, train_config
-from test_train import scalars
+from conftest import scalars
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.config import load_config
@@ -174,3 +174,57 @@ def test_a_checkpoint_write_failing_on_rank_zero_stops_every_process(runs, tmp_p
     said = re.findall(r"error: (\S+): cannot write the checkpoint \(No space left on device\)", proc.stderr)
     assert 1 <= len(said) <= 2 and all(p.endswith("checkpoint_0000002.pt") for p in said), proc.stderr
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr  # stopped with the error, did not hang
+
+
+# --- train.py starts the processes itself, as the earlier release did -------------------------------------
+
+def _cfg(distributed: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(path="c.json", train_config=SimpleNamespace(distributed=distributed))
+
+
+def test_how_many_processes_train_py_starts(monkeypatch):
+    from myrtle_vision.distributed import processes_to_start
+    from myrtle_vision.errors import UserError
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert processes_to_start(_cfg(True), cuda, gpu_count=4) == 4  # every visible GPU, one process each
+    assert processes_to_start(_cfg(True), cuda, gpu_count=1) == 1
+    assert processes_to_start(_cfg(False), cuda, gpu_count=4) == 1  # as the earlier release: one GPU
+    assert processes_to_start(_cfg(True), cpu, gpu_count=4) == 1  # the CPU counts as one device
+    assert processes_to_start(_cfg(True), cuda, requested=2, gpu_count=4) == 2
+    assert processes_to_start(_cfg(True), cpu, requested=3, gpu_count=0) == 3  # Gloo on CPU, on request
+    for kwargs, message in (({"requested": 5, "gpu_count": 4}, "this machine has 4 GPU"),
+                            ({"requested": 0, "gpu_count": 4}, "must be at least 1")):
+        with pytest.raises(UserError, match=message):
+            processes_to_start(_cfg(True), cuda, **kwargs)
+    with pytest.raises(UserError, match="c.json: train_config.distributed is false; set it to true"):
+        processes_to_start(_cfg(False), cpu, requested=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun: each process just trains
+    assert processes_to_start(_cfg(True), cuda, gpu_count=4) == 1
+    with pytest.raises(UserError, match="torchrun already started the processes"):
+        processes_to_start(_cfg(True), cpu, requested=2)
+
+
+def test_train_py_starts_its_processes_as_torchrun_does(runs):
+    """``train.py --nproc_per_node 2`` (on GPUs: one per visible GPU by default) goes through PyTorch's launcher
+    and trains exactly what ``torchrun --standalone --nproc_per_node=2`` trains."""
+    _, _, _, (two_cfg, two_dir, _) = runs
+    proc = run_script("train.py", "-c", two_cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "starting 2 processes on cpu with PyTorch's launcher (as torchrun --standalone --nproc_per_node=2)" in proc.stdout
+    assert "training on cpu in 2 processes" in proc.stdout
+    mine, theirs = ckpt_io.load(run_dir_of(proc) / "last.pt"), ckpt_io.load(two_dir / "last.pt")
+    assert mine["iteration"] == theirs["iteration"] == 9
+    for k in theirs["model"]:
+        assert torch.equal(mine["model"][k], theirs["model"][k]), k
+
+
+def test_a_user_error_in_the_started_processes_is_their_exit_status(runs, tmp_path):
+    _, data_cfg, _, _ = runs
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(RUN, checkpoint_path=str(tmp_path / "gone.pt")))
+    proc = run_script("train.py", "-c", cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert f"error: {tmp_path / 'gone.pt'}: checkpoint not found" in proc.stderr

@@ -103,7 +103,10 @@ class TrainConfig:
         v.choice(self.precision, PRECISIONS, "precision")
         v.choice(self.nonfinite_loss, ("stop", "skip"), "nonfinite_loss")
         v.check(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", "must be null or in (0, 1]")
-        v.check(self.lr_base_size is None or self.lr_base_size >= 1, "lr_base_size", "must be null or at least 1")
+        v.check(self.lr_base_size is None or 1 <= self.lr_base_size <= 2 ** 31, "lr_base_size",
+                "must be null or in [1, 2^31]")
+        for name in ("local_batch_size", "global_batch_size"):
+            v.check(getattr(self, name) <= 2 ** 31, name, "must be at most 2^31")
         v.check(self.opt_eps > 0, "opt_eps", "must be positive")
         if self.opt_betas is not None:
             v.check(len(self.opt_betas) == 2 and all(0 <= b < 1 for b in self.opt_betas), "opt_betas",

@@ -237,6 +237,9 @@ CASES = {
     "a model too large to build": _cfg("vit_config.embed_dim", 10 ** 7, "parameters"),
     "data config not found": _cfg("data_config_path", "nowhere.json", "nowhere.json: file not found"),
     "seed out of range": _cfg("train_config.seed", 2 ** 70, "seed"),
+    "lr_base_size of 0": _cfg("train_config.lr_base_size", 0, "train_config.lr_base_size", "[1, 2^31]"),
+    "global batch too large to scale lr": _cfg("train_config.global_batch_size", 10 ** 400, "at most 2^31"),
+    "weight_decay_tokens not a boolean": _cfg("train_config.weight_decay_tokens", "yes", "expected true/false"),
     # the data config
     "one class": _data("number_of_classes", 1, "at least 2"),
     "unknown transform op": _data("transform_ops_train", {"RandomCropp": 32}, "RandomCropp"),
@@ -245,6 +248,8 @@ CASES = {
     "Normalize with two channels": _data("transform_ops_val", {"Normalize": {"Mean": [0.5] * 2, "Std": [0.2] * 2}},
                                          "Normalize"),
     "data config unknown field": _data("label_mapp", "x", "unknown field"),
+    "Resize shorter_side not a size": _data("transform_ops_val", {"Resize": {"shorter_side": [3, 4]}},
+                                            "transform_ops_val.Resize.shorter_side", "positive integer"),
     "string class count": _data("number_of_classes", "three", "expected an integer"),
     "class count disagrees with the label map": lambda c: (_set(c.data, "number_of_classes", 4), ([], [
         str(c.ds / "label_map.json"), "3 classes", "number_of_classes is 4"]))[1],

@@ -1,21 +1,24 @@
 """Test-split evaluation of a checkpoint: accuracy, per-class report, confusion matrix; and the same
-checkpoint in FP32 beside a simulated number format (post-training quantization)."""
+checkpoint in FP32 beside a simulated number format (post-training quantization), INT8 calibrated
+on the first batches of the validation split."""
 
 from __future__ import annotations
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt_io
+from . import int8
 from .config import Config
 from .distributed import Dist
 from .engine import split_accuracy, split_loader, sum_over_processes
 from .errors import UserError
 from .metrics import Accumulator, confusion_image, format_report
-from .models import build_model
-from .quantization import Q_FORMATS, ROUNDINGS
+from .models import VisionTransformer, build_model
+from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from .reporting import Reporter
 
 
@@ -43,6 +46,10 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     if dist.is_main and model.args.q_format != "FP32":
         print(f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
               f"as {cfg.path} vit_config.q_format says")
+    if dist.is_main and cfg.vit_config.q_format in POST_TRAINING_FORMATS:
+        print(f"evaluating in FP32: {cfg.path} vit_config.q_format {cfg.vit_config.q_format} is post-training "
+              f"quantization, which test.py does not apply; python test_quantize.py -c {cfg.path} gives its figures "
+              "beside FP32's")
     acc, avg, names = split_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
     result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
     if avg is not None:
@@ -103,10 +110,14 @@ def resolve_format(cfg: Config, trained: tuple[str, str], quantized_ckpt: bool, 
         raise UserError(f"{path}: checkpoint made by quantization-aware training (q_format {trained[0]}); "
                         "add --quantized_ckpt to test it")
     if trained[0] == "FP32" and quantized_ckpt:
+        if (q_format or cfg.vit_config.q_format) in POST_TRAINING_FORMATS:
+            raise UserError(f"{path}: FP32 checkpoint; drop --quantized_ckpt: PyTorchINT8 is post-training "
+                            "quantization, its configs train in FP32 and test_quantize.py quantizes the FP32 "
+                            "checkpoint")
         raise UserError(f"{path}: FP32 checkpoint, not made by quantization-aware training; drop --quantized_ckpt "
                         "(test_quantize.py quantizes an FP32 checkpoint after training)")
-    if q_format is not None and q_format not in Q_FORMATS:
-        raise UserError(f"--q_format {q_format!r} is not one of {', '.join(Q_FORMATS)}")
+    if q_format is not None and q_format not in Q_FORMATS + POST_TRAINING_FORMATS:
+        raise UserError(f"--q_format {q_format!r} is not one of {', '.join(Q_FORMATS + POST_TRAINING_FORMATS)}")
     if q_rounding is not None and q_rounding not in ROUNDINGS:
         raise UserError(f"--q_rounding {q_rounding!r} is not one of {', '.join(ROUNDINGS)}")
     vc = cfg.vit_config
@@ -116,35 +127,105 @@ def resolve_format(cfg: Config, trained: tuple[str, str], quantized_ckpt: bool, 
     return fmt, rounding
 
 
+DEFAULT_CALIB_STEPS = 10  # validation batches that calibrate PyTorchINT8, as in the earlier release
+
+
+def unused_int8_flags(fmt: str, calib_steps: int | None, per_channel: bool) -> str | None:
+    """A note when INT8's flags come with a floating-point format, which has nothing to calibrate.
+
+    The earlier release calibrated whatever the format, so ``--calib_steps`` is accepted (a user's
+    old command keeps working) but said to be unused, and the line names the format actually tested.
+    """
+    given = [flag for flag, on in (("--calib_steps", calib_steps is not None), ("--per_channel", per_channel)) if on]
+    if fmt in POST_TRAINING_FORMATS or not given:
+        return None
+    return (f"{' and '.join(given)} unused: testing {fmt}, a floating-point format with no calibration and no "
+            "weight scales (INT8 is --q_format PyTorchINT8)")
+
+
+def resolve_int8(fmt: str, q_rounding: str | None, calib_steps: int | None, per_channel: bool
+                 ) -> tuple[int, str] | None:
+    """(calibration batches, int8 weight scheme) for PyTorchINT8, None for a floating-point format."""
+    if fmt not in POST_TRAINING_FORMATS:
+        return None
+    if q_rounding is not None:
+        raise UserError(f"--q_rounding {q_rounding}: applies to the floating-point formats, not to {fmt} "
+                        "(integer quantization, which rounds to nearest, ties to even); drop it")
+    steps = DEFAULT_CALIB_STEPS if calib_steps is None else calib_steps
+    if steps < 1:
+        raise UserError(f"--calib_steps {steps}: must be at least 1 (the number of validation batches that "
+                        f"calibrate {fmt})")
+    return steps, "per_channel" if per_channel else "per_tensor"
+
+
+def calibrate_on_validation(cfg: Config, model: VisionTransformer, device: torch.device, steps: int,
+                            dist: Dist = Dist()) -> tuple[int, int]:
+    """Calibrate an INT8 ``model`` on the first ``steps`` batches of the validation split (its evaluation
+    transforms, in order, ``local_batch_size`` images each); return (batches, images) used.
+
+    Every process reads the same batches, of the whole split rather than its share, so that all
+    processes quantize with the same scales. A split with fewer batches is used whole, and that is said.
+    """
+    tc = cfg.train_config
+    loader, _ = split_loader(cfg, device, tc.local_batch_size, tc.num_workers, "val")  # not sharded
+    batches = min(steps, len(loader))
+    images = min(batches * tc.local_batch_size, len(loader.dataset))
+    if dist.is_main:
+        where = f"{cfg.data_config.valid_files} of {cfg.data_config_path}"
+        if batches < steps:
+            print(f"calibrating on all {batches} validation batches ({images} images of {where}): "
+                  f"--calib_steps {steps} asks for more than the split has", flush=True)
+        else:
+            print(f"calibrating on the first {batches} validation batches ({images} images of {where})", flush=True)
+    done = int8.calibrate(model, (x.to(device, non_blocking=True) for x, _ in islice(loader, batches)))
+    assert done == batches, (done, batches)
+    return batches, images
+
+
 def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_format: str | None = None,
                       q_rounding: str | None = None, quantized_ckpt: bool = False,
-                      json_path: str | None = None, dist: Dist = Dist()) -> dict:
+                      json_path: str | None = None, dist: Dist = Dist(), calib_steps: int | None = None,
+                      per_channel: bool = False) -> dict:
     """Test ``checkpoint`` in FP32 and in a simulated number format, side by side; print and return the results.
 
     Floating-point formats need no calibration (there are no scales to fit), so the validation
-    split is not read; the test split is read once, both models seeing each batch. A DeiT
-    checkpoint is tested by its class head, which is what the accelerator runs.
+    split is not read. PyTorchINT8 is calibrated first, on the first ``calib_steps`` (default 10)
+    validation batches, with per-tensor or (``per_channel``) per-row weight scales. The test split
+    is read once, both models seeing each batch. A DeiT checkpoint is tested by its class head,
+    which is what the accelerator runs.
     """
     ckpt = ckpt_io.load(checkpoint)
     trained = ckpt_io.trained_format(ckpt)
     fmt, rounding = resolve_format(cfg, trained, quantized_ckpt, q_format, q_rounding, checkpoint)
+    int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
+    weights = int8_options[1] if int8_options else "per_tensor"
     models = []
     for f in ("FP32", fmt):
-        model = build_model(cfg, distilled=False, q_format=f, q_rounding=rounding)
+        model = build_model(cfg, distilled=False, q_format=f, q_rounding=rounding, int8_weights=weights)
         ckpt_io.load_model_weights(model, ckpt, checkpoint, require_distillation=False)
         models.append(model.to(device))
     tc = cfg.train_config
     loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
     kind = (f"trained with quantization-aware training in {trained[0]}" if quantized_ckpt
             else "trained in FP32, quantized after training")
+    how = (f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options
+           else f"{rounding} rounding")
+    note = unused_int8_flags(fmt, calib_steps, per_channel)
     if dist.is_main:
-        print(f"{checkpoint}: {kind}; testing in {fmt} ({rounding} rounding)"
+        print(f"{checkpoint}: {kind}; testing in {fmt} ({how})"
               + (" (DeiT: class head)" if ckpt_io.has_distillation(ckpt) else ""), flush=True)
+        if note:
+            print(note, flush=True)
+    if int8_options:
+        calibrated = calibrate_on_validation(cfg, models[1], device, int8_options[0], dist)
     ref, q, changed, max_diff = compare(*models, loader, device, len(names), dist)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
-    result = {"q_format": fmt, "q_rounding": rounding, "quantized_ckpt": quantized_ckpt, "num_images": ref.count,
-              "fp32": {"top1": ref.top1, "top5": ref.top5}, "quantized": {"top1": q.top1, "top5": q.top5},
+    result = {"q_format": fmt, "q_rounding": None if int8_options else rounding, "quantized_ckpt": quantized_ckpt,
+              "num_images": ref.count, "fp32": {"top1": ref.top1, "top5": ref.top5},
+              "quantized": {"top1": q.top1, "top5": q.top5},
               "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
+    if int8_options:
+        result.update(calib_steps=calibrated[0], calib_images=calibrated[1], int8_weights=weights)
     if not dist.is_main:
         return result
     width = max(7, len(fmt))

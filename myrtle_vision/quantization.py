@@ -31,6 +31,10 @@ Rounding (``vit_config.q_rounding``):
 Gradients pass straight through every rounding (the straight-through estimator), so a model
 with a ``q_format`` trains with the rounding in its forward pass: quantization-aware training.
 The parameters themselves stay FP32 (the master weights); each forward pass rounds them.
+
+``PyTorchINT8`` is not a floating-point format but the earlier release's INT8 post-training
+quantization, calibrated after training (:mod:`myrtle_vision.int8`); :class:`Int8Arithmetic` puts
+its quantization points where the floating-point formats round, one point (and observer) per tensor.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from qtorch import FloatingPoint
 from torch import nn
+
+from .int8 import WEIGHT_SCHEMES, FakeQuant, Int8LayerNorm, Int8Linear
 
 Q_FORMATS = ("FP32", "FP16_16", "FP16_32", "TF32", "BF16_32")  # simulated in training (QAT) and evaluation
 # Post-training only (test_quantize.py calibrates them); a config naming one trains and tests in FP32,
@@ -205,20 +211,72 @@ class Arithmetic:
         return QLayerNorm(dim, eps, self._round(self.operands), self._round(self.activations))
 
     def activation(self) -> nn.Module:
-        """Rounding of an activation (a residual add, a token, the GELU, attention): FP16_16 only."""
+        """Rounding of an activation (a residual add, a token, the GELU, attention): FP16_16 only.
+
+        Each call makes a new module: every point where a tensor is rounded has its own (INT8 gives
+        each its own observer)."""
         return nn.Identity() if self.activations is None else Round(self.activations, self.rounding)
+
+    def requantize(self) -> nn.Module:
+        """A concatenation's result: INT8 requantizes it to a scale of its own (its parts have
+        theirs); a floating-point format has nothing to round there (concatenating computes nothing)."""
+        return nn.Identity()
+
+    def final_layer_norm(self, dim: int, eps: float = 1e-5) -> nn.LayerNorm:
+        """The LayerNorm after the last block, which normalizes every token: a LayerNorm like the others,
+        except under INT8 (which quantizes only the token a head reads, at :meth:`head_input`)."""
+        return self.layer_norm(dim, eps)
+
+    def head_input(self) -> nn.Module:
+        """The normed token a head reads: INT8 quantizes it here, to a range fitted to that token
+        alone (the earlier release normed and quantized only the pooled class token); a floating-point
+        format rounded it in the final LayerNorm already."""
+        return nn.Identity()
 
     @property
     def rounds_attention(self) -> bool:
         return self.activations is not None
 
 
-def arithmetic(q_format: str = "FP32", rounding: str = "nearest_even") -> Arithmetic:
-    """The :class:`Arithmetic` of a ``q_format``; an unknown name is a ValueError listing the valid ones."""
+@dataclass(frozen=True)
+class Int8Arithmetic(Arithmetic):
+    """PyTorchINT8: int8 weights (``weights``: per_tensor or per_channel) in every Linear, and a
+    uint8 quantization point with its own observer on the output of every Linear and LayerNorm (the
+    final LayerNorm's at the head's input) and at every activation and requantization (see
+    :mod:`myrtle_vision.int8`). Attention is computed in FP32."""
+
+    weights: str = "per_tensor"
+
+    def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+        return Int8Linear(in_features, out_features, bias, per_channel=self.weights == "per_channel")
+
+    def layer_norm(self, dim: int, eps: float = 1e-5) -> nn.LayerNorm:
+        return Int8LayerNorm(dim, eps)
+
+    def activation(self) -> nn.Module:
+        return FakeQuant()
+
+    def requantize(self) -> nn.Module:
+        return FakeQuant()
+
+    def final_layer_norm(self, dim: int, eps: float = 1e-5) -> nn.LayerNorm:
+        return nn.LayerNorm(dim, eps=eps)  # FP32; its output is quantized at head_input, the read token only
+
+    def head_input(self) -> nn.Module:
+        return FakeQuant()
+
+
+def arithmetic(q_format: str = "FP32", rounding: str = "nearest_even", int8_weights: str = "per_tensor") -> Arithmetic:
+    """The :class:`Arithmetic` of a ``q_format``; an unknown name is a ValueError listing the valid ones.
+    ``int8_weights`` (per_tensor or per_channel) is for PyTorchINT8 only."""
     if rounding not in ROUNDINGS:
         raise ValueError(f"q_rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    if q_format in POST_TRAINING_FORMATS:
+        if int8_weights not in WEIGHT_SCHEMES:
+            raise ValueError(f"int8_weights {int8_weights!r} is not one of {', '.join(WEIGHT_SCHEMES)}")
+        return Int8Arithmetic(q_format, rounding, weights=int8_weights)
     formats = {"FP32": (None, None), "FP16_16": (FP16, FP16), "FP16_32": (FP16, None), "TF32": (TF32, None),
                "BF16_32": (BF16, None)}
     if q_format not in formats:
-        raise ValueError(f"q_format {q_format!r} is not one of {', '.join(Q_FORMATS)}")
+        raise ValueError(f"q_format {q_format!r} is not one of {', '.join(Q_FORMATS + POST_TRAINING_FORMATS)}")
     return Arithmetic(q_format, rounding, *formats[q_format])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 
 import pytest
 import torch
 from conftest import assert_user_error, data_config, run_dir_of, run_script, train_config
+from test_distributed import torchrun
+from test_int8 import Int8Reference
 from test_train import scalars
 
 from myrtle_vision import checkpoint as ckpt_io
@@ -165,9 +168,115 @@ def test_unknown_formats_are_one_line_errors(runs, tmp_path):
     cfg, run_dir, _ = out["FP32"]
     line = assert_user_error(run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt",
                                         "--q_format", "FP8"), "--q_format 'FP8'")
-    assert "FP32, FP16_16, FP16_32, TF32, BF16_32" in line
+    assert "FP32, FP16_16, FP16_32, TF32, BF16_32, PyTorchINT8" in line
     assert_user_error(run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt",
                                  "--q_rounding", "stochastic"), "--q_rounding 'stochastic'", "nearest_even, qtorch")
     bad = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", vit={"q_format": "FP16"})
     line = assert_user_error(run_script("train.py", "-c", bad), str(bad), "q_format", "did you mean")
     assert "FP16_16" in line and "BF16_32" in line
+
+
+def _int8_reference_logits(cfg_path, ckpt_path, calib_steps: int, per_channel: bool = False) -> torch.Tensor:
+    """Independent of test_quantize.py: test_int8's reference INT8 ViT, from the checkpoint's weights,
+    calibrated on the first ``calib_steps`` validation batches of the config's batch size, on the test split."""
+    cfg = load_config(cfg_path)
+    model = build_model(cfg, distilled=False, q_format="FP32")
+    ckpt_io.load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
+    reference = Int8Reference(model.state_dict(), model.args, per_channel)
+    val, _ = split_loader(cfg, torch.device("cpu"), cfg.train_config.local_batch_size, 0, "val")
+    reference.calibrate(x for x, _ in islice(val, calib_steps))
+    test, _ = split_loader(cfg, torch.device("cpu"), 4, 0)
+    return torch.cat([reference(x) for x, _ in test])
+
+
+def _check_int8_figures(result: dict, fp32: torch.Tensor, quantized: torch.Tensor, targets: torch.Tensor) -> None:
+    """test_quantize.py's INT8 figures are those of the reference logits ``quantized``."""
+    top1 = 100.0 * (quantized.argmax(1) == targets).float().mean().item()
+    assert result["quantized"]["top1"] == pytest.approx(top1)
+    tol = 1e-5 * fp32.abs().max().item()
+    assert result["max_logit_diff"] == pytest.approx((fp32 - quantized).abs().max().item(), abs=tol)
+    assert result["changed_predictions"] == (fp32.argmax(1) != quantized.argmax(1)).sum().item()
+
+
+def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
+    _, _, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    run_script("test.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", "--output-dir",
+               tmp_path / "t", check=True)
+    tested = json.loads((tmp_path / "t.json").read_text())
+    fp32, targets = _logits(cfg, ckpt, "FP32")
+    diffs = set()
+    for steps, scheme in ((1, "per_tensor"), (2, "per_tensor"), (2, "per_channel")):
+        path = tmp_path / f"{steps}_{scheme}.json"
+        flags = ["--per_channel"] if scheme == "per_channel" else []
+        proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", "PyTorchINT8",
+                          "--calib_steps", steps, *flags, "--json", path, check=True)
+        result = json.loads(path.read_text())
+        assert result["q_format"] == "PyTorchINT8" and result["q_rounding"] is None and not result["quantized_ckpt"]
+        assert (result["calib_steps"], result["calib_images"], result["int8_weights"]) == (steps, 4 * steps, scheme)
+        assert result["fp32"] == {"top1": tested["top1"], "top5": tested["top5"]} and result["num_images"] == 15
+        _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, steps, scheme == "per_channel"), targets)
+        assert 0 < result["max_logit_diff"] < 1
+        diffs.add(result["max_logit_diff"])
+        for needle in (f"testing in PyTorchINT8 ({scheme.replace('_', '-')} int8 weights",
+                       f"calibrating on the first {steps} validation batches ({4 * steps} images", "PyTorchINT8",
+                       "predictions unchanged", "largest logit difference"):
+            assert needle in proc.stdout
+    assert len(diffs) == 3  # the calibration batches and the weight scheme each change the result
+
+
+def test_a_pytorch_int8_config_quantizes_with_no_flag_and_test_py_says_it_is_fp32(runs, tmp_path):
+    _, data_cfg, out = runs
+    _, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    cfg = train_config(tmp_path / "int8.json", data_cfg, tmp_path / "out", train=TRAIN, vit={"q_format": "PyTorchINT8"})
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    # 10 batches by default; the split has 3 (12 images, batch 4): all are used, and that is said
+    assert (result["q_format"], result["calib_steps"], result["calib_images"]) == ("PyTorchINT8", 3, 12)
+    assert "calibrating on all 3 validation batches (12 images" in proc.stdout and "--calib_steps 10" in proc.stdout
+    fp32, targets = _logits(cfg, ckpt, "FP32")
+    _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, 3), targets)
+    proc = run_script("test.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", "--output-dir",
+                      tmp_path / "t", check=True)
+    assert "evaluating in FP32" in proc.stdout and f"test_quantize.py -c {cfg}" in proc.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["top1"] == result["fp32"]["top1"]
+
+
+def test_int8_flag_errors(runs, tmp_path):
+    _, data_cfg, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    args = ("test_quantize.py", "-c", cfg, "--checkpoint", ckpt)
+    assert_user_error(run_script(*args, "--q_format", "PyTorchINT8", "--calib_steps", "0"), "--calib_steps 0",
+                      "at least 1")
+    # with an FP32 config the format is FP16_32, which has nothing to calibrate: the earlier release's
+    # --calib_steps is accepted, and said to be unused, naming the format tested
+    proc = run_script(*args, "--calib_steps", "10", "--per_channel", "--json", tmp_path / "fp16.json", check=True)
+    assert "--calib_steps and --per_channel unused: testing FP16_32" in proc.stdout
+    assert json.loads((tmp_path / "fp16.json").read_text())["q_format"] == "FP16_32"
+    assert_user_error(run_script(*args, "--q_format", "PyTorchINT8", "--q_rounding", "qtorch"), "--q_rounding qtorch",
+                      "not to PyTorchINT8")
+    int8_cfg = train_config(tmp_path / "int8.json", data_cfg, tmp_path / "out", vit={"q_format": "PyTorchINT8"})
+    assert_user_error(run_script("test_quantize.py", "-c", int8_cfg, "--checkpoint", ckpt, "--quantized_ckpt"),
+                      str(ckpt), "FP32 checkpoint", "drop --quantized_ckpt",
+                      "PyTorchINT8 is post-training quantization")
+
+
+def test_int8_in_two_processes_calibrates_as_one(runs, tmp_path):
+    """Both processes calibrate on the same first batches of the whole validation split, so they
+    quantize with the same scales, and the figures are one process's."""
+    _, data_cfg, out = runs
+    _, run_dir, _ = out["FP32"]
+    cfg = train_config(tmp_path / "d.json", data_cfg, tmp_path / "out", train=dict(TRAIN, distributed=True),
+                       vit={"q_format": "PyTorchINT8"})
+    args = ("-c", cfg, "--checkpoint", run_dir / "last.pt", "--calib_steps", 2, "--device", "cpu")
+    run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", check=True)
+    two = torchrun(*args, "--json", tmp_path / "two.json", script="test_quantize.py")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (b["calib_steps"], b["calib_images"], b["num_images"]) == (2, 8, 15)
+    assert b["max_logit_diff"] == pytest.approx(a["max_logit_diff"], rel=1e-5)
+    assert {k: v for k, v in a.items() if k != "max_logit_diff"} == {k: v for k, v in b.items() if k != "max_logit_diff"}
+    assert two.stdout.count("calibrating on the first 2 validation batches") == 1  # rank 0 alone prints

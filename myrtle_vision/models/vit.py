@@ -14,7 +14,9 @@ class path never sees it, ``forward`` (class head only) needs no distillation to
 With a ``q_format`` other than FP32 the forward pass simulates that number format (see
 :mod:`myrtle_vision.quantization`): the Linear and LayerNorm layers are rounding subclasses with the
 same parameters, so the state dict and the deploy layout do not change, and under FP16_16 the
-``round*`` modules round the activations too (they are identities otherwise).
+``round*`` modules round the activations too (they are identities otherwise). Each place a tensor is
+rounded has a ``round*`` module of its own: under PyTorchINT8 (:mod:`myrtle_vision.int8`) each is a
+quantization point with its own observer, and so is the output of every Linear and LayerNorm.
 """
 
 from __future__ import annotations
@@ -47,16 +49,17 @@ class ViTArgs:
     distilled: bool = False  # DeiT: add a distillation token and head
     q_format: str = "FP32"  # number format simulated in the forward pass (see myrtle_vision.quantization)
     q_rounding: str = "nearest_even"
+    int8_weights: str = "per_tensor"  # PyTorchINT8 only: one weight scale per tensor, or per output row ("per_channel")
 
     @classmethod
     def from_config(cls, vit_config, num_classes: int, distilled: bool = False, q_format: str | None = None,
-                    q_rounding: str | None = None) -> "ViTArgs":
+                    q_rounding: str | None = None, int8_weights: str = "per_tensor") -> "ViTArgs":
         return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
                    embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
                    mlp_dim=vit_config.mlp_dim, qkv_bias=vit_config.qkv_bias, layer_norm_eps=vit_config.layer_norm_eps,
                    dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
                    distilled=distilled, q_format=q_format or vit_config.trained_q_format,
-                   q_rounding=q_rounding or vit_config.q_rounding)
+                   q_rounding=q_rounding or vit_config.q_rounding, int8_weights=int8_weights)
 
 
 class PatchEmbed(nn.Module):
@@ -69,13 +72,14 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, ar: Arithmetic):
         super().__init__()
         self.patch_size = patch_size
+        self.round_in = ar.activation()  # FP16_16 rounds the patches (as proj's operand rounding does); INT8 quantizes
         self.proj = ar.linear(patch_size * patch_size * in_chans, embed_dim)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         B, C, H, W = img.shape
         p = self.patch_size
         patches = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
-        return self.proj(patches)
+        return self.proj(self.round_in(patches))
 
 
 class Attention(nn.Module):
@@ -85,7 +89,8 @@ class Attention(nn.Module):
         self.qkv = ar.linear(dim, dim * 3, bias=qkv_bias)
         self.proj = ar.linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
-        self.round = ar.activation() if ar.rounds_attention else None  # FP16_16: scores, softmax and output
+        self.round = ar.activation() if ar.rounds_attention else None  # FP16_16: scores and softmax
+        self.round_out = ar.activation()  # FP16_16 rounds the attention output, INT8 quantizes it (proj's input)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
@@ -97,8 +102,8 @@ class Attention(nn.Module):
             scores = self.round(q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1])))
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            x = self.round(self.round(scores.softmax(dim=-1)) @ v)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+            x = self.round(scores.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(self.round_out(x.transpose(1, 2).reshape(B, N, C))))
 
 
 class Mlp(nn.Module):
@@ -123,30 +128,37 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, dropout, ar, qkv_bias)
         self.norm2 = ar.layer_norm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, dropout, ar)
-        self.round_add = ar.activation()  # FP16_16: the residual adds
+        self.round_add1 = ar.activation()  # the residual adds
+        self.round_add2 = ar.activation()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.round_add(x + self.attn(self.norm1(x), attn_mask))
-        return self.round_add(x + self.mlp(self.norm2(x)))
+        x = self.round_add1(x + self.attn(self.norm1(x), attn_mask))
+        return self.round_add2(x + self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, args: ViTArgs):
         super().__init__()
         self.args = args
-        ar = arithmetic(args.q_format, args.q_rounding)
+        ar = arithmetic(args.q_format, args.q_rounding, args.int8_weights)
         num_patches = (args.image_size // args.patch_size) ** 2
         self.patch_embed = PatchEmbed(args.patch_size, args.in_chans, args.embed_dim, ar)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, args.embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
-        self.round = ar.activation()  # FP16_16: the tokens, the position embedding and its add
+        # FP16_16 rounds (INT8 quantizes) the tokens, the position embedding and its add; INT8 also
+        # requantizes the concatenated tokens
+        self.round_cls, self.round_cat = ar.activation(), ar.requantize()
+        self.round_pos, self.round_pos_add = ar.activation(), ar.activation()
         self.pos_drop = nn.Dropout(args.emb_dropout)
         self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar, args.qkv_bias,
                                           args.layer_norm_eps) for _ in range(args.depth))
-        self.norm = ar.layer_norm(args.embed_dim, eps=args.layer_norm_eps)
+        self.norm = ar.final_layer_norm(args.embed_dim, eps=args.layer_norm_eps)
+        self.round_head = ar.head_input()  # INT8: the class token the head reads (the final LayerNorm's output)
         self.head = ar.linear(args.embed_dim, args.num_classes)
         if args.distilled:
             self.dist_token = nn.Parameter(torch.zeros(1, 1, args.embed_dim))
+            self.round_dist = ar.activation()
+            self.round_head_dist = ar.head_input()
             self.head_dist = ar.linear(args.embed_dim, args.num_classes)
         self.reset_parameters()
 
@@ -172,12 +184,12 @@ class VisionTransformer(nn.Module):
     def forward_features(self, img: torch.Tensor, dist_token: bool = False) -> torch.Tensor:
         """Normed tokens: class token, patch tokens and, with ``dist_token``, the distillation token last."""
         x = self.patch_embed(img)
-        x = torch.cat([self.round(self.cls_token).expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.round(x + self.round(self.pos_embed))
+        x = self.round_cat(torch.cat([self.round_cls(self.cls_token).expand(x.shape[0], -1, -1), x], dim=1))
+        x = self.round_pos_add(x + self.round_pos(self.pos_embed))
         mask = None
         if dist_token:
             # The distillation token has no position, so no position embedding: the token is all there is.
-            x = torch.cat([x, self.round(self.dist_token).expand(x.shape[0], -1, -1)], dim=1)
+            x = torch.cat([x, self.round_dist(self.dist_token).expand(x.shape[0], -1, -1)], dim=1)
             n = x.shape[1]
             mask = torch.ones(n, n, dtype=torch.bool, device=x.device)
             mask[:-1, -1] = False  # queries other than the distillation token do not see it
@@ -188,11 +200,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Class-head logits: the plain ViT, as the accelerator runs it."""
-        return self.head(self.forward_features(img)[:, 0])
+        return self.head(self.round_head(self.forward_features(img)[:, 0]))
 
     def forward_heads(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class-head logits, distillation-head logits) of a distilled model, from one pass."""
         if not self.args.distilled:
             raise RuntimeError("forward_heads needs a model built with distilled=True")
         x = self.forward_features(img, dist_token=True)
-        return self.head(x[:, 0]), self.head_dist(x[:, -1])
+        return self.head(self.round_head(x[:, 0])), self.head_dist(self.round_head_dist(x[:, -1]))

@@ -3,8 +3,8 @@
 # (200 images per class) and the other 56,000 training images set aside; pretrain a CNN teacher on
 # those (standing in for ImageNet weights, which cannot be downloaded here) and finetune it on the
 # 2,000; train the demo ViT without a teacher and the demo DeiT with it (same budget) on the 2,000;
-# test all three; test the ViT and the DeiT again in the accelerator's FP16_32 arithmetic; print a
-# results table.
+# test all three; test the ViT and the DeiT again in the accelerator's FP16_32 arithmetic and in the
+# earlier release's INT8; print a results table.
 # Usage: bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,31 +51,41 @@ for model in vit deit; do
     echo "== test $run_dir/last.pt in FP16_32, the accelerator's arithmetic"
     timed "quantize_$model" "$py" test_quantize.py -c "train_configs/${model}_demo.json" --checkpoint "$run_dir/last.pt" \
         --q_format FP16_32 --json "$results/quantize_$model.json"
+    echo "== test $run_dir/last.pt in INT8 (PyTorchINT8, the earlier release's post-training quantization)"
+    timed "int8_$model" "$py" test_quantize.py -c "train_configs/${model}_demo.json" --checkpoint "$run_dir/last.pt" \
+        --q_format PyTorchINT8 --json "$results/int8_$model.json"
 done
 
 "$py" - "$results" "$teacher" <<'PY'
 import json, sys
 from pathlib import Path
 results, teacher = Path(sys.argv[1]), Path(sys.argv[2])
-steps = ("prepare", "teacher_pretrain", "teacher", "train_vit", "test_vit", "quantize_vit", "train_deit", "test_deit", "quantize_deit")
+steps = ("prepare", "teacher_pretrain", "teacher", "train_vit", "test_vit", "quantize_vit", "int8_vit", "train_deit",
+         "test_deit", "quantize_deit", "int8_deit")
 seconds = {s: int((results / f"{s}.seconds").read_text()) for s in steps}
 t = json.loads(teacher.with_suffix(".json").read_text())
 vit, deit = (json.loads((results / f"test_{m}.json").read_text()) for m in ("vit", "deit"))
 qvit, qdeit = (json.loads((results / f"quantize_{m}.json").read_text()) for m in ("vit", "deit"))
+ivit, ideit = (json.loads((results / f"int8_{m}.json").read_text()) for m in ("vit", "deit"))
 print("\n| model | test top-1 | test top-5 | time (train + test) |\n|---|---|---|---|")
 print(f"| teacher: ResNet-18, pretrained on the extra images, finetuned | {t['test_top1']:.2f}% | {t['test_top5']:.2f}% "
       f"| {seconds['teacher_pretrain']} + {seconds['teacher']} s |")
 print(f"| ViT, no teacher | {vit['top1']:.2f}% | {vit['top5']:.2f}% | {seconds['train_vit']} + {seconds['test_vit']} s |")
 print(f"| ViT in FP16_32 (test_quantize.py) | {qvit['quantized']['top1']:.2f}% | {qvit['quantized']['top5']:.2f}% "
       f"| {seconds['quantize_vit']} s |")
+print(f"| ViT in INT8 (test_quantize.py, PyTorchINT8) | {ivit['quantized']['top1']:.2f}% | {ivit['quantized']['top5']:.2f}% "
+      f"| {seconds['int8_vit']} s |")
 print(f"| DeiT, class head (deployed) | {deit['top1']:.2f}% | {deit['top5']:.2f}% | {seconds['train_deit']} + {seconds['test_deit']} s |")
 avg = deit["average_heads"]
 print(f"| DeiT, average of both heads | {avg['top1']:.2f}% | {avg['top5']:.2f}% | |")
 print(f"| DeiT class head in FP16_32 (test_quantize.py) | {qdeit['quantized']['top1']:.2f}% "
       f"| {qdeit['quantized']['top5']:.2f}% | {seconds['quantize_deit']} s |")
+print(f"| DeiT class head in INT8 (test_quantize.py, PyTorchINT8) | {ideit['quantized']['top1']:.2f}% "
+      f"| {ideit['quantized']['top5']:.2f}% | {seconds['int8_deit']} s |")
 print(f"\nDeiT class head minus ViT: {deit['top1'] - vit['top1']:+.2f} points on {vit['num_images']} test images")
-for name, q in (("ViT", qvit), ("DeiT", qdeit)):
-    print(f"{name} in FP16_32: top-1 {q['quantized']['top1'] - q['fp32']['top1']:+.2f} points against FP32, "
+for name, q in (("ViT", qvit), ("DeiT", qdeit), ("ViT", ivit), ("DeiT", ideit)):
+    print(f"{name} in {'INT8' if q['q_format'] == 'PyTorchINT8' else q['q_format']}: top-1 "
+          f"{q['quantized']['top1'] - q['fp32']['top1']:+.2f} points against FP32, "
           f"{q['unchanged_predictions']:.2f}% of predictions unchanged, largest logit difference {q['max_logit_diff']:.4g}")
 print(f"total {sum(seconds.values())} s, of which preparing the data {seconds['prepare']} s")
 PY

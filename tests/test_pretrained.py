@@ -217,7 +217,7 @@ def test_the_finetune_configs_load_with_finetuning_defaults(name):
     vc, tc = cfg.vit_config, cfg.train_config
     assert vc.qkv_bias and vc.layer_norm_eps == 1e-6 and vc.pretrained_weights
     assert vc.pretrained_format == ("deit" if name.startswith("deit") else "timm")
-    assert tc.layer_decay == 0.75 and tc.lr <= 1e-4
+    assert tc.layer_decay == 0.75 and tc.peak_lr <= 1e-4
     assert (cfg.distiller_config is not None) == name.startswith("deit")
 
 

@@ -208,6 +208,26 @@ def test_cosine_spans_every_epoch_whatever_cooldown_epochs_says(tmp_path, datase
     assert schedule(total - 5 * upe) > tc.min_lr * 1.001  # not yet at the floor 5 epochs before the end
 
 
+def test_a_pytorch_int8_config_trains_in_fp32_and_test_quantize_calibrates_int8(tmp_path, dataset):
+    """As in the earlier release: q_format PyTorchINT8 trains in FP32, and test_quantize.py --calib_steps N
+    quantizes to INT8 calibrated on N validation batches (figures against an independent INT8 ViT)."""
+    from test_quantize_script import _check_int8_figures, _int8_reference_logits, _logits
+
+    cfg = tmp_path / users_config(tmp_path, "vit_tiny", dataset, vit={**SMALL_VIT, "q_format": "PyTorchINT8"},
+                                  train={"local_batch_size": 4, "global_batch_size": 8, "num_workers": 0, "epochs": 2},
+                                  data=SMALL_DATA)
+    proc = run_script("train.py", "-c", cfg, check=True)
+    assert "vit_config.q_format PyTorchINT8 is post-training quantization: training runs in FP32" in proc.stdout
+    ckpt = tmp_path / run_dir_of(proc) / "last.pt"
+    assert load(ckpt)["quantization"]["q_format"] == "FP32"
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--calib_steps", 2, "--json",
+                      tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert (result["q_format"], result["calib_steps"], result["calib_images"]) == ("PyTorchINT8", 2, 8)
+    fp32, targets = _logits(cfg, ckpt, "FP32")
+    _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, 2), targets)
+
+
 # --- resuming an earlier-release checkpoint -----------------------------------------------------------
 # The earlier release's modules, as its vit_pytorch/vit_pytorch.py and distill.py declare them
 # (parameter-free stubs left out): the optimizer numbered its parameters in their named_parameters() order.

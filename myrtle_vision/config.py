@@ -24,7 +24,9 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
-from .transforms import OpError, parse_ops
+from .transforms import BATCHABLE, OpError, parse_ops
+
+AUGMENT_ON = ("auto", "device", "workers")
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PRETRAINED_FORMATS = ("timm", "deit", "torchvision")  # who wrote vit_config.pretrained_weights
@@ -57,7 +59,7 @@ class TrainConfig:
     decay_epochs: float = 30
     decay_rate: float = 0.1
     label_smoothing: float = 0.0  # the earlier release trained with plain cross entropy
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # loader worker processes; None: this process's share of the CPUs
     keep_checkpoints: Optional[int] = 5
     precision: str = "fp32"  # fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast and a gradient scaler; CUDA)
     compile: bool = False  # torch.compile the training step's model
@@ -116,7 +118,7 @@ class TrainConfig:
         v.check(self.decay_epochs > 0, "decay_epochs", "must be positive")
         v.check(0 < self.decay_rate <= 1, "decay_rate", "must be in (0, 1]")
         v.check(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
-        v.check(0 <= self.num_workers <= 1024, "num_workers", "must be in [0, 1024]")
+        v.check(self.num_workers is None or 0 <= self.num_workers <= 1024, "num_workers", "must be null or in [0, 1024]")
         v.check(0 <= self.seed < 2 ** 63, "seed", "must be in [0, 2^63)")
         v.check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "must be null or at least 1")
         v.check(self.lr_noise is None, "lr_noise", "learning-rate noise is not supported; set it to null")
@@ -214,14 +216,21 @@ class DataConfig:
     number_of_classes: int
     transform_ops_train: dict
     transform_ops_val: dict
+    decode_cache: bool = True  # decode each image once into a memory-mapped cache (see myrtle_vision.data.cache)
+    cache_dir: Optional[str] = None  # where; None: $XDG_CACHE_HOME/myrtle_vision (~/.cache/myrtle_vision)
+    augment_on: str = "auto"  # where the ops run: auto (the GPU when training on one), device, workers
 
     def validate(self, v: "_Validator") -> None:
         v.check(self.number_of_classes >= 2, "number_of_classes", "must be at least 2")
+        v.choice(self.augment_on, AUGMENT_ON, "augment_on")
         for name in ("transform_ops_train", "transform_ops_val"):
             try:
-                parse_ops(getattr(self, name))
+                parsed = parse_ops(getattr(self, name))
             except OpError as e:
                 v.fail(f"{name}.{e.where}" if e.where else name, e.problem)
+            per_image = [op for op, _ in parsed if op not in BATCHABLE]
+            v.check(self.augment_on != "device" or not per_image, "augment_on",
+                    f"device: {name} has {', '.join(per_image)}, which runs per image only; use auto or workers")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,8 +25,8 @@ from . import checkpoint as ckpt_io
 from . import earlier_release
 from .config import Config
 from .distributed import Dist
-from .data import (TrainPlan, class_names, derive_seed, eval_loader, open_split, read_label_map, stop_workers,
-                   train_loader)
+from .data import (TrainPlan, class_names, default_workers, derive_seed, eval_loader, open_split, read_label_map,
+                   stop_workers, train_loader)
 from .errors import TrainingStopped, UserError, reason
 from .losses import DistillationLoss
 from .metrics import Accumulator
@@ -41,6 +42,24 @@ MAX_SKIPPED_IN_A_ROW = 10  # nonfinite_loss "skip" gives up after this many non-
 
 class NonFiniteLoss(TrainingStopped):
     """The training loss became NaN or infinite: the run stops, and nothing is saved."""
+
+
+class Update(NamedTuple):
+    """What one optimizer update reports: mean loss, images, whether any process asked to stop."""
+
+    loss: float
+    images: int
+    stop: bool
+
+
+def nonfinite_gradients(params, device: torch.device) -> torch.Tensor:
+    """1.0 on ``device`` if any gradient holds an inf or a NaN, else 0.0, without waiting for the device
+    (the fused check PyTorch's gradient scaler uses, with a scale of 1: the gradients are unchanged)."""
+    grads = [q.grad for q in params if q.grad is not None]
+    found = torch.zeros(1, device=device)
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=device))
+    return found[0].double()
 
 
 class Interrupted(Exception):
@@ -116,7 +135,7 @@ def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist
 def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
     """The split's transforms must give the model's input size (checked on its first image)."""
     size = cfg.vit_config.image_size
-    height, width = dataset[0][0].shape[-2:]
+    height, width = dataset.output_size(0)
     if (height, width) != (size, size):
         raise UserError(f"{cfg.data_config_path}: {ops_field} gives {height}x{width} images "
                         f"but vit_config.image_size is {size}")
@@ -180,8 +199,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: the accelerator sees these weights
         label_map = read_label_map(cfg.data_config)
         self.class_names = class_names(label_map)
-        self.train_set = open_split(cfg.data_config, "train", label_map)
-        self.val_set = open_split(cfg.data_config, "val", label_map)
+        self.train_set = open_split(cfg.data_config, "train", label_map, device)
+        self.val_set = open_split(cfg.data_config, "val", label_map, device)
         check_image_size(self.train_set, cfg, "transform_ops_train")
         check_image_size(self.val_set, cfg, "transform_ops_val")
         if len(self.train_set) < tc.global_batch_size and tc.drop_last_batch:
@@ -227,11 +246,11 @@ class Trainer:
         self.progress = TrainState()
         self.skipped_in_a_row = 0
         self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
-        self.pin = device.type == "cuda"
         # Workers that live as long as the run: no start-up at every epoch and validation.
+        self.num_workers = tc.num_workers if tc.num_workers is not None else default_workers()
         self.train_loader = train_loader(self.train_set, self.plan, self.progress.epoch, self.progress.update_in_epoch,
-                                         tc.num_workers, self.pin, persistent=True)
-        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, tc.num_workers, self.pin, dist.rank,
+                                         self.num_workers, device, persistent=True)
+        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, self.num_workers, device, dist.rank,
                                       dist.world_size, persistent=True)
         # What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging.
         self.step_module = _BothHeads(self.model) if self.teacher is not None else self.model
@@ -374,17 +393,23 @@ class Trainer:
         if improved:
             self._on_rank0(lambda: ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt"))
 
-    def train_update(self, batches, update: int) -> tuple[float, int]:
-        """One optimizer update over this process's micro-batches; returns (mean loss, images), over all processes."""
+    def train_update(self, batches, update: int, stop: bool = False) -> "Update":
+        """One optimizer update over this process's micro-batches.
+
+        Returns the mean loss over all processes' images, the images, and whether any process asked to
+        stop (``stop``). The micro-batches are queued without waiting for the device: the loss is summed
+        there, and whether the gradients are finite is found there. After them, one collective (with
+        several processes) and one host synchronisation read the loss, that flag and the stop requests
+        together; then the optimizer steps, or the update is stopped or skipped (``nonfinite_loss``).
+        With fp16, the gradient scaler's own step reads its overflow flag too (a second synchronisation).
+        """
         p, tc, dist = self.progress, self.tc, self.dist
         n_micro = self.plan.num_micro_batches(update)
         n_images = min(tc.global_batch_size, len(self.train_set) - update * tc.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in range(n_micro):
-            images, targets = next(batches)
-            images = images.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            images, targets = next(batches)  # on the device already (see myrtle_vision.data.loaders)
             torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, dist.rank))  # dropout depends on position only
             # Gradients are averaged across processes once per update, on its last micro-batch.
             ddp = getattr(self.step_module, "_orig_mod", self.step_module)  # under torch.compile, the DDP module
@@ -399,28 +424,36 @@ class Trainer:
                         loss = self.criterion(self.step_module(images), targets)
                 # Weight each micro-batch by its share of the update, so the gradient is the mean over the
                 # update's images; times the process count, because averaging across processes divides by it.
-                self.scaler.scale(loss * (targets.numel() * dist.world_size / n_images)).backward()
-            loss_sum += loss.detach().double().cpu() * targets.numel()
-        mean_loss = dist.all_reduce_sum(loss_sum).item() / n_images  # the same on every process, NaN included
-        problem = None if math.isfinite(mean_loss) else f"the training loss is {mean_loss}"
-        norm = None
-        if problem is None and tc.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad)
-        elif problem is None and not self.scaler.is_enabled():
-            norm = nn.utils.get_total_norm([q.grad for q in self.model.parameters() if q.grad is not None])
-        # The gradients are averaged over processes, so every process sees the same norm. With fp16, the
-        # scaler itself skips steps whose gradients overflowed and lowers the scale.
-        if norm is not None and not self.scaler.is_enabled() and not torch.isfinite(norm):
-            problem = f"the gradient norm is {norm.item()}"
+                self.scaler.scale(loss * (targets.shape[0] * dist.world_size / n_images)).backward()
+            loss_sum += loss.detach().double() * targets.shape[0]
+        # The gradients are averaged over processes, so every process sees the same flag and norm.
+        norm, bad_grads = None, torch.zeros((), dtype=torch.float64, device=self.device)
+        if not self.scaler.is_enabled():  # (with fp16 the scaler skips steps whose gradients overflowed)
+            if tc.clip_grad is not None:
+                norm = nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad, foreach=True)
+                bad_grads = (~torch.isfinite(norm)).double()
+            else:
+                bad_grads = nonfinite_gradients(self.model.parameters(), self.device)
+        stop_flag = torch.full((), float(stop), dtype=torch.float64, device=self.device)  # a fill, not a copy
+        stats = torch.stack([loss_sum, bad_grads, stop_flag])
+        total_loss, nonfinite, stops = dist.all_reduce_sum(stats).tolist()  # the one host synchronisation
+        mean_loss = total_loss / n_images  # the same on every process, NaN included
+        problem = None
+        if not math.isfinite(mean_loss):
+            problem = f"the training loss is {mean_loss}"
+        elif nonfinite:
+            problem = f"the gradient norm is {norm.item()}" if norm is not None else "the gradients are not finite"
         if problem is not None:
             self._nonfinite(problem)
         else:
             self.skipped_in_a_row = 0
+            if self.scaler.is_enabled() and tc.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip_grad, foreach=True)
             self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
             self.scaler.update()
         self.scheduler.step()
-        return mean_loss, n_images
+        return Update(mean_loss, n_images, stops > 0)
 
     def _nonfinite(self, problem: str) -> None:
         """Stop before the optimizer step (``nonfinite_loss: stop``), or drop this update's gradients (``skip``:
@@ -469,7 +502,7 @@ class Trainer:
                     for update in range(p.update_in_epoch, self.plan.updates_per_epoch):
                         start = time.perf_counter()
                         lr = self.optimizer.param_groups[-1]["lr"]  # the last group has the full lr (layer_decay)
-                        loss, n = self.train_update(batches, update)
+                        loss, n, stopping = self.train_update(batches, update, bool(stop))
                         p.iteration, p.update_in_epoch = p.iteration + 1, update + 1
                         ips = n / (time.perf_counter() - start)
                         bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
@@ -477,7 +510,9 @@ class Trainer:
                         if p.iteration % tc.iters_per_val == 0:
                             self.validate(reporter)
                             last_val_at = p.iteration
-                        stopping = dist.any(bool(stop))  # every process stops at the same update
+                        # every process stops after the same update (train_update shares the requests); one
+                        # process also stops for a signal that came after the update, during validation
+                        stopping = stopping or (bool(stop) and not dist.enabled)
                         if p.iteration % tc.iters_per_checkpoint == 0 or stopping:
                             self.save_checkpoint()
                             saved_at = p.iteration
@@ -538,9 +573,10 @@ def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers
     """(a loader over every image of a split, in order, with the evaluation transforms; class names).
     With several processes, each loads its share, and the shares cover the split once."""
     label_map = read_label_map(cfg.data_config)
-    dataset = open_split(cfg.data_config, split, label_map)
+    dataset = open_split(cfg.data_config, split, label_map, device)
     check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
-    loader = eval_loader(dataset, batch_size, num_workers, device.type == "cuda", dist.rank, dist.world_size)
+    num_workers = num_workers if num_workers is not None else default_workers()
+    loader = eval_loader(dataset, batch_size, num_workers, device, dist.rank, dist.world_size)
     return loader, class_names(label_map)
 
 

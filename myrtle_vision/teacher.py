@@ -112,7 +112,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         device = resolve_device(cfg.device)
     data_cfg = load_data_config(cfg.data_config)
     label_map = read_label_map(data_cfg)
-    train_set, val_set, test_set = (open_split(data_cfg, s, label_map) for s in ("train", "val", "test"))
+    train_set, val_set, test_set = (open_split(data_cfg, s, label_map, device) for s in ("train", "val", "test"))
     if len(train_set) < cfg.batch_size:
         raise UserError(f"{cfg.path}: batch_size: {cfg.batch_size} is more than the {len(train_set)} training images")
     output = Path(cfg.output_path)
@@ -127,8 +127,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     plan = TrainPlan(len(train_set), cfg.batch_size, cfg.batch_size, cfg.seed, drop_last=True)
     scheduler = build_scheduler(optimizer, LRSchedule.from_config(tc, plan.updates_per_epoch))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    pin = device.type == "cuda"
-    val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, pin)
+    val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, device)
     print(f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "
           f"{cfg.epochs} epochs of {plan.updates_per_epoch} updates", flush=True)
 
@@ -139,9 +138,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         lr = optimizer.param_groups[0]["lr"]
         seen = Accumulator(data_cfg.number_of_classes)
         bar = Progress(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
-        for images, targets in train_loader(train_set, plan, epoch, 0, cfg.num_workers, pin):
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+        for images, targets in train_loader(train_set, plan, epoch, 0, cfg.num_workers, device):
             logits = model(images)
             loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -162,7 +159,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
               flush=True)
 
     net.load_state_dict(torch.load(output, map_location="cpu", weights_only=True))
-    test = evaluate(model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, pin), device,
+    test = evaluate(model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device), device,
                     data_cfg.number_of_classes)
     result = TeacherResult(output, started_from, history, best_epoch, best_top1, test.top1, test.top5,
                            time.perf_counter() - start_time)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 from conftest import CLASSES, assert_user_error, class_image, data_config, make_dataset, run_script, train_config
 from PIL import Image
 
@@ -68,8 +69,11 @@ def test_every_transform_op_builds_and_gives_the_asked_size():
     names = [type(s).__name__ for s in per_image.transforms]
     assert names == ["ToImage", "Resize", "RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip",
                      "RandomVerticalFlip", "RandAugment", "ColorJitter", "CenterCrop"]
-    images, labels = collate([(out, 1), (out, 2)])
-    assert images.dtype == torch.float32 and labels.tolist() == [1, 2] and collate.std == [0.2, 0.2, 0.2]
+    images = collate(torch.stack([out, out]))
+    assert images.dtype == torch.float32 and collate.std == [0.2, 0.2, 0.2]
+    # exactly torchvision's per-image ToDtype then Normalize, computed in place for the batch
+    expected = TF.normalize(TF.to_dtype(out, torch.float32, scale=True), [0.5] * 3, [0.2] * 3)
+    assert torch.equal(images[1], expected)
 
 
 def test_normalize_must_come_last():
@@ -191,4 +195,4 @@ def test_persistent_training_workers_serve_each_epoch_its_own_plan():
         assert len(pids) == 2 and os.getpid() not in pids  # the same two workers served every epoch
     finally:
         stop_workers(loader)
-    assert loader._iterator is None
+    assert loader.loader._iterator is None

@@ -201,7 +201,7 @@ def test_the_teacher_sees_the_batches_at_teacher_image_size(size, tmp_path, data
     trainer = Trainer(load_config(cfg), torch.device("cpu"))
     seen = []
     trainer.teacher.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
-    loss, images = trainer.train_update(iter(trainer.train_loader), 0)
+    loss, images, _ = trainer.train_update(iter(trainer.train_loader), 0)
     assert seen and set(seen) == {(size or 32, size or 32)}  # the student's image_size is 32
     assert images == 8 and torch.isfinite(torch.tensor(loss))
     assert not any(p.requires_grad for p in trainer.teacher.parameters())

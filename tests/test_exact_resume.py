@@ -41,8 +41,8 @@ def _fit(cfg_path, stop_after: int | None = None) -> Trainer:
     if stop_after is not None:
         update = trainer.train_update
 
-        def update_then_signal(batches, u):
-            result = update(batches, u)
+        def update_then_signal(batches, u, *rest):
+            result = update(batches, u, *rest)
             if trainer.progress.iteration + 1 == stop_after:  # the update just done
                 os.kill(os.getpid(), signal.SIGTERM)
             return result

@@ -94,7 +94,7 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
         run = _Run(train_config(tmp_path / f"run{kills}.json", data, out, train=train, vit=VIT))
         # Where to kill: while starting up, after a random number of updates (and a random moment
         # within the next one), or as soon as a checkpoint write is under way; the last run finishes.
-        mode = ("finish" if kills >= 24 else "write" if kills % 4 == 3 else "start" if kills in (1, 5, 9)
+        mode = ("finish" if kills >= 12 else "write" if kills % 4 == 3 else "start" if kills in (1, 5)
                 else "update")
         updates, delay = rng.randint(0, 5), rng.uniform(0.0, 0.06)
         started, seen_at = time.monotonic(), None
@@ -131,8 +131,8 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
         else:
             kills_at_start += 1
         last = run_dirs[0] / "last.pt"
-    assert kills >= 24 and kills_in_writes == 6 and kills_at_start >= 3
-    assert len(set(at_iterations)) >= 10, at_iterations  # the kills landed at many different points of training
+    assert kills >= 12 and kills_in_writes == 3 and kills_at_start >= 2
+    assert len(set(at_iterations)) >= 5, at_iterations  # the kills landed at many different points of training
     assert f"resuming from {last}" in "".join(run.lines)
     # ... and the run that survived them all ends exactly where the uninterrupted one did
     a = ckpt_io.load(run_dir_of(reference) / "last.pt")
@@ -252,10 +252,10 @@ def test_skip_drops_the_nonfinite_update_and_training_goes_on(data, tmp_path):
 
 
 def _recording(update, trainer, out):
-    def wrapped(batches, u):
-        loss, n = update(batches, u)
-        out.append((loss, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
-        return loss, n
+    def wrapped(batches, u, *rest):
+        result = update(batches, u, *rest)
+        out.append((result.loss, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
+        return result
     return wrapped
 
 
@@ -265,17 +265,21 @@ def test_skip_gives_up_after_too_many_nonfinite_updates_in_a_row(data, tmp_path)
         trainer.fit()
 
 
-def test_nonfinite_gradients_with_a_finite_loss_stop_the_run_too(data, tmp_path):
-    trainer = _trainer(data, tmp_path, epochs=1)
+@pytest.mark.parametrize("clip_grad", [None, 1.0])
+def test_nonfinite_gradients_with_a_finite_loss_stop_the_run_too(data, tmp_path, clip_grad):
+    trainer = _trainer(data, tmp_path, epochs=1, clip_grad=clip_grad)
     poison = [False]
     trainer.model.head.weight.register_hook(lambda g: g * float("inf") if poison[0] else g)
     update = trainer.train_update
 
-    def second_update_poisoned(batches, u):
+    def second_update_poisoned(batches, u, *rest):
         poison[0] = u == 1
-        return update(batches, u)
+        return update(batches, u, *rest)
 
     trainer.train_update = second_update_poisoned
-    with pytest.raises(NonFiniteLoss, match=r"iteration 2 \(epoch 1\): the gradient norm is (inf|nan); stopped"):
+    stopped_at = r"iteration 2 \(epoch 1\): the (gradients are not finite|gradient norm is (inf|nan)); stopped"
+    with pytest.raises(NonFiniteLoss, match=stopped_at) as stopped:
         trainer.fit()
     assert trainer.progress.iteration == 1
+    # with clip_grad the norm is computed anyway, and named; without, a cheaper check finds the inf
+    assert ("gradient norm" in str(stopped.value)) == (clip_grad is not None)

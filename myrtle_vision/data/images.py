@@ -1,0 +1,176 @@
+"""Datasets described by a data config: image lists, labels from class folders, decoded images.
+
+A dataset folder holds ``images/<class>/<file>``, ``label_map.json`` (class folder name -> id)
+and one text file per split listing image paths relative to the folder. Everything that can be
+checked without decoding images is checked when a split is opened, each problem a
+:class:`~myrtle_vision.errors.UserError` naming the file. The images are decoded once into a cache
+(:mod:`myrtle_vision.data.cache`) unless the data config says ``decode_cache: false``.
+
+Training randomness is a function of position, not history: the sampler gives every sample a
+seed derived from (seed, epoch, index), and the transforms draw from torch seeded with it (see
+:mod:`myrtle_vision.data.augment`). The augmentation of an image is therefore the same whichever
+worker loads it, wherever it is applied, and whether or not the run was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from ..errors import UserError, reason
+from .augment import Pipeline, pipeline_for
+from .cache import DecodedImages, default_cache_dir
+
+SPLITS = {"train": "train_files", "val": "valid_files", "test": "test_files"}
+
+
+def read_label_map(cfg: DataConfig) -> dict[str, int]:
+    """Read and check ``label_map.json`` against ``number_of_classes``."""
+    if not Path(cfg.dataset_path).is_dir():
+        raise UserError(f"{cfg.dataset_path}: dataset folder not found (data config field dataset_path)")
+    path = Path(cfg.dataset_path) / cfg.label_map
+    try:
+        label_map = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: label map not found (data config field label_map)") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text at all
+        raise UserError(f"{path}: cannot read the label map: {e}") from None
+    if not isinstance(label_map, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
+        raise UserError(f"{path}: expected an object mapping class folder names to integer ids")
+    if len(label_map) != cfg.number_of_classes:
+        raise UserError(f"{path}: has {len(label_map)} classes but the data config's number_of_classes is {cfg.number_of_classes}")
+    if sorted(label_map.values()) != list(range(len(label_map))):
+        raise UserError(f"{path}: class ids must be 0..{len(label_map) - 1}, each used once")
+    return label_map
+
+
+def class_names(label_map: dict[str, int]) -> list[str]:
+    return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+
+
+class ImageListDataset(Dataset):
+    """The images listed in one split file, labelled by their class folder, with the split's ``pipeline``
+    (its transform ops, per image or for a whole batch: see :mod:`myrtle_vision.data.augment`).
+
+    With a ``cache_dir`` the images are decoded once into a memory-mapped cache there; without, each is
+    decoded whenever it is read.
+    """
+
+    def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], pipeline: Pipeline | None = None,
+                 cache_dir: Path | None = None, cache_field: str = "cache_dir"):
+        self.root = Path(root)
+        self.list_path = self.root / list_file
+        self.pipeline = pipeline
+        self.paths, self.labels = self._read_list(label_map)
+        self.decoded = (DecodedImages(self.list_path, self.paths, self.decode, cache_dir, cache_field)
+                        if cache_dir is not None else None)
+
+    @property
+    def collate(self):
+        """How the loaders batch this dataset's samples (the pipeline's, or plain stacking)."""
+        return self.pipeline.collate if self.pipeline is not None else None
+
+    def _read_list(self, label_map: dict[str, int]) -> tuple[list[str], list[int]]:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: dataset folder not found (data config field dataset_path)")
+        try:
+            lines = self.list_path.read_text().splitlines()
+        except FileNotFoundError:
+            raise UserError(f"{self.list_path}: split file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{self.list_path}: cannot read the split file ({reason(e)})") from None
+        root = self.root.resolve()
+        paths, labels, class_dirs = [], [], set()
+        for lineno, line in enumerate(lines, 1):
+            rel = line.strip()
+            if not rel:
+                continue
+            where = f"{self.list_path}:{lineno}"
+            full = (root / rel).resolve()
+            if os.path.isabs(rel) or not full.is_relative_to(root):
+                raise UserError(f"{where}: {rel} is outside the dataset folder {root}")
+            if not full.is_file():
+                raise UserError(f"{where}: {rel} does not exist")
+            cls = full.parent.name
+            if cls not in label_map:
+                raise UserError(f"{where}: class folder {cls!r} of {rel} is not in the label map")
+            paths.append(str(full))
+            labels.append(label_map[cls])
+            class_dirs.add(full.parent.parent)
+        if not paths:
+            raise UserError(f"{self.list_path}: the split lists no images")
+        for parent in class_dirs:  # the folder of class folders must hold exactly the label map's classes
+            on_disk = {d.name for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")}
+            extra, missing = sorted(on_disk - set(label_map)), sorted(set(label_map) - on_disk)
+            if extra or missing:
+                detail = "; ".join(filter(None, [extra and f"not in the label map: {', '.join(extra[:5])}",
+                                                  missing and f"no folder for: {', '.join(missing[:5])}"]))
+                raise UserError(f"{parent}: class folders disagree with the label map ({detail})")
+        return paths, labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        """Image ``index`` decoded from its file, as RGB (any mode converted; transparency on black)."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA")  # palette transparency needs RGBA first to composite sanely
+                    background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                    return Image.alpha_composite(background, img).convert("RGB")
+                return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"{path}: cannot read image: {e}") from None
+
+    def decode(self, index: int) -> np.ndarray:
+        """Image ``index`` decoded from its file: uint8 (height, width, 3)."""
+        return np.asarray(self.load_image(index))
+
+    def image(self, index: int) -> torch.Tensor:
+        """Image ``index``: uint8 (3, height, width), from the cache when there is one."""
+        if self.decoded is not None:
+            return self.decoded[index]
+        return torch.from_numpy(self.decode(index).copy()).permute(2, 0, 1)
+
+    def output_size(self, index: int) -> tuple[int, int]:
+        """(height, width) that the split's transforms give image ``index`` (the random numbers they draw
+        for it are not taken from anyone's stream)."""
+        if self.pipeline is None:
+            return tuple(self.image(index).shape[-2:])
+        with torch.random.fork_rng(devices=[]):
+            return self.pipeline.output_size(self.image(index))
+
+    def __getitem__(self, key):
+        """``key`` is an index, or (index, seed) to make the random transforms reproducible.
+
+        Returns (what the pipeline makes of the image, label): a transformed uint8 image, or the
+        decoded image and its transform parameters when the batch is transformed on its device.
+        """
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img = self.image(index)
+        if self.pipeline is not None:
+            img = self.pipeline.sample(img, seed)
+        return img, self.labels[index]
+
+
+def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = None,
+               device: torch.device | None = None) -> ImageListDataset:
+    """Open the ``train``, ``val`` or ``test`` split with its transforms, for batches used on ``device``
+    (where the transforms run depends on it and ``augment_on``; None: as for the CPU)."""
+    label_map = label_map if label_map is not None else read_label_map(cfg)
+    field = "transform_ops_train" if split == "train" else "transform_ops_val"
+    pipeline = pipeline_for(getattr(cfg, field), cfg.augment_on, device or torch.device("cpu"))
+    cache = None
+    if cfg.decode_cache:
+        cache = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
+    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, pipeline, cache,
+                            "the data config's cache_dir")

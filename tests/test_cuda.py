@@ -1,0 +1,76 @@
+"""What only a GPU can show: the training step queues its micro-batches without waiting for the device,
+a batch's transforms on the GPU give torchvision's images, and train.py learns on CUDA with them.
+Skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_dir_of, run_script, scalars, train_config
+
+from myrtle_vision.config import load_config
+from myrtle_vision.engine import Trainer
+from test_pipeline import CHAINS, _images
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = torch.device("cuda")
+
+
+def test_the_step_does_not_synchronize_inside_the_micro_batch_loop(tmp_path, data_cfg):
+    """torch's sync debug mode raises on any host synchronisation, until the update's one reading."""
+    cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                                   train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": 0.5,
+                                          "precision": "bf16"}))
+    trainer = Trainer(cfg, CUDA)
+    batches = iter(trainer.train_loader)
+    trainer.train_update(batches, 0)
+    micro = [next(batches) for _ in range(4)]  # the loader's own work is not the step's
+    torch.cuda.synchronize()
+    reads = []
+    original = torch.Tensor.tolist
+
+    def allowed(self):  # the one synchronisation allowed: the update's statistics, after the micro-batches
+        torch.cuda.set_sync_debug_mode(0)
+        reads.append(1)
+        return original(self)
+
+    torch.Tensor.tolist = allowed
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        trainer.train_update(iter(micro), 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.Tensor.tolist = original
+    assert reads == [1]
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_a_batch_transformed_on_the_gpu_gives_torchvision_s_images(chain):
+    from myrtle_vision.data.augment import OnDevice, PerImage
+    from myrtle_vision.transforms import parse_ops
+
+    ops = CHAINS[chain]
+    sizes = [(24, 24), (26, 25), (30, 28), (24, 31), (27, 27), (25, 24)] if "RandomCrop" in ops else \
+        [(32, 32), (30, 36), (33, 31), (32, 40), (36, 30), (32, 32)]
+    images, seeds = _images(sizes), [11, 22, 33, 44, 55, 66]
+    parsed = parse_ops(ops)
+    on_device, per_image = OnDevice(parsed), PerImage(parsed)
+    batch = on_device.collate([(on_device.sample(img, s), 0) for img, s in zip(images, seeds)])
+    out, labels = on_device.finish(batch.pin_memory(), CUDA)
+    assert out.device.type == "cuda" and labels.device.type == "cuda"
+    reference = torch.stack([per_image.sample(img, s).float() for img, s in zip(images, seeds)])
+    assert ((out.cpu() * 255 - reference).abs() <= 1 + 1e-3).all()
+
+
+def test_train_py_learns_on_cuda_with_the_batch_transformed_on_the_gpu(tmp_path, dataset):
+    from conftest import data_config
+
+    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.6, 1.0]}, "RandomHorizontalFlip": None,
+           "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    data = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)  # augment_on auto: on the GPU
+    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
+                       train={"epochs": 6, "precision": "bf16", "num_workers": 2, "clip_grad": 1.0})
+    proc = run_script("train.py", "-c", cfg, "--device", "cuda", check=True)
+    assert "training on cuda" in proc.stdout
+    losses = [v for _, v in scalars(run_dir_of(proc), "train/loss")]
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses

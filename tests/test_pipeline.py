@@ -1,0 +1,260 @@
+"""The data pipeline: the decoded-image cache, transforms of a whole batch on its device against
+torchvision's per-image transforms, and a training step that waits for the device once per update."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, data_config, make_dataset, run_dir_of, run_script, train_config
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+import myrtle_vision
+from myrtle_vision.config import load_config, load_data_config
+from myrtle_vision.data import eval_loader, open_split
+from myrtle_vision.data.augment import InWorkers, OnDevice, PerImage, pipeline_for
+from myrtle_vision.engine import Trainer
+from myrtle_vision.errors import UserError
+from myrtle_vision.transforms import parse_ops
+
+CPU = torch.device("cpu")
+
+
+# --- the decoded-image cache ----------------------------------------------------------------------
+
+@pytest.fixture
+def varied(tmp_path):
+    """Three classes of images of several sizes and modes (grayscale and palette too), and a data config."""
+    ds = make_dataset(tmp_path / "ds", CLASSES, counts=(4, 2, 2))
+    for k, path in enumerate(sorted(ds.glob("images/*/*.png"))):
+        img = Image.open(path).resize((20 + 3 * (k % 4), 18 + 5 * (k % 3)))
+        (img.convert("L") if k % 5 == 0 else img.convert("P") if k % 7 == 0 else img).save(path)
+    return ds, data_config(tmp_path / "d.json", ds, 3, cache_dir=str(tmp_path / "cache"))
+
+
+def _decoded(split) -> list[torch.Tensor]:
+    """Every image of the split decoded from its file now, without the cache."""
+    return [torch.from_numpy(split.decode(i).copy()).permute(2, 0, 1) for i in range(len(split))]
+
+
+def test_cache_is_built_once_reused_and_gives_the_decoded_pixels(varied, capsys):
+    ds, cfg_path = varied
+    cfg = load_data_config(cfg_path)
+    first = open_split(cfg, "train")
+    assert "decoding its 12 images once" in capsys.readouterr().out
+    pixels = sorted((ds.parent / "cache").glob("*.u8"))
+    assert len(pixels) == 1 and pixels[0].stat().st_size == sum(i.numel() for i in _decoded(first))
+    built = pixels[0].stat().st_mtime_ns
+    again = open_split(cfg, "train")
+    assert capsys.readouterr().out == "" and pixels[0].stat().st_mtime_ns == built  # reused, not rebuilt
+    for a, b in zip(_decoded(first), (again.image(i) for i in range(len(again)))):
+        assert torch.equal(a, b)  # the same pixels as decoding the file, every size and mode
+    assert again.decoded is not None and again.decoded.size(3) == tuple(_decoded(first)[3].shape[-2:])
+
+
+def test_cache_is_rebuilt_when_an_image_or_the_split_file_changes(varied, capsys):
+    ds, cfg_path = varied
+    cfg = load_data_config(cfg_path)
+    split = open_split(cfg, "train")
+    capsys.readouterr()
+    victim = split.paths[5]
+    Image.fromarray(np.full((9, 11, 3), 200, dtype=np.uint8)).save(victim)
+    changed = open_split(cfg, "train")
+    assert "changed since its images were decoded; decoding again" in capsys.readouterr().out
+    assert changed.image(5).shape == (3, 9, 11) and bool((changed.image(5) == 200).all())
+    listing = ds / "train_imagepaths.txt"
+    listing.write_text("\n".join(listing.read_text().split()[:-1]) + "\n")
+    shorter = open_split(cfg, "train")
+    assert "decoding again" in capsys.readouterr().out and len(shorter) == 11
+    assert all(torch.equal(a, shorter.image(i)) for i, a in enumerate(_decoded(shorter)))
+
+
+def test_cache_problems_are_one_line_errors(varied, tmp_path):
+    ds, cfg_path = varied
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    cfg = load_data_config(data_config(tmp_path / "d2.json", ds, 3, cache_dir=str(blocked / "cache")))
+    with pytest.raises(UserError, match="cannot write the decoded-image cache .* set the data config's cache_dir"):
+        open_split(cfg, "train")
+    victim = sorted(ds.glob("images/dog/*.png"))[0]
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(UserError, match=f"{victim}: cannot read image"):  # found when the cache is built
+        open_split(load_data_config(cfg_path), "train")
+    assert not list((ds.parent / "cache").glob(".*.tmp*"))  # the unfinished build left nothing behind
+
+
+def test_without_the_cache_images_are_decoded_as_they_are_read(varied, tmp_path):
+    ds, _ = varied
+    cfg = load_data_config(data_config(tmp_path / "d3.json", ds, 3, decode_cache=False))
+    split = open_split(cfg, "test")
+    assert split.decoded is None and all(torch.equal(a, split.image(i)) for i, a in enumerate(_decoded(split)))
+
+
+# --- transforms of a whole batch on its device ---------------------------------------------------
+
+CHAINS = {
+    "Resisc45 training": {"RandomResizedCrop": 24, "RandomHorizontalFlip": None},
+    "Resisc45 evaluation": {"Resize": 28, "CenterCrop": 24},
+    "shorter side, vertical flip": {"Resize": {"shorter_side": 26}, "CenterCrop": 22, "RandomVerticalFlip": 0.5},
+    "padded random crop": {"RandomCrop": {"size": 24, "padding": 3}, "RandomHorizontalFlip": 0.3},
+    "crop larger than the image": {"CenterCrop": 40},
+    "two resizes": {"Resize": [20, 30], "RandomResizedCrop": {"size": [12, 14], "scale": [0.2, 1.0], "ratio": [0.5, 2.0]}},
+    "shrinking a lot": {"RandomResizedCrop": {"size": 8, "scale": [0.5, 1.0]}},
+}
+
+
+def _images(sizes, dtype=torch.uint8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), generator=g).to(dtype) for h, w in sizes]
+
+
+def _both(ops, images, seeds):
+    """(the batch transformed on the device, the per-image pipeline's images) for the same seeds."""
+    parsed = parse_ops(ops)
+    on_device, per_image = OnDevice(parsed), PerImage(parsed)
+    batch = on_device.collate([(on_device.sample(img, s), 0) for img, s in zip(images, seeds)])
+    out, _ = on_device.finish(batch, CPU)
+    return out, torch.stack([per_image.sample(img, s).float() for img, s in zip(images, seeds)])
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_a_batch_on_the_device_gives_torchvision_s_images(chain):
+    ops = CHAINS[chain]
+    sizes = [(32, 32), (30, 36), (33, 31), (32, 40), (36, 30), (32, 32)]
+    if "RandomCrop" in ops:  # a random crop needs every image at least as large as the crop (after padding)
+        sizes = [(24, 24), (26, 25), (30, 28), (24, 31), (27, 27), (25, 24)]
+    seeds = [11, 22, 33, 44, 55, 66]
+    out, reference = _both(ops, _images(sizes), seeds)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    levels = (out * 255 - reference).abs()
+    # torchvision's CPU kernel for uint8 rounds after each of its two passes, and after each resize; the batch
+    # rounds once: at most a level apart per resize
+    resizes = max(1, sum(op in ("Resize", "RandomResizedCrop") for op in ops))
+    assert levels.max() <= resizes + 1e-3 and levels.mean() < 0.35
+    # on float images torchvision rounds nothing: the same function to float rounding
+    out_f, reference_f = _both(ops, _images(sizes, torch.float32), seeds)
+    assert out_f.shape == reference_f.shape
+    # (the batch rounds to uint8 levels, as the per-image path does for uint8 images)
+    assert ((out_f * 255 - reference_f).abs() <= 0.5 + 1e-3).all()
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_the_lean_per_image_path_is_exactly_torchvision_s_pipeline(chain):
+    """In the workers, geometric ops are applied with the functional kernels torchvision's transforms call,
+    skipping their per-call overhead: the same images, bit for bit, as torchvision's Compose."""
+    ops = CHAINS[chain]
+    sizes = [(24, 24), (26, 25), (30, 28), (24, 31)] if "RandomCrop" in ops else [(32, 32), (30, 36), (33, 31), (40, 32)]
+    parsed = parse_ops(ops)
+    lean, torchvision_s = InWorkers(parsed), PerImage(parsed)
+    for image, seed in zip(_images(sizes), (7, 8, 9, 10)):
+        assert torch.equal(lean.sample(image, seed), torchvision_s.sample(image, seed))
+
+
+def test_resampling_matrices_are_torch_s_antialiased_interpolation():
+    from myrtle_vision.data.augment import resample_weights
+
+    for n_in, n_out in ((37, 11), (11, 37), (64, 64), (256, 224), (57, 224)):
+        x = torch.randn(1, 1, n_in, 5, dtype=torch.float64)
+        w = resample_weights(torch.tensor([n_in]), torch.tensor([n_out]), n_out, n_in).double()
+        expected = torch.nn.functional.interpolate(x, size=(n_out, 5), mode="bilinear", antialias=True,
+                                                   align_corners=False)
+        torch.testing.assert_close(torch.matmul(w[0], x[0, 0]), expected[0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_are_drawn_as_torchvision_draws_them():
+    """Over many seeds the crops and flips drawn for the batch path have torchvision's distribution: the
+    same transforms' own make_params, called in the order their forward calls them."""
+    ops = {"RandomResizedCrop": {"size": 24, "scale": [0.08, 1.0]}, "RandomHorizontalFlip": 0.3}
+    on_device = OnDevice(parse_ops(ops))
+    image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    ours = np.array([on_device.sample(image, seed)[1] for seed in range(4000)])
+    crop, flip = T.RandomResizedCrop(24, scale=(0.08, 1.0)), T.RandomHorizontalFlip(0.3)
+    torch.manual_seed(12345)  # torchvision's own draws, from other random numbers
+    theirs = []
+    for _ in range(4000):
+        p = crop.make_params([image])
+        theirs.append([p["top"], p["left"], p["height"], p["width"], float(torch.rand(1) < 0.3)])
+    theirs = np.array(theirs)
+    for column in range(5):  # mean and spread of top, left, height, width and the flip, within a few standard errors
+        se = theirs[:, column].std() / math.sqrt(len(theirs)) * math.sqrt(2)
+        assert abs(ours[:, column].mean() - theirs[:, column].mean()) < 4 * se + 1e-9, column
+        assert abs(ours[:, column].std() - theirs[:, column].std()) < 0.1 * theirs[:, column].std() + 1e-9, column
+    area = ours[:, 2] * ours[:, 3] / (40 * 60)
+    assert 0.05 < area.min() and area.max() <= 1.0 and abs(ours[:, 4].mean() - 0.3) < 0.03
+
+
+def test_which_ops_run_on_the_device():
+    batchable = {"RandomResizedCrop": 16, "RandomHorizontalFlip": None}
+    assert isinstance(pipeline_for(batchable, "auto", torch.device("cuda")), OnDevice)
+    assert isinstance(pipeline_for(batchable, "auto", CPU), InWorkers)
+    assert isinstance(pipeline_for(batchable, "device", CPU), OnDevice)
+    assert isinstance(pipeline_for({**batchable, "ColorJitter": 0.4}, "auto", torch.device("cuda")), PerImage)
+    assert isinstance(pipeline_for(batchable, "workers", torch.device("cuda")), InWorkers)
+
+
+def test_device_augmentation_with_workers_feeds_the_same_batches(varied, tmp_path):
+    """A split loaded by workers and transformed on the device equals the per-image loader's batches."""
+    ds, _ = varied
+    ops = {"Resize": [20, 20], "CenterCrop": 16, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    results = {}
+    for where in ("device", "workers"):
+        cfg = load_data_config(data_config(tmp_path / f"{where}.json", ds, 3, val_ops=ops, augment_on=where,
+                                           cache_dir=str(tmp_path / "cache")))
+        results[where] = list(eval_loader(open_split(cfg, "val"), 4, num_workers=2))
+    for (a, la), (b, lb) in zip(results["device"], results["workers"]):
+        assert torch.equal(la, lb) and ((a - b).abs() * 255 * 0.25 <= 1 + 1e-3).all()
+
+
+# --- the training step ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clip_grad", [None, 0.5])
+def test_the_step_reads_the_device_once_per_update(tmp_path, data_cfg, monkeypatch, clip_grad):
+    """Four micro-batches per update, and one reading of a tensor's value by the host, after them. On the
+    CPU this is counted by wrapping every way a tensor's value reaches Python: no read at all happens
+    before the update's statistics are read, and the package reads nothing else (after it, the optimizer
+    reads its own step counts, which live on the CPU on every device)."""
+    cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                                   train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": clip_grad}))
+    trainer = Trainer(cfg, CPU)
+    batches = iter(trainer.train_loader)
+    trainer.train_update(batches, 0)  # warm-up (lazy initialisations)
+    micro = [next(batches) for _ in range(4)]  # the loader's work is not the step's
+    reads = []
+    package = str(Path(myrtle_vision.__file__).parent)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            reads.append((_name, sys._getframe(1).f_code.co_filename.startswith(package)))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    result = trainer.train_update(iter(micro), 1)
+    monkeypatch.undo()
+    assert trainer.plan.num_micro_batches(1) == 4
+    assert reads[0] == ("tolist", True), reads  # the first read of all: the statistics, after the micro-batches
+    assert [r for r in reads if r[1]] == [("tolist", True)], reads  # and the package's only one
+    assert result.images == 8 and math.isfinite(result.loss)
+
+
+def test_training_on_device_batches_resumes_bit_exactly(tmp_path, dataset):
+    """A run whose training transforms run on the device (here the CPU), with loader workers, resumed from
+    a mid-epoch checkpoint, ends with the weights of the run never interrupted."""
+    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
+           "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    data = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops, augment_on="device")
+    train = {"epochs": 2, "num_workers": 2, "iters_per_checkpoint": 2, "keep_checkpoints": None}
+    whole = run_dir_of(run_script("train.py", "-c", train_config(tmp_path / "a.json", data, tmp_path / "a", train=train),
+                                  check=True))
+    expected = torch.load(whole / "last.pt", weights_only=True)["model"]
+    proc = run_script("train.py", "-c", train_config(tmp_path / "b.json", data, tmp_path / "a", train=dict(
+        train, checkpoint_path=str(whole / "checkpoint_0000002.pt"))), check=True)
+    assert "resuming from" in proc.stdout and "at iteration 2" in proc.stdout
+    resumed = torch.load(whole / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 6
+    assert all(torch.equal(expected[k], resumed["model"][k]) for k in expected)

@@ -67,7 +67,7 @@ def main() -> int:
     else:
         loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
         batches = [x.to(device) for x, _ in loader]
-        what = f"the test split, batch {tc.local_batch_size}, {tc.num_workers} loader worker(s)"
+        what = f"the test split, batch {tc.local_batch_size}, {loader.loader.num_workers} loader worker(s)"
     n_images = sum(len(x) for x in batches)
 
     def forward_all(model):

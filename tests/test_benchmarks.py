@@ -3,6 +3,7 @@ here (the machines are noisy); the figures live in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,18 +23,24 @@ def _ratios(table: str) -> list[float]:
     return [float(x) for x in re.findall(r"\*\*([0-9.]+)x\*\*", table)]
 
 
-def test_vs_timm_measures_ours_and_timm_training_inference_and_the_data_pipeline():
+def test_vs_timm_measures_ours_and_timm_end_to_end_and_the_loader():
     out = _run("benchmarks/vs_timm.py", "--models", "tiny", "--settings", "fp32", "bf16", "--image-size", "32",
-               "--batch-size", "4", "--images-per-class", "2", "--warmup", "1", "--repeats", "1", "--no-write")
-    assert re.search(r"Measured fp32 matmul rate: \*\*\d+ GFLOP/s\*\*", out)
-    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| ViT-Tiny")}
-    assert {"training", "inference", "fp32", "bf16"} <= rows.keys()
-    # the shares of the matmul rate are percentages of real FLOP counts
-    assert all(re.search(r"\| \d+% \| \d+% \|$", rows[k]) for k in ("training", "inference"))
-    assert "| fp32 eager |" in rows["bf16"]  # the best-settings rows compare against timm in fp32 eager
+               "--batch-size", "4", "--images-per-class", "2", "--e2e-epochs", "2", "--warmup", "1", "--repeats", "1",
+               "--no-write")
+    assert re.search(r"Measured matmul rates: fp32 \*\*\d+ GFLOP/s\*\*, bf16 \*\*\d+ GFLOP/s\*\*", out)
+    rows = {tuple(c.strip() for c in line.split("|")[2:4]): line for line in out.splitlines()
+            if line.startswith("| ViT-Tiny |") and line.count("|") == 9}
+    assert set(rows) == {("fp32", "training"), ("fp32", "inference"), ("bf16", "training")}
+    # the shares of the matmul rate (of the setting's precision) are percentages of real FLOP counts
+    assert all(re.search(r"\| \d+% \| \d+% \|$", row) for row in rows.values())
+    # end to end: train.py itself, its logged images/s after the first epoch, beside the model-only rate
+    assert re.search(r"^\| ViT-Tiny \| (fp32|bf16) \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
+    assert "median of the images/s logged for its 22 updates after its first epoch" in out  # 90 images, batches of 4
+    # the loader alone, with the default workers (this process's CPUs), the transforms in them on the CPU
+    workers = len(os.sched_getaffinity(0))
+    assert re.search(rf"^\| {workers} \| loader workers \| \d+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
     ratios = _ratios(out)
-    assert len(ratios) == 2 + 2 + 1 and all(r > 0 for r in ratios)
-    assert re.search(r"^\| 4 \| \d+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)  # 4 loader workers: the default
+    assert len(ratios) == 3 + 1 + 1 and all(r > 0 for r in ratios)
 
 
 def test_quantized_eval_reports_every_format(tmp_path):

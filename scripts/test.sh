@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements-dev.txt
-exec .venv/bin/python -m pytest "$@"
+# the test files in parallel, one process per CPU (each file in one process: its fixtures are built once)
+exec .venv/bin/python -m pytest -n auto --dist loadfile "$@"

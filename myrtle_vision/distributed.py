@@ -50,12 +50,6 @@ class Dist:
             tensor.copy_(on_device.to(tensor.device))
         return tensor
 
-    def any(self, flag: bool) -> bool:
-        """True on every process if it is true on any."""
-        if not self.enabled:
-            return flag
-        return bool(self.all_reduce_sum(torch.tensor([int(flag)])).item())
-
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every process."""
         if not self.enabled:

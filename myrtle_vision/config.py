@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
-from .transforms import BATCHABLE, OpError, parse_ops
+from .transforms import OpError, parse_ops, per_image_only
 
 AUGMENT_ON = ("auto", "device", "workers")
 
@@ -228,7 +228,7 @@ class DataConfig:
                 parsed = parse_ops(getattr(self, name))
             except OpError as e:
                 v.fail(f"{name}.{e.where}" if e.where else name, e.problem)
-            per_image = [op for op, _ in parsed if op not in BATCHABLE]
+            per_image = per_image_only(parsed)
             v.check(self.augment_on != "device" or not per_image, "augment_on",
                     f"device: {name} has {', '.join(per_image)}, which runs per image only; use auto or workers")
 

@@ -33,11 +33,6 @@ DISTILLATION = ["distillation_token", "distill_mlp.0.weight", "distill_mlp.0.bia
                 "distill_mlp.1.bias"]  # the earlier release's DeiT wrapper, in its order (token first, head last)
 
 
-def is_earlier_release(ckpt: dict) -> bool:
-    """A checkpoint without our ``format`` entry: the earlier release's."""
-    return "format" not in ckpt
-
-
 def vit_parameter_order(depth: int) -> list[str]:
     """The earlier release's ViT parameters (deploy-layout names) in ``named_parameters()`` order."""
     names = ["pos_embedding", "cls_token", "patch_to_embedding.weight", "patch_to_embedding.bias"]

@@ -177,6 +177,11 @@ BATCHABLE = ("Resize", "RandomResizedCrop", "CenterCrop", "RandomCrop", "RandomH
              "Normalize")
 
 
+def per_image_only(parsed: list[tuple[str, dict]]) -> list[str]:
+    """The ops of a parsed ops object that cannot be batched (they run per image in the loader workers)."""
+    return [name for name, _ in parsed if name not in BATCHABLE]
+
+
 def parse_ops(ops) -> list[tuple[str, dict]]:
     """Validate an ops object; return ``[(op name, torchvision keyword arguments), ...]``."""
     if not isinstance(ops, dict):

@@ -197,6 +197,17 @@ def test_which_ops_run_on_the_device():
     assert isinstance(pipeline_for(batchable, "workers", torch.device("cuda")), InWorkers)
 
 
+def test_augment_on_errors_name_the_field(tmp_path, dataset):
+    from myrtle_vision.errors import ConfigError
+
+    jitter = data_config(tmp_path / "j.json", dataset, 3, train_ops={"ColorJitter": 0.4}, augment_on="device")
+    with pytest.raises(ConfigError, match="augment_on: device: transform_ops_train has ColorJitter, which runs per "
+                                          "image only"):
+        load_data_config(jitter)
+    with pytest.raises(ConfigError, match="augment_on: 'gpu' is not one of auto, device, workers"):
+        load_data_config(data_config(tmp_path / "g.json", dataset, 3, augment_on="gpu"))
+
+
 def test_device_augmentation_with_workers_feeds_the_same_batches(varied, tmp_path):
     """A split loaded by workers and transformed on the device equals the per-image loader's batches."""
     ds, _ = varied

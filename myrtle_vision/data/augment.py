@@ -36,12 +36,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
-from ..transforms import BATCHABLE, OPS, build_transform, parse_ops, stack
-
-
-def unbatchable(parsed: list[tuple[str, dict]]) -> list[str]:
-    """The ops that only run per image."""
-    return [name for name, _ in parsed if name not in BATCHABLE]
+from ..transforms import OPS, build_transform, parse_ops, per_image_only, stack
 
 
 class Pipeline:
@@ -354,7 +349,7 @@ def pipeline_for(ops: dict, augment_on: str, device: torch.device) -> Pipeline:
     ``device``, or ``auto`` on CUDA with every op batchable; per image in the workers otherwise (the lean
     :class:`InWorkers` when every op is geometric, torchvision's whole pipeline when one is not)."""
     parsed = parse_ops(ops)
-    if unbatchable(parsed):
+    if per_image_only(parsed):
         return PerImage(parsed)
     on_device = augment_on == "device" or (augment_on == "auto" and device.type == "cuda")
     return OnDevice(parsed) if on_device else InWorkers(parsed)

@@ -216,7 +216,10 @@ def test_device_augmentation_with_workers_feeds_the_same_batches(varied, tmp_pat
     for where in ("device", "workers"):
         cfg = load_data_config(data_config(tmp_path / f"{where}.json", ds, 3, val_ops=ops, augment_on=where,
                                            cache_dir=str(tmp_path / "cache")))
-        results[where] = list(eval_loader(open_split(cfg, "val"), 4, num_workers=2))
+        loader = eval_loader(open_split(cfg, "val"), 4, num_workers=2)
+        # workers come from a fork server, never from forking this (threaded) process: see loaders._worker_context
+        assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
+        results[where] = list(loader)
     for (a, la), (b, lb) in zip(results["device"], results["workers"]):
         assert torch.equal(la, lb) and ((a - b).abs() * 255 * 0.25 <= 1 + 1e-3).all()
 

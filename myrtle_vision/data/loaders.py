@@ -10,6 +10,7 @@ loader gets ``(float images, labels)`` on the device, ready for the model.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 
@@ -32,6 +33,22 @@ def default_workers() -> int:
 def _worker_init(_worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_context():
+    """How loader workers start: from a fork server, not by forking this process.
+
+    By the time a loader starts its workers this process has threads (Gloo's, the queue feeders of
+    the loaders already running), and a process forked from one with threads can wait forever on a
+    lock that another thread held at the fork: under torchrun, one validation loader worker in some
+    tens of runs did. The fork server is a fresh process with one thread; it imports the script and
+    this package once (``set_forkserver_preload``), so each worker it forks starts at once. Where
+    there is no fork server (Windows), the platform's default."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __package__])  # read when the server starts: first use
+    return context
 
 
 def _to(batch, device: torch.device):
@@ -71,6 +88,7 @@ class Loader:
 
 def _loader_kwargs(dataset, num_workers: int, device: torch.device, persistent: bool) -> dict:
     return dict(num_workers=num_workers, pin_memory=device.type == "cuda",
+                multiprocessing_context=_worker_context() if num_workers else None,
                 worker_init_fn=_worker_init if num_workers else None, prefetch_factor=4 if num_workers else None,
                 persistent_workers=persistent and num_workers > 0, collate_fn=getattr(dataset, "collate", None))
 

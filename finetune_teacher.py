@@ -6,7 +6,7 @@ Example: python finetune_teacher.py --model resnet50 --weights imagenet --epochs
 import argparse
 
 from myrtle_vision.cli import main_guard
-from myrtle_vision.teacher import TeacherConfig, add_arguments, finetune_teacher
+from myrtle_vision.training.finetune import TeacherConfig, add_arguments, finetune_teacher
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ on several machines: torchrun --nnodes=M --nproc_per_node=N ... train.py -c CONF
 from myrtle_vision import distributed
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import Interrupted, train
+from myrtle_vision.training import Interrupted, train
 
 
 def main() -> int:

@@ -30,9 +30,10 @@ from _common import machine, timed, write_section  # noqa: E402
 from myrtle_vision import checkpoint as ckpt_io  # noqa: E402
 from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
 from myrtle_vision.config import load_config  # noqa: E402
-from myrtle_vision.engine import evaluate, split_loader  # noqa: E402
+from myrtle_vision.evaluation import evaluate, split_loader  # noqa: E402
 from myrtle_vision.models import build_model  # noqa: E402
 from myrtle_vision.quantization import Q_FORMATS as FORMATS  # noqa: E402
+from myrtle_vision.weights.deploy import load_model_weights  # noqa: E402
 
 HEADING = "## Evaluation in a simulated number format against FP32 (quantized_eval.py)"
 INTRO = ("Target: FP16_32 evaluation at most 1.15x the time of FP32 evaluation on the same data and machine. "
@@ -55,7 +56,7 @@ def main() -> int:
     for f in FORMATS:
         model = build_model(cfg, distilled=False, q_format=f)
         if args.checkpoint:
-            ckpt_io.load_model_weights(model, ckpt_io.load(args.checkpoint), args.checkpoint, require_distillation=False)
+            load_model_weights(model, ckpt_io.load(args.checkpoint), args.checkpoint, require_distillation=False)
         elif models:
             model.load_state_dict(models["FP32"].state_dict())
         models[f] = model.to(device).eval()

@@ -50,7 +50,8 @@ from _common import machine, timed, write_section  # noqa: E402
 from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
 from myrtle_vision.config import load_config  # noqa: E402
 from myrtle_vision.data import stop_workers  # noqa: E402
-from myrtle_vision.engine import Trainer, autocast  # noqa: E402
+from myrtle_vision.evaluation import autocast  # noqa: E402
+from myrtle_vision.training import Trainer  # noqa: E402
 from myrtle_vision.errors import UserError  # noqa: E402
 from myrtle_vision.prepare import write_index  # noqa: E402
 

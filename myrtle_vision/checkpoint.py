@@ -1,146 +1,144 @@
-"""Checkpoint files: atomic writes, ``weights_only`` loads, the model entry in the deploy layout.
+"""What a training checkpoint holds: written, read and checked here, and nowhere else.
 
 A training checkpoint is a dict::
 
     format          "myrtle_vision/1"
-    model           the ViT in the accelerator's layout (see myrtle_vision.layout)
+    model           the ViT in the accelerator's layout (see myrtle_vision.weights.deploy)
     distillation    DeiT runs only: {"dist_token", "head_dist.weight", "head_dist.bias"}, kept
                     apart so that ``model`` stays exactly what the accelerator imports
     quantization    {"q_format", "q_rounding"} the model was trained with ("FP32" unless it was
                     quantization-aware training); ``model`` always holds the FP32 master weights
     optimizer       optimizer state dict
     lr_scheduler    scheduler state dict
+    grad_scaler     fp16 runs only: the gradient scaler's state
     iteration       optimizer updates done
     epoch           epochs completed; update_in_epoch: updates done in the current epoch
     best_val_top1   best validation top-1 so far (percent)
     rng             torch (CPU and CUDA), Python and NumPy random states
     config          the resolved train config, data config inline
 
-The earlier release's files (``model``, ``optimizer``, ``lr_scheduler``, ``iteration``) load too; a
-training run resumes them with their optimizer state (see :mod:`myrtle_vision.earlier_release`).
+:class:`TrainingState` holds the live objects a checkpoint is written from and resumed into. The
+earlier release's files (``model``, ``optimizer``, ``lr_scheduler``, ``iteration``) resume too,
+with their optimizer state (see :mod:`myrtle_vision.earlier_release`). Files are written
+atomically (:func:`myrtle_vision.weights.io.save_atomic`) and read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import layout
-from .errors import TrainingStopped, UserError, reason
+from . import earlier_release
+from .config import Config
+from .errors import UserError
+from .optim import start_schedule_at
+from .weights.deploy import has_distillation, load_model_weights, model_entries
+from .weights.io import load_file
 
 FORMAT = "myrtle_vision/1"
 
 
-def save_atomic(obj, path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+@dataclass
+class Progress:
+    """Where a run is."""
 
-    A crash at any moment leaves either the previous file or the new one under ``path``, never a
-    partial one. A write that fails (full disk, no permission) removes the temporary file, leaves
-    the previous file as it was, and raises :class:`TrainingStopped` naming the path and the reason.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:  # torch's archive writer reports a failed write as a RuntimeError
-        raise TrainingStopped(f"{path}: cannot write the checkpoint ({reason(e)}); "
-                              "the previous checkpoints are intact") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    iteration: int = 0  # optimizer updates done
+    epoch: int = 0  # epochs completed
+    update_in_epoch: int = 0  # updates done in the current epoch
+    best_val_top1: float = -1.0
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` survive a power cut (where the file system allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+@dataclass
+class TrainingState:
+    """The objects a training checkpoint is written from and resumed into."""
 
+    cfg: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    progress: Progress = field(default_factory=Progress)
 
-def link_atomic(src: Path, dst: Path) -> None:
-    """Make ``dst`` a second name for ``src`` (a hard link, else a copy), replacing it atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)
+    def to_dict(self) -> dict:
+        """The checkpoint (see the module docstring), tensors copied to the CPU."""
+        p, vc = self.progress, self.cfg.vit_config
+        return {"format": FORMAT, **model_entries(self.model),
+                "quantization": {"q_format": vc.trained_q_format, "q_rounding": vc.q_rounding},
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.scheduler.state_dict(),
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+                "iteration": p.iteration, "epoch": p.epoch,
+                "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
+                "rng": rng_state(), "config": self.cfg.to_dict()}
+
+    def resume(self, path: Path, distilled: bool, updates_per_epoch: int) -> tuple[bool, str]:
+        """Read the checkpoint at ``path`` into these objects, after checking it fits the config.
+
+        Returns (whether it is an earlier-release file, a line saying what was resumed)."""
+        ckpt = load(path)
+        current = ckpt.get("format") == FORMAT
+        if current and has_distillation(ckpt) and not distilled:
+            raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
+                            f"{self.cfg.path} has no distiller_config")
+        trained, vc = trained_format(ckpt), self.cfg.vit_config
+        if current and trained != (vc.trained_q_format, vc.q_rounding):
+            raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
+                            f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} "
+                            "rounding); a resumed run keeps its number format")
+        load_model_weights(self.model, ckpt, path, require_distillation=current)
+        if not current:
+            return True, self._resume_earlier_release(ckpt, path, distilled, updates_per_epoch)
+        saved = ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else {}
+        saved_scales = [g.get("lr_scale") if isinstance(g, dict) else None for g in saved.get("param_groups", [])]
+        if saved_scales != [g.get("lr_scale") for g in self.optimizer.param_groups]:
+            raise UserError(f"{path}: the checkpoint's learning-rate groups differ from {self.cfg.path}'s "
+                            "(train_config.layer_decay changed?); a resumed run keeps its layer_decay")
         try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    except OSError as e:
-        raise TrainingStopped(f"{dst}: cannot update it to point to {src.name} ({reason(e)}); "
-                              f"{src} itself is complete") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.scaler.is_enabled() and "grad_scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["grad_scaler"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not fit this config ({e})") from None
+        p = self.progress = Progress(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
+        if p.update_in_epoch >= updates_per_epoch:
+            p.epoch, p.update_in_epoch = p.epoch + 1, 0
+        set_rng_state(ckpt["rng"])
+        return False, f"resuming from {path} at iteration {p.iteration} (epoch {p.epoch + 1})"
+
+    def _resume_earlier_release(self, ckpt: dict, path: Path, distilled: bool, upe: int) -> str:
+        """Continue an earlier-release run at its iteration, with its optimizer state on our parameters
+        and the schedule from that update."""
+        iteration = ckpt.get("iteration")
+        if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+            raise UserError(f"{path}: 'iteration' is {iteration!r}, not a count of optimizer updates")
+        missing, distilled_file = [], False
+        name = self.cfg.train_config.optimizer
+        if isinstance(ckpt.get("optimizer"), dict):
+            by_name, distilled_file = earlier_release.optimizer_state_by_name(ckpt, path)
+            restored = earlier_release.load_optimizer_state(self.optimizer, self.model, by_name, name, path)
+            optimizer = f"the {name} state of its {len(restored)} ViT parameters"
+        else:
+            optimizer = "a fresh optimizer"
+            missing.append("the optimizer state (the file has none)")
+        if distilled:
+            missing.append("the distillation token and head, which start fresh ("
+                           + ("the earlier release did not save them; their optimizer state is dropped)"
+                              if distilled_file else "the checkpoint is of a ViT trained without a teacher)"))
+        missing.append("the data order and random state, which the file does not hold (this release's data order "
+                       "continues from that update)")
+        self.progress = Progress(iteration, iteration // upe, iteration % upe)
+        start_schedule_at(self.optimizer, self.scheduler, iteration)
+        return (f"{path}: checkpoint of the earlier release: resuming at iteration {iteration} (epoch "
+                f"{iteration // upe + 1}, update {iteration % upe} of {upe}) with its weights, {optimizer} and the "
+                f"learning-rate schedule from that update; not restored: {'; '.join(missing)}")
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files of writes that a crash interrupted (``.NAME.tmpPID``)."""
-    for tmp in folder.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
-
-
-def load_file(path: Path, what: str):
-    """``torch.load(weights_only=True)`` of a user's file; whatever goes wrong is a one-line UserError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
-        raise UserError(f"{path}: not a readable {what} ({reason(e)})") from None
-
-
-WRAPPERS = ("model", "state_dict", "model_ema")  # how training scripts (DeiT's, timm's, ours) nest a state dict
-
-
-def read_state_dict(path: str | Path, what: str, where: str) -> dict[str, torch.Tensor]:
-    """The tensors of a user's weights file (a teacher, pretrained weights), named as the file names them.
-
-    ``.safetensors`` is read as such (tensors only, no pickle); anything else with ``weights_only``.
-    A state dict nested under one of :data:`WRAPPERS`, or as the only entry, is taken out, and
-    DataParallel's ``module.`` prefixes are dropped. Problems are one-line errors starting with ``where``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{where}: {path}: file not found")
-    if path.suffix == ".safetensors":  # timm's hub format
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file as load_safetensors
-
-        try:
-            obj = load_safetensors(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"{where}: {path}: not a readable safetensors file ({e})") from None
-    else:
-        try:
-            obj = load_file(path, what)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-    if isinstance(obj, dict):
-        nested = [obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)]
-        if not nested and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
-            nested = list(obj.values())
-        obj = nested[0] if nested else obj
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{where}: {path}: not a state dict (a mapping of parameter names to tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def load(path: str | Path) -> dict:
@@ -152,52 +150,6 @@ def load(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path}: not a checkpoint of this tool (no 'model' entry)")
     return ckpt
-
-
-DISTILLATION_PREFIXES = ("dist_token", "head_dist.")
-
-
-def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(plain ViT entries, distillation token and head entries) of a model state dict."""
-    plain = {k: v for k, v in state.items() if not k.startswith(DISTILLATION_PREFIXES)}
-    return plain, {k: v for k, v in state.items() if k.startswith(DISTILLATION_PREFIXES)}
-
-
-def model_entries(model: nn.Module) -> dict:
-    """The checkpoint entries that hold ``model``: ``model`` (deploy layout) and, for DeiT, ``distillation``."""
-    plain, dist = _split({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-    return {"model": layout.to_deploy(plain), **({"distillation": dist} if dist else {})}
-
-
-def has_distillation(ckpt: dict) -> bool:
-    return isinstance(ckpt.get("distillation"), dict)
-
-
-def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation: bool = True) -> None:
-    """Put the checkpoint's weights into ``model``, or say exactly what differs.
-
-    A distilled model takes its distillation token and head from the ``distillation`` entry; when
-    the checkpoint has none and ``require_distillation`` is false they keep their initial values.
-    """
-    plain, dist = _split(model.state_dict())
-    expected = layout.to_deploy(plain)
-    mismatch = layout.describe_mismatch(expected, ckpt["model"])
-    if mismatch:
-        raise UserError(f"{path}: checkpoint does not fit the config's model: {mismatch}")
-    weights = layout.from_deploy(ckpt["model"], str(path))
-    if dist:
-        if has_distillation(ckpt):
-            found = ckpt["distillation"]
-            bad = [k for k in dist if k not in found or tuple(found[k].shape) != tuple(dist[k].shape)]
-            if bad:
-                raise UserError(f"{path}: distillation entry does not fit the config's model ({', '.join(bad)})")
-            weights.update({k: found[k] for k in dist})
-        elif require_distillation:
-            raise UserError(f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "
-                            "distiller_config (its distillation token and head are missing)")
-        else:
-            weights.update(dist)
-    model.load_state_dict(weights)
 
 
 def trained_format(ckpt: dict) -> tuple[str, str]:

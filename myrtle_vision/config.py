@@ -150,7 +150,7 @@ class VitConfig:
     q_rounding: str = "nearest_even"  # or "qtorch": ties away from zero, saturating
     qkv_bias: bool = False  # biases on q, k, v: the deploy layout gains to_qkv.bias entries
     layer_norm_eps: float = 1e-5
-    pretrained_weights: str = ""  # a timm, DeiT or torchvision ViT file to start from (see myrtle_vision.pretrained)
+    pretrained_weights: str = ""  # a timm, DeiT or torchvision ViT file to start from (see myrtle_vision.weights.foreign)
     pretrained_format: str = "timm"
 
     @property
@@ -199,7 +199,7 @@ class DistillerConfig:
         v.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         v.choice(self.distillation_type, ("soft", "hard"), "distillation_type")
         v.check(bool(self.teacher_weights_path), "teacher_weights_path", "must not be empty")
-        from .models.teacher import name_problem  # torchvision's model registry
+        from .models.cnn import name_problem  # torchvision's model registry
 
         problem = name_problem(self.teacher_model)
         if problem:

@@ -1,7 +1,7 @@
 """Checkpoints of the earlier release (v1.0.0): resuming them with their optimizer state.
 
 Its checkpoint held ``{"model", "optimizer", "lr_scheduler", "iteration"}``. ``model`` is the ViT in
-the deploy layout (see :mod:`myrtle_vision.layout`), which loads as it is. ``optimizer`` is a torch
+the deploy layout (see :mod:`myrtle_vision.weights.deploy`), which loads as it is. ``optimizer`` is a torch
 optimizer state dict, which names no parameters: its state is keyed by each parameter's position in
 the optimizer's groups. Those positions follow from how the earlier release built the optimizer:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import layout
+from .weights import deploy
 from .errors import UserError
 
 DISTILLATION = ["distillation_token", "distill_mlp.0.weight", "distill_mlp.0.bias", "distill_mlp.1.weight",
@@ -131,9 +131,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     index = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            deploy = layout.deploy_name(ours[id(p)])
-            if deploy is not None and deploy in by_name:
-                sd["state"][index] = convert_state(by_name[deploy], optimizer_kind, path, deploy)
+            theirs = deploy.deploy_name(ours[id(p)])
+            if theirs is not None and theirs in by_name:
+                sd["state"][index] = convert_state(by_name[theirs], optimizer_kind, path, theirs)
                 restored.append(ours[id(p)])
             index += 1
     optimizer.load_state_dict(sd)

@@ -1,25 +1,118 @@
-"""Test-split evaluation of a checkpoint: accuracy, per-class report, confusion matrix; and the same
-checkpoint in FP32 beside a simulated number format (post-training quantization), INT8 calibrated
-on the first batches of the validation split."""
+"""Evaluation: a model over a data loader (:func:`evaluate`, used by training's validation too), any
+split of a config's data (:func:`split_accuracy`), a checkpoint's test-split report for ``test.py``,
+and the same checkpoint in FP32 beside a simulated number format for ``test_quantize.py`` (INT8
+calibrated on the first batches of the validation split). Never imports training.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from itertools import islice
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import checkpoint as ckpt_io
 from . import int8
 from .config import Config
+from .data import class_names, default_workers, eval_loader, open_split, read_label_map
 from .distributed import Dist
-from .engine import split_accuracy, split_loader, sum_over_processes
 from .errors import UserError
 from .metrics import Accumulator, confusion_image, format_report
 from .models import VisionTransformer, build_model
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from .reporting import Reporter
+from .weights.deploy import has_distillation, load_model_weights
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
+             precision: str = "fp32") -> Accumulator:
+    """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
+    (with several processes: over every process's share, summed)."""
+    return _evaluate(model, loader, device, num_classes, False, dist, precision)[0]
+
+
+@torch.no_grad()
+def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
+                   precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
+    """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
+    return _evaluate(model, loader, device, num_classes, True, dist, precision)
+
+
+def sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
+    """Add up every process's counts (float64 holds counts exactly up to 2^53)."""
+    if dist.enabled:
+        packed = torch.cat([torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
+                            acc.confusion.flatten().double()])
+        dist.all_reduce_sum(packed)
+        acc.count, acc.top5_correct, acc.loss_sum = int(packed[0]), int(packed[1]), float(packed[2])
+        acc.confusion = packed[3:].round().long().view_as(acc.confusion)
+    return acc
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a ``precision`` (``fp32``: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist: Dist,
+              precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
+    was_training = model.training
+    model.eval()
+    class_acc, avg_acc = Accumulator(num_classes), Accumulator(num_classes)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            if average_heads:
+                class_logits, dist_logits = model.forward_heads(images)
+                avg_logits = (class_logits.float() + dist_logits.float()) / 2
+            else:
+                class_logits = model(images)
+        if average_heads:
+            avg_acc.update(avg_logits, targets)
+        class_acc.update(class_logits, targets)
+    model.train(was_training)
+    return sum_over_processes(class_acc, dist), sum_over_processes(avg_acc, dist) if average_heads else avg_acc
+
+
+def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
+    """The split's transforms must give the model's input size (checked on its first image)."""
+    size = cfg.vit_config.image_size
+    height, width = dataset.output_size(0)
+    if (height, width) != (size, size):
+        raise UserError(f"{cfg.data_config_path}: {ops_field} gives {height}x{width} images "
+                        f"but vit_config.image_size is {size}")
+
+
+
+
+def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers: int, split: str = "test",
+                 dist: Dist = Dist()):
+    """(a loader over every image of a split, in order, with the evaluation transforms; class names).
+    With several processes, each loads its share, and the shares cover the split once."""
+    label_map = read_label_map(cfg.data_config)
+    dataset = open_split(cfg.data_config, split, label_map, device)
+    check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
+    num_workers = num_workers if num_workers is not None else default_workers()
+    loader = eval_loader(dataset, batch_size, num_workers, device, dist.rank, dist.world_size)
+    return loader, class_names(label_map)
+
+
+def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
+                   split: str = "test", dist: Dist = Dist(), precision: str = "fp32",
+                   ) -> tuple[Accumulator, Accumulator | None, list[str]]:
+    """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
+    loader, names = split_loader(cfg, device, batch_size, num_workers, split, dist)
+    if getattr(model, "args", None) is not None and model.args.distilled:
+        acc, avg = evaluate_heads(model, loader, device, len(names), dist, precision)
+        return acc, avg, names
+    return evaluate(model, loader, device, len(names), dist, precision), None, names
 
 
 def checkpoint_for(cfg: Config, override: str | None) -> Path:
@@ -39,8 +132,8 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     """
     ckpt = ckpt_io.load(checkpoint)
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
-    model = build_model(cfg, distilled=ckpt_io.has_distillation(ckpt))
-    ckpt_io.load_model_weights(model, ckpt, checkpoint)
+    model = build_model(cfg, distilled=has_distillation(ckpt))
+    load_model_weights(model, ckpt, checkpoint)
     model.to(device)
     tc = cfg.train_config
     if dist.is_main and model.args.q_format != "FP32":
@@ -202,7 +295,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_for
     models = []
     for f in ("FP32", fmt):
         model = build_model(cfg, distilled=False, q_format=f, q_rounding=rounding, int8_weights=weights)
-        ckpt_io.load_model_weights(model, ckpt, checkpoint, require_distillation=False)
+        load_model_weights(model, ckpt, checkpoint, require_distillation=False)
         models.append(model.to(device))
     tc = cfg.train_config
     loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
@@ -213,7 +306,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_for
     note = unused_int8_flags(fmt, calib_steps, per_channel)
     if dist.is_main:
         print(f"{checkpoint}: {kind}; testing in {fmt} ({how})"
-              + (" (DeiT: class head)" if ckpt_io.has_distillation(ckpt) else ""), flush=True)
+              + (" (DeiT: class head)" if has_distillation(ckpt) else ""), flush=True)
         if note:
             print(note, flush=True)
     if int8_options:

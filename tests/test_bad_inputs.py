@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from myrtle_vision.cli import main_guard
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import Trainer
+from myrtle_vision.training import Trainer
 
 
 def run(script: str, *args) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ import torch
 from conftest import run_dir_of, run_script, scalars, train_config
 
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import Trainer
+from myrtle_vision.training import Trainer
 from test_pipeline import CHAINS, _images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -11,9 +11,9 @@ import torchvision
 from conftest import REPO, assert_user_error, data_config, run_dir_of, run_script, train_config
 
 from myrtle_vision import checkpoint as ckpt_io
-from myrtle_vision import layout
+from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import split_accuracy
+from myrtle_vision.evaluation import split_accuracy
 from myrtle_vision.models import build_model
 
 TEACHER = "mobilenet_v3_small"
@@ -105,7 +105,7 @@ def test_deit_run_learns_with_the_notebooks_teacher(deit_run):
 def test_deit_checkpoint_keeps_the_deploy_entry_a_plain_vit(deit_run):
     _, cfg, _, run_dir = deit_run
     ckpt = ckpt_io.load(run_dir / "last.pt")
-    plain = layout.to_deploy(build_model(load_config(cfg), distilled=False).state_dict())
+    plain = deploy.to_deploy(build_model(load_config(cfg), distilled=False).state_dict())
     assert {k: tuple(v.shape) for k, v in ckpt["model"].items()} == {k: tuple(v.shape) for k, v in plain.items()}
     assert set(ckpt["distillation"]) == {"dist_token", "head_dist.weight", "head_dist.bias"}
     assert ckpt["distillation"]["head_dist.weight"].shape == (3, 32)
@@ -121,7 +121,7 @@ def test_test_script_reports_class_head_and_averaged_heads(deit_run):
     # the class-head figure is what the accelerator sees: the deploy entry alone, as a plain ViT
     c = load_config(cfg)
     plain = build_model(c, distilled=False)
-    plain.load_state_dict(layout.from_deploy(ckpt_io.load(run_dir / "last.pt")["model"]))
+    plain.load_state_dict(deploy.from_deploy(ckpt_io.load(run_dir / "last.pt")["model"]))
     acc, avg, _ = split_accuracy(plain, c, torch.device("cpu"), 4, 0)
     assert avg is None and result["top1"] == pytest.approx(acc.top1)
     assert f"top-1 {result['average_heads']['top1']:.2f}%" in proc.stdout
@@ -195,7 +195,7 @@ def test_deit_config_cannot_resume_a_vit_checkpoint(tmp_path, data_cfg, notebook
 @pytest.mark.parametrize("size", [None, 48])
 def test_the_teacher_sees_the_batches_at_teacher_image_size(size, tmp_path, data_cfg, notebook_run):
     """A teacher finetuned at another image_size (the notebook's parameter) is fed batches resized to it."""
-    from myrtle_vision.engine import Trainer
+    from myrtle_vision.training import Trainer
 
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(notebook_run[2], teacher_image_size=size))
     trainer = Trainer(load_config(cfg), torch.device("cpu"))

@@ -15,9 +15,10 @@ from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_s
 from conftest import scalars
 
 from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision.weights.deploy import load_model_weights
 from myrtle_vision.config import load_config
 from myrtle_vision.data import eval_loader, open_split
-from myrtle_vision.engine import evaluate
+from myrtle_vision.evaluation import evaluate
 from myrtle_vision.models import build_model
 
 # 24 training images, 8 per update: 3 updates per epoch. 15 validation images: 8 and 7 per process.
@@ -67,7 +68,7 @@ def test_validation_counts_every_image_once(runs):
     _, _, _, (cfg_path, run_dir, _) = runs
     cfg = load_config(cfg_path)
     model = build_model(cfg)
-    ckpt_io.load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), run_dir / "last.pt")
+    load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), run_dir / "last.pt")
     val = open_split(cfg.data_config, "val")
     assert len(val) == 15
     acc = evaluate(model, eval_loader(val, 4, 0), torch.device("cpu"), len(CLASSES))  # one process, every image

@@ -12,7 +12,7 @@ import torchvision
 from conftest import CLASSES, train_config
 
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import Interrupted, Trainer
+from myrtle_vision.training import Interrupted, Trainer
 
 from myrtle_vision import checkpoint as ckpt_io
 

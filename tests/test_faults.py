@@ -21,7 +21,7 @@ from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_s
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import MAX_SKIPPED_IN_A_ROW, NonFiniteLoss, Trainer
+from myrtle_vision.training import MAX_SKIPPED_IN_A_ROW, NonFiniteLoss, Trainer
 
 INTERVAL = 3
 # 24 training images in updates of 8 (2 micro-batches of 4): 3 updates per epoch, 90 in all. A

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from conftest import train_config
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from myrtle_vision import int8, layout
+from myrtle_vision import int8
+from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import split_loader
+from myrtle_vision.evaluation import split_loader
 from myrtle_vision.evaluation import calibrate_on_validation
 from myrtle_vision.models.vit import ViTArgs, VisionTransformer
 
@@ -257,6 +258,6 @@ def test_int8_model_keeps_the_state_dict_and_the_deploy_layout():
         int8.calibrate(model, [torch.randn(2, 3, 32, 32)])
         assert model.state_dict().keys() == fp32.state_dict().keys()
     plain = {k: v for k, v in model.state_dict().items() if "dist" not in k}
-    assert layout.to_deploy(plain).keys() == layout.to_deploy(VisionTransformer(tiny_args()).state_dict()).keys()
+    assert deploy.to_deploy(plain).keys() == deploy.to_deploy(VisionTransformer(tiny_args()).state_dict()).keys()
     # the distillation token takes no part: its points saw nothing and stay uncalibrated
     assert {"round_dist", "round_head_dist", "head_dist.output"} <= set(int8.points(model)) - set(int8.qparams(model))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import FIXTURES
 
-from myrtle_vision import layout
+from myrtle_vision.weights import deploy
 from myrtle_vision.models.vit import ViTArgs, VisionTransformer
 from myrtle_vision.optim import param_groups
 
@@ -17,20 +17,20 @@ TINY_45 = ViTArgs(image_size=224, patch_size=16, num_classes=45, embed_dim=192, 
 
 def test_deploy_layout_matches_the_accelerators_vit_tiny_exactly():
     expected = json.loads((FIXTURES / "vit_tiny_checkpoint_layout.json").read_text())
-    deploy = layout.to_deploy(VisionTransformer(TINY_45).state_dict())
-    assert list(deploy) == list(expected)  # same names, same order
-    assert {k: list(v.shape) for k, v in deploy.items()} == expected
+    ours = deploy.to_deploy(VisionTransformer(TINY_45).state_dict())
+    assert list(ours) == list(expected)  # same names, same order
+    assert {k: list(v.shape) for k, v in ours.items()} == expected
 
 
 def test_round_trip_both_ways_keeps_every_tensor():
     model = VisionTransformer(ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, heads=2, mlp_dim=48))
     sd = model.state_dict()
-    back = layout.from_deploy(layout.to_deploy(sd))
+    back = deploy.from_deploy(deploy.to_deploy(sd))
     assert list(back) == list(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
-    deploy = layout.to_deploy(sd)
-    again = layout.to_deploy(layout.from_deploy(deploy))
-    assert list(again) == list(deploy) and all(torch.equal(again[k], deploy[k]) for k in deploy)
+    named = deploy.to_deploy(sd)
+    again = deploy.to_deploy(deploy.from_deploy(named))
+    assert list(again) == list(named) and all(torch.equal(again[k], named[k]) for k in named)
 
 
 def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
@@ -64,8 +64,8 @@ def test_model_computes_what_the_deploy_layout_means():
     for p in model.parameters():  # make every tensor matter (init zeroes biases)
         p.data.normal_(0, 0.2)
     img = torch.randn(3, 3, 32, 32)
-    deploy = layout.to_deploy(model.state_dict())
-    torch.testing.assert_close(model(img), reference_forward(deploy, img, args.heads, args.patch_size), rtol=1e-4, atol=1e-4)
+    named = deploy.to_deploy(model.state_dict())
+    torch.testing.assert_close(model(img), reference_forward(named, img, args.heads, args.patch_size), rtol=1e-4, atol=1e-4)
 
 
 def test_timm_style_init_and_weight_decay_groups():
@@ -86,17 +86,17 @@ def test_timm_style_init_and_weight_decay_groups():
 def test_mismatch_description_names_what_differs(change):
     base = dict(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, heads=2, mlp_dim=48)
     other = dict(base, **{"depth": {"depth": 3}, "embed_dim": {"embed_dim": 64}, "classes": {"num_classes": 4}}[change])
-    expected = layout.to_deploy(VisionTransformer(ViTArgs(**base)).state_dict())
-    found = layout.to_deploy(VisionTransformer(ViTArgs(**other)).state_dict())
-    message = layout.describe_mismatch(expected, found)
+    expected = deploy.to_deploy(VisionTransformer(ViTArgs(**base)).state_dict())
+    found = deploy.to_deploy(VisionTransformer(ViTArgs(**other)).state_dict())
+    message = deploy.describe_mismatch(expected, found)
     assert message is not None
     assert {"depth": "depth 3", "embed_dim": "(1, 17, 64)", "classes": "mlp_head.1.weight has shape (4, 32)"}[change] in message
-    assert layout.describe_mismatch(expected, expected) is None
+    assert deploy.describe_mismatch(expected, expected) is None
 
 
 def test_deit_student_class_head_is_the_deployed_plain_vit():
     """The distillation token never reaches the class path, so the accelerator runs what was trained."""
-    from myrtle_vision.checkpoint import model_entries
+    from myrtle_vision.weights.deploy import model_entries
 
     args = ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=128, depth=3, heads=2, mlp_dim=48, distilled=True)
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ import myrtle_vision
 from myrtle_vision.config import load_config, load_data_config
 from myrtle_vision.data import eval_loader, open_split
 from myrtle_vision.data.augment import InWorkers, OnDevice, PerImage, pipeline_for
-from myrtle_vision.engine import Trainer
+from myrtle_vision.training import Trainer
 from myrtle_vision.errors import UserError
 from myrtle_vision.transforms import parse_ops
 

@@ -13,10 +13,10 @@ from conftest import CLASSES, assert_user_error, run_dir_of, run_script, train_c
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from myrtle_vision import layout
+from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
 from myrtle_vision.models import ViTArgs, VisionTransformer
-from myrtle_vision.pretrained import load_pretrained
+from myrtle_vision.weights.foreign import load_pretrained
 
 SIZES = {"tiny": (192, 3), "small": (384, 6)}
 
@@ -125,9 +125,9 @@ def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path
     names = set(ckpt["model"])
     assert "transformer.layers.0.0.fn.fn.to_qkv.bias" in names  # qkv biases: the layout gains these entries
     assert names - {"transformer.layers.0.0.fn.fn.to_qkv.bias"} == set(
-        layout.to_deploy({k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items()
+        deploy.to_deploy({k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items()
                           if k != "blocks.0.attn.qkv.bias"}))
-    start = layout.to_deploy({k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items()})
+    start = deploy.to_deploy({k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items()})
     assert set(start) == names
     # it started from the file: after 2 epochs at a small lr the blocks are still close to it
     converted = _ours(32, 16, 32, 2, 1, 128, len(CLASSES))

@@ -13,9 +13,11 @@ from test_int8 import Int8Reference
 from test_train import scalars
 
 from myrtle_vision import checkpoint as ckpt_io
-from myrtle_vision import layout
+from myrtle_vision.weights.deploy import load_model_weights
+from myrtle_vision.weights.io import save_atomic
+from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import split_loader
+from myrtle_vision.evaluation import split_loader
 from myrtle_vision.models import build_model
 
 TRAIN = {"epochs": 6, "iters_per_checkpoint": 3}
@@ -38,7 +40,7 @@ def _logits(cfg_path, ckpt_path, q_format):
     """Independent of test_quantize.py: build, load and run the model on the test split."""
     cfg = load_config(cfg_path)
     model = build_model(cfg, distilled=False, q_format=q_format)
-    ckpt_io.load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
+    load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
     model.eval()
     loader, _ = split_loader(cfg, torch.device("cpu"), 4, 0)
     with torch.no_grad():
@@ -95,7 +97,7 @@ def test_quantization_aware_training_learns_and_saves_the_deploy_layout(runs):
     assert ckpt["quantization"] == {"q_format": "FP16_32", "q_rounding": "nearest_even"}
     fp32 = ckpt_io.load(out["FP32"][1] / "last.pt")
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in fp32["model"].items()}
-    assert all(k in layout.to_deploy(build_model(load_config(cfg)).state_dict()) for k in ckpt["model"])
+    assert all(k in deploy.to_deploy(build_model(load_config(cfg)).state_dict()) for k in ckpt["model"])
     # the master weights are FP32; the forward pass rounded them
     assert any(not torch.equal(v, v.half().float()) for v in ckpt["model"].values())
 
@@ -155,7 +157,7 @@ def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
     ckpt["distillation"] = {"dist_token": torch.randn(1, 1, 32), "head_dist.weight": torch.randn(3, 32),
                             "head_dist.bias": torch.randn(3)}
     deit = tmp_path / "deit.pt"
-    ckpt_io.save_atomic(ckpt, deit)
+    save_atomic(ckpt, deit)
     plain, deit_out = tmp_path / "plain.json", tmp_path / "deit.json"
     run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", plain, check=True)
     proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", deit, "--json", deit_out, check=True)
@@ -181,7 +183,7 @@ def _int8_reference_logits(cfg_path, ckpt_path, calib_steps: int, per_channel: b
     calibrated on the first ``calib_steps`` validation batches of the config's batch size, on the test split."""
     cfg = load_config(cfg_path)
     model = build_model(cfg, distilled=False, q_format="FP32")
-    ckpt_io.load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
+    load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
     reference = Int8Reference(model.state_dict(), model.args, per_channel)
     val, _ = split_loader(cfg, torch.device("cpu"), cfg.train_config.local_batch_size, 0, "val")
     reference.calibrate(x for x, _ in islice(val, calib_steps))

@@ -8,7 +8,7 @@ import torchvision
 from conftest import assert_user_error, data_config, run_script
 
 from myrtle_vision.errors import UserError
-from myrtle_vision.models.teacher import load_teacher, replace_classifier, starting_model
+from myrtle_vision.models.cnn import load_teacher, replace_classifier, starting_model
 
 
 def test_earlier_release_resnet50_teacher_file_loads_as_it_is(tmp_path):

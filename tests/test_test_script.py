@@ -8,8 +8,9 @@ from conftest import CLASSES, assert_user_error, data_config, run_dir_of, run_sc
 from PIL import Image
 
 from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision.weights.deploy import load_model_weights
 from myrtle_vision.config import load_config
-from myrtle_vision.engine import split_accuracy
+from myrtle_vision.evaluation import split_accuracy
 from myrtle_vision.models import build_model
 
 
@@ -32,7 +33,7 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     assert result["top5"] == 100.0  # 3 classes: top-5 is top-3, always right
     # the numbers agree with a direct evaluation of the same weights
     model = build_model(load_config(cfg))
-    ckpt_io.load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), "last.pt")
+    load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), "last.pt")
     acc, _, _ = split_accuracy(model, load_config(cfg), torch.device("cpu"), 15, 0)
     assert result["top1"] == pytest.approx(acc.top1)
     for name, m in result["per_class"].items():

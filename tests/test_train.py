@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, assert_user_error, run_dir_of, run_script, scalars, train_config
 
-from myrtle_vision import layout
+from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
 
 
@@ -171,8 +171,8 @@ def test_deploy_entry_loads_into_a_fresh_model(trained):
     _, run_dir, _ = trained
     ckpt = load(run_dir / "last.pt")
     model = build_model(config_from_dict(ckpt["config"], "saved"))
-    model.load_state_dict(layout.from_deploy(ckpt["model"]))
-    _assert_same_weights(layout.to_deploy(model.state_dict()), ckpt["model"])
+    model.load_state_dict(deploy.from_deploy(ckpt["model"]))
+    _assert_same_weights(deploy.to_deploy(model.state_dict()), ckpt["model"])
 
 
 def test_corrupt_image_during_training_names_the_file(tmp_path):

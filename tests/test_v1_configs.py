@@ -20,11 +20,11 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from myrtle_vision import layout
+from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
 from myrtle_vision.config import load_config
 from myrtle_vision.data import open_split
-from myrtle_vision.engine import Trainer
+from myrtle_vision.training import Trainer
 from myrtle_vision.errors import UserError
 from myrtle_vision.optim import LRSchedule
 from myrtle_vision.prepare import RESISC45_CLASSES
@@ -342,11 +342,11 @@ def test_earlier_release_checkpoint_resumes_with_its_moments(distilled, weight_d
     assert trainer.optimizer.param_groups[-1]["lr"] == pytest.approx(trainer.schedule(3))
     restored = 0
     for ours, p in trainer.model.named_parameters():
-        deploy = layout.deploy_name(ours)
-        if deploy is None:  # our distillation token and head: fresh, no state
+        theirs = deploy.deploy_name(ours)
+        if theirs is None:  # our distillation token and head: fresh, no state
             assert p not in trainer.optimizer.state
             continue
-        weight, state = v1[deploy]
+        weight, state = v1[theirs]
         assert torch.equal(p.detach(), weight)
         got = trainer.optimizer.state[p]
         assert torch.equal(got["exp_avg"], state["exp_avg"]) and torch.equal(got["exp_avg_sq"], state["exp_avg_sq"])

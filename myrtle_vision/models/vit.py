@@ -2,7 +2,7 @@
 
 Module names follow timm (``patch_embed``, ``cls_token``, ``pos_embed``, ``blocks.i.attn.qkv``,
 ``norm``, ``head``). The accelerator's checkpoint layout uses the earlier release's names; the
-translation between the two lives in :mod:`myrtle_vision.layout` and nowhere else.
+translation between the two lives in :mod:`myrtle_vision.weights.deploy` and nowhere else.
 
 With ``distilled=True`` the model is a DeiT student (Touvron et al., 2020): a distillation token
 (``dist_token``) is appended after the patch tokens and read out by its own head (``head_dist``).

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt_io
-from .errors import UserError
+from ..errors import UserError
+from .io import read_state_dict
 
 
 def read_timm_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.Tensor]:
     """The tensors of a pretrained file, in timm's names."""
-    raw = ckpt_io.read_state_dict(path, f"{fmt} weights file", where)
+    raw = read_state_dict(path, f"{fmt} weights file", where)
     expected = ("conv_proj.weight", "encoder.pos_embedding") if fmt == "torchvision" else ("patch_embed.proj.weight",
                                                                                            "pos_embed")
     if not all(k in raw for k in expected):

@@ -1,7 +1,8 @@
-"""Training and evaluation loops. Knows nothing of argument parsing.
+"""The training job: set-up, the epoch loop and the update step. Knows nothing of argument parsing.
 
-:func:`train` runs a whole training job from a :class:`~myrtle_vision.config.Config`;
-:func:`evaluate` measures a model on a data loader.
+:func:`train` runs a whole training job from a :class:`~myrtle_vision.config.Config`; what its
+checkpoints hold is :mod:`myrtle_vision.checkpoint`'s, and validation is
+:func:`myrtle_vision.evaluation.evaluate`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -21,20 +21,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint as ckpt_io
-from . import earlier_release
-from .config import Config
-from .distributed import Dist
-from .data import (TrainPlan, class_names, default_workers, derive_seed, eval_loader, open_split, read_label_map,
-                   stop_workers, train_loader)
-from .errors import TrainingStopped, UserError, reason
-from .losses import DistillationLoss
-from .metrics import Accumulator
-from .models import build_model
-from .pretrained import load_pretrained
-from .models.teacher import Resized, load_teacher
-from .optim import LRSchedule, build_optimizer, build_scheduler, start_schedule_at
-from .reporting import Reporter
+from ..checkpoint import Progress, TrainingState
+from ..config import Config
+from ..data import TrainPlan, class_names, default_workers, derive_seed, eval_loader, open_split, read_label_map
+from ..data import stop_workers, train_loader
+from ..distributed import Dist
+from ..errors import TrainingStopped, UserError, reason
+from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
+from ..losses import DistillationLoss
+from ..models import build_model
+from ..models.cnn import Resized, load_teacher
+from ..optim import LRSchedule, build_optimizer, build_scheduler
+from ..reporting import Reporter
+from ..weights.foreign import load_pretrained
+from ..weights.io import link_atomic, remove_stale_temporaries, save_atomic
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # nonfinite_loss "skip" gives up after this many non-finite updates in a row
@@ -68,77 +68,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, path: Path):
         self.signum, self.path = signum, path
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {path}")
-
-
-@dataclass
-class TrainState:
-    iteration: int = 0  # optimizer updates done
-    epoch: int = 0  # epochs completed
-    update_in_epoch: int = 0  # updates done in the current epoch
-    best_val_top1: float = -1.0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
-             precision: str = "fp32") -> Accumulator:
-    """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
-    (with several processes: over every process's share, summed)."""
-    return _evaluate(model, loader, device, num_classes, False, dist, precision)[0]
-
-
-@torch.no_grad()
-def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
-                   precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
-    """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
-    return _evaluate(model, loader, device, num_classes, True, dist, precision)
-
-
-def sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
-    """Add up every process's counts (float64 holds counts exactly up to 2^53)."""
-    if dist.enabled:
-        packed = torch.cat([torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
-                            acc.confusion.flatten().double()])
-        dist.all_reduce_sum(packed)
-        acc.count, acc.top5_correct, acc.loss_sum = int(packed[0]), int(packed[1]), float(packed[2])
-        acc.confusion = packed[3:].round().long().view_as(acc.confusion)
-    return acc
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context of a ``precision`` (``fp32``: none)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist: Dist,
-              precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
-    was_training = model.training
-    model.eval()
-    class_acc, avg_acc = Accumulator(num_classes), Accumulator(num_classes)
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, precision):
-            if average_heads:
-                class_logits, dist_logits = model.forward_heads(images)
-                avg_logits = (class_logits.float() + dist_logits.float()) / 2
-            else:
-                class_logits = model(images)
-        if average_heads:
-            avg_acc.update(avg_logits, targets)
-        class_acc.update(class_logits, targets)
-    model.train(was_training)
-    return sum_over_processes(class_acc, dist), sum_over_processes(avg_acc, dist) if average_heads else avg_acc
-
-
-def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
-    """The split's transforms must give the model's input size (checked on its first image)."""
-    size = cfg.vit_config.image_size
-    height, width = dataset.output_size(0)
-    if (height, width) != (size, size):
-        raise UserError(f"{cfg.data_config_path}: {ops_field} gives {height}x{width} images "
-                        f"but vit_config.image_size is {size}")
 
 
 @contextmanager
@@ -243,7 +172,7 @@ class Trainer:
             teacher = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, dc.teacher_weights_path, where)
             self.teacher = Resized(teacher, dc.teacher_image_size).eval().to(device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
-        self.progress = TrainState()
+        self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler)
         self.skipped_in_a_row = 0
         self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
         # Workers that live as long as the run: no start-up at every epoch and validation.
@@ -282,89 +211,27 @@ class Trainer:
 
     def _resume(self) -> Path:
         path = Path(self.tc.checkpoint_path)
-        ckpt = ckpt_io.load(path)
-        current = ckpt.get("format") == ckpt_io.FORMAT
-        if current and ckpt_io.has_distillation(ckpt) and self.teacher is None:
-            raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
-                            f"{self.cfg.path} has no distiller_config")
-        trained, vc = ckpt_io.trained_format(ckpt), self.cfg.vit_config
-        if current and trained != (vc.trained_q_format, vc.q_rounding):
-            raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
-                            f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} rounding); "
-                            "a resumed run keeps its number format")
-        ckpt_io.load_model_weights(self.model, ckpt, path, require_distillation=current)
-        if not current:
-            return self._resume_earlier_release(ckpt, path)
-        saved = ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else {}
-        saved_scales = [g.get("lr_scale") if isinstance(g, dict) else None for g in saved.get("param_groups", [])]
-        if saved_scales != [g.get("lr_scale") for g in self.optimizer.param_groups]:
-            raise UserError(f"{path}: the checkpoint's learning-rate groups differ from {self.cfg.path}'s "
-                            "(train_config.layer_decay changed?); a resumed run keeps its layer_decay")
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["lr_scheduler"])
-            if self.scaler.is_enabled() and "grad_scaler" in ckpt:
-                self.scaler.load_state_dict(ckpt["grad_scaler"])
-        except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: optimizer state does not fit this config ({e})") from None
-        self.progress = TrainState(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
-        if self.progress.update_in_epoch >= self.plan.updates_per_epoch:
-            self.progress.epoch, self.progress.update_in_epoch = self.progress.epoch + 1, 0
-        ckpt_io.set_rng_state(ckpt["rng"])
+        earlier, said = self.checkpoint.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
+        if self.dist.is_main:
+            print(said, flush=True)
         # Continue in the run's own folder when the checkpoint lives in one.
-        run_dir = path.parent if (path.parent / "config.json").is_file() else self._new_run_dir()
-        if self.dist.is_main:
-            print(f"resuming from {path} at iteration {self.progress.iteration} (epoch {self.progress.epoch + 1})")
-        return run_dir
+        return path.parent if not earlier and (path.parent / "config.json").is_file() else self._new_run_dir()
 
-    def _resume_earlier_release(self, ckpt: dict, path: Path) -> Path:
-        """Continue an earlier-release run at its iteration, with its optimizer state on our parameters
-        (see :mod:`myrtle_vision.earlier_release`) and the schedule from that update; in a new run directory."""
-        iteration = ckpt.get("iteration")
-        if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
-            raise UserError(f"{path}: 'iteration' is {iteration!r}, not a count of optimizer updates")
-        missing, distilled = [], False
-        if isinstance(ckpt.get("optimizer"), dict):
-            by_name, distilled = earlier_release.optimizer_state_by_name(ckpt, path)
-            restored = earlier_release.load_optimizer_state(self.optimizer, self.model, by_name, self.tc.optimizer, path)
-            optimizer = f"the {self.tc.optimizer} state of its {len(restored)} ViT parameters"
-        else:
-            optimizer = "a fresh optimizer"
-            missing.append("the optimizer state (the file has none)")
-        if self.teacher is not None:
-            missing.append("the distillation token and head, which start fresh ("
-                           + ("the earlier release did not save them; their optimizer state is dropped)" if distilled
-                              else "the checkpoint is of a ViT trained without a teacher)"))
-        missing.append("the data order and random state, which the file does not hold (this release's data order "
-                       "continues from that update)")
-        upe = self.plan.updates_per_epoch
-        self.progress = TrainState(iteration, iteration // upe, iteration % upe)
-        start_schedule_at(self.optimizer, self.scheduler, iteration)
-        if self.dist.is_main:
-            print(f"{path}: checkpoint of the earlier release: resuming at iteration {iteration} (epoch "
-                  f"{iteration // upe + 1}, update {iteration % upe} of {upe}) with its weights, {optimizer} and the "
-                  f"learning-rate schedule from that update; not restored: {'; '.join(missing)}", flush=True)
-        return self._new_run_dir()
+    @property
+    def progress(self) -> Progress:
+        return self.checkpoint.progress
 
     def state(self) -> dict:
-        p = self.progress
-        vc = self.cfg.vit_config
-        return {"format": ckpt_io.FORMAT, **ckpt_io.model_entries(self.model),
-                "quantization": {"q_format": vc.trained_q_format, "q_rounding": vc.q_rounding},
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.scheduler.state_dict(),
-                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
-                "iteration": p.iteration, "epoch": p.epoch,
-                "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
-                "rng": ckpt_io.rng_state(), "config": self.cfg.to_dict()}
+        """What a checkpoint of this moment holds (see :mod:`myrtle_vision.checkpoint`)."""
+        return self.checkpoint.to_dict()
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes; every process returns the path (or raises, if the write failed)."""
         return self._on_rank0(self._write_checkpoint)
 
     def _write_checkpoint(self) -> Path:
-        path = ckpt_io.save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
-        ckpt_io.link_atomic(path, self.run_dir / "last.pt")
+        path = save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
+        link_atomic(path, self.run_dir / "last.pt")
         keep = self.tc.keep_checkpoints
         if keep is not None:
             for old in sorted(self.run_dir.glob("checkpoint_*.pt"))[:-keep]:
@@ -391,7 +258,7 @@ class Trainer:
         reporter.print(f"iteration {p.iteration} (epoch {p.epoch + 1}): val loss {acc.loss:.4f}  "
                        f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%{both}")
         if improved:
-            self._on_rank0(lambda: ckpt_io.save_atomic(self.state(), self.run_dir / "best.pt"))
+            self._on_rank0(lambda: save_atomic(self.state(), self.run_dir / "best.pt"))
 
     def train_update(self, batches, update: int, stop: bool = False) -> "Update":
         """One optimizer update over this process's micro-batches.
@@ -475,7 +342,7 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
+            remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
             (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
         except (OSError, ValueError) as e:
             raise UserError(f"{self.run_dir}: cannot write the run directory ({reason(e)}); "
@@ -566,28 +433,3 @@ def train(cfg: Config, device: torch.device, dist: Dist | None = None) -> Path:
             print(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
                   "gradients pass straight through and the weights stay FP32", flush=True)
     return trainer.fit()
-
-
-def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers: int, split: str = "test",
-                 dist: Dist = Dist()):
-    """(a loader over every image of a split, in order, with the evaluation transforms; class names).
-    With several processes, each loads its share, and the shares cover the split once."""
-    label_map = read_label_map(cfg.data_config)
-    dataset = open_split(cfg.data_config, split, label_map, device)
-    check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
-    num_workers = num_workers if num_workers is not None else default_workers()
-    loader = eval_loader(dataset, batch_size, num_workers, device, dist.rank, dist.world_size)
-    return loader, class_names(label_map)
-
-
-def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
-                   split: str = "test", dist: Dist = Dist(), precision: str = "fp32",
-                   ) -> tuple[Accumulator, Accumulator | None, list[str]]:
-    """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
-    loader, names = split_loader(cfg, device, batch_size, num_workers, split, dist)
-    if getattr(model, "args", None) is not None and model.args.distilled:
-        acc, avg = evaluate_heads(model, loader, device, len(names), dist, precision)
-        return acc, avg, names
-    return evaluate(model, loader, device, len(names), dist, precision), None, names
-
-

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..checkpoint import read_state_dict
+from ..weights.io import read_state_dict
 from ..errors import UserError
 
 

@@ -29,7 +29,9 @@ import re
 
 import torch
 
-from .errors import UserError
+from torch import nn
+
+from ..errors import UserError
 
 # (deploy-name pattern, module-name pattern); "{i}" stands for the block index.
 _NAMES = [
@@ -112,3 +114,49 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
                         + (" (the checkpoint was trained with qkv_bias; set it to true in the config)"
                            if any(n.endswith("to_qkv.bias") for n in extra) else ""))
     return "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "") if problems else None
+
+
+DISTILLATION_PREFIXES = ("dist_token", "head_dist.")
+
+
+def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(plain ViT entries, distillation token and head entries) of a model state dict."""
+    plain = {k: v for k, v in state.items() if not k.startswith(DISTILLATION_PREFIXES)}
+    return plain, {k: v for k, v in state.items() if k.startswith(DISTILLATION_PREFIXES)}
+
+
+def model_entries(model: nn.Module) -> dict:
+    """The checkpoint entries that hold ``model``: ``model`` (deploy layout) and, for DeiT, ``distillation``."""
+    plain, dist = _split({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    return {"model": to_deploy(plain), **({"distillation": dist} if dist else {})}
+
+
+def has_distillation(ckpt: dict) -> bool:
+    return isinstance(ckpt.get("distillation"), dict)
+
+
+def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation: bool = True) -> None:
+    """Put the checkpoint's weights into ``model``, or say exactly what differs.
+
+    A distilled model takes its distillation token and head from the ``distillation`` entry; when
+    the checkpoint has none and ``require_distillation`` is false they keep their initial values.
+    """
+    plain, dist = _split(model.state_dict())
+    expected = to_deploy(plain)
+    mismatch = describe_mismatch(expected, ckpt["model"])
+    if mismatch:
+        raise UserError(f"{path}: checkpoint does not fit the config's model: {mismatch}")
+    weights = from_deploy(ckpt["model"], str(path))
+    if dist:
+        if has_distillation(ckpt):
+            found = ckpt["distillation"]
+            bad = [k for k in dist if k not in found or tuple(found[k].shape) != tuple(dist[k].shape)]
+            if bad:
+                raise UserError(f"{path}: distillation entry does not fit the config's model ({', '.join(bad)})")
+            weights.update({k: found[k] for k in dist})
+        elif require_distillation:
+            raise UserError(f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "
+                            "distiller_config (its distillation token and head are missing)")
+        else:
+            weights.update(dist)
+    model.load_state_dict(weights)

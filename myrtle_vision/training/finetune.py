@@ -21,15 +21,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import save_atomic
-from .config import OPTIMIZERS, TrainConfig, build, load_data_config
-from .data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
-from .engine import evaluate
-from .errors import UserError
-from .metrics import Accumulator
-from .models.teacher import Resized, starting_model
-from .optim import LRSchedule, build_optimizer, build_scheduler
-from .reporting import Progress
+from ..weights.io import save_atomic
+from ..config import OPTIMIZERS, TrainConfig, build, load_data_config
+from ..data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
+from ..evaluation import evaluate
+from ..errors import UserError
+from ..metrics import Accumulator
+from ..models.cnn import Resized, starting_model
+from ..optim import LRSchedule, build_optimizer, build_scheduler
+from ..reporting import Progress
 
 
 @dataclass

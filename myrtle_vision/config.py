@@ -14,7 +14,6 @@ earlier release.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import typing
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from .transforms import OpError, parse_ops, per_image_only
 
@@ -245,6 +244,13 @@ class Config:
     distiller_config: Optional[DistillerConfig] = None
     path: str = ""  # the file it was loaded from, for error messages
 
+    def validate(self, v: "_Validator") -> None:
+        """The rules between sections (each section checks its own fields first)."""
+        tc, vc = self.train_config, self.vit_config
+        v.check(tc.precision == "fp32" or vc.trained_q_format == "FP32", "train_config.precision",
+                f"{tc.precision} with vit_config.q_format {vc.q_format}: quantization-aware training simulates "
+                "its format in FP32; set precision to fp32")
+
     def to_dict(self) -> dict:
         """The resolved config (every default filled in), as saved with each checkpoint."""
         out = dataclasses.asdict(self)
@@ -269,8 +275,7 @@ class _Validator:
 
     def choice(self, value: str, choices, name: str):
         if value not in choices:
-            hint = difflib.get_close_matches(str(value), choices, n=1)
-            self.fail(name, f"{value!r} is not one of {', '.join(choices)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            self.fail(name, f"{value!r} is not one of {', '.join(choices)}" + did_you_mean(value, choices))
 
 
 def _type_ok(value: Any, tp) -> bool:
@@ -319,8 +324,7 @@ def build(cls, data: Any, path, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
     for key in data:
         if key not in fields:
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            raise ConfigError(path, f"{prefix}{key}", "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            raise ConfigError(path, f"{prefix}{key}", "unknown field" + did_you_mean(key, fields))
     kwargs = {}
     for name, f in fields.items():
         if name not in data:

@@ -4,6 +4,14 @@ Scripts catch :class:`UserError` (see :func:`myrtle_vision.cli.main_guard`), pri
 one line on stderr and exit with status 2. Anything else is a bug and keeps its traceback.
 """
 
+import difflib
+
+
+def did_you_mean(word: str, choices, otherwise: str = "") -> str:
+    """`` (did you mean 'X'?)`` for the choice closest to ``word``, or ``otherwise`` when none is close."""
+    hint = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else otherwise
+
 
 def reason(e: BaseException) -> str:
     """What went wrong, for one line: an OSError's strerror, else the first line of the message, else the type."""

@@ -18,38 +18,40 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     earlier release, whose model exempted nothing else.
 
     With ``layer_decay`` (finetuning, as in BEiT and DeiT III), each group also has an
-    ``lr_scale``: ``layer_decay ** (depth + 1 - layer)``, where the embeddings are layer 0, block i
-    is layer i + 1, and the final norm and the heads are layer depth + 1 (the full learning rate).
+    ``lr_scale``: ``layer_decay ** (depth + 1 - layer)``, where the model says which layer each
+    parameter is in (its ``layer_of``; the last layer, depth + 1, has the full learning rate).
     """
     skip = set() if decay_tokens else getattr(model, "no_weight_decay", lambda: set())()
     depth = len(getattr(model, "blocks", ()))
+    layer_of = getattr(model, "layer_of", lambda _name: depth + 1)
     groups: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-        layer = _layer_of(name, depth) if layer_decay is not None else depth + 1
+        layer = layer_of(name) if layer_decay is not None else depth + 1
         groups.setdefault((layer, decays), []).append(p)
     return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
              **({"lr_scale": layer_decay ** (depth + 1 - layer)} if layer_decay is not None else {})}
             for (layer, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
-def _layer_of(name: str, depth: int) -> int:
-    if name.startswith(("cls_token", "pos_embed", "dist_token", "patch_embed.")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
+def build_optimizer(model: nn.Module, *, kind: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                    betas: tuple[float, float] | None = None, eps: float = 1e-8, layer_decay: float | None = None,
+                    decay_tokens: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+    """``kind`` (sgd, adam or adamw) over :func:`param_groups`; SGD with Nesterov momentum when ``momentum``."""
+    groups = param_groups(model, weight_decay, layer_decay, decay_tokens)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    return cls(groups, lr=lr, betas=tuple(betas) if betas is not None else (0.9, 0.999), eps=eps, fused=fused)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.weight_decay_tokens)
-    betas = tuple(cfg.opt_betas) if cfg.opt_betas is not None else (0.9, 0.999)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.peak_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.peak_lr, betas=betas, eps=cfg.opt_eps, fused=fused)
+def optimizer_for(model: nn.Module, tc: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer a train config describes, at its peak learning rate."""
+    return build_optimizer(model, kind=tc.optimizer, lr=tc.peak_lr, weight_decay=tc.weight_decay, momentum=tc.momentum,
+                           betas=tc.opt_betas, eps=tc.opt_eps, layer_decay=tc.layer_decay,
+                           decay_tokens=tc.weight_decay_tokens, fused=fused)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": [], "extra": []}
     todo = []
     for part in ("train", "test"):
-        images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        labels = arrays[f"{part}_labels"]
         for cls_id, cls in enumerate(FASHION_MNIST_CLASSES):
             idx = np.flatnonzero(labels == cls_id)
             paths = [f"images/{cls}/{part}_{i:05d}.png" for i in idx]

@@ -13,13 +13,13 @@ float in [0, 1] and applies ``Normalize`` (which must therefore come last) to th
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from typing import Any, Callable
 
 import torch
 from torchvision.transforms import v2 as T
-from torchvision.transforms.v2 import functional as TF
+
+from .errors import did_you_mean
 
 
 class OpError(ValueError):
@@ -58,8 +58,7 @@ def _kwargs(name: str, v: dict, allowed: dict[str, Callable[[str, Any], Any]]) -
     out = {}
     for key, value in v.items():
         if key not in allowed:
-            hint = difflib.get_close_matches(key, allowed, n=1)
-            raise OpError(f"{name}.{key}", "unknown argument" + (f" (did you mean {hint[0]!r}?)" if hint else f"; valid: {sorted(allowed)}"))
+            raise OpError(f"{name}.{key}", "unknown argument" + did_you_mean(key, allowed, f"; valid: {sorted(allowed)}"))
         out[key] = allowed[key](f"{name}.{key}", value)
     return out
 
@@ -189,8 +188,7 @@ def parse_ops(ops) -> list[tuple[str, dict]]:
     parsed = []
     for name, value in ops.items():
         if name not in OPS:
-            hint = difflib.get_close_matches(name, OPS, n=1)
-            raise OpError(name, "unknown op" + (f" (did you mean {hint[0]!r}?)" if hint else f"; valid ops: {', '.join(OPS)}"))
+            raise OpError(name, "unknown op" + did_you_mean(name, OPS, f"; valid ops: {', '.join(OPS)}"))
         parsed.append((name, OPS[name][0](name, value)))
     names = [n for n, _ in parsed]
     if "Normalize" in names and names[-1] != "Normalize":

@@ -37,7 +37,7 @@ def test_fp16_without_cuda_and_precision_with_qat_are_refused(tmp_path, data_cfg
     assert_user_error(run_script("train.py", "-c", cfg, "--device", "cpu"), str(cfg), "precision fp16 needs CUDA")
     cfg = train_config(tmp_path / "qat.json", data_cfg, tmp_path / "out", train={"precision": "bf16"},
                        vit={"q_format": "FP16_32"})
-    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "precision bf16", "q_format FP16_32")
+    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "train_config.precision: bf16", "q_format FP16_32")
     cfg = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", train={"precision": "half"})
     assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "precision", "fp32, bf16, fp16")
 

@@ -186,12 +186,12 @@ def test_a_safetensors_file_loads_like_the_pth(tmp_path):
 
 def test_layer_decay_scales_each_layer_s_learning_rate_through_the_schedule(tmp_path, data_cfg):
     from myrtle_vision.config import load_config
-    from myrtle_vision.optim import LRSchedule, build_optimizer, build_scheduler
+    from myrtle_vision.optim import LRSchedule, build_scheduler, optimizer_for
 
     cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", vit={"depth": 2},
                                    train={"layer_decay": 0.5, "lr": 1e-3, "warmup_epochs": 0}))
     model = VisionTransformer(ViTArgs.from_config(cfg.vit_config, 3))
-    opt = build_optimizer(model, cfg.train_config)
+    opt = optimizer_for(model, cfg.train_config)
     sched = build_scheduler(opt, LRSchedule.from_config(cfg.train_config, 10))
     lr_of = {name: g for g in opt.param_groups for p in g["params"] for name, q in model.named_parameters() if p is q}
     for _ in range(3):  # through the cosine schedule the ratios hold

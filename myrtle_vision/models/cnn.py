@@ -7,7 +7,6 @@ names. A teacher file is a plain torchvision state dict, as the earlier release 
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ import torchvision
 from torch import nn
 
 from ..weights.io import read_state_dict
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 
 
 def teacher_names() -> list[str]:
@@ -28,8 +27,7 @@ def name_problem(name: str) -> str | None:
     names = teacher_names()
     if name in names:
         return None
-    hint = difflib.get_close_matches(name, names, n=1)
-    return f"{name!r} is not a torchvision classification model" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    return f"{name!r} is not a torchvision classification model" + did_you_mean(name, names)
 
 
 def check_name(name: str, where: str) -> None:

@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..quantization import Arithmetic, arithmetic
@@ -76,9 +77,8 @@ class PatchEmbed(nn.Module):
         self.proj = ar.linear(patch_size * patch_size * in_chans, embed_dim)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = img.shape
         p = self.patch_size
-        patches = img.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, p * p * C)
+        patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
         return self.proj(self.round_in(patches))
 
 
@@ -93,9 +93,7 @@ class Attention(nn.Module):
         self.round_out = ar.activation()  # FP16_16 rounds the attention output, INT8 quantizes it (proj's input)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
-        # output features are ordered (q|k|v, head, head_dim)
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
         if self.round is None:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # softmax(q k^T / sqrt(head_dim)) v
         else:  # the same, step by step, each result rounded
@@ -103,7 +101,7 @@ class Attention(nn.Module):
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             x = self.round(scores.softmax(dim=-1)) @ v
-        return self.proj_drop(self.proj(self.round_out(x.transpose(1, 2).reshape(B, N, C))))
+        return self.proj_drop(self.proj(self.round_out(rearrange(x, "b h n d -> b n (h d)"))))
 
 
 class Mlp(nn.Module):
@@ -180,6 +178,16 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters that are not matrices and take no weight decay (besides biases and norms)."""
         return {"cls_token", "pos_embed", "dist_token"}
+
+    def layer_of(self, name: str) -> int:
+        """The layer of parameter ``name``, for layer-wise learning-rate decay (as BEiT and DeiT III count):
+        the embeddings and tokens are layer 0, block i is layer i + 1, the final norm and the heads
+        are layer ``depth + 1``."""
+        if name.startswith(("cls_token", "pos_embed", "dist_token", "patch_embed.")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
 
     def forward_features(self, img: torch.Tensor, dist_token: bool = False) -> torch.Tensor:
         """Normed tokens: class token, patch tokens and, with ``dist_token``, the distillation token last."""

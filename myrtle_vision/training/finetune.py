@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..weights.io import save_atomic
-from ..config import OPTIMIZERS, TrainConfig, build, load_data_config
+from ..config import OPTIMIZERS, build, load_data_config
 from ..data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
 from ..evaluation import evaluate
 from ..errors import UserError
@@ -76,14 +76,6 @@ class TeacherConfig:
         out.pop("path")
         return out
 
-    def train_config(self) -> TrainConfig:
-        """The same optimizer and schedule machinery as ViT training: one update per batch, cosine to zero."""
-        return TrainConfig(output_directory=str(Path(self.output_path).parent), epochs=self.epochs,
-                           local_batch_size=self.batch_size, global_batch_size=self.batch_size, lr=self.lr,
-                           lr_base_size=None,  # the notebook's lr is the rate itself
-                           seed=self.seed, optimizer=self.optimizer, momentum=self.momentum,
-                           weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs, warmup_lr=self.lr / 100,
-                           min_lr=0.0, label_smoothing=self.label_smoothing, num_workers=self.num_workers)
 
 
 @dataclass
@@ -107,7 +99,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     """Finetune ``cfg.model`` on ``cfg.data_config``'s training split; return the curves and test accuracy."""
     start_time = time.perf_counter()
     if device is None:
-        from .cli import resolve_device
+        from ..cli import resolve_device
 
         device = resolve_device(cfg.device)
     data_cfg = load_data_config(cfg.data_config)
@@ -122,10 +114,15 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     net, started_from = starting_model(cfg.model, data_cfg.number_of_classes, cfg.weights, f"{cfg.path}: weights")
     print(started_from, flush=True)
     model = Resized(net, cfg.image_size).to(device)
-    tc = cfg.train_config()
-    optimizer = build_optimizer(net, tc)
+    # the ViT's optimizer and schedule machinery: the notebook's lr is the rate itself; one update per batch,
+    # linear warmup from lr / 100, cosine to zero
+    optimizer = build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
     plan = TrainPlan(len(train_set), cfg.batch_size, cfg.batch_size, cfg.seed, drop_last=True)
-    scheduler = build_scheduler(optimizer, LRSchedule.from_config(tc, plan.updates_per_epoch))
+    upe = plan.updates_per_epoch
+    schedule = LRSchedule("cosine", lr=cfg.lr, warmup_lr=cfg.lr / 100, min_lr=0.0,
+                          warmup=round(cfg.warmup_epochs * upe), total=cfg.epochs * upe)
+    scheduler = build_scheduler(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, device)
     print(f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "

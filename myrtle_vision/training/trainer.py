@@ -31,7 +31,7 @@ from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
 from ..losses import DistillationLoss
 from ..models import build_model
 from ..models.cnn import Resized, load_teacher
-from ..optim import LRSchedule, build_optimizer, build_scheduler
+from ..optim import LRSchedule, build_scheduler, optimizer_for
 from ..reporting import Reporter
 from ..weights.foreign import load_pretrained
 from ..weights.io import link_atomic, remove_stale_temporaries, save_atomic
@@ -139,10 +139,6 @@ class Trainer:
         if tc.precision == "fp16" and device.type != "cuda":
             raise UserError(f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
                             "scaler); on CPU use bf16 or fp32")
-        if tc.precision != "fp32" and cfg.vit_config.trained_q_format != "FP32":
-            raise UserError(f"{cfg.path}: train_config.precision {tc.precision} with vit_config.q_format "
-                            f"{cfg.vit_config.q_format}: quantization-aware training simulates its format in FP32; "
-                            "set precision to fp32")
         if tc.global_batch_size < dist.world_size:
             raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
                             f"{dist.world_size} processes: each needs at least one image per update")
@@ -157,7 +153,7 @@ class Trainer:
                       + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another class count)"
                          if fresh else ""), flush=True)
         self.model.to(device)
-        self.optimizer = build_optimizer(self.model, tc, fused=True if device.type == "cuda" else None)
+        self.optimizer = optimizer_for(self.model, tc, fused=True if device.type == "cuda" else None)
         self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch,
                               dist.rank, dist.world_size)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)

@@ -16,8 +16,8 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint = checkpoint_for(cfg, args.checkpoint)
-    with distributed.session(cfg, resolve_device(args.device)) as dist:
-        run_test(cfg, checkpoint, dist.device, args.json, args.output_dir, dist)
+    with distributed.session(cfg, resolve_device(args.device)) as procs:
+        run_test(cfg, checkpoint, procs, json_path=args.json, output_dir=args.output_dir)
     return 0
 
 

@@ -31,9 +31,10 @@ def main() -> int:
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint = checkpoint_for(cfg, args.checkpoint)
-    with distributed.session(cfg, resolve_device(args.device)) as dist:
-        run_quantize_test(cfg, checkpoint, dist.device, args.q_format, args.q_rounding, args.quantized_ckpt,
-                          args.json, dist, calib_steps=args.calib_steps, per_channel=args.per_channel)
+    with distributed.session(cfg, resolve_device(args.device)) as procs:
+        run_quantize_test(cfg, checkpoint, procs, q_format=args.q_format, q_rounding=args.q_rounding,
+                          quantized_ckpt=args.quantized_ckpt, json_path=args.json, calib_steps=args.calib_steps,
+                          per_channel=args.per_channel)
     return 0
 
 

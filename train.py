@@ -21,14 +21,14 @@ def main() -> int:
         print(f"starting {nproc} processes on {device.type} with PyTorch's launcher "
               f"(as torchrun --standalone --nproc_per_node={nproc})", flush=True)
         return distributed.launch(nproc, __file__, ["-c", args.config] + (["--device", args.device] if args.device else []))
-    with distributed.session(cfg, device) as dist:
+    with distributed.session(cfg, device) as procs:
         try:
-            last = train(cfg, dist.device, dist)
+            last = train(cfg, procs)
         except Interrupted as e:
-            if dist.is_main:
+            if procs.is_main:
                 print(f"{e}; set train_config.checkpoint_path to it to resume")
             return 128 + e.signum
-    if dist.is_main:
+    if procs.is_main:
         print(f"done: last checkpoint {last}, best {last.parent / 'best.pt'}")
     return 0
 

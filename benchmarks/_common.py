@@ -1,8 +1,10 @@
-"""What the benchmark scripts share: naming the machine, timing on any device, and RESULTS.md sections."""
+"""What the benchmark scripts (and the demo's summary) share: naming the machine, its matmul rate, timing on any
+device, and RESULTS.md sections."""
 
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -49,3 +51,15 @@ def write_section(heading: str, intro: str, marker: str, table: str) -> None:
         at = len(text.rstrip("\n")) if nxt < 0 else nxt
         text = text[:at].rstrip("\n") + "\n\n" + block + "\n" + text[at:]
     RESULTS.write_text(text)
+
+
+def matmul_rate(device: torch.device, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """The best FLOP/s of square matrix products (n = 1024, 2048, 4096) in ``dtype``."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        reps = max(1, int(2e11 // (2 * n ** 3))) if device.type == "cuda" else 1
+        fn = lambda: [a @ b for _ in range(reps)]  # noqa: E731
+        fn()
+        best = max(best, 2 * n ** 3 * reps / statistics.median(timed(fn, device) for _ in range(repeats)))
+    return best

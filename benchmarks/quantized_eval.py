@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import machine, timed, write_section  # noqa: E402
+from myrtle_vision.distributed import Processes  # noqa: E402
 from myrtle_vision import checkpoint as ckpt_io  # noqa: E402
 from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
 from myrtle_vision.config import load_config  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> int:
         batches = [torch.randn(tc.local_batch_size, 3, size, size, device=device) for _ in range(args.random_batches)]
         what = f"{args.random_batches} random batches of {tc.local_batch_size} {size}x{size} images"
     else:
-        loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers)
+        loader, names = split_loader(cfg, Processes(device=device), tc.local_batch_size, tc.num_workers)
         batches = [x.to(device) for x, _ in loader]
         what = f"the test split, batch {tc.local_batch_size}, {loader.loader.num_workers} loader worker(s)"
     n_images = sum(len(x) for x in batches)
@@ -84,7 +85,7 @@ def main() -> int:
         for f, model in models.items():
             fwd[f].append(timed(lambda: forward_all(model), device))
         for f in () if args.random_batches else ("FP32", "FP16_32"):  # slow: the target pair only
-            e2e[f].append(timed(lambda: evaluate(models[f], loader, device, len(names)), device))
+            e2e[f].append(timed(lambda: evaluate(models[f], loader, len(names)), device))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{f} {fwd[f][-1]:.2f} s" for f in FORMATS), flush=True)
     med = {f: statistics.median(v) for f, v in fwd.items()}
     e2e_med = {f: statistics.median(v) for f, v in e2e.items() if v}

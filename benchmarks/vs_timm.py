@@ -46,7 +46,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import machine, timed, write_section  # noqa: E402
+from _common import machine, matmul_rate, timed, write_section  # noqa: E402
+from myrtle_vision.distributed import Processes  # noqa: E402
 from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
 from myrtle_vision.config import load_config  # noqa: E402
 from myrtle_vision.data import stop_workers  # noqa: E402
@@ -88,7 +89,7 @@ def make_jpeg_dataset(root: Path, per_class: int, size: int = 256) -> Path:
     return root
 
 
-def write_configs(work: Path, model: str, dataset: Path, image_size: int, batch_size: int, precision: str,
+def write_configs(work: Path, model: str, dataset: Path, *, image_size: int, batch_size: int, precision: str,
                   compile_: bool, epochs: int = 1) -> Path:
     """The users' config for ``model``, on the generated data (its own decoded-image cache), one micro-batch per
     update, dropout off, validation and checkpoints only at the end of each epoch."""
@@ -120,18 +121,6 @@ def timm_vit(vc, num_classes: int) -> nn.Module:
 
 
 # --- measurements -------------------------------------------------------------------------------
-
-
-def matmul_rate(device: torch.device, repeats: int, dtype: torch.dtype = torch.float32) -> float:
-    """The best FLOP/s of square matrix products (n = 1024, 2048, 4096) in ``dtype``."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        reps = max(1, int(2e11 // (2 * n ** 3))) if device.type == "cuda" else 1
-        fn = lambda: [a @ b for _ in range(reps)]  # noqa: E731
-        fn()
-        best = max(best, 2 * n ** 3 * reps / statistics.median(timed(fn, device) for _ in range(repeats)))
-    return best
 
 
 def flops_per_image(model: nn.Module, image_size: int, train: bool) -> float:
@@ -178,7 +167,7 @@ class Pair:
         self.cfg = load_config(cfg_path)
         self.device = device
         with contextlib.redirect_stdout(sys.stderr):
-            self.trainer = Trainer(self.cfg, device)
+            self.trainer = Trainer(self.cfg, Processes(device=device))
         tc, vc = self.cfg.train_config, self.cfg.vit_config
         self.precision = tc.precision
         torch.manual_seed(0)
@@ -296,7 +285,8 @@ def main() -> int:
         for model in args.models:
             for setting in settings:
                 precision, compile_ = setting.split("+")[0], setting.endswith("+compile")
-                cfg_path = write_configs(work, model, dataset, args.image_size, args.batch_size, precision, compile_)
+                cfg_path = write_configs(work, model, dataset, image_size=args.image_size, batch_size=args.batch_size,
+                                         precision=precision, compile_=compile_)
                 pair = Pair(cfg_path, device)
                 log(f"{model} {setting}: timing training, ours and timm's in the same setting ...")
                 train = alternate({"ours": pair.ours_train, "timm": pair.timm_train}, device, args.warmup, args.repeats)
@@ -316,13 +306,13 @@ def main() -> int:
         if tiny:
             best_setting, best_rate = max(tiny, key=lambda t: t[1])
             precision, compile_ = best_setting.split("+")[0], best_setting.endswith("+compile")
-            cfg_path = write_configs(work, "tiny", dataset, args.image_size, args.batch_size, precision, compile_,
-                                     epochs=args.e2e_epochs)
+            cfg_path = write_configs(work, "tiny", dataset, image_size=args.image_size, batch_size=args.batch_size,
+                                     precision=precision, compile_=compile_, epochs=args.e2e_epochs)
             log(f"end to end: train.py -c (ViT-Tiny, {best_setting}) for {args.e2e_epochs} epochs ...")
             e2e = (best_setting, *end_to_end_rate(cfg_path, device, work), best_rate)
             log("timing the loader alone ...")
             with contextlib.redirect_stdout(sys.stderr):
-                trainer = Trainer(load_config(cfg_path), device)
+                trainer = Trainer(load_config(cfg_path), Processes(device=device))
             loader = (trainer.num_workers, "device" if trainer.train_set.pipeline.on_device else "loader workers",
                       loader_rate(trainer, max(3, args.repeats // 2)), best_rate)
             stop_workers(trainer.train_loader)

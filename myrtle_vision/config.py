@@ -171,8 +171,10 @@ class VitConfig:
                 f"{self.image_size} is not divisible by patch_size {self.patch_size}")
         v.check(self.embed_dim % self.heads == 0, "embed_dim", f"{self.embed_dim} is not divisible by heads {self.heads}")
         params = self.parameter_count()
-        v.check(params <= MAX_PARAMETERS, "embed_dim/depth/mlp_dim", f"embed_dim {self.embed_dim}, depth {self.depth}, mlp_dim {self.mlp_dim} and "
-                f"{(self.image_size // self.patch_size) ** 2} patches make {float(min(params, 10 ** 300)):.3g} parameters; "
+        v.check(params <= MAX_PARAMETERS, "embed_dim/depth/mlp_dim/image_size",
+                f"embed_dim {self.embed_dim}, depth {self.depth}, mlp_dim {self.mlp_dim} and "
+                f"{(self.image_size // self.patch_size) ** 2} patches (image_size {self.image_size}, patch_size "
+                f"{self.patch_size}) make {float(min(params, 10 ** 300)):.3g} parameters; "
                 f"at most {MAX_PARAMETERS:.0g} are supported")
         for name in ("dropout", "emb_dropout"):
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
@@ -218,6 +220,7 @@ class DataConfig:
     decode_cache: bool = True  # decode each image once into a memory-mapped cache (see myrtle_vision.data.cache)
     cache_dir: Optional[str] = None  # where; None: $XDG_CACHE_HOME/myrtle_vision (~/.cache/myrtle_vision)
     augment_on: str = "auto"  # where the ops run: auto (the GPU when training on one), device, workers
+    path: str = field(default="the data config", repr=False)  # the file it was loaded from, for error messages
 
     def validate(self, v: "_Validator") -> None:
         v.check(self.number_of_classes >= 2, "number_of_classes", "must be at least 2")
@@ -255,6 +258,8 @@ class Config:
         """The resolved config (every default filled in), as saved with each checkpoint."""
         out = dataclasses.asdict(self)
         out.pop("path")
+        if out["data_config"] is not None:
+            out["data_config"].pop("path")
         return out
 
 
@@ -362,7 +367,9 @@ def read_json(path) -> Any:
 
 
 def load_data_config(path) -> DataConfig:
-    return build(DataConfig, read_json(path), path)
+    cfg = build(DataConfig, read_json(path), path)
+    cfg.path = str(path)
+    return cfg
 
 
 def load_config(path) -> Config:
@@ -384,4 +391,5 @@ def config_from_dict(raw: dict, source: str) -> Config:
     if cfg.data_config is None:
         raise ConfigError(source, "data_config", "missing required field")
     cfg.path = source
+    cfg.data_config.path = f"{source} (its data_config)"
     return cfg

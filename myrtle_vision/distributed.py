@@ -19,7 +19,9 @@ from .errors import UserError
 
 
 @dataclass(frozen=True)
-class Dist:
+class Processes:
+    """This process among the run's processes, and its device. ``Processes(device=d)``: one process on ``d``."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -121,7 +123,7 @@ def session(cfg, device: torch.device):
     """
     world = launched_processes()
     if world == 1:
-        yield Dist(device=device)
+        yield Processes(device=device)
         return
     if not cfg.train_config.distributed:
         raise UserError(f"{cfg.path}: train_config.distributed is false, but torchrun started {world} processes; "
@@ -139,6 +141,6 @@ def session(cfg, device: torch.device):
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
                             device_id=device if device.type == "cuda" else None)
     try:
-        yield Dist(rank, world, local_rank, device)
+        yield Processes(rank, world, local_rank, device)
     finally:
         dist.destroy_process_group()

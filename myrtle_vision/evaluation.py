@@ -18,7 +18,7 @@ from . import checkpoint as ckpt_io
 from . import int8
 from .config import Config
 from .data import class_names, default_workers, eval_loader, open_split, read_label_map
-from .distributed import Dist
+from .distributed import Processes
 from .errors import UserError
 from .metrics import Accumulator, confusion_image, format_report
 from .models import VisionTransformer, build_model
@@ -28,26 +28,26 @@ from .weights.deploy import has_distillation, load_model_weights
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
+def evaluate(model: nn.Module, loader, num_classes: int, procs: Processes = Processes(),
              precision: str = "fp32") -> Accumulator:
     """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
     (with several processes: over every process's share, summed)."""
-    return _evaluate(model, loader, device, num_classes, False, dist, precision)[0]
+    return _evaluate(model, loader, num_classes, average_heads=False, procs=procs, precision=precision)[0]
 
 
 @torch.no_grad()
-def evaluate_heads(model: nn.Module, loader, device: torch.device, num_classes: int, dist: Dist = Dist(),
+def evaluate_heads(model: nn.Module, loader, num_classes: int, procs: Processes = Processes(),
                    precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
     """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
-    return _evaluate(model, loader, device, num_classes, True, dist, precision)
+    return _evaluate(model, loader, num_classes, average_heads=True, procs=procs, precision=precision)
 
 
-def sum_over_processes(acc: Accumulator, dist: Dist) -> Accumulator:
+def sum_over_processes(acc: Accumulator, procs: Processes) -> Accumulator:
     """Add up every process's counts (float64 holds counts exactly up to 2^53)."""
-    if dist.enabled:
+    if procs.enabled:
         packed = torch.cat([torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
                             acc.confusion.flatten().double()])
-        dist.all_reduce_sum(packed)
+        procs.all_reduce_sum(packed)
         acc.count, acc.top5_correct, acc.loss_sum = int(packed[0]), int(packed[1]), float(packed[2])
         acc.confusion = packed[3:].round().long().view_as(acc.confusion)
     return acc
@@ -60,8 +60,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist: Dist,
+def _evaluate(model, loader, num_classes: int, *, average_heads: bool, procs: Processes,
               precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
+    device = next(model.parameters()).device  # the loader's batches are there already (see data.loaders)
     was_training = model.training
     model.eval()
     class_acc, avg_acc = Accumulator(num_classes), Accumulator(num_classes)
@@ -78,7 +79,7 @@ def _evaluate(model, loader, device, num_classes: int, average_heads: bool, dist
             avg_acc.update(avg_logits, targets)
         class_acc.update(class_logits, targets)
     model.train(was_training)
-    return sum_over_processes(class_acc, dist), sum_over_processes(avg_acc, dist) if average_heads else avg_acc
+    return sum_over_processes(class_acc, procs), sum_over_processes(avg_acc, procs) if average_heads else avg_acc
 
 
 def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
@@ -92,27 +93,28 @@ def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
 
 
 
-def split_loader(cfg: Config, device: torch.device, batch_size: int, num_workers: int, split: str = "test",
-                 dist: Dist = Dist()):
+def split_loader(cfg: Config, procs: Processes, batch_size: int, num_workers: int | None, split: str = "test",
+                 shard: bool = True):
     """(a loader over every image of a split, in order, with the evaluation transforms; class names).
     With several processes, each loads its share, and the shares cover the split once."""
     label_map = read_label_map(cfg.data_config)
-    dataset = open_split(cfg.data_config, split, label_map, device)
+    dataset = open_split(cfg.data_config, split, label_map, procs.device)
     check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
     num_workers = num_workers if num_workers is not None else default_workers()
-    loader = eval_loader(dataset, batch_size, num_workers, device, dist.rank, dist.world_size)
+    rank, world_size = (procs.rank, procs.world_size) if shard else (0, 1)
+    loader = eval_loader(dataset, batch_size, num_workers, device=procs.device, rank=rank, world_size=world_size)
     return loader, class_names(label_map)
 
 
-def split_accuracy(model: nn.Module, cfg: Config, device: torch.device, batch_size: int, num_workers: int,
-                   split: str = "test", dist: Dist = Dist(), precision: str = "fp32",
+def split_accuracy(model: nn.Module, cfg: Config, procs: Processes, batch_size: int, num_workers: int | None,
+                   *, split: str = "test", precision: str = "fp32",
                    ) -> tuple[Accumulator, Accumulator | None, list[str]]:
     """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
-    loader, names = split_loader(cfg, device, batch_size, num_workers, split, dist)
+    loader, names = split_loader(cfg, procs, batch_size, num_workers, split)
     if getattr(model, "args", None) is not None and model.args.distilled:
-        acc, avg = evaluate_heads(model, loader, device, len(names), dist, precision)
+        acc, avg = evaluate_heads(model, loader, len(names), procs, precision)
         return acc, avg, names
-    return evaluate(model, loader, device, len(names), dist, precision), None, names
+    return evaluate(model, loader, len(names), procs, precision), None, names
 
 
 def checkpoint_for(cfg: Config, override: str | None) -> Path:
@@ -122,8 +124,8 @@ def checkpoint_for(cfg: Config, override: str | None) -> Path:
     return Path(path)
 
 
-def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str | None = None,
-             output_dir: str | None = None, dist: Dist = Dist()) -> dict:
+def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json_path: str | None = None,
+             output_dir: str | None = None) -> dict:
     """Evaluate ``checkpoint`` on every test image; print and save the results; return the JSON dict.
 
     With several processes each evaluates its share of the split and the counts are summed; rank 0
@@ -134,20 +136,20 @@ def run_test(cfg: Config, checkpoint: Path, device: torch.device, json_path: str
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
     model = build_model(cfg, distilled=has_distillation(ckpt))
     load_model_weights(model, ckpt, checkpoint)
-    model.to(device)
+    model.to(procs.device)
     tc = cfg.train_config
-    if dist.is_main and model.args.q_format != "FP32":
+    if procs.is_main and model.args.q_format != "FP32":
         print(f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
               f"as {cfg.path} vit_config.q_format says")
-    if dist.is_main and cfg.vit_config.q_format in POST_TRAINING_FORMATS:
+    if procs.is_main and cfg.vit_config.q_format in POST_TRAINING_FORMATS:
         print(f"evaluating in FP32: {cfg.path} vit_config.q_format {cfg.vit_config.q_format} is post-training "
               f"quantization, which test.py does not apply; python test_quantize.py -c {cfg.path} gives its figures "
               "beside FP32's")
-    acc, avg, names = split_accuracy(model, cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
+    acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers)
     result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
     if avg is not None:
         result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
-    if not dist.is_main:
+    if not procs.is_main:
         return result
     print(format_report(acc, names))
     if avg is not None:
@@ -176,27 +178,27 @@ def _write_json(result: dict, json_path: str | None) -> None:
 
 
 @torch.no_grad()
-def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, device: torch.device,
-            num_classes: int, dist: Dist = Dist()) -> tuple[Accumulator, Accumulator, int, float]:
+def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, num_classes: int,
+            procs: Processes = Processes()) -> tuple[Accumulator, Accumulator, int, float]:
     """Both models on every batch: (reference accuracy, quantized accuracy, predictions that changed,
     largest absolute difference between their logits); with several processes, over all their shares."""
     reference.eval(), quantized.eval()
     ref_acc, q_acc = Accumulator(num_classes), Accumulator(num_classes)
     changed, max_diff = 0, 0.0
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images = images.to(procs.device, non_blocking=True)
+        targets = targets.to(procs.device, non_blocking=True)
         ref, q = reference(images), quantized(images)
         ref_acc.update(ref, targets)
         q_acc.update(q, targets)
         changed += (ref.argmax(1) != q.argmax(1)).sum().item()
         max_diff = max(max_diff, (ref - q).abs().max().item())
-    changed = int(dist.all_reduce_sum(torch.tensor([changed], dtype=torch.float64)).item())
-    max_diff = float(dist.all_reduce_max(torch.tensor([max_diff], dtype=torch.float64)).item())
-    return sum_over_processes(ref_acc, dist), sum_over_processes(q_acc, dist), changed, max_diff
+    changed = int(procs.all_reduce_sum(torch.tensor([changed], dtype=torch.float64)).item())
+    max_diff = float(procs.all_reduce_max(torch.tensor([max_diff], dtype=torch.float64)).item())
+    return sum_over_processes(ref_acc, procs), sum_over_processes(q_acc, procs), changed, max_diff
 
 
-def resolve_format(cfg: Config, trained: tuple[str, str], quantized_ckpt: bool, q_format: str | None,
+def resolve_format(cfg: Config, trained: tuple[str, str], *, quantized_ckpt: bool, q_format: str | None,
                    q_rounding: str | None, path: Path) -> tuple[str, str]:
     """The (q_format, q_rounding) to test in; the checkpoint's kind must match ``--quantized_ckpt``."""
     if trained[0] != "FP32" and not quantized_ckpt:
@@ -251,8 +253,7 @@ def resolve_int8(fmt: str, q_rounding: str | None, calib_steps: int | None, per_
     return steps, "per_channel" if per_channel else "per_tensor"
 
 
-def calibrate_on_validation(cfg: Config, model: VisionTransformer, device: torch.device, steps: int,
-                            dist: Dist = Dist()) -> tuple[int, int]:
+def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Processes, steps: int) -> tuple[int, int]:
     """Calibrate an INT8 ``model`` on the first ``steps`` batches of the validation split (its evaluation
     transforms, in order, ``local_batch_size`` images each); return (batches, images) used.
 
@@ -260,24 +261,24 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, device: torch
     processes quantize with the same scales. A split with fewer batches is used whole, and that is said.
     """
     tc = cfg.train_config
-    loader, _ = split_loader(cfg, device, tc.local_batch_size, tc.num_workers, "val")  # not sharded
+    loader, _ = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, "val", shard=False)
     batches = min(steps, len(loader))
     images = min(batches * tc.local_batch_size, len(loader.dataset))
-    if dist.is_main:
+    if procs.is_main:
         where = f"{cfg.data_config.valid_files} of {cfg.data_config_path}"
         if batches < steps:
             print(f"calibrating on all {batches} validation batches ({images} images of {where}): "
                   f"--calib_steps {steps} asks for more than the split has", flush=True)
         else:
             print(f"calibrating on the first {batches} validation batches ({images} images of {where})", flush=True)
-    done = int8.calibrate(model, (x.to(device, non_blocking=True) for x, _ in islice(loader, batches)))
+    done = int8.calibrate(model, (x for x, _ in islice(loader, batches)))  # on the device already
     assert done == batches, (done, batches)
     return batches, images
 
 
-def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_format: str | None = None,
+def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), q_format: str | None = None,
                       q_rounding: str | None = None, quantized_ckpt: bool = False,
-                      json_path: str | None = None, dist: Dist = Dist(), calib_steps: int | None = None,
+                      json_path: str | None = None, calib_steps: int | None = None,
                       per_channel: bool = False) -> dict:
     """Test ``checkpoint`` in FP32 and in a simulated number format, side by side; print and return the results.
 
@@ -289,29 +290,30 @@ def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_for
     """
     ckpt = ckpt_io.load(checkpoint)
     trained = ckpt_io.trained_format(ckpt)
-    fmt, rounding = resolve_format(cfg, trained, quantized_ckpt, q_format, q_rounding, checkpoint)
+    fmt, rounding = resolve_format(cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format,
+                                   q_rounding=q_rounding, path=checkpoint)
     int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
     weights = int8_options[1] if int8_options else "per_tensor"
     models = []
     for f in ("FP32", fmt):
         model = build_model(cfg, distilled=False, q_format=f, q_rounding=rounding, int8_weights=weights)
         load_model_weights(model, ckpt, checkpoint, require_distillation=False)
-        models.append(model.to(device))
+        models.append(model.to(procs.device))
     tc = cfg.train_config
-    loader, names = split_loader(cfg, device, tc.local_batch_size, tc.num_workers, "test", dist)
+    loader, names = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, "test")
     kind = (f"trained with quantization-aware training in {trained[0]}" if quantized_ckpt
             else "trained in FP32, quantized after training")
     how = (f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options
            else f"{rounding} rounding")
     note = unused_int8_flags(fmt, calib_steps, per_channel)
-    if dist.is_main:
+    if procs.is_main:
         print(f"{checkpoint}: {kind}; testing in {fmt} ({how})"
               + (" (DeiT: class head)" if has_distillation(ckpt) else ""), flush=True)
         if note:
             print(note, flush=True)
     if int8_options:
-        calibrated = calibrate_on_validation(cfg, models[1], device, int8_options[0], dist)
-    ref, q, changed, max_diff = compare(*models, loader, device, len(names), dist)
+        calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
+    ref, q, changed, max_diff = compare(*models, loader, len(names), procs)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
     result = {"q_format": fmt, "q_rounding": None if int8_options else rounding, "quantized_ckpt": quantized_ckpt,
               "num_images": ref.count, "fp32": {"top1": ref.top1, "top5": ref.top5},
@@ -319,7 +321,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, device: torch.device, q_for
               "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
     if int8_options:
         result.update(calib_steps=calibrated[0], calib_images=calibrated[1], int8_weights=weights)
-    if not dist.is_main:
+    if not procs.is_main:
         return result
     width = max(7, len(fmt))
     print(f"{'':<26}{'FP32':>{width}}  {fmt:>{width}}")

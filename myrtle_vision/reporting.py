@@ -48,10 +48,15 @@ class Reporter:
     A disabled reporter (a process other than rank 0) shows and writes nothing.
     """
 
-    def __init__(self, log_dir: str | Path | None, enabled: bool = True):
+    def __init__(self, log_dir: str | Path | None = None, enabled: bool = True):
         self.enabled = enabled
-        self.writer = SummaryWriter(str(log_dir)) if log_dir is not None and enabled else None
-        self.bar = None
+        self.writer, self.bar = None, None
+        self.log_to(log_dir)
+
+    def log_to(self, log_dir: str | Path | None) -> None:
+        """Write TensorBoard event files in ``log_dir`` from now on (nothing, before it is given)."""
+        if log_dir is not None and self.enabled and self.writer is None:
+            self.writer = SummaryWriter(str(log_dir))
 
     def scalars(self, step: int, **values: float) -> None:
         if self.writer is not None:
@@ -87,3 +92,4 @@ class Reporter:
         self.close_bar()
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,3 +133,65 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture
 def data_cfg(tmp_path, dataset) -> Path:
     return data_config(tmp_path / "data.json", dataset, len(CLASSES))
+
+
+def reference_images(cfg_path: Path, split: str = "test") -> tuple[torch.Tensor, list[int]]:
+    """A split's images as the evaluation transforms give them, and their labels, read without the package:
+    PIL, the label map, and the data config's Normalize (the only evaluation op the tests' configs use)."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    data = json.loads(Path(cfg["data_config_path"]).read_text())
+    root = Path(data["dataset_path"])
+    assert list(data["transform_ops_val"]) == ["Normalize"], data["transform_ops_val"]
+    mean, std = (torch.tensor(data["transform_ops_val"]["Normalize"][k]).view(3, 1, 1) for k in ("Mean", "Std"))
+    label_map = json.loads((root / data["label_map"]).read_text())
+    files = {"train": "train_files", "val": "valid_files", "test": "test_files"}[split]
+    images, labels = [], []
+    for line in (root / data[files]).read_text().split():
+        pixels = np.asarray(Image.open(root / line).convert("RGB"), dtype=np.float32) / 255
+        images.append((torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std)
+        labels.append(label_map[Path(line).parent.name])
+    return torch.stack(images), labels
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to TensorFloat-32 (10 mantissa bits), nearest, ties to even (finite values only)."""
+    bits = t.contiguous().view(torch.int32)
+    keep = ((bits >> 13) & 1) + 0xFFF  # round half to even on the 13 dropped bits
+    return ((bits + keep) & ~0x1FFF).view(torch.float32)
+
+
+REFERENCE_ROUNDING = {"FP32": None, "FP16_32": lambda t: t.half().float(), "BF16_32": lambda t: t.bfloat16().float(),
+                      "TF32": round_tf32}
+
+
+def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int, head_dim_scale: int = 64,
+                      q_format: str = "FP32") -> torch.Tensor:
+    """The deploy layout's semantics, written from its description, straight off the tensors (attention scores
+    divided by sqrt(head_dim_scale): 64, the head size of every shipped model; our ViT divides by its own head size).
+    An independent reference: it uses nothing of the package. ``q_format`` (FP16_32, BF16_32 or TF32, as the
+    package's quantization module describes them) rounds the inputs, weights and biases of every linear map
+    and layer norm, and computes the rest in FP32."""
+    r = REFERENCE_ROUNDING[q_format] or (lambda t: t)
+
+    def linear(x, name, bias=True):
+        return r(x) @ r(sd[f"{name}.weight"]).T + (r(sd[f"{name}.bias"]) if bias else 0)
+
+    def norm(x, name):
+        return F.layer_norm(r(x), (x.shape[-1],), r(sd[f"{name}.weight"]), r(sd[f"{name}.bias"]), eps=1e-5)
+
+    B, C, H, W = img.shape
+    x = img.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, patch * patch * C)
+    x = linear(x, "patch_to_embedding")
+    x = torch.cat([sd["cls_token"].expand(B, -1, -1), x], 1) + sd["pos_embedding"]
+    dim = x.shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})
+    for i in range(depth):
+        p = f"transformer.layers.{i}"
+        qkv = linear(norm(x, f"{p}.0.fn.norm"), f"{p}.0.fn.fn.to_qkv", bias=f"{p}.0.fn.fn.to_qkv.bias" in sd)
+        q, k, v = qkv.reshape(B, -1, 3, heads, dim // heads).unbind(2)
+        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(head_dim_scale)
+        out = torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v).reshape(B, -1, dim)
+        x = x + linear(out, f"{p}.0.fn.fn.to_out.0")
+        h = F.gelu(linear(norm(x, f"{p}.1.fn.norm"), f"{p}.1.fn.fn.net.0"))
+        x = x + linear(h, f"{p}.1.fn.fn.net.3")
+    return linear(norm(x[:, 0], "mlp_head.0"), "mlp_head.1")

@@ -325,9 +325,11 @@ def _leaves(tree: dict, prefix=()) -> list[tuple]:
 
 
 @st.composite
-def mutated(draw, tree: dict) -> dict:
-    """``tree`` with one to three random edits: a value replaced, a key removed, an unknown or misspelled key."""
+def mutated(draw, tree: dict) -> tuple[dict, set[str]]:
+    """``tree`` with one to three random edits (a value replaced, a key removed, an unknown or misspelled key),
+    and the names of the keys edited (as written, and as an error message escapes them)."""
     tree = json.loads(json.dumps(tree))
+    keys = set()
     for _ in range(draw(st.integers(1, 3))):
         paths = _leaves(tree)
         if not paths:
@@ -340,6 +342,7 @@ def mutated(draw, tree: dict) -> dict:
             continue
         op = draw(st.sampled_from(["near", "near", "set", "set", "delete", "unknown", "typo"]))
         old = node[key]
+        keys.add(key)
         if op == "near" and isinstance(old, bool):
             node[key] = not old
         elif op == "near" and isinstance(old, int):  # a plausible value: often valid, sometimes just not
@@ -351,15 +354,19 @@ def mutated(draw, tree: dict) -> dict:
         elif op == "delete":
             del node[key]
         elif op == "unknown":
-            node[draw(st.text(min_size=1, max_size=8))] = draw(JSON_VALUES)
+            new = draw(st.text(min_size=1, max_size=8))
+            node[new] = draw(JSON_VALUES)
+            keys.add(new)
         else:
-            node[key[:-1] + draw(st.sampled_from("aeiouxz_"))] = node.pop(key)
-    return tree
+            new = key[:-1] + draw(st.sampled_from("aeiouxz_"))
+            node[new] = node.pop(key)
+            keys.add(new)
+    return tree, keys | {k.encode("unicode_escape").decode("ascii") for k in keys}
 
 
 def _set_up(cfg_path: Path) -> None:
     """What train.py does before its first update: load and check everything, build the model and data."""
-    Trainer(load_config(cfg_path), torch.device("cpu"))
+    Trainer(load_config(cfg_path))
 
 
 @pytest.fixture(scope="module")
@@ -376,8 +383,8 @@ def mutation_case(pristine, tmp_path_factory):
 def test_random_config_mutations_never_end_in_a_traceback(mutation_case, data):
     c = mutation_case
     which = data.draw(st.sampled_from(["train", "data", "both"]))
-    cfg = data.draw(mutated(c.cfg)) if which != "data" else c.cfg
-    dcfg = data.draw(mutated(c.data)) if which != "train" else c.data
+    cfg, cfg_keys = data.draw(mutated(c.cfg)) if which != "data" else (c.cfg, set())
+    dcfg, data_keys = data.draw(mutated(c.data)) if which != "train" else (c.data, set())
     c.cfg_path.write_text(json.dumps(cfg, allow_nan=True))
     c.data_path.write_text(json.dumps(dcfg, allow_nan=True))
     cwd, err = os.getcwd(), io.StringIO()
@@ -389,7 +396,12 @@ def test_random_config_mutations_never_end_in_a_traceback(mutation_case, data):
         os.chdir(cwd)
     event("set up" if exit_.value.code == 0 else "one-line error")
     if exit_.value.code != 0:
-        assert exit_.value.code == 2 and err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1
+        line = err.getvalue()
+        assert exit_.value.code == 2 and line.startswith("error: ") and line.count("\n") == 1
+        # and it names the file and the field: a config file (or a file it names) and a key that was edited
+        # (or, for a rule between fields, the field the rule is about)
+        assert str(c.cfg_path) in line or str(c.data_path) in line, line
+        assert any(k and k in line for k in cfg_keys | data_keys), (sorted(cfg_keys | data_keys), line)
 
 
 def test_mutation_setup_really_builds_a_valid_config(mutation_case):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import run_dir_of, run_script, scalars, train_config
 
+from myrtle_vision.distributed import Processes
 from myrtle_vision.config import load_config
 from myrtle_vision.training import Trainer
 from test_pipeline import CHAINS, _images
@@ -21,7 +22,7 @@ def test_the_step_does_not_synchronize_inside_the_micro_batch_loop(tmp_path, dat
     cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
                                    train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": 0.5,
                                           "precision": "bf16"}))
-    trainer = Trainer(cfg, CUDA)
+    trainer = Trainer(cfg, Processes(device=CUDA))
     batches = iter(trainer.train_loader)
     trainer.train_update(batches, 0)
     micro = [next(batches) for _ in range(4)]  # the loader's own work is not the step's

@@ -10,6 +10,7 @@ import torch
 import torchvision
 from conftest import REPO, assert_user_error, data_config, run_dir_of, run_script, train_config
 
+from myrtle_vision.distributed import Processes
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
@@ -122,7 +123,7 @@ def test_test_script_reports_class_head_and_averaged_heads(deit_run):
     c = load_config(cfg)
     plain = build_model(c, distilled=False)
     plain.load_state_dict(deploy.from_deploy(ckpt_io.load(run_dir / "last.pt")["model"]))
-    acc, avg, _ = split_accuracy(plain, c, torch.device("cpu"), 4, 0)
+    acc, avg, _ = split_accuracy(plain, c, Processes(), 4, 0)
     assert avg is None and result["top1"] == pytest.approx(acc.top1)
     assert f"top-1 {result['average_heads']['top1']:.2f}%" in proc.stdout
 
@@ -198,7 +199,7 @@ def test_the_teacher_sees_the_batches_at_teacher_image_size(size, tmp_path, data
     from myrtle_vision.training import Trainer
 
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(notebook_run[2], teacher_image_size=size))
-    trainer = Trainer(load_config(cfg), torch.device("cpu"))
+    trainer = Trainer(load_config(cfg))
     seen = []
     trainer.teacher.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
     loss, images, _ = trainer.train_update(iter(trainer.train_loader), 0)

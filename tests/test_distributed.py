@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,11 +26,12 @@ RUN = {"epochs": 3, "local_batch_size": 4, "global_batch_size": 8, "iters_per_ch
 
 
 def torchrun(*args, script: str = "train.py", nproc: int = 2, timeout: float = 600,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+             env: dict | None = None, launcher: tuple = ()) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc [launcher...] script args...``"""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(REPO / script), *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                           *map(str, launcher), str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_validation_counts_every_image_once(runs):
     load_model_weights(model, ckpt_io.load(run_dir / "last.pt"), run_dir / "last.pt")
     val = open_split(cfg.data_config, "val")
     assert len(val) == 15
-    acc = evaluate(model, eval_loader(val, 4, 0), torch.device("cpu"), len(CLASSES))  # one process, every image
+    acc = evaluate(model, eval_loader(val, 4, 0), len(CLASSES))  # one process, every image
     step, top1 = scalars(run_dir, "val/top1")[-1]
     _, loss = scalars(run_dir, "val/loss")[-1]
     assert step == 9 and top1 == pytest.approx(acc.top1) and loss == pytest.approx(acc.loss, rel=1e-5)
@@ -161,7 +161,11 @@ def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tm
 
 
 def test_a_checkpoint_write_failing_on_rank_zero_stops_every_process(runs, tmp_path):
-    """Rank 0 alone writes; when it cannot, the other process must stop too rather than wait for it."""
+    """Rank 0 alone writes; when it cannot, every process stops on its own, with the one line and exit status 3.
+
+    torchrun looks at its processes only every 5 seconds here, and stops the others once one has failed:
+    a process left waiting for rank 0 would be stopped by torchrun (no line, killed by a signal) rather
+    than stop by itself. Each process's stderr goes to its own file, so each must hold the line."""
     from test_faults import INJECT
 
     _, data_cfg, _, _ = runs
@@ -169,12 +173,21 @@ def test_a_checkpoint_write_failing_on_rank_zero_stops_every_process(runs, tmp_p
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(INJECT)
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RUN)
+    logs = tmp_path / "logs"
     proc = torchrun("-c", cfg, timeout=300, env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}",
-                                                 "FAIL_SAVE_FROM": "1", "FAIL_KIND": "full"})
-    # (the processes share stderr, so their lines may interleave; torchrun may stop the second first)
-    said = re.findall(r"error: (\S+): cannot write the checkpoint \(No space left on device\)", proc.stderr)
-    assert 1 <= len(said) <= 2 and all(p.endswith("checkpoint_0000002.pt") for p in said), proc.stderr
-    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr  # stopped with the error, did not hang
+                                                 "FAIL_SAVE_FROM": "1", "FAIL_KIND": "full"},
+                    launcher=("--monitor-interval", 5, "--redirects", 3, "--log-dir", logs))
+    assert proc.returncode != 0
+    stderr_of = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    assert sorted(stderr_of) == [0, 1], proc.stderr
+    for rank, err in stderr_of.items():
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in err, (rank, err)
+        assert re.fullmatch(r"error: \S+/checkpoint_0000002\.pt: cannot write the checkpoint \(No space left on "
+                            r"device\); the previous checkpoints are intact", lines[0]), (rank, lines[0])
+    # torchrun's report: both processes exited with status 3 (none was stopped by a signal)
+    report = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert sorted(report) == [("0", "3"), ("1", "3")], proc.stderr
 
 
 # --- train.py starts the processes itself, as the earlier release did -------------------------------------

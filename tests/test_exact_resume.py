@@ -37,7 +37,7 @@ def _sections(kind: str, teacher) -> dict:
 
 def _fit(cfg_path, stop_after: int | None = None) -> Trainer:
     """Train to the end, or until a SIGTERM sent to this process after update ``stop_after``."""
-    trainer = Trainer(load_config(cfg_path), torch.device("cpu"))
+    trainer = Trainer(load_config(cfg_path))
     if stop_after is not None:
         update = trainer.train_update
 

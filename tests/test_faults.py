@@ -227,7 +227,7 @@ def test_a_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing(data, t
 
 def _trainer(data: Path, tmp_path: Path, **train) -> Trainer:
     cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", train=dict(RUN, num_workers=0, **train))
-    return Trainer(load_config(cfg), torch.device("cpu"))
+    return Trainer(load_config(cfg))
 
 
 def test_skip_drops_the_nonfinite_update_and_training_goes_on(data, tmp_path):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import train_config
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
+from myrtle_vision.distributed import Processes
 from myrtle_vision import int8
 from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
@@ -138,7 +139,7 @@ def int8_model(args: ViTArgs, sd: dict[str, torch.Tensor], scheme: str = "per_te
 def splits(tmp_path, data_cfg):
     """(config, validation batches, test batches) of the generated dataset, batch 4, in order."""
     cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out"))
-    batches = {s: [x for x, _ in split_loader(cfg, torch.device("cpu"), 4, 0, s)[0]] for s in ("val", "test")}
+    batches = {s: [x for x, _ in split_loader(cfg, Processes(), 4, 0, s)[0]] for s in ("val", "test")}
     return cfg, batches["val"], batches["test"]
 
 
@@ -219,7 +220,7 @@ def test_calibration_uses_exactly_the_first_batches_of_the_validation_split(spli
     model = int8_model(args, sd)
     found = {}
     for steps in (2, 1, 3, 10):  # calibrating again starts afresh
-        assert calibrate_on_validation(cfg, model, torch.device("cpu"), steps) == (min(steps, 3), min(4 * steps, 12))
+        assert calibrate_on_validation(cfg, model, Processes(), steps) == (min(steps, 3), min(4 * steps, 12))
         ref = Int8Reference(sd, args, per_channel=False)
         ref.calibrate(val[:steps])  # the split's first batches, loaded here on their own
         found[steps] = int8.qparams(model)

@@ -1,12 +1,10 @@
 """The ViT and the accelerator's checkpoint layout: names, shapes and semantics, both ways."""
 
 import json
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import FIXTURES
+from conftest import FIXTURES, reference_forward
 
 from myrtle_vision.weights import deploy
 from myrtle_vision.models.vit import ViTArgs, VisionTransformer
@@ -31,29 +29,6 @@ def test_round_trip_both_ways_keeps_every_tensor():
     named = deploy.to_deploy(sd)
     again = deploy.to_deploy(deploy.from_deploy(named))
     assert list(again) == list(named) and all(torch.equal(again[k], named[k]) for k in named)
-
-
-def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
-    """The deploy layout's semantics, written from its description, straight off the tensors."""
-    B, C, H, W = img.shape
-    x = img.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, patch * patch * C)
-    x = x @ sd["patch_to_embedding.weight"].T + sd["patch_to_embedding.bias"]
-    x = torch.cat([sd["cls_token"].expand(B, -1, -1), x], 1) + sd["pos_embedding"]
-    dim = x.shape[-1]
-    depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})
-    for i in range(depth):
-        p = f"transformer.layers.{i}"
-        h = F.layer_norm(x, (dim,), sd[f"{p}.0.fn.norm.weight"], sd[f"{p}.0.fn.norm.bias"], eps=1e-5)
-        qkv = (h @ sd[f"{p}.0.fn.fn.to_qkv.weight"].T).reshape(B, -1, 3, heads, dim // heads)
-        q, k, v = qkv.unbind(2)
-        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(64)
-        out = torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v).reshape(B, -1, dim)
-        x = x + out @ sd[f"{p}.0.fn.fn.to_out.0.weight"].T + sd[f"{p}.0.fn.fn.to_out.0.bias"]
-        h = F.layer_norm(x, (dim,), sd[f"{p}.1.fn.norm.weight"], sd[f"{p}.1.fn.norm.bias"], eps=1e-5)
-        h = F.gelu(h @ sd[f"{p}.1.fn.fn.net.0.weight"].T + sd[f"{p}.1.fn.fn.net.0.bias"])
-        x = x + h @ sd[f"{p}.1.fn.fn.net.3.weight"].T + sd[f"{p}.1.fn.fn.net.3.bias"]
-    cls = F.layer_norm(x[:, 0], (dim,), sd["mlp_head.0.weight"], sd["mlp_head.0.bias"], eps=1e-5)
-    return cls @ sd["mlp_head.1.weight"].T + sd["mlp_head.1.bias"]
 
 
 def test_model_computes_what_the_deploy_layout_means():

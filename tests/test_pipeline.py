@@ -79,7 +79,7 @@ def test_cache_problems_are_one_line_errors(varied, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder should be")
     cfg = load_data_config(data_config(tmp_path / "d2.json", ds, 3, cache_dir=str(blocked / "cache")))
-    with pytest.raises(UserError, match="cannot write the decoded-image cache .* set the data config's cache_dir"):
+    with pytest.raises(UserError, match="cannot write the decoded-image cache .* set .*: cache_dir"):
         open_split(cfg, "train")
     victim = sorted(ds.glob("images/dog/*.png"))[0]
     victim.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
@@ -234,7 +234,7 @@ def test_the_step_reads_the_device_once_per_update(tmp_path, data_cfg, monkeypat
     reads its own step counts, which live on the CPU on every device)."""
     cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
                                    train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": clip_grad}))
-    trainer = Trainer(cfg, CPU)
+    trainer = Trainer(cfg)
     batches = iter(trainer.train_loader)
     trainer.train_update(batches, 0)  # warm-up (lazy initialisations)
     micro = [next(batches) for _ in range(4)]  # the loader's work is not the step's

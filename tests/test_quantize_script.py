@@ -7,11 +7,13 @@ from itertools import islice
 
 import pytest
 import torch
-from conftest import assert_user_error, data_config, run_dir_of, run_script, train_config
+from conftest import (REFERENCE_ROUNDING, assert_user_error, data_config, reference_forward, reference_images,
+                      run_dir_of, run_script, train_config)
 from test_distributed import torchrun
 from test_int8 import Int8Reference
 from test_train import scalars
 
+from myrtle_vision.distributed import Processes
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.weights.deploy import load_model_weights
 from myrtle_vision.weights.io import save_atomic
@@ -37,15 +39,14 @@ def runs(tmp_path_factory, dataset):
 
 
 def _logits(cfg_path, ckpt_path, q_format):
-    """Independent of test_quantize.py: build, load and run the model on the test split."""
-    cfg = load_config(cfg_path)
-    model = build_model(cfg, distilled=False, q_format=q_format)
-    load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
-    model.eval()
-    loader, _ = split_loader(cfg, torch.device("cpu"), 4, 0)
-    with torch.no_grad():
-        pairs = [(model(x), y) for x, y in loader]
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    """Without the package: the test images read and normalized by hand, the checkpoint's deploy entry read with
+    torch.load, and the ViT computed from its layout in ``q_format`` (conftest.reference_forward)."""
+    images, labels = reference_images(cfg_path)
+    vit = json.loads(cfg_path.read_text())["vit_config"]
+    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+    logits = reference_forward(weights, images, vit["heads"], vit["patch_size"],
+                               head_dim_scale=vit["embed_dim"] // vit["heads"], q_format=q_format)
+    return logits, torch.tensor(labels)
 
 
 def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
@@ -60,7 +61,7 @@ def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
     q, _ = _logits(cfg, ckpt, "FP16_32")
     top1 = lambda logits: 100.0 * (logits.argmax(1) == targets).float().mean().item()  # noqa: E731
     assert result["fp32"]["top1"] == pytest.approx(top1(ref)) and result["quantized"]["top1"] == pytest.approx(top1(q))
-    assert result["max_logit_diff"] == pytest.approx((ref - q).abs().max().item())
+    assert result["max_logit_diff"] == pytest.approx((ref - q).abs().max().item(), rel=1e-3)  # FP32 sums, other order
     assert 0 < result["max_logit_diff"] < 0.05
     changed = (ref.argmax(1) != q.argmax(1)).sum().item()
     assert result["changed_predictions"] == changed
@@ -82,9 +83,10 @@ def test_other_formats_and_qtorch_rounding(runs, tmp_path, q_format):
         results[rounding] = json.loads((tmp_path / f"{rounding}.json").read_text())
         assert results[rounding]["q_format"] == q_format and results[rounding]["q_rounding"] == rounding
         assert results[rounding]["max_logit_diff"] > 0
-    ref, _ = _logits(cfg, ckpt, "FP32")
-    q, _ = _logits(cfg, ckpt, q_format)
-    assert results["nearest_even"]["max_logit_diff"] == pytest.approx((ref - q).abs().max().item())
+    if q_format in REFERENCE_ROUNDING:  # (the reference does not compute FP16_16, which rounds every tensor)
+        ref, _ = _logits(cfg, ckpt, "FP32")
+        q, _ = _logits(cfg, ckpt, q_format)
+        assert results["nearest_even"]["max_logit_diff"] == pytest.approx((ref - q).abs().max().item(), rel=1e-3)
 
 
 def test_quantization_aware_training_learns_and_saves_the_deploy_layout(runs):
@@ -185,9 +187,9 @@ def _int8_reference_logits(cfg_path, ckpt_path, calib_steps: int, per_channel: b
     model = build_model(cfg, distilled=False, q_format="FP32")
     load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
     reference = Int8Reference(model.state_dict(), model.args, per_channel)
-    val, _ = split_loader(cfg, torch.device("cpu"), cfg.train_config.local_batch_size, 0, "val")
+    val, _ = split_loader(cfg, Processes(), cfg.train_config.local_batch_size, 0, "val")
     reference.calibrate(x for x, _ in islice(val, calib_steps))
-    test, _ = split_loader(cfg, torch.device("cpu"), 4, 0)
+    test, _ = split_loader(cfg, Processes(), 4, 0)
     return torch.cat([reference(x) for x, _ in test])
 
 

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from conftest import FIXTURES, make_dataset, run_dir_of, run_script, scalars
 from PIL import Image
@@ -118,7 +117,7 @@ def test_v1_config_trains_a_few_steps_at_the_earlier_release_s_learning_rate(nam
 def _trainer(tmp_path, name, dataset, **changes) -> Trainer:
     """What ``train.py -c`` builds from the user's config (with only paths and sizes changed)."""
     cfg_path = users_config(tmp_path, name, dataset, **changes)
-    return Trainer(load_config(tmp_path / cfg_path), CPU)
+    return Trainer(load_config(tmp_path / cfg_path))
 
 
 def _logits(n=6, classes=5, seed=0):

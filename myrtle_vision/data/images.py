@@ -34,20 +34,21 @@ SPLITS = {"train": "train_files", "val": "valid_files", "test": "test_files"}
 def read_label_map(cfg: DataConfig) -> dict[str, int]:
     """Read and check ``label_map.json`` against ``number_of_classes``."""
     if not Path(cfg.dataset_path).is_dir():
-        raise UserError(f"{cfg.dataset_path}: dataset folder not found (data config field dataset_path)")
+        raise UserError(f"{cfg.path}: dataset_path: {cfg.dataset_path}: dataset folder not found")
     path = Path(cfg.dataset_path) / cfg.label_map
+    field = f"{cfg.path}: label_map: {path}"
     try:
         label_map = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: label map not found (data config field label_map)") from None
+        raise UserError(f"{field}: label map not found") from None
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text at all
-        raise UserError(f"{path}: cannot read the label map: {e}") from None
+        raise UserError(f"{field}: cannot read the label map: {reason(e)}") from None
     if not isinstance(label_map, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
-        raise UserError(f"{path}: expected an object mapping class folder names to integer ids")
+        raise UserError(f"{field}: expected an object mapping class folder names to integer ids")
     if len(label_map) != cfg.number_of_classes:
-        raise UserError(f"{path}: has {len(label_map)} classes but the data config's number_of_classes is {cfg.number_of_classes}")
+        raise UserError(f"{path}: has {len(label_map)} classes but {cfg.path}: number_of_classes is {cfg.number_of_classes}")
     if sorted(label_map.values()) != list(range(len(label_map))):
-        raise UserError(f"{path}: class ids must be 0..{len(label_map) - 1}, each used once")
+        raise UserError(f"{field}: class ids must be 0..{len(label_map) - 1}, each used once")
     return label_map
 
 
@@ -64,8 +65,8 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], pipeline: Pipeline | None = None,
-                 cache_dir: Path | None = None, cache_field: str = "cache_dir"):
-        self.root = Path(root)
+                 cache_dir: Path | None = None, cache_field: str = "cache_dir", source: str = "the data config"):
+        self.root, self.source = Path(root), source  # source: which config (and field) named this split file
         self.list_path = self.root / list_file
         self.pipeline = pipeline
         self.paths, self.labels = self._read_list(label_map)
@@ -79,13 +80,13 @@ class ImageListDataset(Dataset):
 
     def _read_list(self, label_map: dict[str, int]) -> tuple[list[str], list[int]]:
         if not self.root.is_dir():
-            raise UserError(f"{self.root}: dataset folder not found (data config field dataset_path)")
+            raise UserError(f"{self.root}: dataset folder not found ({self.source})")
         try:
             lines = self.list_path.read_text().splitlines()
         except FileNotFoundError:
-            raise UserError(f"{self.list_path}: split file not found") from None
+            raise UserError(f"{self.list_path}: split file not found ({self.source})") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{self.list_path}: cannot read the split file ({reason(e)})") from None
+            raise UserError(f"{self.list_path}: cannot read the split file ({reason(e)}; {self.source})") from None
         root = self.root.resolve()
         paths, labels, class_dirs = [], [], set()
         for lineno, line in enumerate(lines, 1):
@@ -172,5 +173,6 @@ def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = N
     cache = None
     if cfg.decode_cache:
         cache = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
-    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, pipeline, cache,
-                            "the data config's cache_dir")
+    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, pipeline=pipeline,
+                            cache_dir=cache, cache_field=f"{cfg.path}: cache_dir",
+                            source=f"{cfg.path}: {SPLITS[split]}")

@@ -98,7 +98,7 @@ def _finish_of(dataset):
     return pipeline.finish if pipeline is not None else None
 
 
-def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: int, num_workers: int,
+def train_loader(dataset: Dataset, plan: TrainPlan, *, epoch: int, start_update: int = 0, num_workers: int,
                  device: torch.device = torch.device("cpu"), persistent: bool = False) -> Loader:
     """The micro-batches of ``plan`` from ``(epoch, start_update)``. With ``persistent`` workers, move it to
     another epoch with ``loader.batch_sampler.set_epoch(...)`` before iterating it again."""
@@ -107,7 +107,7 @@ def train_loader(dataset: Dataset, plan: TrainPlan, epoch: int, start_update: in
     return Loader(loader, device, _finish_of(dataset))
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device = torch.device("cpu"),
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, *, device: torch.device = torch.device("cpu"),
                 rank: int = 0, world_size: int = 1, persistent: bool = False) -> Loader:
     """Every sample once, in order, no batch dropped; with ``world_size`` processes, this process's
     share (samples ``rank``, ``rank + world_size``, ...), so that the shares cover the split exactly once."""

@@ -18,7 +18,7 @@ class TrainPlan:
     most ``local_batch``; ``rank``/``world_size`` give each process its share of every update.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, local_batch: int, seed: int, drop_last: bool,
+    def __init__(self, num_samples: int, *, global_batch: int, local_batch: int, seed: int, drop_last: bool,
                  rank: int = 0, world_size: int = 1):
         self.num_samples, self.global_batch, self.local_batch = num_samples, global_batch, local_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size

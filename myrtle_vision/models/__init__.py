@@ -14,8 +14,8 @@ def build_model(cfg, distilled: bool | None = None, q_format: str | None = None,
     """
     if distilled is None:
         distilled = cfg.distiller_config is not None
-    args = ViTArgs.from_config(cfg.vit_config, cfg.data_config.number_of_classes, distilled, q_format, q_rounding,
-                               int8_weights)
+    args = ViTArgs.from_config(cfg.vit_config, cfg.data_config.number_of_classes, distilled=distilled, q_format=q_format,
+                               q_rounding=q_rounding, int8_weights=int8_weights)
     return VisionTransformer(args)
 
 

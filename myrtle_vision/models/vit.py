@@ -148,8 +148,8 @@ class VisionTransformer(nn.Module):
         self.round_cls, self.round_cat = ar.activation(), ar.requantize()
         self.round_pos, self.round_pos_add = ar.activation(), ar.activation()
         self.pos_drop = nn.Dropout(args.emb_dropout)
-        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar, args.qkv_bias,
-                                          args.layer_norm_eps) for _ in range(args.depth))
+        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar,
+                                          qkv_bias=args.qkv_bias, eps=args.layer_norm_eps) for _ in range(args.depth))
         self.norm = ar.final_layer_norm(args.embed_dim, eps=args.layer_norm_eps)
         self.round_head = ar.head_input()  # INT8: the class token the head reads (the final LayerNorm's output)
         self.head = ar.linear(args.embed_dim, args.num_classes)

@@ -118,13 +118,14 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     # linear warmup from lr / 100, cosine to zero
     optimizer = build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum)
-    plan = TrainPlan(len(train_set), cfg.batch_size, cfg.batch_size, cfg.seed, drop_last=True)
+    plan = TrainPlan(len(train_set), global_batch=cfg.batch_size, local_batch=cfg.batch_size, seed=cfg.seed,
+                     drop_last=True)
     upe = plan.updates_per_epoch
     schedule = LRSchedule("cosine", lr=cfg.lr, warmup_lr=cfg.lr / 100, min_lr=0.0,
                           warmup=round(cfg.warmup_epochs * upe), total=cfg.epochs * upe)
     scheduler = build_scheduler(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, device)
+    val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, device=device)
     print(f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "
           f"{cfg.epochs} epochs of {plan.updates_per_epoch} updates", flush=True)
 
@@ -135,7 +136,8 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         lr = optimizer.param_groups[0]["lr"]
         seen = Accumulator(data_cfg.number_of_classes)
         bar = Progress(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
-        for images, targets in train_loader(train_set, plan, epoch, 0, cfg.num_workers, device):
+        for images, targets in train_loader(train_set, plan, epoch=epoch, num_workers=cfg.num_workers,
+                                              device=device):
             logits = model(images)
             loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -145,7 +147,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
             seen.update(logits.detach(), targets)
             bar.update(loss=f"{loss.item():.4f}")
         bar.close()
-        val = evaluate(model, val_loader, device, data_cfg.number_of_classes)
+        val = evaluate(model, val_loader, data_cfg.number_of_classes)
         if val.top1 > best_top1:
             best_top1, best_epoch = val.top1, epoch + 1
             save_atomic({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, output)
@@ -156,10 +158,11 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
               flush=True)
 
     net.load_state_dict(torch.load(output, map_location="cpu", weights_only=True))
-    test = evaluate(model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device), device,
+    test = evaluate(model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device=device),
                     data_cfg.number_of_classes)
-    result = TeacherResult(output, started_from, history, best_epoch, best_top1, test.top1, test.top5,
-                           time.perf_counter() - start_time)
+    result = TeacherResult(output_path=output, started_from=started_from, history=history, best_epoch=best_epoch,
+                           best_val_top1=best_top1, test_top1=test.top1, test_top5=test.top5,
+                           seconds=time.perf_counter() - start_time)
     output.with_suffix(".json").write_text(json.dumps({"parameters": cfg.to_dict(), **result.to_dict()}, indent=2) + "\n")
     print(f"teacher weights (best validation top-1 {best_top1:.2f}%, epoch {best_epoch}) saved to {output}; "
           f"test top-1 {test.top1:.2f}%, top-{test.k} {test.top5:.2f}% on {test.count} images", flush=True)

@@ -25,7 +25,7 @@ from ..checkpoint import Progress, TrainingState
 from ..config import Config
 from ..data import TrainPlan, class_names, default_workers, derive_seed, eval_loader, open_split, read_label_map
 from ..data import stop_workers, train_loader
-from ..distributed import Dist
+from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
 from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
 from ..losses import DistillationLoss
@@ -116,13 +116,15 @@ class _BothHeads(nn.Module):
 class Trainer:
     """One training job: model, optimizer, schedule, data plan, and where it writes.
 
-    With several processes (``dist``), each trains on its share of every update, gradients are
+    With several processes (``procs``), each trains on its share of every update, gradients are
     averaged across processes on the last micro-batch of the update, and rank 0 alone writes.
     """
 
-    def __init__(self, cfg: Config, device: torch.device, dist: Dist | None = None):
-        self.cfg, self.tc, self.device = cfg, cfg.train_config, device
-        self.dist = dist = dist or Dist(device=device)
+    def __init__(self, cfg: Config, procs: Processes = Processes()):
+        self.cfg, self.tc, self.procs, self.device = cfg, cfg.train_config, procs, procs.device
+        device = procs.device
+        # what the run says: rank 0 alone prints (and, once the run directory is made, logs to TensorBoard)
+        self.reporter = Reporter(enabled=procs.is_main)
         tc = self.tc
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: the accelerator sees these weights
@@ -139,23 +141,22 @@ class Trainer:
         if tc.precision == "fp16" and device.type != "cuda":
             raise UserError(f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
                             "scaler); on CPU use bf16 or fp32")
-        if tc.global_batch_size < dist.world_size:
+        if tc.global_batch_size < procs.world_size:
             raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
-                            f"{dist.world_size} processes: each needs at least one image per update")
+                            f"{procs.world_size} processes: each needs at least one image per update")
         torch.manual_seed(tc.seed)
         self.model = build_model(cfg)
         vc = cfg.vit_config
         if vc.pretrained_weights and not tc.checkpoint_path:  # a resumed run has its weights in its checkpoint
             fresh = load_pretrained(self.model, vc.pretrained_weights, vc.pretrained_format,
                                     f"{cfg.path}: vit_config.pretrained_weights")
-            if dist.is_main:
-                print(f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
-                      + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another class count)"
-                         if fresh else ""), flush=True)
+            self.reporter.print(f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
+                                + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another "
+                                   "class count)" if fresh else ""))
         self.model.to(device)
         self.optimizer = optimizer_for(self.model, tc, fused=True if device.type == "cuda" else None)
-        self.plan = TrainPlan(len(self.train_set), tc.global_batch_size, tc.local_batch_size, tc.seed, tc.drop_last_batch,
-                              dist.rank, dist.world_size)
+        self.plan = TrainPlan(len(self.train_set), global_batch=tc.global_batch_size, local_batch=tc.local_batch_size,
+                              seed=tc.seed, drop_last=tc.drop_last_batch, rank=procs.rank, world_size=procs.world_size)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         # fp16 needs its loss scaled so that small gradients survive; bf16 has FP32's range and does not.
@@ -173,13 +174,14 @@ class Trainer:
         self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
         # Workers that live as long as the run: no start-up at every epoch and validation.
         self.num_workers = tc.num_workers if tc.num_workers is not None else default_workers()
-        self.train_loader = train_loader(self.train_set, self.plan, self.progress.epoch, self.progress.update_in_epoch,
-                                         self.num_workers, device, persistent=True)
-        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, self.num_workers, device, dist.rank,
-                                      dist.world_size, persistent=True)
+        self.train_loader = train_loader(self.train_set, self.plan, epoch=self.progress.epoch,
+                                         start_update=self.progress.update_in_epoch, num_workers=self.num_workers,
+                                         device=device, persistent=True)
+        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, self.num_workers, device=device,
+                                      rank=procs.rank, world_size=procs.world_size, persistent=True)
         # What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging.
         self.step_module = _BothHeads(self.model) if self.teacher is not None else self.model
-        if dist.enabled:
+        if procs.enabled:
             self.step_module = DistributedDataParallel(
                 self.step_module, device_ids=[device.index] if device.type == "cuda" else None)
         if tc.compile:  # compiled around DDP, as PyTorch recommends; checkpoints and evaluation use the plain model
@@ -193,12 +195,12 @@ class Trainer:
         """``write()`` on rank 0, its result on every process. If it fails, every process raises the
         error: none is left waiting in a collective for a rank that has stopped."""
         result, error = None, None
-        if self.dist.is_main:
+        if self.procs.is_main:
             try:
                 result = write()
             except UserError as e:
                 error = e
-        result, error = self.dist.broadcast((result, error))
+        result, error = self.procs.broadcast((result, error))
         if error is not None:
             raise error
         return result
@@ -208,8 +210,7 @@ class Trainer:
     def _resume(self) -> Path:
         path = Path(self.tc.checkpoint_path)
         earlier, said = self.checkpoint.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
-        if self.dist.is_main:
-            print(said, flush=True)
+        self.reporter.print(said)
         # Continue in the run's own folder when the checkpoint lives in one.
         return path.parent if not earlier and (path.parent / "config.json").is_file() else self._new_run_dir()
 
@@ -236,16 +237,16 @@ class Trainer:
 
     # --- loops -------------------------------------------------------------------------------
 
-    def validate(self, reporter: Reporter) -> None:
-        p = self.progress
+    def validate(self) -> None:
+        p, reporter = self.progress, self.reporter
         # The class head is what the accelerator runs: it alone picks the best checkpoint.
         if self.teacher is not None:
-            acc, avg = evaluate_heads(self.model, self.val_loader, self.device, len(self.class_names), self.dist,
+            acc, avg = evaluate_heads(self.model, self.val_loader, len(self.class_names), self.procs,
                                       self.tc.precision)
             reporter.scalars(p.iteration, **{"val/top1_average_heads": avg.top1})
             both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
         else:
-            acc = evaluate(self.model, self.val_loader, self.device, len(self.class_names), self.dist, self.tc.precision)
+            acc = evaluate(self.model, self.val_loader, len(self.class_names), self.procs, self.tc.precision)
             both = ""
         improved = acc.top1 > p.best_val_top1
         if improved:
@@ -266,17 +267,17 @@ class Trainer:
         together; then the optimizer steps, or the update is stopped or skipped (``nonfinite_loss``).
         With fp16, the gradient scaler's own step reads its overflow flag too (a second synchronisation).
         """
-        p, tc, dist = self.progress, self.tc, self.dist
+        p, tc, procs = self.progress, self.tc, self.procs
         n_micro = self.plan.num_micro_batches(update)
         n_images = min(tc.global_batch_size, len(self.train_set) - update * tc.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in range(n_micro):
             images, targets = next(batches)  # on the device already (see myrtle_vision.data.loaders)
-            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, dist.rank))  # dropout depends on position only
+            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, procs.rank))  # dropout depends on position only
             # Gradients are averaged across processes once per update, on its last micro-batch.
             ddp = getattr(self.step_module, "_orig_mod", self.step_module)  # under torch.compile, the DDP module
-            sync = contextlib.nullcontext() if not dist.enabled or m == n_micro - 1 else ddp.no_sync()
+            sync = contextlib.nullcontext() if not procs.enabled or m == n_micro - 1 else ddp.no_sync()
             with sync:
                 with autocast(self.device, tc.precision):
                     if self.teacher is not None:
@@ -287,7 +288,7 @@ class Trainer:
                         loss = self.criterion(self.step_module(images), targets)
                 # Weight each micro-batch by its share of the update, so the gradient is the mean over the
                 # update's images; times the process count, because averaging across processes divides by it.
-                self.scaler.scale(loss * (targets.shape[0] * dist.world_size / n_images)).backward()
+                self.scaler.scale(loss * (targets.shape[0] * procs.world_size / n_images)).backward()
             loss_sum += loss.detach().double() * targets.shape[0]
         # The gradients are averaged over processes, so every process sees the same flag and norm.
         norm, bad_grads = None, torch.zeros((), dtype=torch.float64, device=self.device)
@@ -299,7 +300,7 @@ class Trainer:
                 bad_grads = nonfinite_gradients(self.model.parameters(), self.device)
         stop_flag = torch.full((), float(stop), dtype=torch.float64, device=self.device)  # a fill, not a copy
         stats = torch.stack([loss_sum, bad_grads, stop_flag])
-        total_loss, nonfinite, stops = dist.all_reduce_sum(stats).tolist()  # the one host synchronisation
+        total_loss, nonfinite, stops = procs.all_reduce_sum(stats).tolist()  # the one host synchronisation
         mean_loss = total_loss / n_images  # the same on every process, NaN included
         problem = None
         if not math.isfinite(mean_loss):
@@ -326,8 +327,7 @@ class Trainer:
         if self.tc.nonfinite_loss == "skip" and self.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
             self.skipped_in_a_row += 1
             self.optimizer.zero_grad(set_to_none=True)
-            if self.dist.is_main:
-                print(f"{where}; update skipped (train_config.nonfinite_loss is skip)", flush=True)
+            self.reporter.print(f"{where}; update skipped (train_config.nonfinite_loss is skip)")
             return
         saved = sorted(self.run_dir.glob("checkpoint_*.pt"))
         last = f"the last checkpoint, {saved[-1]}, is untouched" if saved else "no checkpoint was written yet"
@@ -346,15 +346,16 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train to the end (or until a signal); returns the path of the last checkpoint."""
-        tc, p, dist = self.tc, self.progress, self.dist
+        tc, p, procs = self.tc, self.progress, self.procs
         self._on_rank0(self._prepare_run_dir)
-        reporter = Reporter(self.run_dir, enabled=dist.is_main)
+        reporter = self.reporter
+        reporter.log_to(self.run_dir)
         reporter.scalars(p.iteration, **{"train/peak_lr": tc.peak_lr})
         saved_at, last_val_at = p.iteration, -1
         self.model.train()
         with _stop_on_signals() as stop:
             try:
-                processes = f" in {dist.world_size} processes" if dist.enabled else ""
+                processes = f" in {procs.world_size} processes" if procs.enabled else ""
                 reporter.print(f"training on {self.device}{processes}: {len(self.train_set)} training images, "
                                f"{len(self.val_set)} validation images, {self.plan.updates_per_epoch} updates per "
                                f"epoch of {tc.global_batch_size} images")
@@ -371,11 +372,11 @@ class Trainer:
                         bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                         reporter.scalars(p.iteration, **{"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips})
                         if p.iteration % tc.iters_per_val == 0:
-                            self.validate(reporter)
+                            self.validate()
                             last_val_at = p.iteration
                         # every process stops after the same update (train_update shares the requests); one
                         # process also stops for a signal that came after the update, during validation
-                        stopping = stopping or (bool(stop) and not dist.enabled)
+                        stopping = stopping or (bool(stop) and not procs.enabled)
                         if p.iteration % tc.iters_per_checkpoint == 0 or stopping:
                             self.save_checkpoint()
                             saved_at = p.iteration
@@ -383,7 +384,7 @@ class Trainer:
                             raise Interrupted(stop[0] if stop else signal.SIGTERM, self.run_dir / "last.pt")
                     reporter.close_bar()
                     if last_val_at != p.iteration:
-                        self.validate(reporter)
+                        self.validate()
                         last_val_at = p.iteration
                     p.epoch, p.update_in_epoch = p.epoch + 1, 0
                 self.save_checkpoint()  # (re)written after the epoch-end validation and bookkeeping
@@ -394,7 +395,7 @@ class Trainer:
             except Exception:
                 # Model, optimizer and scheduler still hold the last completed update: keep it (rank 0
                 # alone, with no collective: the other processes may have stopped already).
-                if p.iteration > saved_at and dist.is_main:
+                if p.iteration > saved_at and procs.is_main:
                     try:
                         reporter.print(f"stopped by an error; iteration {p.iteration} saved to "
                                        f"{self._write_checkpoint()}")
@@ -410,22 +411,23 @@ class Trainer:
         return self.run_dir / "last.pt"
 
 
-def train(cfg: Config, device: torch.device, dist: Dist | None = None) -> Path:
-    trainer = Trainer(cfg, device, dist)
-    if trainer.dist.is_main:
-        print(f"run directory: {trainer.run_dir}", flush=True)
-        print(cfg.train_config.describe_lr(), flush=True)
-        dc = cfg.distiller_config
-        if dc is not None:
-            print(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
-                  f"loss = {dc.alpha:g} x cross entropy to the labels + {1 - dc.alpha:g} x distillation term "
-                  f"(alpha weights the labels)"
-                  + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "") + ")", flush=True)
-        vc = cfg.vit_config
-        if vc.q_format != vc.trained_q_format:
-            print(f"vit_config.q_format {vc.q_format} is post-training quantization: training runs in FP32, as in the "
-                  f"earlier release; test_quantize.py quantizes the checkpoint", flush=True)
-        elif vc.q_format != "FP32":
-            print(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
-                  "gradients pass straight through and the weights stay FP32", flush=True)
+def train(cfg: Config, procs: Processes = Processes()) -> Path:
+    """Train as ``cfg`` says, in this process's share of ``procs``; returns the last checkpoint's path."""
+    trainer = Trainer(cfg, procs)
+    say = trainer.reporter.print
+    say(f"run directory: {trainer.run_dir}")
+    say(cfg.train_config.describe_lr())
+    dc = cfg.distiller_config
+    if dc is not None:
+        say(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
+            f"loss = {dc.alpha:g} x cross entropy to the labels + {1 - dc.alpha:g} x distillation term "
+            f"(alpha weights the labels)"
+            + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "") + ")")
+    vc = cfg.vit_config
+    if vc.q_format != vc.trained_q_format:
+        say(f"vit_config.q_format {vc.q_format} is post-training quantization: training runs in FP32, as in the "
+            f"earlier release; test_quantize.py quantizes the checkpoint")
+    elif vc.q_format != "FP32":
+        say(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
+            "gradients pass straight through and the weights stay FP32")
     return trainer.fit()

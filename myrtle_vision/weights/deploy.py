@@ -127,8 +127,8 @@ def _split(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def model_entries(model: nn.Module) -> dict:
     """The checkpoint entries that hold ``model``: ``model`` (deploy layout) and, for DeiT, ``distillation``."""
-    plain, dist = _split({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-    return {"model": to_deploy(plain), **({"distillation": dist} if dist else {})}
+    plain, distill = _split({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    return {"model": to_deploy(plain), **({"distillation": distill} if distill else {})}
 
 
 def has_distillation(ckpt: dict) -> bool:
@@ -141,22 +141,22 @@ def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation:
     A distilled model takes its distillation token and head from the ``distillation`` entry; when
     the checkpoint has none and ``require_distillation`` is false they keep their initial values.
     """
-    plain, dist = _split(model.state_dict())
+    plain, distill = _split(model.state_dict())
     expected = to_deploy(plain)
     mismatch = describe_mismatch(expected, ckpt["model"])
     if mismatch:
         raise UserError(f"{path}: checkpoint does not fit the config's model: {mismatch}")
     weights = from_deploy(ckpt["model"], str(path))
-    if dist:
+    if distill:
         if has_distillation(ckpt):
             found = ckpt["distillation"]
-            bad = [k for k in dist if k not in found or tuple(found[k].shape) != tuple(dist[k].shape)]
+            bad = [k for k in distill if k not in found or tuple(found[k].shape) != tuple(distill[k].shape)]
             if bad:
                 raise UserError(f"{path}: distillation entry does not fit the config's model ({', '.join(bad)})")
-            weights.update({k: found[k] for k in dist})
+            weights.update({k: found[k] for k in distill})
         elif require_distillation:
             raise UserError(f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "
                             "distiller_config (its distillation token and head are missing)")
         else:
-            weights.update(dist)
+            weights.update(distill)
     model.load_state_dict(weights)

@@ -55,11 +55,13 @@ def main() -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--no-write", action="store_true", help="print the table; leave RESULTS.md alone")
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = VisionTransformer(ViTArgs(**TINY)).to(device)
-    images = torch.randn(args.batch_size, 3, 224, 224, device=device)
+    model = VisionTransformer(ViTArgs(**dict(TINY, image_size=args.image_size))).to(device)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     with torch.no_grad():
         a = model.eval()(images)
         with _ByReshape():
@@ -90,9 +92,13 @@ def main() -> int:
                     f"**{ref / ours:.3f}x** |")
         print(rows[-1], flush=True)
     table = (f"`python benchmarks/einops_layouts.py --device {device.type}` on {machine(device)}: batch "
-             f"{args.batch_size}, 224x224, fp32 eager; median of {args.repeats} alternating timings.\n\n"
+             f"{args.batch_size}, {args.image_size}x{args.image_size}, fp32 eager; median of {args.repeats} "
+             "alternating timings.\n\n"
              "| model | measurement | einops images/s | reshape/permute images/s | einops speed / reshape speed |\n"
              "|---|---|---|---|---|\n" + "\n".join(rows))
+    print(table)
+    if args.no_write:
+        return 0
     write_section("## The ViT's einops patterns against reshape/permute (einops_layouts.py)",
                   "The patch flattening and the attention's q/k/v split and head merge are einops patterns; "
                   "the same model with them written as reshape/permute, in the same process.",

@@ -84,9 +84,19 @@ def train_config(path: Path, data_cfg: Path, out: Path, train=None, vit=None, **
     return path
 
 
+def script_env(device: str = "cpu", **extra: str) -> dict:
+    """The environment the tests run the scripts in: this repository importable, output unbuffered, and on a
+    machine with CUDA, no GPU visible unless ``device`` is "cuda". The scripts choose CUDA when it is there;
+    the suite's guarantees (bit-exact resume above all) are the CPU's, and tests/test_cuda.py holds CUDA's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return {**env, **extra}
+
+
 def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(env or {})}
+               env: dict | None = None, device: str = "cpu") -> subprocess.CompletedProcess:
+    env = script_env(device, **(env or {}))
     proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -137,18 +147,27 @@ def data_cfg(tmp_path, dataset) -> Path:
 
 def reference_images(cfg_path: Path, split: str = "test") -> tuple[torch.Tensor, list[int]]:
     """A split's images as the evaluation transforms give them, and their labels, read without the package:
-    PIL, the label map, and the data config's Normalize (the only evaluation op the tests' configs use)."""
+    PIL, the label map, and the data config's ops done here with torchvision's own functions (the ones the
+    tests' and the users' evaluation transforms use: a square Resize, CenterCrop, Normalize)."""
+    from torchvision.transforms.v2 import functional as TF
+
     cfg = json.loads(Path(cfg_path).read_text())
     data = json.loads(Path(cfg["data_config_path"]).read_text())
     root = Path(data["dataset_path"])
-    assert list(data["transform_ops_val"]) == ["Normalize"], data["transform_ops_val"]
-    mean, std = (torch.tensor(data["transform_ops_val"]["Normalize"][k]).view(3, 1, 1) for k in ("Mean", "Std"))
+    ops = data["transform_ops_val"]
+    assert set(ops) <= {"Resize", "CenterCrop", "Normalize"} and list(ops)[-1] == "Normalize", ops
+    mean, std = (torch.tensor(ops["Normalize"][k]).view(3, 1, 1) for k in ("Mean", "Std"))
     label_map = json.loads((root / data["label_map"]).read_text())
     files = {"train": "train_files", "val": "valid_files", "test": "test_files"}[split]
     images, labels = [], []
     for line in (root / data[files]).read_text().split():
-        pixels = np.asarray(Image.open(root / line).convert("RGB"), dtype=np.float32) / 255
-        images.append((torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std)
+        pixels = torch.from_numpy(np.asarray(Image.open(root / line).convert("RGB"))).permute(2, 0, 1)  # uint8
+        for name, arg in ops.items():
+            if name == "Resize":
+                pixels = TF.resize(pixels, [arg, arg] if isinstance(arg, int) else list(arg), antialias=True)
+            elif name == "CenterCrop":
+                pixels = TF.center_crop(pixels, [arg, arg])
+        images.append((pixels.float() / 255 - mean) / std)
         labels.append(label_map[Path(line).parent.name])
     return torch.stack(images), labels
 

@@ -421,6 +421,31 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(capsys):
     assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "local_batch_size" in err
 
 
+def test_train_py_out_of_memory_is_one_line_and_exit_3(tmp_path, data_cfg):
+    """A model too large for the memory the process may use (an address-space limit set on train.py alone)."""
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, script_env
+
+    env = script_env()
+    # what the interpreter, torch and the package take before any model exists, on this machine
+    baseline = subprocess.run([sys.executable, "-c", "import torch, myrtle_vision.training; x = torch.randn(512, 512) @ "
+                               "torch.randn(512, 512); print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"],
+                              capture_output=True, text=True, env=env, check=True)
+    limit = int(baseline.stdout) * 1024 + (3 << 30)  # 3 GiB more; the model's weights alone are 6.4 GB
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                       vit={"embed_dim": 4096, "heads": 64, "mlp_dim": 16384, "depth": 8})
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-c", str(cfg), "--device", "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert proc.returncode == 3, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "local_batch_size" in lines[0], lines
+    assert "can't allocate memory" in lines[0]
+
+
 def test_other_runtime_errors_keep_their_traceback():
     def bug():
         raise RuntimeError("a bug")

@@ -8,13 +8,14 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, data_config, make_dataset, train_config
+from conftest import REPO, data_config, make_dataset, script_env, train_config
 
 RUN = {"epochs": 1, "local_batch_size": 4, "global_batch_size": 4, "num_workers": 0}
 
 
 def _run(*args) -> str:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=script_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -52,3 +53,9 @@ def test_quantized_eval_reports_every_format(tmp_path):
     for fmt in ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16"):
         assert re.search(rf"\| model only \| {fmt} \|", out)
     assert re.search(r"\| evaluation \(data \+ model\) \| FP16_32 \| [0-9.]+ \| \d+ \| [0-9.]+x \|", out)
+
+
+def test_einops_layouts_times_both_variants_of_the_same_model():
+    out = _run("benchmarks/einops_layouts.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1", "--no-write")
+    assert re.search(r"^\| ViT-Tiny \| training step \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
+    assert re.search(r"^\| ViT-Tiny \| inference \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)

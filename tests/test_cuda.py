@@ -1,12 +1,17 @@
-"""What only a GPU can show: the training step queues its micro-batches without waiting for the device,
+"""What only a GPU can show: the training step queues its micro-batches without waiting for the device, fp16 with
+the gradient scaler, pinned memory, the CUDA out-of-memory line, NCCL under torchrun (two GPUs),
 a batch's transforms on the GPU give torchvision's images, and train.py learns on CUDA with them.
 Skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU machine."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import run_dir_of, run_script, scalars, train_config
+from conftest import REPO, run_dir_of, run_script, scalars, script_env, train_config
 
 from myrtle_vision.distributed import Processes
 from myrtle_vision.config import load_config
@@ -71,7 +76,60 @@ def test_train_py_learns_on_cuda_with_the_batch_transformed_on_the_gpu(tmp_path,
     data = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)  # augment_on auto: on the GPU
     cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
                        train={"epochs": 6, "precision": "bf16", "num_workers": 2, "clip_grad": 1.0})
-    proc = run_script("train.py", "-c", cfg, "--device", "cuda", check=True)
+    proc = run_script("train.py", "-c", cfg, "--device", "cuda", check=True, device="cuda")
     assert "training on cuda" in proc.stdout
     losses = [v for _, v in scalars(run_dir_of(proc), "train/loss")]
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+
+
+def test_fp16_trains_with_the_gradient_scaler_and_resumes_it(tmp_path, data_cfg):
+    """fp16 needs CUDA (refused on the CPU: see test_precision): the loss is scaled, the scaler's state is saved
+    with each checkpoint and a resumed run continues from it."""
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                       train={"epochs": 6, "precision": "fp16", "iters_per_checkpoint": 6, "keep_checkpoints": None})
+    proc = run_script("train.py", "-c", cfg, "--device", "cuda", check=True, device="cuda")
+    run_dir = run_dir_of(proc)
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    mid = torch.load(run_dir / "checkpoint_0000006.pt", map_location="cpu", weights_only=True)
+    assert mid["grad_scaler"]["scale"] > 0
+    resumed = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
+                           train={"epochs": 6, "precision": "fp16", "iters_per_checkpoint": 6, "keep_checkpoints": None,
+                                  "checkpoint_path": str(run_dir / "checkpoint_0000006.pt")})
+    again = run_script("train.py", "-c", resumed, "--device", "cuda", check=True, device="cuda")
+    assert "resuming from" in again.stdout and "at iteration 6" in again.stdout
+
+
+def test_batches_come_from_pinned_memory_onto_the_gpu(tmp_path, data_cfg):
+    cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"num_workers": 2}))
+    trainer = Trainer(cfg, Processes(device=CUDA))
+    assert trainer.train_loader.loader.pin_memory and trainer.val_loader.loader.pin_memory
+    images, labels = next(iter(trainer.train_loader))
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+
+
+def test_cuda_out_of_memory_is_one_line_and_exit_3(tmp_path, data_cfg):
+    """A model larger than the GPU memory the process may use (a per-process limit set before train.py runs)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text("import torch\ntorch.cuda.set_per_process_memory_fraction(5e-5)\n")
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                       vit={"embed_dim": 1024, "heads": 16, "mlp_dim": 4096, "depth": 8})
+    proc = run_script("train.py", "-c", cfg, "--device", "cuda", device="cuda",
+                      env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}"})
+    assert proc.returncode == 3, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "local_batch_size" in lines[0], lines
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL puts one process on each)")
+def test_two_processes_on_two_gpus_with_nccl(tmp_path, data_cfg):
+    from test_distributed import RUN
+
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RUN)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=script_env("cuda"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training on cuda:0 in 2 processes" in proc.stdout
+    assert (run_dir_of(proc) / "last.pt").is_file()

@@ -1,14 +1,13 @@
 """DeiT end to end: the teacher notebook run headless, distillation training, resume, test.py, errors."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 import torchvision
-from conftest import REPO, assert_user_error, data_config, run_dir_of, run_script, train_config
+from conftest import REPO, assert_user_error, data_config, run_dir_of, run_script, script_env, train_config
 
 from myrtle_vision.distributed import Processes
 from myrtle_vision import checkpoint as ckpt_io
@@ -33,7 +32,7 @@ def _execute_notebook(folder, parameters: str) -> subprocess.CompletedProcess:
     assert len(params) == 1 and nb.cells.index(params[0]) == 1  # the first code cell
     params[0].source = parameters
     nbformat.write(nb, folder / "teacher.ipynb")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = script_env()
     return subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                            "--ExecutePreprocessor.timeout=600", str(folder / "teacher.ipynb"), "--output",
                            "executed.ipynb"], cwd=folder, env=env, capture_output=True, text=True, timeout=900)

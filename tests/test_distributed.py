@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_script, train_config
+from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_script, script_env, train_config
 from conftest import scalars
 
 from myrtle_vision import checkpoint as ckpt_io
@@ -28,7 +28,7 @@ RUN = {"epochs": 3, "local_batch_size": 4, "global_batch_size": 8, "iters_per_ch
 def torchrun(*args, script: str = "train.py", nproc: int = 2, timeout: float = 600,
              env: dict | None = None, launcher: tuple = ()) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=nproc [launcher...] script args...``"""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = script_env(OMP_NUM_THREADS="1", **(env or {}))  # Gloo on the CPU, on any machine
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            *map(str, launcher), str(REPO / script), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -1,7 +1,6 @@
 """train.py end to end on a small generated dataset: learning, checkpoints, resume, signals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_dir_of, run_script, scalars, train_config
+from conftest import REPO, assert_user_error, run_dir_of, run_script, scalars, script_env, train_config
 
 from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
@@ -118,7 +117,7 @@ def test_signal_saves_a_checkpoint_that_resumes_bit_exactly(hard_run, signum, tm
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=HARD_RUN, vit=vit)
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+                            env=script_env())
     lines = []
     for line in proc.stdout:
         lines.append(line)

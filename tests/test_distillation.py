@@ -141,28 +141,6 @@ def test_resuming_a_deit_run_without_its_distiller_config_is_an_error(deit_run, 
     assert_user_error(run_script("train.py", "-c", cfg), str(run_dir / "last.pt"), "no distiller_config")
 
 
-RESUME_RUN = {"epochs": 2, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
-              "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
-
-
-@pytest.mark.parametrize("kind", ["soft", "hard"])
-def test_deit_resume_is_bit_exact(kind, tmp_path, data_cfg, notebook_run):
-    vit = {"dropout": 0.1, "emb_dropout": 0.1}
-    sections = _distiller(notebook_run[2], distillation_type=kind)
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RESUME_RUN, vit=vit, **sections)
-    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
-    reference = ckpt_io.load(run_dir / "last.pt")
-    mid = run_dir / "checkpoint_0000006.pt"  # 4 updates per epoch: in the middle of the second
-    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
-                          train=dict(RESUME_RUN, checkpoint_path=str(mid)), vit=vit, **sections)
-    run_script("train.py", "-c", resume, check=True)
-    final = ckpt_io.load(run_dir / "last.pt")
-    assert final["iteration"] == reference["iteration"] == 8
-    for entry in ("model", "distillation"):
-        for k, v in reference[entry].items():
-            assert torch.equal(final[entry][k], v), f"{entry}.{k} differs after resume"
-
-
 def _bad_teacher_files(tmp_path):
     wrong_classes = tmp_path / "wrong_classes.pth"
     torch.save(torchvision.models.get_model(TEACHER, num_classes=45).state_dict(), wrong_classes)

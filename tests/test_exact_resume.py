@@ -1,15 +1,21 @@
-"""Interrupted and resumed runs end bit-identical to uninterrupted ones on CPU: for a ViT, a DeiT
-student and a quantization-aware run, with and without gradient accumulation and loader workers."""
+"""The bit-exact resume guarantee, all of it: interrupted and resumed runs end bit-identical to
+uninterrupted ones on CPU. In process: a ViT, a DeiT student and a quantization-aware run, with and
+without gradient accumulation and loader workers. Through train.py: a mid-epoch checkpoint and a
+SIGTERM/SIGINT with accumulation, dropout, random augmentation, workers and clipping; DeiT (soft and
+hard), QAT (FP16_16, FP16_32) and bf16 autocast; the transforms run on the device."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torchvision
-from conftest import CLASSES, train_config
+from conftest import (CLASSES, REPO, assert_user_error, data_config, run_dir_of, run_script, script_env,
+                      train_config)
 
 from myrtle_vision.config import load_config
 from myrtle_vision.training import Interrupted, Trainer
@@ -82,3 +88,129 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(kind, accumulate, wor
         assert va.keys() == vb.keys() and all(torch.equal(va[s], vb[s]) for s in va), k
     assert a["lr_scheduler"] == b["lr_scheduler"]
     assert (kind == "deit") == ("distillation" in a)
+
+
+# --- through train.py ------------------------------------------------------------------------------
+
+def _weights(path) -> dict:
+    return ckpt_io.load(path)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert list(a) == list(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+HARD_RUN = {"epochs": 3, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
+            "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
+HARD_OPS = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
+            "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": 0.3,
+            "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}}
+
+
+@pytest.fixture(scope="module")
+def hard_run(tmp_path_factory, dataset):
+    """Accumulation over 3 micro-batches, dropout, random augmentation, 2 workers, clipping."""
+    tmp = tmp_path_factory.mktemp("hard")
+    data_cfg = data_config(tmp / "data.json", dataset, 3, train_ops=HARD_OPS)
+    vit = {"dropout": 0.1, "emb_dropout": 0.1}
+    cfg = train_config(tmp / "train.json", data_cfg, tmp / "out", train=HARD_RUN, vit=vit)
+    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    reference = _weights(run_dir / "checkpoint_0000012.pt")  # read now: resuming rewrites the file
+    return tmp, data_cfg, vit, run_dir, reference
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(hard_run):
+    tmp, data_cfg, vit, run_dir, reference = hard_run
+    # 24 images / 6 = 4 updates per epoch; iteration 6 is in the middle of the second epoch
+    mid = run_dir / "checkpoint_0000006.pt"
+    assert ckpt_io.load(mid)["update_in_epoch"] == 2
+    cfg = train_config(tmp / "resume.json", data_cfg, tmp / "out", train=dict(HARD_RUN, checkpoint_path=str(mid)), vit=vit)
+    proc = run_script("train.py", "-c", cfg, check=True)
+    assert "resuming from" in proc.stdout and run_dir_of(proc) == run_dir
+    _assert_same_weights(_weights(run_dir / "last.pt"), reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_that_resumes_bit_exactly(hard_run, signum, tmp_path):
+    tmp, data_cfg, vit, _, reference = hard_run
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=HARD_RUN, vit=vit)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("training on"):
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=300)
+    stdout = "".join(lines) + out
+    assert proc.returncode == 128 + signum, stdout + err
+    assert "Traceback" not in err
+    assert f"interrupted by {signal.Signals(signum).name}; checkpoint saved to" in stdout
+    run_dir = run_dir_of(subprocess.CompletedProcess([], 0, stdout, err))
+    saved = ckpt_io.load(run_dir / "last.pt")
+    assert 1 <= saved["iteration"] < 12
+    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
+                          train=dict(HARD_RUN, checkpoint_path=str(run_dir / "last.pt")), vit=vit)
+    run_script("train.py", "-c", resume, check=True)
+    _assert_same_weights(_weights(run_dir / "last.pt"), reference)
+
+
+RESUME_RUN = {"epochs": 2, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
+              "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
+
+
+def _variant(kind: str, teacher) -> dict:
+    """train_config keyword sections for one kind of run."""
+    vit = {"dropout": 0.1, "emb_dropout": 0.1}
+    if kind.startswith("deit"):
+        return {"vit": vit, "distiller_config": {"teacher_model": "mobilenet_v3_small", "alpha": 0.5,
+                                                 "teacher_weights_path": str(teacher),
+                                                 "distillation_type": kind.split("-")[1]}}
+    if kind.startswith("qat"):
+        return {"vit": dict(vit, q_format=kind.split("-")[1])}
+    return {"vit": vit, "train": dict(RESUME_RUN, precision="bf16")}
+
+
+@pytest.mark.parametrize("kind", ["deit-soft", "deit-hard", "qat-FP16_16", "qat-FP16_32", "bf16"])
+def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg, teacher):
+    sections = _variant(kind, teacher)
+    train = sections.pop("train", RESUME_RUN)
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=train, **sections)
+    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    reference = ckpt_io.load(run_dir / "last.pt")
+    mid = run_dir / "checkpoint_0000006.pt"  # 4 updates per epoch: in the middle of the second
+    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
+                          train=dict(train, checkpoint_path=str(mid)), **sections)
+    run_script("train.py", "-c", resume, check=True)
+    final = ckpt_io.load(run_dir / "last.pt")
+    assert final["iteration"] == reference["iteration"] == 8
+    for entry in ("model", "distillation"):
+        assert (entry in reference) == (entry in final) == (entry == "model" or kind.startswith("deit"))
+        for k, v in reference.get(entry, {}).items():
+            assert torch.equal(final[entry][k], v), f"{entry}.{k} differs after resume"
+    if kind.startswith("qat"):  # resuming in another number format is refused
+        other = train_config(tmp_path / "o.json", data_cfg, tmp_path / "out",
+                             train=dict(train, checkpoint_path=str(mid)), vit=dict(sections["vit"], q_format="FP32"))
+        assert_user_error(run_script("train.py", "-c", other), str(mid), f"trained with q_format {kind[4:]}",
+                          "vit_config.q_format FP32")
+
+
+def test_training_on_device_batches_resumes_bit_exactly(tmp_path, dataset):
+    """A run whose training transforms run on the device (here the CPU), with loader workers, resumed from
+    a mid-epoch checkpoint, ends with the weights of the run never interrupted."""
+    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
+           "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    data = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops, augment_on="device")
+    train = {"epochs": 2, "num_workers": 2, "iters_per_checkpoint": 2, "keep_checkpoints": None}
+    whole = run_dir_of(run_script("train.py", "-c", train_config(tmp_path / "a.json", data, tmp_path / "a", train=train),
+                                  check=True))
+    expected = torch.load(whole / "last.pt", weights_only=True)["model"]
+    proc = run_script("train.py", "-c", train_config(tmp_path / "b.json", data, tmp_path / "a", train=dict(
+        train, checkpoint_path=str(whole / "checkpoint_0000002.pt"))), check=True)
+    assert "resuming from" in proc.stdout and "at iteration 2" in proc.stdout
+    resumed = torch.load(whole / "last.pt", weights_only=True)
+    assert resumed["iteration"] == 6
+    assert all(torch.equal(expected[k], resumed["model"][k]) for k in expected)

@@ -143,6 +143,40 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
     assert not list(last.parent.glob(".*.tmp*"))  # a killed write's temporary file is cleaned up on resume
 
 
+def test_a_run_killed_outright_leaves_no_process_behind(data, tmp_path):
+    """SIGKILL gives train.py no chance to stop its loader workers (nor the fork server that started them):
+    they must notice and go by themselves, and not linger holding memory and the dataset."""
+    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT, train=dict(RUN, num_workers=2))
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if REACHED.match(line):  # a validation done: the training and validation workers are running
+            break
+    group = os.getpgid(proc.pid)
+    helpers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p) == group and int(p.name) != proc.pid]
+    assert len(helpers) >= 3, helpers  # the fork server and its workers, at least
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return  # every process of the run is gone
+        time.sleep(0.2)
+    left = [(p.name, (p / "cmdline").read_bytes()[:80]) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _pgid(p) == group]
+    os.killpg(group, signal.SIGKILL)
+    raise AssertionError(f"still running 30 s after the kill: {left}")
+
+
+def _pgid(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # --- disk trouble: torch.save fails as a full disk or a refused permission would ------------------
 
 INJECT = '''

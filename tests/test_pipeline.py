@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, data_config, make_dataset, run_dir_of, run_script, train_config
+from conftest import CLASSES, data_config, make_dataset, train_config
 from PIL import Image
 from torchvision.transforms import v2 as T
 
@@ -256,19 +256,3 @@ def test_the_step_reads_the_device_once_per_update(tmp_path, data_cfg, monkeypat
     assert result.images == 8 and math.isfinite(result.loss)
 
 
-def test_training_on_device_batches_resumes_bit_exactly(tmp_path, dataset):
-    """A run whose training transforms run on the device (here the CPU), with loader workers, resumed from
-    a mid-epoch checkpoint, ends with the weights of the run never interrupted."""
-    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
-           "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
-    data = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops, augment_on="device")
-    train = {"epochs": 2, "num_workers": 2, "iters_per_checkpoint": 2, "keep_checkpoints": None}
-    whole = run_dir_of(run_script("train.py", "-c", train_config(tmp_path / "a.json", data, tmp_path / "a", train=train),
-                                  check=True))
-    expected = torch.load(whole / "last.pt", weights_only=True)["model"]
-    proc = run_script("train.py", "-c", train_config(tmp_path / "b.json", data, tmp_path / "a", train=dict(
-        train, checkpoint_path=str(whole / "checkpoint_0000002.pt"))), check=True)
-    assert "resuming from" in proc.stdout and "at iteration 2" in proc.stdout
-    resumed = torch.load(whole / "last.pt", weights_only=True)
-    assert resumed["iteration"] == 6
-    assert all(torch.equal(expected[k], resumed["model"][k]) for k in expected)

@@ -126,31 +126,6 @@ def test_qat_checkpoint_needs_quantized_ckpt_and_tests_in_its_format(runs, tmp_p
     assert json.loads((tmp_path / "t.json").read_text())["top1"] == pytest.approx(result["quantized"]["top1"])
 
 
-QAT_RESUME = {"epochs": 2, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
-              "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
-
-
-@pytest.mark.parametrize("q_format", ["FP16_16", "FP16_32"])
-def test_quantization_aware_training_resumes_bit_exactly(q_format, tmp_path, data_cfg):
-    vit = {"dropout": 0.1, "emb_dropout": 0.1, "q_format": q_format}
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=QAT_RESUME, vit=vit)
-    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
-    reference = ckpt_io.load(run_dir / "last.pt")
-    mid = run_dir / "checkpoint_0000006.pt"  # 4 updates per epoch: in the middle of the second
-    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
-                          train=dict(QAT_RESUME, checkpoint_path=str(mid)), vit=vit)
-    run_script("train.py", "-c", resume, check=True)
-    final = ckpt_io.load(run_dir / "last.pt")
-    assert final["iteration"] == reference["iteration"] == 8
-    for k, v in reference["model"].items():
-        assert torch.equal(final["model"][k], v), f"{k} differs after resume"
-    # resuming in another number format is refused
-    other = train_config(tmp_path / "o.json", data_cfg, tmp_path / "out",
-                         train=dict(QAT_RESUME, checkpoint_path=str(mid)), vit=dict(vit, q_format="FP32"))
-    assert_user_error(run_script("train.py", "-c", other), str(mid), f"trained with q_format {q_format}",
-                      "vit_config.q_format FP32")
-
-
 def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
     """A DeiT checkpoint (model + distillation entries) tests like a ViT: its class head."""
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})

@@ -1,14 +1,12 @@
-"""train.py end to end on a small generated dataset: learning, checkpoints, resume, signals."""
+"""train.py end to end on a small generated dataset: learning, checkpoints and their rotation, gradient
+accumulation, validation. (Resuming, bit-exactly: tests/test_exact_resume.py.)"""
 
 import json
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_dir_of, run_script, scalars, script_env, train_config
+from conftest import assert_user_error, run_dir_of, run_script, scalars, train_config
 
 from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
@@ -77,65 +75,6 @@ def _assert_same_weights(a, b):
     assert list(a) == list(b)
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-HARD_RUN = {"epochs": 3, "local_batch_size": 2, "global_batch_size": 6, "iters_per_checkpoint": 2,
-            "num_workers": 2, "clip_grad": 0.5, "keep_checkpoints": None, "label_smoothing": 0.1}
-HARD_OPS = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
-            "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": 0.3,
-            "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}}
-
-
-@pytest.fixture(scope="module")
-def hard_run(tmp_path_factory, dataset):
-    """Accumulation over 3 micro-batches, dropout, random augmentation, 2 workers, clipping."""
-    from conftest import data_config
-
-    tmp = tmp_path_factory.mktemp("hard")
-    data_cfg = data_config(tmp / "data.json", dataset, 3, train_ops=HARD_OPS)
-    vit = {"dropout": 0.1, "emb_dropout": 0.1}
-    cfg = train_config(tmp / "train.json", data_cfg, tmp / "out", train=HARD_RUN, vit=vit)
-    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
-    reference = load(run_dir / "checkpoint_0000012.pt")["model"]  # read now: resuming rewrites the file
-    return tmp, data_cfg, vit, run_dir, reference
-
-
-def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(hard_run):
-    tmp, data_cfg, vit, run_dir, reference = hard_run
-    # 24 images / 6 = 4 updates per epoch; iteration 6 is in the middle of the second epoch
-    mid = run_dir / "checkpoint_0000006.pt"
-    assert load(mid)["update_in_epoch"] == 2
-    cfg = train_config(tmp / "resume.json", data_cfg, tmp / "out", train=dict(HARD_RUN, checkpoint_path=str(mid)), vit=vit)
-    proc = run_script("train.py", "-c", cfg, check=True)
-    assert "resuming from" in proc.stdout and run_dir_of(proc) == run_dir
-    _assert_same_weights(_final_weights(run_dir), reference)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_saves_a_checkpoint_that_resumes_bit_exactly(hard_run, signum, tmp_path):
-    tmp, data_cfg, vit, _, reference = hard_run
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=HARD_RUN, vit=vit)
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=script_env())
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("training on"):
-            proc.send_signal(signum)
-            break
-    out, err = proc.communicate(timeout=300)
-    stdout = "".join(lines) + out
-    assert proc.returncode == 128 + signum, stdout + err
-    assert "Traceback" not in err
-    assert f"interrupted by {signal.Signals(signum).name}; checkpoint saved to" in stdout
-    run_dir = run_dir_of(subprocess.CompletedProcess([], 0, stdout, err))
-    saved = load(run_dir / "last.pt")
-    assert 1 <= saved["iteration"] < 12
-    resume = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
-                          train=dict(HARD_RUN, checkpoint_path=str(run_dir / "last.pt")), vit=vit)
-    run_script("train.py", "-c", resume, check=True)
-    _assert_same_weights(_final_weights(run_dir), reference)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cfg):

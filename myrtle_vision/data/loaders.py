@@ -10,9 +10,12 @@ loader gets ``(float images, labels)`` on the device, ready for the model.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
+import threading
+import time
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -30,9 +33,35 @@ def default_workers() -> int:
     return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _worker_init(_worker_id: int) -> None:
+def _worker_init(main_pid: int, _worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.getppid() != main_pid:
+        # Started by the fork server, this worker's parent is the server, and torch's own check (is my parent
+        # still there?) watches the server, which lives as long as its workers do: a training process killed
+        # outright (SIGKILL, the out-of-memory killer) would leave both behind for ever. Watch the process
+        # that owns the loader instead, and go with it.
+        threading.Thread(target=_exit_when_gone, args=(main_pid,), daemon=True, name="watch-main").start()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's (the pid was reused): ours is gone
+        return True
+    try:  # killed but not yet reaped by its parent: a zombie
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def _exit_when_gone(pid: int, interval: float = 1.0) -> None:
+    while not _gone(pid):
+        time.sleep(interval)
+    os._exit(0)
 
 
 def _worker_context():
@@ -89,7 +118,7 @@ class Loader:
 def _loader_kwargs(dataset, num_workers: int, device: torch.device, persistent: bool) -> dict:
     return dict(num_workers=num_workers, pin_memory=device.type == "cuda",
                 multiprocessing_context=_worker_context() if num_workers else None,
-                worker_init_fn=_worker_init if num_workers else None, prefetch_factor=4 if num_workers else None,
+                worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers else None, prefetch_factor=4 if num_workers else None,
                 persistent_workers=persistent and num_workers > 0, collate_fn=getattr(dataset, "collate", None))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..weights.io import read_state_dict
+from ..weights.io import describe, mismatch, read_state_dict
 from ..errors import UserError, did_you_mean
 
 
@@ -78,20 +78,15 @@ def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
 
 
 def _fit_problem(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    """How ``state`` fails to fit ``model`` (first few differences), or None."""
-    return _fit_problem_of(model.state_dict(), state, strict=True)
+    """How ``state`` fails to fit ``model`` (the first few differences), or None. Auxiliary classifiers
+    (Inception's ``aux*``), which torchvision's files may hold, are not needed."""
+    return describe(mismatch(model.state_dict(), state, ignore=lambda k: k.startswith("aux")), limit=2)
 
 
-def _fit_problem_of(expected: dict, state: dict[str, torch.Tensor], strict: bool = False) -> str | None:
-    problems = [f"{k} is {tuple(state[k].shape)}, expected {tuple(v.shape)}"
-                for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if strict and k not in expected and not k.startswith("aux")]
-    if missing:
-        problems.append(f"{len(missing)} missing entries such as {missing[0]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected entries such as {unexpected[0]}")
-    return "; ".join(problems[:2]) if problems else None
+def _body_fits(model: nn.Module, head: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds everything of ``model`` but its classifier ``head``, in the right shapes."""
+    return all(k in state and state[k].shape == v.shape for k, v in model.state_dict().items()
+               if not k.startswith(head + "."))
 
 
 def _classes_in(state: dict[str, torch.Tensor], classifier: str) -> int | None:
@@ -111,9 +106,8 @@ def load_teacher(name: str, num_classes: int, path: str | Path, where: str = "te
     problem = _fit_problem(model, state)
     if problem:
         head = classifier_name(model)
-        body = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
         found = _classes_in(state, head)
-        if _fit_problem_of(body, state) is None and found is not None:
+        if _body_fits(model, head, state) and found is not None:
             holds = f"it holds a {found}-class {head}"
         else:
             holds = f"it is not a {name}"

@@ -122,70 +122,97 @@ class Trainer:
 
     def __init__(self, cfg: Config, procs: Processes = Processes()):
         self.cfg, self.tc, self.procs, self.device = cfg, cfg.train_config, procs, procs.device
-        device = procs.device
         # what the run says: rank 0 alone prints (and, once the run directory is made, logs to TensorBoard)
         self.reporter = Reporter(enabled=procs.is_main)
-        tc = self.tc
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: the accelerator sees these weights
-        label_map = read_label_map(cfg.data_config)
+        self._open_data()
+        self._check_fits_this_run()
+        torch.manual_seed(self.tc.seed)
+        self._build_model()
+        self._build_optimizer()
+        self._build_loss()
+        self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.skipped_in_a_row = 0
+        self.run_dir = self._resume() if self.tc.checkpoint_path else self._new_run_dir()
+        self._start_loaders()
+        self.step_module = self._wrap_for_the_step()
+
+    def _open_data(self) -> None:
+        label_map = read_label_map(self.cfg.data_config)
         self.class_names = class_names(label_map)
-        self.train_set = open_split(cfg.data_config, "train", label_map, device)
-        self.val_set = open_split(cfg.data_config, "val", label_map, device)
-        check_image_size(self.train_set, cfg, "transform_ops_train")
-        check_image_size(self.val_set, cfg, "transform_ops_val")
+        self.train_set = open_split(self.cfg.data_config, "train", label_map, self.device)
+        self.val_set = open_split(self.cfg.data_config, "val", label_map, self.device)
+        check_image_size(self.train_set, self.cfg, "transform_ops_train")
+        check_image_size(self.val_set, self.cfg, "transform_ops_val")
+
+    def _check_fits_this_run(self) -> None:
+        """The config's rules that depend on the data, the device or the processes (the others are checked
+        when the config is loaded)."""
+        cfg, tc, procs = self.cfg, self.tc, self.procs
         if len(self.train_set) < tc.global_batch_size and tc.drop_last_batch:
             raise UserError(f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
                             f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
                             "drop_last_batch to false")
-        if tc.precision == "fp16" and device.type != "cuda":
+        if tc.precision == "fp16" and self.device.type != "cuda":
             raise UserError(f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
                             "scaler); on CPU use bf16 or fp32")
         if tc.global_batch_size < procs.world_size:
             raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
                             f"{procs.world_size} processes: each needs at least one image per update")
-        torch.manual_seed(tc.seed)
+
+    def _build_model(self) -> None:
+        cfg, vc = self.cfg, self.cfg.vit_config
         self.model = build_model(cfg)
-        vc = cfg.vit_config
-        if vc.pretrained_weights and not tc.checkpoint_path:  # a resumed run has its weights in its checkpoint
+        if vc.pretrained_weights and not self.tc.checkpoint_path:  # a resumed run has its weights in its checkpoint
             fresh = load_pretrained(self.model, vc.pretrained_weights, vc.pretrained_format,
                                     f"{cfg.path}: vit_config.pretrained_weights")
             self.reporter.print(f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
                                 + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another "
                                    "class count)" if fresh else ""))
-        self.model.to(device)
-        self.optimizer = optimizer_for(self.model, tc, fused=True if device.type == "cuda" else None)
+        self.model.to(self.device)
+
+    def _build_optimizer(self) -> None:
+        """Optimizer, the data plan, the learning-rate schedule, and (fp16) the gradient scaler."""
+        tc, procs = self.tc, self.procs
+        self.optimizer = optimizer_for(self.model, tc, fused=True if self.device.type == "cuda" else None)
         self.plan = TrainPlan(len(self.train_set), global_batch=tc.global_batch_size, local_batch=tc.local_batch_size,
                               seed=tc.seed, drop_last=tc.drop_last_batch, rank=procs.rank, world_size=procs.world_size)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         # fp16 needs its loss scaled so that small gradients survive; bf16 has FP32's range and does not.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+
+    def _build_loss(self) -> None:
+        """Cross entropy; for DeiT, the teacher and the distillation loss around it."""
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.tc.label_smoothing)
         self.teacher = None
-        dc = cfg.distiller_config
+        dc = self.cfg.distiller_config
         if dc is not None:
-            where = f"{cfg.path}: distiller_config.teacher_weights_path"
-            teacher = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, dc.teacher_weights_path, where)
-            self.teacher = Resized(teacher, dc.teacher_image_size).eval().to(device)
+            where = f"{self.cfg.path}: distiller_config.teacher_weights_path"
+            teacher = load_teacher(dc.teacher_model, self.cfg.data_config.number_of_classes, dc.teacher_weights_path,
+                                   where)
+            self.teacher = Resized(teacher, dc.teacher_image_size).eval().to(self.device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
-        self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler)
-        self.skipped_in_a_row = 0
-        self.run_dir = self._resume() if tc.checkpoint_path else self._new_run_dir()
-        # Workers that live as long as the run: no start-up at every epoch and validation.
+
+    def _start_loaders(self) -> None:
+        """Workers that live as long as the run: no start-up at every epoch and validation."""
+        tc, procs = self.tc, self.procs
         self.num_workers = tc.num_workers if tc.num_workers is not None else default_workers()
         self.train_loader = train_loader(self.train_set, self.plan, epoch=self.progress.epoch,
                                          start_update=self.progress.update_in_epoch, num_workers=self.num_workers,
-                                         device=device, persistent=True)
-        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, self.num_workers, device=device,
+                                         device=self.device, persistent=True)
+        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, self.num_workers, device=self.device,
                                       rank=procs.rank, world_size=procs.world_size, persistent=True)
-        # What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging.
-        self.step_module = _BothHeads(self.model) if self.teacher is not None else self.model
-        if procs.enabled:
-            self.step_module = DistributedDataParallel(
-                self.step_module, device_ids=[device.index] if device.type == "cuda" else None)
-        if tc.compile:  # compiled around DDP, as PyTorch recommends; checkpoints and evaluation use the plain model
-            self.step_module = torch.compile(self.step_module)
+
+    def _wrap_for_the_step(self) -> nn.Module:
+        """What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging, and
+        compiled around that, as PyTorch recommends; checkpoints and evaluation use the plain model."""
+        module = _BothHeads(self.model) if self.teacher is not None else self.model
+        if self.procs.enabled:
+            module = DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(module) if self.tc.compile else module
 
     def _new_run_dir(self) -> Path:
         """A fresh run directory, made by rank 0 and shared with the other processes."""

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .io import describe, mismatch
 
 # (deploy-name pattern, module-name pattern); "{i}" stands for the block index.
 _NAMES = [
@@ -94,26 +95,19 @@ def from_deploy(state_dict: dict[str, torch.Tensor], source: str = "checkpoint")
 
 
 def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str | None:
-    """One line saying how ``found`` (deploy names) differs from ``expected``, or None if it fits."""
-    problems = []
+    """One line saying how ``found`` (deploy names) differs from ``expected``, or None if it fits: the
+    depth first when it differs (rather than every block's entries), and what a qkv_bias difference means."""
     depth = lambda sd: len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})  # noqa: E731
-    if depth(expected) != depth(found):
+    problems, same_depth = [], depth(expected) == depth(found)
+    if not same_depth:
         problems.append(f"depth {depth(found)} (the config's model has {depth(expected)})")
-    for name, tensor in expected.items():
-        if name in found and tuple(found[name].shape) != tuple(tensor.shape):
-            problems.append(f"{name} has shape {tuple(found[name].shape)} (the config's model has {tuple(tensor.shape)})")
-    same_depth = depth(expected) == depth(found)
-    missing = [n for n in expected if n not in found and (same_depth or not n.startswith("transformer.layers."))]
-    if missing:
-        problems.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
-                        + (" (the config has qkv_bias true; the checkpoint was trained without)"
-                           if any(n.endswith("to_qkv.bias") for n in missing) else ""))
-    extra = [n for n in found if n not in expected and (same_depth or not n.startswith("transformer.layers."))]
-    if extra:
-        problems.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "")
-                        + (" (the checkpoint was trained with qkv_bias; set it to true in the config)"
-                           if any(n.endswith("to_qkv.bias") for n in extra) else ""))
-    return "; ".join(problems[:4]) + ("; ..." if len(problems) > 4 else "") if problems else None
+    problems += mismatch(expected, found, "the config's model",
+                         ignore=lambda n: not same_depth and n.startswith("transformer.layers."))
+    if any(n.endswith("to_qkv.bias") for n in expected if n not in found):
+        problems.append("the config has qkv_bias true; the checkpoint was trained without")
+    if any(n.endswith("to_qkv.bias") for n in found if n not in expected):
+        problems.append("the checkpoint was trained with qkv_bias; set it to true in the config")
+    return describe(problems)
 
 
 DISTILLATION_PREFIXES = ("dist_token", "head_dist.")
@@ -143,16 +137,16 @@ def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation:
     """
     plain, distill = _split(model.state_dict())
     expected = to_deploy(plain)
-    mismatch = describe_mismatch(expected, ckpt["model"])
-    if mismatch:
-        raise UserError(f"{path}: checkpoint does not fit the config's model: {mismatch}")
+    problem = describe_mismatch(expected, ckpt["model"])
+    if problem:
+        raise UserError(f"{path}: checkpoint does not fit the config's model: {problem}")
     weights = from_deploy(ckpt["model"], str(path))
     if distill:
         if has_distillation(ckpt):
             found = ckpt["distillation"]
-            bad = [k for k in distill if k not in found or tuple(found[k].shape) != tuple(distill[k].shape)]
-            if bad:
-                raise UserError(f"{path}: distillation entry does not fit the config's model ({', '.join(bad)})")
+            problem = describe(mismatch(distill, found, "the config's model"))
+            if problem:
+                raise UserError(f"{path}: distillation entry does not fit the config's model ({problem})")
             weights.update({k: found[k] for k in distill})
         elif require_distillation:
             raise UserError(f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .io import read_state_dict
+from .io import describe, mismatch, read_state_dict
 
 
 def read_timm_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.Tensor]:
@@ -94,9 +94,22 @@ def resize_grid(pos: torch.Tensor, grid: int, fmt: str = "timm") -> torch.Tensor
 
 def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) -> list[str]:
     """Fill ``model`` (one of ours, freshly built) from a pretrained file; returns what was left as initialised."""
-    args = model.args
     state = read_timm_state_dict(path, fmt, where)
     theirs = f"{where}: {path}"
+    _check_plain_vit(state, model.args, theirs)
+    converted, fresh = _to_our_vit(state, model.args, fmt)
+    excused = {f"{h}.{p}" for h in fresh for p in ("weight", "bias")} | {"dist_token"}
+    problem = describe(mismatch(model.state_dict(), converted, "this model", ignore=excused.__contains__))
+    if problem:
+        raise UserError(f"{theirs}: does not fit vit_config's model: {problem} (check vit_config's embed_dim, heads "
+                        "and mlp_dim)")
+    model.load_state_dict(converted, strict=False)
+    return fresh
+
+
+def _check_plain_vit(state: dict[str, torch.Tensor], args, theirs: str) -> None:
+    """The file is a plain ViT (nothing that would change what the model computes) of vit_config's patch
+    embedding, depth and attention biases, with a position embedding we can resize."""
     unknown = sorted(k for k in state if not _KNOWN.fullmatch(k))
     if unknown:
         raise UserError(f"{theirs}: entries a plain ViT has no place for: {', '.join(unknown[:3])}"
@@ -113,11 +126,9 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth != args.depth:
         raise UserError(f"{theirs}: it has {depth} blocks, but vit_config has depth {args.depth}")
-    has_qkv_bias = "blocks.0.attn.qkv.bias" in state
-    if has_qkv_bias and not args.qkv_bias:
+    if "blocks.0.attn.qkv.bias" in state and not args.qkv_bias:
         raise UserError(f"{theirs}: its attention has qkv biases; set vit_config.qkv_bias to true")
     prefix = 2 if "dist_token" in state else 1
-    grid = args.image_size // args.patch_size
     pos = state["pos_embed"]
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != args.embed_dim or pos.shape[1] <= prefix:
         raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: expected (1, {prefix} + patches, "
@@ -128,8 +139,14 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
         raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: "
                         + ("no position for the class token (timm's no_embed_class, as DeiT III): not supported"
                            if square else f"{n} patch positions are not a square grid"))
-    patches = resize_grid(pos[:, prefix:], grid, fmt)
 
+
+def _to_our_vit(state: dict[str, torch.Tensor], args, fmt: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A checked plain-ViT state (timm's names) as our model's tensors; and the heads (and distillation token)
+    left as initialised: not in the file, or for another class count."""
+    prefix = 2 if "dist_token" in state else 1
+    weight, pos = state["patch_embed.proj.weight"], state["pos_embed"]
+    patches = resize_grid(pos[:, prefix:], args.image_size // args.patch_size, fmt)
     converted = {
         "patch_embed.proj.weight": weight.permute(0, 2, 3, 1).reshape(args.embed_dim, -1),  # (row, col, channel)
         "patch_embed.proj.bias": state["patch_embed.proj.bias"],
@@ -148,18 +165,4 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
             fresh.append(head)  # another class count: the classifier is replaced
     if args.distilled and "dist_token" not in converted:
         fresh.append("dist_token")
-    own = model.state_dict()
-    unexpected = sorted(set(converted) - set(own))
-    if unexpected:
-        raise UserError(f"{theirs}: entries this model has no place for, e.g. {', '.join(unexpected[:3])} "
-                        "(a ViT with other options, such as layer scale or register tokens?)")
-    for name, tensor in converted.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise UserError(f"{theirs}: {name} is {tuple(tensor.shape)}, this model's is {tuple(own[name].shape)} "
-                            "(check vit_config's embed_dim, heads and mlp_dim)")
-    missing = sorted(set(own) - set(converted) - {f"{h}.{p}" for h in fresh for p in ("weight", "bias")}
-                     - {"dist_token"})
-    if missing:
-        raise UserError(f"{theirs}: it has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    model.load_state_dict(converted, strict=False)
-    return fresh
+    return converted, fresh

@@ -116,3 +116,28 @@ def read_state_dict(path: str | Path, what: str, where: str) -> dict[str, torch.
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{where}: {path}: not a state dict (a mapping of parameter names to tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _listed(names: list[str], limit: int) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], ours: str = "the model",
+             ignore=lambda name: False, limit: int = 3) -> list[str]:
+    """How the tensors ``found`` (in a file) fail to fit ``expected`` (a model's): the entries of another shape,
+    then the missing ones, then the unexpected ones (those ``ignore`` does not excuse), a phrase each. The one
+    way this package says what does not fit; :func:`describe` joins the phrases into a line."""
+    problems = [f"{k} has shape {tuple(found[k].shape)} ({ours} has {tuple(v.shape)})"
+                for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)][:limit]
+    missing = [k for k in expected if k not in found and not ignore(k)]
+    unexpected = [k for k in found if k not in expected and not ignore(k)]
+    if missing:
+        problems.append(f"missing {_listed(missing, limit)}")
+    if unexpected:
+        problems.append(f"unexpected {_listed(unexpected, limit)}")
+    return problems
+
+
+def describe(problems: list[str], limit: int = 4) -> str | None:
+    """The phrases of :func:`mismatch` (and any others) as one line, or None when there are none."""
+    return "; ".join(problems[:limit]) + ("; ..." if len(problems) > limit else "") if problems else None

@@ -87,5 +87,10 @@ for name, q in (("ViT", qvit), ("DeiT", qdeit), ("ViT", ivit), ("DeiT", ideit)):
     print(f"{name} in {'INT8' if q['q_format'] == 'PyTorchINT8' else q['q_format']}: top-1 "
           f"{q['quantized']['top1'] - q['fp32']['top1']:+.2f} points against FP32, "
           f"{q['unchanged_predictions']:.2f}% of predictions unchanged, largest logit difference {q['max_logit_diff']:.4g}")
-print(f"total {sum(seconds.values())} s, of which preparing the data {seconds['prepare']} s")
+sys.path.insert(0, "benchmarks")
+import torch  # noqa: E402
+from _common import machine, matmul_rate  # noqa: E402
+rate = matmul_rate(torch.device("cpu"), 3) / 1e9
+print(f"total {sum(seconds.values())} s, of which preparing the data {seconds['prepare']} s, on {machine(torch.device('cpu'))} "
+      f"(fp32 matrix products: {rate:.0f} GFLOP/s; the time scales about inversely with it)")
 PY

@@ -161,7 +161,7 @@ def reference_images(cfg_path: Path, split: str = "test") -> tuple[torch.Tensor,
     files = {"train": "train_files", "val": "valid_files", "test": "test_files"}[split]
     images, labels = [], []
     for line in (root / data[files]).read_text().split():
-        pixels = torch.from_numpy(np.asarray(Image.open(root / line).convert("RGB"))).permute(2, 0, 1)  # uint8
+        pixels = torch.from_numpy(np.array(Image.open(root / line).convert("RGB"))).permute(2, 0, 1)  # uint8
         for name, arg in ops.items():
             if name == "Resize":
                 pixels = TF.resize(pixels, [arg, arg] if isinstance(arg, int) else list(arg), antialias=True)

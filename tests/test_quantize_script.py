@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from itertools import islice
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,13 +15,10 @@ from test_distributed import torchrun
 from test_int8 import Int8Reference
 from test_train import scalars
 
-from myrtle_vision.distributed import Processes
 from myrtle_vision import checkpoint as ckpt_io
-from myrtle_vision.weights.deploy import load_model_weights
 from myrtle_vision.weights.io import save_atomic
 from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import split_loader
 from myrtle_vision.models import build_model
 
 TRAIN = {"epochs": 6, "iters_per_checkpoint": 3}
@@ -155,17 +154,42 @@ def test_unknown_formats_are_one_line_errors(runs, tmp_path):
     assert "FP16_16" in line and "BF16_32" in line
 
 
+# The deploy layout's names in our modules' (the README's table, "Checkpoint contents"), written out here
+# again so that the reference below reads a checkpoint without the package.
+_DEPLOY_TO_OURS = [
+    (r"pos_embedding", "pos_embed"), (r"cls_token", "cls_token"),
+    (r"patch_to_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"mlp_head\.0\.(weight|bias)", r"norm.\1"), (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
+]
+
+
+def _ours(name: str) -> str:
+    for pattern, replacement in _DEPLOY_TO_OURS:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    raise KeyError(name)
+
+
 def _int8_reference_logits(cfg_path, ckpt_path, calib_steps: int, per_channel: bool = False) -> torch.Tensor:
-    """Independent of test_quantize.py: test_int8's reference INT8 ViT, from the checkpoint's weights,
-    calibrated on the first ``calib_steps`` validation batches of the config's batch size, on the test split."""
-    cfg = load_config(cfg_path)
-    model = build_model(cfg, distilled=False, q_format="FP32")
-    load_model_weights(model, ckpt_io.load(ckpt_path), ckpt_path, require_distillation=False)
-    reference = Int8Reference(model.state_dict(), model.args, per_channel)
-    val, _ = split_loader(cfg, Processes(), cfg.train_config.local_batch_size, 0, "val")
-    reference.calibrate(x for x, _ in islice(val, calib_steps))
-    test, _ = split_loader(cfg, Processes(), 4, 0)
-    return torch.cat([reference(x) for x, _ in test])
+    """Without the package: test_int8's reference INT8 ViT on the checkpoint's deploy entry (read with
+    torch.load), calibrated on the first ``calib_steps`` validation batches of the config's batch size and
+    run on the test images, both read and normalized by hand (conftest.reference_images)."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    vit, batch = cfg["vit_config"], cfg["train_config"]["local_batch_size"]
+    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+    args = SimpleNamespace(patch_size=vit["patch_size"], depth=vit["depth"], heads=vit["heads"],
+                           layer_norm_eps=vit.get("layer_norm_eps", 1e-5))
+    reference = Int8Reference({_ours(k): v for k, v in weights.items()}, args, per_channel)
+    val, _ = reference_images(cfg_path, "val")
+    reference.calibrate(val[i:i + batch] for i in range(0, min(len(val), calib_steps * batch), batch))
+    test, _ = reference_images(cfg_path)
+    return reference(test)
 
 
 def _check_int8_figures(result: dict, fp32: torch.Tensor, quantized: torch.Tensor, targets: torch.Tensor) -> None:

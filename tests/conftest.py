@@ -180,37 +180,51 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
 
 
 REFERENCE_ROUNDING = {"FP32": None, "FP16_32": lambda t: t.half().float(), "BF16_32": lambda t: t.bfloat16().float(),
-                      "TF32": round_tf32}
+                      "TF32": round_tf32, "FP16_16": lambda t: t.half().float()}
 
 
 def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int, head_dim_scale: int = 64,
                       q_format: str = "FP32") -> torch.Tensor:
     """The deploy layout's semantics, written from its description, straight off the tensors (attention scores
     divided by sqrt(head_dim_scale): 64, the head size of every shipped model; our ViT divides by its own head size).
-    An independent reference: it uses nothing of the package. ``q_format`` (FP16_32, BF16_32 or TF32, as the
-    package's quantization module describes them) rounds the inputs, weights and biases of every linear map
-    and layer norm, and computes the rest in FP32."""
+    An independent reference: it uses nothing of the package. ``q_format``, as the README's quantization table
+    describes it: FP16_32, BF16_32 and TF32 round the inputs, weights and biases of every linear map and layer
+    norm, and compute the rest in FP32; FP16_16 also rounds every result to FP16 (each linear map's and layer
+    norm's output, the class token, the position embedding and its sum, the scaled attention scores, the
+    softmax, the attention output, the GELU and both residual sums)."""
     r = REFERENCE_ROUNDING[q_format] or (lambda t: t)
+    a = r if q_format == "FP16_16" else (lambda t: t)
 
     def linear(x, name, bias=True):
-        return r(x) @ r(sd[f"{name}.weight"]).T + (r(sd[f"{name}.bias"]) if bias else 0)
+        return a(r(x) @ r(sd[f"{name}.weight"]).T + (r(sd[f"{name}.bias"]) if bias else 0))
 
     def norm(x, name):
-        return F.layer_norm(r(x), (x.shape[-1],), r(sd[f"{name}.weight"]), r(sd[f"{name}.bias"]), eps=1e-5)
+        return a(F.layer_norm(r(x), (x.shape[-1],), r(sd[f"{name}.weight"]), r(sd[f"{name}.bias"]), eps=1e-5))
 
     B, C, H, W = img.shape
     x = img.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, patch * patch * C)
     x = linear(x, "patch_to_embedding")
-    x = torch.cat([sd["cls_token"].expand(B, -1, -1), x], 1) + sd["pos_embedding"]
+    x = a(torch.cat([a(sd["cls_token"]).expand(B, -1, -1), x], 1) + a(sd["pos_embedding"]))
     dim = x.shape[-1]
     depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.layers.")})
     for i in range(depth):
         p = f"transformer.layers.{i}"
         qkv = linear(norm(x, f"{p}.0.fn.norm"), f"{p}.0.fn.fn.to_qkv", bias=f"{p}.0.fn.fn.to_qkv.bias" in sd)
         q, k, v = qkv.reshape(B, -1, 3, heads, dim // heads).unbind(2)
-        scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(head_dim_scale)
-        out = torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v).reshape(B, -1, dim)
-        x = x + linear(out, f"{p}.0.fn.fn.to_out.0")
-        h = F.gelu(linear(norm(x, f"{p}.1.fn.norm"), f"{p}.1.fn.fn.net.0"))
-        x = x + linear(h, f"{p}.1.fn.fn.net.3")
+        scores = a(torch.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(head_dim_scale))
+        out = a(torch.einsum("bhnm,bmhd->bnhd", a(scores.softmax(-1)), v).reshape(B, -1, dim))
+        x = a(x + linear(out, f"{p}.0.fn.fn.to_out.0"))
+        h = a(F.gelu(linear(norm(x, f"{p}.1.fn.norm"), f"{p}.1.fn.fn.net.0")))
+        x = a(x + linear(h, f"{p}.1.fn.fn.net.3"))
     return linear(norm(x[:, 0], "mlp_head.0"), "mlp_head.1")
+
+
+def reference_logits(cfg_path, ckpt_path, q_format: str = "FP32") -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's logits on the test split of a config, and the labels, without the package: the test images read and normalized by hand, the checkpoint's deploy entry read with
+    torch.load, and the ViT computed from its layout in ``q_format`` (conftest.reference_forward)."""
+    images, labels = reference_images(cfg_path)
+    vit = json.loads(cfg_path.read_text())["vit_config"]
+    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+    logits = reference_forward(weights, images, vit["heads"], vit["patch_size"],
+                               head_dim_scale=vit["embed_dim"] // vit["heads"], q_format=q_format)
+    return logits, torch.tensor(labels)

@@ -83,7 +83,7 @@ def test_train_py_learns_on_cuda_with_the_batch_transformed_on_the_gpu(tmp_path,
 
 
 def test_fp16_trains_with_the_gradient_scaler_and_resumes_it(tmp_path, data_cfg):
-    """fp16 needs CUDA (refused on the CPU: see test_precision): the loss is scaled, the scaler's state is saved
+    """fp16 needs CUDA (refused on the CPU: see test_training): the loss is scaled, the scaler's state is saved
     with each checkpoint and a resumed run continues from it."""
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
                        train={"epochs": 6, "precision": "fp16", "iters_per_checkpoint": 6, "keep_checkpoints": None})

@@ -1,16 +1,23 @@
 """INT8 post-training quantization (PyTorchINT8): the model's logits against an independent
 quantize-dequantize ViT written from the state dict, the scales against torch's observers and
 quantized tensors (what the earlier release used), calibration on exactly the first batches, and the
-errors of a model used uncalibrated."""
+errors of a model used uncalibrated; then test_quantize.py's INT8, run as a user runs it, against that
+reference read straight off the checkpoint."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_config
+from conftest import (assert_user_error, data_config, reference_images, reference_logits, run_dir_of, run_script,
+                      train_config)
+from test_distributed import torchrun
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from myrtle_vision.distributed import Processes
@@ -262,3 +269,149 @@ def test_int8_model_keeps_the_state_dict_and_the_deploy_layout():
     assert deploy.to_deploy(plain).keys() == deploy.to_deploy(VisionTransformer(tiny_args()).state_dict()).keys()
     # the distillation token takes no part: its points saw nothing and stay uncalibrated
     assert {"round_dist", "round_head_dist", "head_dist.output"} <= set(int8.points(model)) - set(int8.qparams(model))
+
+
+# test_quantize.py --q_format PyTorchINT8, through the script
+
+TRAIN = {"epochs": 6, "iters_per_checkpoint": 3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset):
+    """An FP32 run to quantize."""
+    tmp = tmp_path_factory.mktemp("int8")
+    data_cfg = data_config(tmp / "data.json", dataset, 3)
+    cfg = train_config(tmp / "FP32.json", data_cfg, tmp / "FP32", train=TRAIN)
+    proc = run_script("train.py", "-c", cfg, check=True)
+    return tmp, data_cfg, {"FP32": (cfg, run_dir_of(proc), proc)}
+
+
+# The deploy layout's names in our modules' (the README's table, "Checkpoint contents"), written out here
+# again so that the reference below reads a checkpoint without the package.
+_DEPLOY_TO_OURS = [
+    (r"pos_embedding", "pos_embed"), (r"cls_token", "cls_token"),
+    (r"patch_to_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"mlp_head\.0\.(weight|bias)", r"norm.\1"), (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
+]
+
+
+def _ours(name: str) -> str:
+    for pattern, replacement in _DEPLOY_TO_OURS:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    raise KeyError(name)
+
+
+def _int8_reference_logits(cfg_path, ckpt_path, calib_steps: int, per_channel: bool = False) -> torch.Tensor:
+    """Without the package: test_int8's reference INT8 ViT on the checkpoint's deploy entry (read with
+    torch.load), calibrated on the first ``calib_steps`` validation batches of the config's batch size and
+    run on the test images, both read and normalized by hand (conftest.reference_images)."""
+    cfg = json.loads(Path(cfg_path).read_text())
+    vit, batch = cfg["vit_config"], cfg["train_config"]["local_batch_size"]
+    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+    args = SimpleNamespace(patch_size=vit["patch_size"], depth=vit["depth"], heads=vit["heads"],
+                           layer_norm_eps=vit.get("layer_norm_eps", 1e-5))
+    reference = Int8Reference({_ours(k): v for k, v in weights.items()}, args, per_channel)
+    val, _ = reference_images(cfg_path, "val")
+    reference.calibrate(val[i:i + batch] for i in range(0, min(len(val), calib_steps * batch), batch))
+    test, _ = reference_images(cfg_path)
+    return reference(test)
+
+
+def _check_int8_figures(result: dict, fp32: torch.Tensor, quantized: torch.Tensor, targets: torch.Tensor) -> None:
+    """test_quantize.py's INT8 figures are those of the reference logits ``quantized``."""
+    top1 = 100.0 * (quantized.argmax(1) == targets).float().mean().item()
+    assert result["quantized"]["top1"] == pytest.approx(top1)
+    tol = 1e-5 * fp32.abs().max().item()
+    assert result["max_logit_diff"] == pytest.approx((fp32 - quantized).abs().max().item(), abs=tol)
+    assert result["changed_predictions"] == (fp32.argmax(1) != quantized.argmax(1)).sum().item()
+
+
+def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
+    _, _, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    run_script("test.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", "--output-dir",
+               tmp_path / "t", check=True)
+    tested = json.loads((tmp_path / "t.json").read_text())
+    fp32, targets = reference_logits(cfg, ckpt, "FP32")
+    diffs = set()
+    for steps, scheme in ((1, "per_tensor"), (2, "per_tensor"), (2, "per_channel")):
+        path = tmp_path / f"{steps}_{scheme}.json"
+        flags = ["--per_channel"] if scheme == "per_channel" else []
+        proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", "PyTorchINT8",
+                          "--calib_steps", steps, *flags, "--json", path, check=True)
+        result = json.loads(path.read_text())
+        assert result["q_format"] == "PyTorchINT8" and result["q_rounding"] is None and not result["quantized_ckpt"]
+        assert (result["calib_steps"], result["calib_images"], result["int8_weights"]) == (steps, 4 * steps, scheme)
+        assert result["fp32"] == {"top1": tested["top1"], "top5": tested["top5"]} and result["num_images"] == 15
+        _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, steps, scheme == "per_channel"), targets)
+        assert 0 < result["max_logit_diff"] < 1
+        diffs.add(result["max_logit_diff"])
+        for needle in (f"testing in PyTorchINT8 ({scheme.replace('_', '-')} int8 weights",
+                       f"calibrating on the first {steps} validation batches ({4 * steps} images", "PyTorchINT8",
+                       "predictions unchanged", "largest logit difference"):
+            assert needle in proc.stdout
+    assert len(diffs) == 3  # the calibration batches and the weight scheme each change the result
+
+
+def test_a_pytorch_int8_config_quantizes_with_no_flag_and_test_py_says_it_is_fp32(runs, tmp_path):
+    _, data_cfg, out = runs
+    _, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    cfg = train_config(tmp_path / "int8.json", data_cfg, tmp_path / "out", train=TRAIN, vit={"q_format": "PyTorchINT8"})
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    # 10 batches by default; the split has 3 (12 images, batch 4): all are used, and that is said
+    assert (result["q_format"], result["calib_steps"], result["calib_images"]) == ("PyTorchINT8", 3, 12)
+    assert "calibrating on all 3 validation batches (12 images" in proc.stdout and "--calib_steps 10" in proc.stdout
+    fp32, targets = reference_logits(cfg, ckpt, "FP32")
+    _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, 3), targets)
+    proc = run_script("test.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", "--output-dir",
+                      tmp_path / "t", check=True)
+    assert "evaluating in FP32" in proc.stdout and f"test_quantize.py -c {cfg}" in proc.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["top1"] == result["fp32"]["top1"]
+
+
+def test_int8_flag_errors(runs, tmp_path):
+    _, data_cfg, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    args = ("test_quantize.py", "-c", cfg, "--checkpoint", ckpt)
+    assert_user_error(run_script(*args, "--q_format", "PyTorchINT8", "--calib_steps", "0"), "--calib_steps 0",
+                      "at least 1")
+    # with an FP32 config the format is FP16_32, which has nothing to calibrate: the earlier release's
+    # --calib_steps is accepted, and said to be unused, naming the format tested
+    proc = run_script(*args, "--calib_steps", "10", "--per_channel", "--json", tmp_path / "fp16.json", check=True)
+    assert "--calib_steps and --per_channel unused: testing FP16_32" in proc.stdout
+    assert json.loads((tmp_path / "fp16.json").read_text())["q_format"] == "FP16_32"
+    assert_user_error(run_script(*args, "--q_format", "PyTorchINT8", "--q_rounding", "qtorch"), "--q_rounding qtorch",
+                      "not to PyTorchINT8")
+    int8_cfg = train_config(tmp_path / "int8.json", data_cfg, tmp_path / "out", vit={"q_format": "PyTorchINT8"})
+    assert_user_error(run_script("test_quantize.py", "-c", int8_cfg, "--checkpoint", ckpt, "--quantized_ckpt"),
+                      str(ckpt), "FP32 checkpoint", "drop --quantized_ckpt",
+                      "PyTorchINT8 is post-training quantization")
+
+
+def test_int8_in_two_processes_calibrates_as_one(runs, tmp_path):
+    """Both processes calibrate on the same first batches of the whole validation split, so they
+    quantize with the same scales, and the figures are one process's."""
+    _, data_cfg, out = runs
+    _, run_dir, _ = out["FP32"]
+    cfg = train_config(tmp_path / "d.json", data_cfg, tmp_path / "out", train=dict(TRAIN, distributed=True),
+                       vit={"q_format": "PyTorchINT8"})
+    args = ("-c", cfg, "--checkpoint", run_dir / "last.pt", "--calib_steps", 2, "--device", "cpu")
+    run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", check=True)
+    two = torchrun(*args, "--json", tmp_path / "two.json", script="test_quantize.py")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (b["calib_steps"], b["calib_images"], b["num_images"]) == (2, 8, 15)
+    assert b["max_logit_diff"] == pytest.approx(a["max_logit_diff"], rel=1e-5)
+    assert {k: v for k, v in a.items() if k != "max_logit_diff"} == {k: v for k, v in b.items() if k != "max_logit_diff"}
+    assert two.stdout.count("calibrating on the first 2 validation batches") == 1  # rank 0 alone prints

@@ -225,7 +225,7 @@ def test_a_checkpoint_and_a_config_that_disagree_on_qkv_bias_is_a_one_line_error
     torch.save(_random_timm(32, 32, 2, depth=1, classes=len(CLASSES)).state_dict(), tmp_path / "timm.pth")
     cfg = _finetune_config(tmp_path, data_cfg, tmp_path / "timm.pth")
     proc = run_script("train.py", "-c", cfg, check=True)
-    from test_train import scalars
+    from conftest import scalars
 
     peak = max(v for _, v in scalars(run_dir_of(proc), "train/lr"))
     assert peak == pytest.approx(1e-3)  # the logged lr is the full one (heads'), not a decayed group's

@@ -1,13 +1,24 @@
-"""Number formats: rounding bit for bit, the wrapped Linear and LayerNorm, straight-through gradients."""
+"""Number formats (FP16_16, FP16_32, BF16_32, TF32): rounding bit for bit, the wrapped Linear and LayerNorm,
+straight-through gradients, the whole ViT against an independent reference; then test_quantize.py and
+quantization-aware training, run as a user runs them. (INT8: tests/test_int8.py.)"""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (assert_user_error, data_config, reference_forward, reference_logits, run_dir_of, run_script,
+                      scalars, train_config)
 from qtorch.quant import float_quantize
 
+from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision.config import load_config
+from myrtle_vision.models import build_model
 from myrtle_vision.models.vit import ViTArgs, VisionTransformer
+from myrtle_vision.weights import deploy
+from myrtle_vision.weights.io import save_atomic
 from myrtle_vision.quantization import (BF16, FP16, Q_FORMATS, TF32, QLayerNorm, QLinear, Round, arithmetic,
                                         round_nearest_even, round_qtorch)
 
@@ -185,3 +196,150 @@ def test_unknown_format_and_rounding_list_the_valid_ones():
         arithmetic("FP8")
     with pytest.raises(ValueError, match="nearest_even, qtorch"):
         arithmetic("FP16_32", "stochastic")
+
+
+@pytest.mark.parametrize("q_format", ["FP16_16", "FP16_32", "BF16_32", "TF32"])
+def test_a_quantized_vit_computes_what_the_independent_reference_computes_in_its_format(q_format):
+    """conftest.reference_forward rounds where the README's quantization table says each format rounds. FP16_16
+    rounds every result, so the model's logits equal the reference's bit for bit; the other formats keep some
+    results in FP32, where another summation order can move a later rounding by one step: most logits are equal
+    and the rest differ by far less than the format's own effect."""
+    torch.manual_seed(0)
+    # head_dim 64, as in every shipped size, so the reference's fixed 1/sqrt(64) applies
+    args = ViTArgs(image_size=32, patch_size=8, num_classes=7, embed_dim=128, depth=2, heads=2, mlp_dim=96,
+                   q_format=q_format)
+    model = VisionTransformer(args).eval()
+    for p in model.parameters():  # make every tensor matter (init zeroes biases)
+        p.data.normal_(0, 0.2)
+    img = torch.randn(64, 3, 32, 32)
+    named = deploy.to_deploy(model.state_dict())
+    with torch.no_grad():
+        out = model(img)
+    ref = reference_forward(named, img, args.heads, args.patch_size, q_format=q_format)
+    effect = (reference_forward(named, img, args.heads, args.patch_size) - ref).abs().mean().item()
+    if q_format == "FP16_16":
+        assert torch.equal(out, ref)
+    assert (out == ref).float().mean() > 0.5 and (out - ref).abs().mean() < 0.2 * effect
+
+
+# test_quantize.py and quantization-aware training, through the scripts
+
+TRAIN = {"epochs": 6, "iters_per_checkpoint": 3}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset):
+    """An FP32 run and an FP16_32 quantization-aware run of the same model on the same data."""
+    tmp = tmp_path_factory.mktemp("quantize")
+    data_cfg = data_config(tmp / "data.json", dataset, 3)
+    out = {}
+    for q_format in ("FP32", "FP16_32"):
+        cfg = train_config(tmp / f"{q_format}.json", data_cfg, tmp / q_format, train=TRAIN, vit={"q_format": q_format})
+        proc = run_script("train.py", "-c", cfg, check=True)
+        out[q_format] = (cfg, run_dir_of(proc), proc)
+    return tmp, data_cfg, out
+
+
+def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
+    _, _, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["q_format"] == "FP16_32" and result["q_rounding"] == "nearest_even"  # the accelerator's, by default
+    assert not result["quantized_ckpt"] and result["num_images"] == 15
+    ref, targets = reference_logits(cfg, ckpt, "FP32")
+    q, _ = reference_logits(cfg, ckpt, "FP16_32")
+    top1 = lambda logits: 100.0 * (logits.argmax(1) == targets).float().mean().item()  # noqa: E731
+    assert result["fp32"]["top1"] == pytest.approx(top1(ref)) and result["quantized"]["top1"] == pytest.approx(top1(q))
+    assert result["max_logit_diff"] == pytest.approx((ref - q).abs().max().item(), rel=1e-3)  # FP32 sums, other order
+    assert 0 < result["max_logit_diff"] < 0.05
+    changed = (ref.argmax(1) != q.argmax(1)).sum().item()
+    assert result["changed_predictions"] == changed
+    assert result["unchanged_predictions"] == pytest.approx(100.0 * (15 - changed) / 15)
+    for needle in ("FP32", "FP16_32", "top-1", "top-3", "predictions unchanged", "largest logit difference",
+                   "quantized after training"):
+        assert needle in proc.stdout
+
+
+@pytest.mark.parametrize("q_format", ["FP16_16", "BF16_32", "TF32"])
+def test_other_formats_and_qtorch_rounding(runs, tmp_path, q_format):
+    _, _, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    results = {}
+    for rounding in ("nearest_even", "qtorch"):
+        run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", q_format, "--q_rounding", rounding,
+                   "--json", tmp_path / f"{rounding}.json", check=True)
+        results[rounding] = json.loads((tmp_path / f"{rounding}.json").read_text())
+        assert results[rounding]["q_format"] == q_format and results[rounding]["q_rounding"] == rounding
+        assert results[rounding]["max_logit_diff"] > 0
+    ref, _ = reference_logits(cfg, ckpt, "FP32")
+    q, _ = reference_logits(cfg, ckpt, q_format)
+    assert results["nearest_even"]["max_logit_diff"] == pytest.approx((ref - q).abs().max().item(), rel=1e-3)
+
+
+def test_quantization_aware_training_learns_and_saves_the_deploy_layout(runs):
+    _, _, out = runs
+    cfg, run_dir, proc = out["FP16_32"]
+    assert "quantization-aware training: the forward pass simulates FP16_32" in proc.stdout
+    losses = [v for _, v in scalars(run_dir, "train/loss")]
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    ckpt = ckpt_io.load(run_dir / "last.pt")
+    assert ckpt["quantization"] == {"q_format": "FP16_32", "q_rounding": "nearest_even"}
+    fp32 = ckpt_io.load(out["FP32"][1] / "last.pt")
+    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in fp32["model"].items()}
+    assert all(k in deploy.to_deploy(build_model(load_config(cfg)).state_dict()) for k in ckpt["model"])
+    # the master weights are FP32; the forward pass rounded them
+    assert any(not torch.equal(v, v.half().float()) for v in ckpt["model"].values())
+
+
+def test_qat_checkpoint_needs_quantized_ckpt_and_tests_in_its_format(runs, tmp_path):
+    _, _, out = runs
+    qat_cfg, qat_dir, _ = out["FP16_32"]
+    fp32_cfg, fp32_dir, _ = out["FP32"]
+    ckpt = qat_dir / "last.pt"
+    assert_user_error(run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", ckpt), str(ckpt),
+                      "quantization-aware training (q_format FP16_32)", "add --quantized_ckpt")
+    assert_user_error(run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", fp32_dir / "last.pt",
+                                 "--quantized_ckpt"), "FP32 checkpoint", "drop --quantized_ckpt")
+    # with an FP32 config the format comes from the checkpoint
+    run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", ckpt, "--quantized_ckpt", "--json",
+               tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert result["q_format"] == "FP16_32" and result["quantized_ckpt"]
+    q, targets = reference_logits(qat_cfg, ckpt, "FP16_32")
+    assert result["quantized"]["top1"] == pytest.approx(100.0 * (q.argmax(1) == targets).float().mean().item())
+    # test.py with the QAT config evaluates in its arithmetic too
+    proc = run_script("test.py", "-c", qat_cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", check=True)
+    assert "evaluating in FP16_32 arithmetic" in proc.stdout
+    assert json.loads((tmp_path / "t.json").read_text())["top1"] == pytest.approx(result["quantized"]["top1"])
+
+
+def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
+    """A DeiT checkpoint (model + distillation entries) tests like a ViT: its class head."""
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
+    run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+    ckpt = ckpt_io.load(run_dir / "last.pt")
+    ckpt["distillation"] = {"dist_token": torch.randn(1, 1, 32), "head_dist.weight": torch.randn(3, 32),
+                            "head_dist.bias": torch.randn(3)}
+    deit = tmp_path / "deit.pt"
+    save_atomic(ckpt, deit)
+    plain, deit_out = tmp_path / "plain.json", tmp_path / "deit.json"
+    run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", plain, check=True)
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", deit, "--json", deit_out, check=True)
+    assert "DeiT: class head" in proc.stdout
+    assert json.loads(plain.read_text()) == json.loads(deit_out.read_text())
+
+
+def test_unknown_formats_are_one_line_errors(runs, tmp_path):
+    _, data_cfg, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    line = assert_user_error(run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt",
+                                        "--q_format", "FP8"), "--q_format 'FP8'")
+    assert "FP32, FP16_16, FP16_32, TF32, BF16_32, PyTorchINT8" in line
+    assert_user_error(run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt",
+                                 "--q_rounding", "stochastic"), "--q_rounding 'stochastic'", "nearest_even, qtorch")
+    bad = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", vit={"q_format": "FP16"})
+    line = assert_user_error(run_script("train.py", "-c", bad), str(bad), "q_format", "did you mean")
+    assert "FP16_16" in line and "BF16_32" in line

@@ -213,7 +213,8 @@ def test_cosine_spans_every_epoch_whatever_cooldown_epochs_says(tmp_path, datase
 def test_a_pytorch_int8_config_trains_in_fp32_and_test_quantize_calibrates_int8(tmp_path, dataset):
     """As in the earlier release: q_format PyTorchINT8 trains in FP32, and test_quantize.py --calib_steps N
     quantizes to INT8 calibrated on N validation batches (figures against an independent INT8 ViT)."""
-    from test_quantize_script import _check_int8_figures, _int8_reference_logits, _logits
+    from conftest import reference_logits
+    from test_int8 import _check_int8_figures, _int8_reference_logits
 
     cfg = tmp_path / users_config(tmp_path, "vit_tiny", dataset, vit={**SMALL_VIT, "q_format": "PyTorchINT8"},
                                   train={"local_batch_size": 4, "global_batch_size": 8, "num_workers": 0, "epochs": 2},
@@ -226,7 +227,7 @@ def test_a_pytorch_int8_config_trains_in_fp32_and_test_quantize_calibrates_int8(
                       tmp_path / "q.json", check=True)
     result = json.loads((tmp_path / "q.json").read_text())
     assert (result["q_format"], result["calib_steps"], result["calib_images"]) == ("PyTorchINT8", 2, 8)
-    fp32, targets = _logits(cfg, ckpt, "FP32")
+    fp32, targets = reference_logits(cfg, ckpt, "FP32")
     _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, 2), targets)
 
 

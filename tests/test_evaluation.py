@@ -1,4 +1,5 @@
-"""test.py: every test image counted, reports, JSON, confusion matrix, checkpoint checks."""
+"""test.py (evaluation): every test image counted against an independent evaluation, reports, JSON, confusion
+matrix, checkpoint checks."""
 
 import json
 from pathlib import Path

@@ -3,9 +3,14 @@
 A training checkpoint is a dict::
 
     format          "myrtle_vision/1"
-    model           the ViT in the accelerator's layout (see myrtle_vision.weights.deploy)
+    model           the ViT to deploy, in the accelerator's layout (see myrtle_vision.weights.deploy)
     distillation    DeiT runs only: {"dist_token", "head_dist.weight", "head_dist.bias"}, kept
                     apart so that ``model`` stays exactly what the accelerator imports
+    deployed        which weights ``model`` holds: "raw" (the trained weights) or "ema" (their
+                    moving average, with train_config.ema_deploy)
+    ema             runs with train_config.ema_decay only: {"decay", "n_averaged"}, and the
+                    average's state dict ("weights") when ``model`` holds the raw weights
+    raw_weights     when ``model`` holds the average: the trained weights' state dict (to resume)
     quantization    {"q_format", "q_rounding"} the model was trained with ("FP32" unless it was
                     quantization-aware training); ``model`` always holds the FP32 master weights
     optimizer       optimizer state dict
@@ -32,13 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from . import earlier_release
 from .config import Config
 from .errors import UserError
 from .optim import start_schedule_at
 from .weights.deploy import has_distillation, load_model_weights, model_entries
-from .weights.io import load_file
+from .weights.io import describe, load_file, mismatch
 
 FORMAT = "myrtle_vision/1"
 
@@ -62,12 +68,50 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    ema: AveragedModel | None = None
     progress: Progress = field(default_factory=Progress)
+
+    @property
+    def deploys_ema(self) -> bool:
+        return self.ema is not None and self.cfg.train_config.ema_deploy
+
+    def deployed_model(self) -> nn.Module:
+        """The weights to deploy, validate for best.pt, and write as the checkpoint's ``model``."""
+        return self.ema.module if self.deploys_ema else self.model
+
+    def _weight_entries(self) -> dict:
+        entries = {**model_entries(self.deployed_model()), "deployed": "ema" if self.deploys_ema else "raw"}
+        if self.ema is not None:
+            entries["ema"] = {"decay": self.cfg.train_config.ema_decay, "n_averaged": int(self.ema.n_averaged)}
+            if self.deploys_ema:
+                entries["raw_weights"] = _cpu_state(self.model)
+            else:
+                entries["ema"]["weights"] = _cpu_state(self.ema.module)
+        return entries
+
+    def _load_weights(self, ckpt: dict, path: Path, current: bool) -> None:
+        """The trained weights (and the average) from wherever the checkpoint keeps them."""
+        if self.ema is not None and not (current and isinstance(ckpt.get("ema"), dict)):
+            raise UserError(f"{path}: checkpoint of a run without a weight average, but {self.cfg.path} sets "
+                            "train_config.ema_decay; a resumed run keeps its ema_decay (set it to null)")
+        if self.ema is None and current and isinstance(ckpt.get("ema"), dict):
+            raise UserError(f"{path}: checkpoint of a run with a weight average (ema_decay "
+                            f"{ckpt['ema'].get('decay')}), but {self.cfg.path} has train_config.ema_decay null; "
+                            "a resumed run keeps its ema_decay")
+        if ckpt.get("deployed") == "ema":
+            load_model_weights(self.ema.module, ckpt, path)
+            _load_state(self.model, ckpt.get("raw_weights"), path, "raw_weights")
+        else:
+            load_model_weights(self.model, ckpt, path, require_distillation=current)
+            if self.ema is not None:
+                _load_state(self.ema.module, ckpt["ema"].get("weights"), path, "ema.weights")
+        if self.ema is not None:
+            self.ema.n_averaged.fill_(int(ckpt["ema"].get("n_averaged", 0)))
 
     def to_dict(self) -> dict:
         """The checkpoint (see the module docstring), tensors copied to the CPU."""
         p, vc = self.progress, self.cfg.vit_config
-        return {"format": FORMAT, **model_entries(self.model),
+        return {"format": FORMAT, **self._weight_entries(),
                 "quantization": {"q_format": vc.trained_q_format, "q_rounding": vc.q_rounding},
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.scheduler.state_dict(),
@@ -90,7 +134,7 @@ class TrainingState:
             raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
                             f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} "
                             "rounding); a resumed run keeps its number format")
-        load_model_weights(self.model, ckpt, path, require_distillation=current)
+        self._load_weights(ckpt, path, current)
         if not current:
             return True, self._resume_earlier_release(ckpt, path, distilled, updates_per_epoch)
         saved = ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else {}
@@ -140,6 +184,18 @@ class TrainingState:
 
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _load_state(model: nn.Module, state, path: Path, entry: str) -> None:
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: the checkpoint has no '{entry}' entry")
+    problem = describe(mismatch(model.state_dict(), state, "the config's model"))
+    if problem:
+        raise UserError(f"{path}: '{entry}' does not fit the config's model ({problem})")
+    model.load_state_dict(state)
+
 
 def load(path: str | Path) -> dict:
     """Load a checkpoint with ``weights_only=True``; any problem is a one-line UserError."""
@@ -150,6 +206,17 @@ def load(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path}: not a checkpoint of this tool (no 'model' entry)")
     return ckpt
+
+
+def deployed_weights(ckpt: dict) -> str | None:
+    """What the checkpoint's ``model`` entry holds, for runs that kept a weight average (None otherwise)."""
+    ema = ckpt.get("ema")
+    if not isinstance(ema, dict):
+        return None
+    if ckpt.get("deployed") == "ema":
+        return (f"the weight average (EMA decay {ema.get('decay')}, {ema.get('n_averaged')} updates averaged), "
+                "which the run deploys (train_config.ema_deploy)")
+    return "the trained weights, which the run deploys (its weight average is not deployed: ema_deploy is false)"
 
 
 def trained_format(ckpt: dict) -> tuple[str, str]:

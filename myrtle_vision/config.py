@@ -70,6 +70,15 @@ class TrainConfig:
     # The class and distillation tokens and the position embedding take weight decay, as in the earlier
     # release (its model exempted nothing but biases and norms); false: exempt them, as timm and DeiT do.
     weight_decay_tokens: bool = True
+    # DeiT's regularisation recipe (all off by default, as in the earlier release; see the README)
+    mixup: float = 0.0  # MixUp's Beta alpha (DeiT: 0.8); 0: off
+    cutmix: float = 0.0  # CutMix's Beta alpha (DeiT: 1.0); 0: off
+    mixup_prob: float = 1.0  # the probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # with both on: the probability of CutMix rather than MixUp
+    random_erasing: float = 0.0  # the probability that an image has a box erased (DeiT: 0.25)
+    ema_decay: Optional[float] = None  # an exponential moving average of the weights (DeiT: 0.99996); None: off
+    ema_every: int = 1  # updates between two updates of the average
+    ema_deploy: bool = True  # the average is what best.pt follows and what the checkpoint's model entry holds
     # Accepted for compatibility with the earlier release; see the README for what happens to them.
     lr_noise: Optional[list[float]] = None
     lr_noise_pct: float = 0.67
@@ -121,6 +130,12 @@ class TrainConfig:
         v.check(0 <= self.seed < 2 ** 63, "seed", "must be in [0, 2^63)")
         v.check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints", "must be null or at least 1")
         v.check(self.lr_noise is None, "lr_noise", "learning-rate noise is not supported; set it to null")
+        for name in ("mixup", "cutmix"):
+            v.check(0 <= getattr(self, name) <= 100, name, "must be in [0, 100] (0: off)")
+        for name in ("mixup_prob", "mixup_switch_prob", "random_erasing"):
+            v.check(0 <= getattr(self, name) <= 1, name, "must be a probability, in [0, 1]")
+        v.check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be null or in (0, 1)")
+        v.check(self.ema_every >= 1, "ema_every", "must be at least 1")
 
 
 @dataclass
@@ -145,6 +160,7 @@ class VitConfig:
     mlp_dim: int
     dropout: float = 0.0
     emb_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth: the last block's rate, rising linearly from 0 (DeiT-Tiny: 0.1)
     q_format: str = "FP32"  # FP32 trains in FP32; FP16_32 etc. train with it simulated (QAT); PyTorchINT8: FP32 (PTQ only)
     q_rounding: str = "nearest_even"  # or "qtorch": ties away from zero, saturating
     qkv_bias: bool = False  # biases on q, k, v: the deploy layout gains to_qkv.bias entries
@@ -176,7 +192,7 @@ class VitConfig:
                 f"{(self.image_size // self.patch_size) ** 2} patches (image_size {self.image_size}, patch_size "
                 f"{self.patch_size}) make {float(min(params, 10 ** 300)):.3g} parameters; "
                 f"at most {MAX_PARAMETERS:.0g} are supported")
-        for name in ("dropout", "emb_dropout"):
+        for name in ("dropout", "emb_dropout", "drop_path"):
             v.check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)")
         v.choice(self.q_format, Q_FORMATS + POST_TRAINING_FORMATS, "q_format")
         v.choice(self.q_rounding, ROUNDINGS, "q_rounding")

@@ -138,6 +138,9 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     load_model_weights(model, ckpt, checkpoint)
     model.to(procs.device)
     tc = cfg.train_config
+    weights = ckpt_io.deployed_weights(ckpt)
+    if procs.is_main and weights:
+        print(f"{checkpoint}: testing {weights}")
     if procs.is_main and model.args.q_format != "FP32":
         print(f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
               f"as {cfg.path} vit_config.q_format says")
@@ -149,6 +152,8 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
     if avg is not None:
         result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
+    if weights:
+        result["weights"] = ckpt.get("deployed")
     if not procs.is_main:
         return result
     print(format_report(acc, names))
@@ -311,6 +316,8 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
               + (" (DeiT: class head)" if has_distillation(ckpt) else ""), flush=True)
         if note:
             print(note, flush=True)
+        if ckpt_io.deployed_weights(ckpt):
+            print(f"{checkpoint}: testing {ckpt_io.deployed_weights(ckpt)}", flush=True)
     if int8_options:
         calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
     ref, q, changed, max_diff = compare(*models, loader, len(names), procs)

@@ -171,10 +171,16 @@ def _variant(kind: str, teacher) -> dict:
                                                  "distillation_type": kind.split("-")[1]}}
     if kind.startswith("qat"):
         return {"vit": dict(vit, q_format=kind.split("-")[1])}
+    if kind == "recipe":  # every switch of DeiT's recipe on, in a DeiT run
+        return {"vit": dict(vit, drop_path=0.2), "train": dict(RESUME_RUN, **RECIPE),
+                "distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
     return {"vit": vit, "train": dict(RESUME_RUN, precision="bf16")}
 
 
-@pytest.mark.parametrize("kind", ["deit-soft", "deit-hard", "qat-FP16_16", "qat-FP16_32", "bf16"])
+RECIPE = {"mixup": 0.8, "cutmix": 1.0, "mixup_prob": 0.9, "random_erasing": 0.5, "ema_decay": 0.9}
+
+
+@pytest.mark.parametrize("kind", ["deit-soft", "deit-hard", "qat-FP16_16", "qat-FP16_32", "bf16", "recipe"])
 def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg, teacher):
     sections = _variant(kind, teacher)
     train = sections.pop("train", RESUME_RUN)
@@ -187,10 +193,12 @@ def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg,
     run_script("train.py", "-c", resume, check=True)
     final = ckpt_io.load(run_dir / "last.pt")
     assert final["iteration"] == reference["iteration"] == 8
-    for entry in ("model", "distillation"):
-        assert (entry in reference) == (entry in final) == (entry == "model" or kind.startswith("deit"))
+    for entry in ("model", "distillation", "raw_weights"):
+        assert (entry in reference) == (entry in final) == (entry == "model" or kind.startswith(("deit", "recipe"))
+                                                             and entry == "distillation" or kind == "recipe")
         for k, v in reference.get(entry, {}).items():
             assert torch.equal(final[entry][k], v), f"{entry}.{k} differs after resume"
+    assert final.get("ema", {}).get("n_averaged") == reference.get("ema", {}).get("n_averaged")
     if kind.startswith("qat"):  # resuming in another number format is refused
         other = train_config(tmp_path / "o.json", data_cfg, tmp_path / "out",
                              train=dict(train, checkpoint_path=str(mid)), vit=dict(sections["vit"], q_format="FP32"))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from ..quantization import Arithmetic, arithmetic
 
@@ -47,6 +48,8 @@ class ViTArgs:
     layer_norm_eps: float = 1e-5  # nn.LayerNorm's default, as the earlier release; timm and torchvision use 1e-6
     dropout: float = 0.0  # after the attention projection, the MLP's GELU and the MLP's output
     emb_dropout: float = 0.0  # after the position embedding is added
+    drop_path: float = 0.0  # stochastic depth in training: block i's residual branches are dropped per image
+    #                         with probability drop_path * i / (depth - 1), as in timm and DeiT
     distilled: bool = False  # DeiT: add a distillation token and head
     q_format: str = "FP32"  # number format simulated in the forward pass (see myrtle_vision.quantization)
     q_rounding: str = "nearest_even"
@@ -58,7 +61,7 @@ class ViTArgs:
         return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
                    embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
                    mlp_dim=vit_config.mlp_dim, qkv_bias=vit_config.qkv_bias, layer_norm_eps=vit_config.layer_norm_eps,
-                   dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout,
+                   dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout, drop_path=vit_config.drop_path,
                    distilled=distilled, q_format=q_format or vit_config.trained_q_format,
                    q_rounding=q_rounding or vit_config.q_rounding, int8_weights=int8_weights)
 
@@ -120,18 +123,22 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, ar: Arithmetic, qkv_bias: bool = False,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = ar.layer_norm(dim, eps=eps)
         self.attn = Attention(dim, heads, dropout, ar, qkv_bias)
         self.norm2 = ar.layer_norm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_dim, dropout, ar)
+        # stochastic depth: in training, a whole residual branch dropped per image (the rest scaled up);
+        # the identity in evaluation, and no parameters, so the deployed graph and layout are unchanged
+        self.drop_path1 = StochasticDepth(drop_path, "row")
+        self.drop_path2 = StochasticDepth(drop_path, "row")
         self.round_add1 = ar.activation()  # the residual adds
         self.round_add2 = ar.activation()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.round_add1(x + self.attn(self.norm1(x), attn_mask))
-        return self.round_add2(x + self.mlp(self.norm2(x)))
+        x = self.round_add1(x + self.drop_path1(self.attn(self.norm1(x), attn_mask)))
+        return self.round_add2(x + self.drop_path2(self.mlp(self.norm2(x))))
 
 
 class VisionTransformer(nn.Module):
@@ -149,7 +156,8 @@ class VisionTransformer(nn.Module):
         self.round_pos, self.round_pos_add = ar.activation(), ar.activation()
         self.pos_drop = nn.Dropout(args.emb_dropout)
         self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar,
-                                          qkv_bias=args.qkv_bias, eps=args.layer_norm_eps) for _ in range(args.depth))
+                                          qkv_bias=args.qkv_bias, eps=args.layer_norm_eps, drop_path=rate)
+                                    for rate in torch.linspace(0, args.drop_path, args.depth).tolist())
         self.norm = ar.final_layer_norm(args.embed_dim, eps=args.layer_norm_eps)
         self.round_head = ar.head_input()  # INT8: the class token the head reads (the final LayerNorm's output)
         self.head = ar.linear(args.embed_dim, args.num_classes)

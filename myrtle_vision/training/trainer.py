@@ -20,11 +20,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..checkpoint import Progress, TrainingState
 from ..config import Config
 from ..data import TrainPlan, class_names, default_workers, derive_seed, eval_loader, open_split, read_label_map
 from ..data import stop_workers, train_loader
+from ..data.batch_augment import BatchAugment
 from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
 from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
@@ -132,7 +134,7 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._build_loss()
-        self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler)
+        self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler, ema=self.ema)
         self.skipped_in_a_row = 0
         self.run_dir = self._resume() if self.tc.checkpoint_path else self._new_run_dir()
         self._start_loaders()
@@ -171,6 +173,10 @@ class Trainer:
                                 + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another "
                                    "class count)" if fresh else ""))
         self.model.to(self.device)
+        # DeiT's model EMA: torch's AveragedModel, which starts from the weights after the first update
+        decay = self.tc.ema_decay
+        self.ema = None if decay is None else AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                                             use_buffers=True)
 
     def _build_optimizer(self) -> None:
         """Optimizer, the data plan, the learning-rate schedule, and (fp16) the gradient scaler."""
@@ -184,7 +190,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
 
     def _build_loss(self) -> None:
-        """Cross entropy; for DeiT, the teacher and the distillation loss around it."""
+        """Cross entropy (of class probabilities, when MixUp or CutMix mix the batch); for DeiT, the teacher
+        and the distillation loss around it."""
+        self.batch_augment = BatchAugment.from_config(self.tc, self.cfg.data_config.number_of_classes)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.tc.label_smoothing)
         self.teacher = None
         dc = self.cfg.distiller_config
@@ -265,24 +273,38 @@ class Trainer:
     # --- loops -------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        p, reporter = self.progress, self.reporter
-        # The class head is what the accelerator runs: it alone picks the best checkpoint.
-        if self.teacher is not None:
-            acc, avg = evaluate_heads(self.model, self.val_loader, len(self.class_names), self.procs,
-                                      self.tc.precision)
-            reporter.scalars(p.iteration, **{"val/top1_average_heads": avg.top1})
-            both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
-        else:
-            acc = evaluate(self.model, self.val_loader, len(self.class_names), self.procs, self.tc.precision)
-            both = ""
+        """Validate the trained weights (and their average, with ``ema_decay``); the weights to deploy (the
+        average, with ``ema_deploy``) alone pick ``best.pt``."""
+        p = self.progress
+        acc, figures = self._validate(self.model, "val")
+        where = f"iteration {p.iteration} (epoch {p.epoch + 1}): "
+        if self.ema is not None:
+            ema_acc, ema_figures = self._validate(self.ema.module, "val_ema")
+            where += figures.format(best="") + f"\n  weight average (EMA {self.tc.ema_decay:g}): "
+            figures, acc = ema_figures, ema_acc if self.checkpoint.deploys_ema else acc
         improved = acc.top1 > p.best_val_top1
         if improved:
             p.best_val_top1 = acc.top1
-        reporter.scalars(p.iteration, **{"val/loss": acc.loss, "val/top1": acc.top1, "val/top5": acc.top5})
-        reporter.print(f"iteration {p.iteration} (epoch {p.epoch + 1}): val loss {acc.loss:.4f}  "
-                       f"top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%  best top-1 {p.best_val_top1:.2f}%{both}")
+        best = f"  best top-1 {p.best_val_top1:.2f}%"
+        if self.ema is not None:
+            best += " (of the " + ("weight average)" if self.checkpoint.deploys_ema else "trained weights)")
+        self.reporter.print(where + figures.format(best=best))
         if improved:
             self._on_rank0(lambda: save_atomic(self.state(), self.run_dir / "best.pt"))
+
+    def _validate(self, model: nn.Module, tag: str):
+        """``model``'s validation figures, logged under ``tag``, and a line of them with room for ``{best}``. The
+        class head is what the accelerator runs: for DeiT its figures count, both heads' average beside them."""
+        p, both = self.progress, ""
+        if self.teacher is not None:
+            acc, avg = evaluate_heads(model, self.val_loader, len(self.class_names), self.procs, self.tc.precision)
+            self.reporter.scalars(p.iteration, **{f"{tag}/top1_average_heads": avg.top1})
+            both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
+        else:
+            acc = evaluate(model, self.val_loader, len(self.class_names), self.procs, self.tc.precision)
+        self.reporter.scalars(p.iteration, **{f"{tag}/loss": acc.loss, f"{tag}/top1": acc.top1,
+                                              f"{tag}/top5": acc.top5})
+        return acc, f"val loss {acc.loss:.4f}  top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%{{best}}{both}"
 
     def train_update(self, batches, update: int, stop: bool = False) -> "Update":
         """One optimizer update over this process's micro-batches.
@@ -301,7 +323,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for m in range(n_micro):
             images, targets = next(batches)  # on the device already (see myrtle_vision.data.loaders)
-            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, procs.rank))  # dropout depends on position only
+            # dropout, stochastic depth, erasing and mixing depend on the position in the run only
+            torch.manual_seed(derive_seed(tc.seed, 2, p.iteration, m, procs.rank))
+            if self.batch_augment.enabled:
+                images, targets = self.batch_augment(images, targets)
             # Gradients are averaged across processes once per update, on its last micro-batch.
             ddp = getattr(self.step_module, "_orig_mod", self.step_module)  # under torch.compile, the DDP module
             sync = contextlib.nullcontext() if not procs.enabled or m == n_micro - 1 else ddp.no_sync()
@@ -344,6 +369,8 @@ class Trainer:
             self.scaler.step(self.optimizer)  # with fp16, skipped when the scaled gradients overflowed
             self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None and (p.iteration + 1) % tc.ema_every == 0:
+            self.ema.update_parameters(self.model)
         return Update(mean_loss, n_images, stops > 0)
 
     def _nonfinite(self, problem: str) -> None:

@@ -9,6 +9,8 @@ An ops object maps an op name to its argument, applied in the order written, e.g
 :func:`build_transform` turns the parsed ops into a torchvision v2 pipeline that takes an RGB image
 and returns a uint8 tensor (C, H, W), plus a :class:`Normalizer` that converts a batch of them to
 float in [0, 1] and applies ``Normalize`` (which must therefore come last) to the whole batch.
+Two ops torchvision lacks, :class:`RandomRotation90` and :class:`RandomTranspose`, are v2 transforms
+written here, drawing their parameters as torchvision's own do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import numbers
 from typing import Any, Callable
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2._transform import _RandomApplyTransform  # the coin of torchvision's flips
 
 from .errors import did_you_mean
 
@@ -69,6 +73,12 @@ def _prob(name: str, v) -> dict:
     if _is_num(v) and 0 <= v <= 1:
         return {"p": float(v)}
     raise OpError(name, f"expected null or a probability in [0, 1], got {v!r}")
+
+
+def _uniform_quarter_turns(name: str, v) -> dict:
+    if v is None:
+        return {}
+    raise OpError(name, f"expected null (a rotation by k quarter turns, k uniform in 0..3), got {v!r}")
 
 
 def _nonneg_int(name, v):
@@ -156,7 +166,38 @@ def _parse_normalize(name, v):
     return {"mean": kw["Mean"], "std": kw["Std"]}
 
 
-# op name -> (argument parser, torchvision v2 class)
+def rot90(image: torch.Tensor, k: int) -> torch.Tensor:
+    """``image`` (..., H, W) turned k quarter turns counter-clockwise (torchvision's ``rotate`` by 90 * k
+    degrees with ``expand=True``), exactly: pixels are only moved, never resampled."""
+    return image.rot90(k, (-2, -1))
+
+
+def transpose(image: torch.Tensor) -> torch.Tensor:
+    """``image`` (..., H, W) with its height and width axes swapped (mirrored in its main diagonal)."""
+    return image.transpose(-2, -1)
+
+
+class RandomRotation90(T.Transform):
+    """Turn an image tensor by k quarter turns, k uniform in {0, 1, 2, 3}: an aerial scene has no up.
+    torchvision has no such transform; this one draws k in ``make_params``, as torchvision's random
+    transforms draw theirs, so the batched path (myrtle_vision.data.augment) draws the same k."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"k": int(torch.randint(4, ()))}
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        return tv_tensors.wrap(rot90(inpt, params["k"]), like=inpt)
+
+
+class RandomTranspose(_RandomApplyTransform):
+    """Transpose an image tensor with probability ``p`` (torchvision's flips' coin). With the flips and
+    the quarter turns it gives all 8 symmetries of a square."""
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        return tv_tensors.wrap(transpose(inpt), like=inpt)
+
+
+# op name -> (argument parser, torchvision v2 class, or this module's where torchvision has none)
 OPS: dict[str, tuple[Callable[[str, Any], dict], Callable[..., Any]]] = {
     "Resize": (_parse_resize, T.Resize),
     "RandomResizedCrop": (_parse_resized_crop, T.RandomResizedCrop),
@@ -164,6 +205,8 @@ OPS: dict[str, tuple[Callable[[str, Any], dict], Callable[..., Any]]] = {
     "RandomCrop": (_parse_random_crop, T.RandomCrop),
     "RandomHorizontalFlip": (_prob, T.RandomHorizontalFlip),
     "RandomVerticalFlip": (_prob, T.RandomVerticalFlip),
+    "RandomRotation90": (_uniform_quarter_turns, RandomRotation90),
+    "RandomTranspose": (_prob, RandomTranspose),
     "RandAugment": (_parse_randaugment, T.RandAugment),
     "ColorJitter": (_parse_color_jitter, T.ColorJitter),
     "Normalize": (_parse_normalize, T.Normalize),
@@ -173,7 +216,7 @@ OPS: dict[str, tuple[Callable[[str, Any], dict], Callable[..., Any]]] = {
 # Ops that a batch can go through at once on its device (see myrtle_vision.data.augment); the others
 # (RandAugment, ColorJitter) act on pixel values image by image and run per image in the loader workers.
 BATCHABLE = ("Resize", "RandomResizedCrop", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "RandomVerticalFlip",
-             "Normalize")
+             "RandomRotation90", "RandomTranspose", "Normalize")
 
 
 def per_image_only(parsed: list[tuple[str, dict]]) -> list[str]:

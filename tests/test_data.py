@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
-from conftest import CLASSES, assert_user_error, class_image, data_config, make_dataset, run_script, train_config
+from conftest import (CLASSES, NORMALIZE, assert_user_error, class_image, data_config, make_dataset, run_script,
+                      train_config)
 
 from myrtle_vision.config import load_data_config
 from myrtle_vision.data import TrainPlan, eval_loader, open_split, read_label_map, stop_workers, train_loader
-from myrtle_vision.errors import UserError
+from myrtle_vision.errors import ConfigError, UserError
 from myrtle_vision.transforms import build_transform, parse_ops
 
 
@@ -60,19 +61,40 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
 def test_every_transform_op_builds_and_gives_the_asked_size():
     ops = {"Resize": 40, "RandomResizedCrop": {"size": 24, "scale": [0.3, 1.0], "ratio": [0.8, 1.25]},
            "RandomCrop": {"size": 20, "padding": 2}, "RandomHorizontalFlip": 0.5, "RandomVerticalFlip": None,
-           "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": {"brightness": 0.4, "hue": 0.1},
+           "RandomRotation90": None, "RandomTranspose": 0.25, "RandAugment": {"num_ops": 2, "magnitude": 9},
+           "ColorJitter": {"brightness": 0.4, "hue": 0.1},
            "CenterCrop": 16, "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.2, 0.2, 0.2]}}
     per_image, collate = build_transform(parse_ops(ops))
     out = per_image(class_image(1, 2, 48))
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
     names = [type(s).__name__ for s in per_image.transforms]
     assert names == ["ToImage", "Resize", "RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip",
-                     "RandomVerticalFlip", "RandAugment", "ColorJitter", "CenterCrop"]
+                     "RandomVerticalFlip", "RandomRotation90", "RandomTranspose", "RandAugment", "ColorJitter",
+                     "CenterCrop"]
+    assert per_image.transforms[7].p == 0.25
     images = collate(torch.stack([out, out]))
     assert images.dtype == torch.float32 and collate.std == [0.2, 0.2, 0.2]
     # exactly torchvision's per-image ToDtype then Normalize, computed in place for the batch
     expected = TF.normalize(TF.to_dtype(out, torch.float32, scale=True), [0.5] * 3, [0.2] * 3)
     assert torch.equal(images[1], expected)
+
+
+@pytest.mark.parametrize("field", ["transform_ops_train", "transform_ops_val"])
+@pytest.mark.parametrize("op, value, hint", [
+    ("RandomRotation90", 2, "expected null (a rotation by k quarter turns, k uniform in 0..3), got 2"),
+    ("RandomRotation90", {"p": 0.5}, "expected null"),
+    ("RandomTranspose", 1.5, "expected null or a probability in [0, 1], got 1.5"),
+    ("RandomTranspose", True, "got True"),
+])
+def test_a_bad_rotation_or_transpose_is_one_line_naming_the_file_and_field(tmp_path, dataset, field, op, value, hint):
+    """Like every op's, in either list (validation takes the random ops too, as it takes the flips)."""
+    ops = {"CenterCrop": 32, op: value, "Normalize": NORMALIZE}
+    which = {"train_ops": ops} if field == "transform_ops_train" else {"val_ops": ops}
+    path = data_config(tmp_path / "d.json", dataset, 3, **which)
+    with pytest.raises(ConfigError) as e:
+        load_data_config(path)
+    assert e.value.field == f"{field}.{op}" and "\n" not in str(e.value)
+    assert str(e.value) == f"{path}: {field}.{op}: {e.value.problem}" and hint in e.value.problem
 
 
 def test_normalize_must_come_last():

@@ -105,7 +105,53 @@ CHAINS = {
     "crop larger than the image": {"CenterCrop": 40},
     "two resizes": {"Resize": [20, 30], "RandomResizedCrop": {"size": [12, 14], "scale": [0.2, 1.0], "ratio": [0.5, 2.0]}},
     "shrinking a lot": {"RandomResizedCrop": {"size": 8, "scale": [0.5, 1.0]}},
+    # quarter turns and transposes: on the device a transposed image's rows come from its decoded columns
+    "aerial training: quarter turns and a flip": {"RandomResizedCrop": 24, "RandomRotation90": None,
+                                                  "RandomHorizontalFlip": None},
+    "all eight symmetries, non-square before the crop": {"Resize": {"shorter_side": 26}, "RandomTranspose": None,
+                                                         "RandomRotation90": None, "RandomVerticalFlip": 0.5,
+                                                         "CenterCrop": 22},
+    "quarter turns, then a non-square resize": {"RandomRotation90": None, "Resize": [20, 30], "CenterCrop": [18, 26]},
+    "transpose, then a padded non-square random crop": {"RandomTranspose": 0.5,
+                                                        "RandomCrop": {"size": [20, 26], "padding": 2},
+                                                        "RandomVerticalFlip": 0.5},
+    "quarter turns between crops": {"CenterCrop": [20, 24], "RandomRotation90": None, "RandomCrop": 18},
+    "transpose, then a non-square crop": {"RandomTranspose": 0.5, "CenterCrop": [20, 26]},
+    "symmetries last": {"RandomResizedCrop": {"size": 16, "scale": [0.3, 1.0]}, "RandomTranspose": 0.7,
+                        "RandomRotation90": None},
 }
+
+
+class _QuarterTurns:
+    """The reference RandomRotation90, from its definition: k drawn by torch.randint(4) at the op's place in
+    the chain, then torch.rot90 (counter-clockwise)."""
+
+    def __call__(self, image):
+        return torch.rot90(image, int(torch.randint(4, ())), (-2, -1))
+
+
+class _Transpose:
+    """The reference RandomTranspose: torchvision's flips' coin (rand < p), then the tensor's transpose."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image):
+        return image.transpose(-2, -1) if torch.rand(1) < self.p else image
+
+
+def _reference(ops):
+    """torchvision's per-image pipeline for ``ops``, as a function of (image, seed): torchvision's transforms
+    by name, and the two torchvision lacks written here, none of them the package's."""
+    written_here = {"RandomRotation90": _QuarterTurns, "RandomTranspose": _Transpose}
+    compose = T.Compose([T.ToImage()] + [(written_here[name] if name in written_here else getattr(T, name))(**kwargs)
+                                         for name, kwargs in parse_ops(ops)])
+
+    def sample(image, seed):
+        torch.manual_seed(seed)
+        return compose(image)
+
+    return sample
 
 
 def _images(sizes, dtype=torch.uint8, seed=0):
@@ -114,21 +160,20 @@ def _images(sizes, dtype=torch.uint8, seed=0):
 
 
 def _both(ops, images, seeds):
-    """(the batch transformed on the device, the per-image pipeline's images) for the same seeds."""
-    parsed = parse_ops(ops)
-    on_device, per_image = OnDevice(parsed), PerImage(parsed)
+    """(the batch transformed on the device, the reference per-image pipeline's images) for the same seeds."""
+    on_device, reference = OnDevice(parse_ops(ops)), _reference(ops)
     batch = on_device.collate([(on_device.sample(img, s), 0) for img, s in zip(images, seeds)])
     out, _ = on_device.finish(batch, CPU)
-    return out, torch.stack([per_image.sample(img, s).float() for img, s in zip(images, seeds)])
+    return out, torch.stack([reference(img, s).float() for img, s in zip(images, seeds)])
 
 
 @pytest.mark.parametrize("chain", CHAINS)
 def test_a_batch_on_the_device_gives_torchvision_s_images(chain):
     ops = CHAINS[chain]
-    sizes = [(32, 32), (30, 36), (33, 31), (32, 40), (36, 30), (32, 32)]
+    sizes = [(32, 32), (30, 36), (33, 31), (32, 40), (36, 30), (32, 32)] * 2
     if "RandomCrop" in ops:  # a random crop needs every image at least as large as the crop (after padding)
-        sizes = [(24, 24), (26, 25), (30, 28), (24, 31), (27, 27), (25, 24)]
-    seeds = [11, 22, 33, 44, 55, 66]
+        sizes = [(24, 24), (26, 25), (30, 28), (24, 31), (27, 27), (25, 24)] * 2
+    seeds = [11 * i for i in range(1, 13)]  # images turned every way, and transposed or not, in one batch
     out, reference = _both(ops, _images(sizes), seeds)
     assert out.shape == reference.shape and out.dtype == torch.float32
     levels = (out * 255 - reference).abs()
@@ -146,13 +191,34 @@ def test_a_batch_on_the_device_gives_torchvision_s_images(chain):
 @pytest.mark.parametrize("chain", CHAINS)
 def test_the_lean_per_image_path_is_exactly_torchvision_s_pipeline(chain):
     """In the workers, geometric ops are applied with the functional kernels torchvision's transforms call,
-    skipping their per-call overhead: the same images, bit for bit, as torchvision's Compose."""
+    skipping their per-call overhead: the same images, bit for bit, as torchvision's Compose (and the
+    package's per-image pipeline is that Compose)."""
     ops = CHAINS[chain]
     sizes = [(24, 24), (26, 25), (30, 28), (24, 31)] if "RandomCrop" in ops else [(32, 32), (30, 36), (33, 31), (40, 32)]
     parsed = parse_ops(ops)
-    lean, torchvision_s = InWorkers(parsed), PerImage(parsed)
-    for image, seed in zip(_images(sizes), (7, 8, 9, 10)):
-        assert torch.equal(lean.sample(image, seed), torchvision_s.sample(image, seed))
+    lean, per_image, reference = InWorkers(parsed), PerImage(parsed), _reference(ops)
+    for image, seed in zip(_images(sizes * 2), range(7, 15)):
+        expected = reference(image, seed)
+        assert torch.equal(lean.sample(image, seed), expected) and torch.equal(per_image.sample(image, seed), expected)
+
+
+@pytest.mark.parametrize("op, reference", [("RandomRotation90", _QuarterTurns()), ("RandomTranspose", _Transpose())])
+def test_quarter_turns_and_transposes_of_a_non_square_image_move_its_pixels(op, reference):
+    """On a 5 x 7 image every path gives torch.rot90 (or the transpose) of the pixels, with the parameter the
+    reference draws from the same seed; the batch of one image on the device too, 7 x 5 where it turned."""
+    image = _images([(5, 7)])[0]
+    parsed = parse_ops({op: None})
+    on_device = OnDevice(parsed)
+    shapes = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        shapes.add(tuple(expected.shape))
+        for pipeline in (PerImage(parsed), InWorkers(parsed)):
+            assert torch.equal(pipeline.sample(image, seed), expected), (pipeline, seed)
+        out, _ = on_device.finish(on_device.collate([(on_device.sample(image, seed), 0)]), CPU)
+        assert out.shape[1:] == expected.shape and ((out[0] * 255 - expected).abs() < 1e-3).all(), seed
+    assert shapes == {(3, 5, 7), (3, 7, 5)}
 
 
 def test_resampling_matrices_are_torch_s_antialiased_interpolation():
@@ -188,8 +254,28 @@ def test_parameters_are_drawn_as_torchvision_draws_them():
     assert 0.05 < area.min() and area.max() <= 1.0 and abs(ours[:, 4].mean() - 0.3) < 0.03
 
 
+def test_quarter_turns_and_transposes_are_drawn_uniformly_and_with_probability_p():
+    """k is uniform over 0..3 and the transpose's coin comes up with probability p, drawn seed by seed
+    exactly as the reference draws them: in the chain's order, from torch seeded with the sample's seed."""
+    ops = {"RandomRotation90": None, "RandomTranspose": 0.3}
+    on_device = OnDevice(parse_ops(ops))
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    ours = np.array([on_device.sample(image, seed)[1] for seed in range(4000)])
+    counts = np.bincount(ours[:, 0].astype(int))
+    assert len(counts) == 4 and (abs(counts - 1000) < 4 * math.sqrt(4000 * 0.25 * 0.75)).all(), counts
+    assert set(ours[:, 1]) == {0.0, 1.0} and abs(ours[:, 1].mean() - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 4000)
+    theirs = []
+    for seed in range(4000):
+        torch.manual_seed(seed)
+        theirs.append([int(torch.randint(4, ())), float(torch.rand(1) < 0.3)])
+    assert np.array_equal(ours, np.array(theirs))
+
+
 def test_which_ops_run_on_the_device():
     batchable = {"RandomResizedCrop": 16, "RandomHorizontalFlip": None}
+    symmetries = {"RandomRotation90": None, "RandomTranspose": 0.5, "CenterCrop": 16}
+    assert isinstance(pipeline_for(symmetries, "auto", torch.device("cuda")), OnDevice)
+    assert isinstance(pipeline_for(symmetries, "auto", CPU), InWorkers)
     assert isinstance(pipeline_for(batchable, "auto", torch.device("cuda")), OnDevice)
     assert isinstance(pipeline_for(batchable, "auto", CPU), InWorkers)
     assert isinstance(pipeline_for(batchable, "device", CPU), OnDevice)

@@ -5,7 +5,8 @@ Three :class:`Pipeline` s give the same images for the same seeds. Each sends ui
 loader workers and converts and normalizes the batch on the device.
 
 - :class:`PerImage` runs torchvision's v2 transforms on each image in a loader worker (torch seeded
-  with the sample's seed first). Every op works this way.
+  with the sample's seed first). Every op works this way. (``RandomRotation90`` and
+  ``RandomTranspose``, which torchvision lacks, are v2 transforms of myrtle_vision.transforms.)
 - :class:`InWorkers`, for ops that only move pixels, draws the same parameters (below) and applies
   them with the functional kernels torchvision's transforms call, without their per-call
   overhead: bit for bit :class:`PerImage`'s images, faster. The default on CPU.
@@ -15,7 +16,10 @@ loader workers and converts and normalizes the batch on the device.
   image with them. On the device the whole batch is then transformed at once: every geometric op
   (Resize, RandomResizedCrop, CenterCrop, RandomCrop, the flips) maps output rows to input rows and
   output columns to input columns, so an image's whole chain of ops is one row matrix and one column
-  matrix, and the batch is two batched matrix products. The resampling matrices hold the weights of
+  matrix, and the batch is two batched matrix products. ``RandomRotation90`` and ``RandomTranspose``
+  swap an image's rows and columns: each image carries a flag, the ops after one act on the
+  other axis (a quarter turn is a transpose then flips), and the products give each transposed
+  image's transpose, turned back at the end. The resampling matrices hold the weights of
   torch's antialiased bilinear interpolation (what torchvision's ``Resize`` uses), crops and
   flips select and reverse rows, padding is rows of zeros. Results are rounded to uint8 levels,
   as the per-image path's are, then normalized. They match the per-image path to one uint8 level
@@ -36,7 +40,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
-from ..transforms import OPS, build_transform, parse_ops, per_image_only, stack
+from ..transforms import OPS, build_transform, parse_ops, per_image_only, rot90, stack, transpose
 
 
 class Pipeline:
@@ -155,6 +159,69 @@ class _Axis:
         self.start, self.step = torch.zeros_like(out), torch.ones_like(out)
 
 
+class _Maps:
+    """Every image's chain of ops so far, as the maps of its decoded rows and columns (two :class:`_Axis`)
+    and whether the image is transposed.
+
+    A transposed image's current rows come from ``cols`` and its current columns from ``rows``, so an op
+    on its current rows acts on ``cols``: the methods take their arguments in each image's current
+    (height, width) order and hand them to the axes swapped where the image is transposed. The two
+    matrix products then give each transposed image's transpose (:func:`_untranspose` turns it back).
+    """
+
+    def __init__(self, sizes: torch.Tensor):
+        self.rows, self.cols = _Axis(sizes[:, 0]), _Axis(sizes[:, 1])
+        self.transposed = torch.zeros(len(sizes), dtype=torch.bool)
+
+    def _swap(self, along_height, along_width) -> tuple[torch.Tensor, torch.Tensor]:
+        """(for ``rows``, for ``cols``): (B,) arguments given along each image's current height and width."""
+        h, w = (torch.as_tensor(v).expand_as(self.transposed) for v in (along_height, along_width))
+        return torch.where(self.transposed, w, h), torch.where(self.transposed, h, w)
+
+    def height(self) -> torch.Tensor:
+        return self._swap(self.rows.size, self.cols.size)[0]
+
+    def width(self) -> torch.Tensor:
+        return self._swap(self.rows.size, self.cols.size)[1]
+
+    def crop(self, top, left, height, width) -> None:
+        (row_start, col_start), (row_length, col_length) = self._swap(top, left), self._swap(height, width)
+        self.rows.crop(row_start, row_length)
+        self.cols.crop(col_start, col_length)
+
+    def resize(self, height, width, device: torch.device) -> None:
+        row_size, col_size = self._swap(height, width)
+        self.rows.resize(row_size, device)
+        self.cols.resize(col_size, device)
+
+    def flip(self, vertical, horizontal) -> None:
+        """Reverse the current rows where ``vertical``, the current columns where ``horizontal``."""
+        row_flip, col_flip = self._swap(vertical, horizontal)
+        self.rows.flip(row_flip)
+        self.cols.flip(col_flip)
+
+    def transpose(self, mask: torch.Tensor) -> None:
+        self.transposed = self.transposed ^ mask
+
+    def rotate(self, quarter_turns: torch.Tensor) -> None:
+        """k counter-clockwise quarter turns: a transpose when k is odd, then the rows reversed when k is 1
+        or 2 and the columns when k is 2 or 3 (what torch.rot90 does)."""
+        self.transpose(quarter_turns % 2 == 1)
+        self.flip((quarter_turns == 1) | (quarter_turns == 2), quarter_turns >= 2)
+
+
+def _untranspose(x: torch.Tensor, transposed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The batch ``x`` (B, C, n, m), made along every image's decoded rows and columns, as (B, C, height,
+    width) images: the transposed ones transposed back. Where the images are not square the batch is
+    padded to a square first, so that every image, transposed or not, fits one tensor before the crop."""
+    if not bool(transposed.any()):
+        return x
+    side = max(x.shape[-2:])
+    x = torch.nn.functional.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2]))
+    x = torch.where(_to(transposed, x.device)[:, None, None, None], x.transpose(-2, -1), x)
+    return x[..., :height, :width]
+
+
 def resample_weights(in_size: torch.Tensor, out_size: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
     """(B, n_out, n_in): torch's antialiased bilinear interpolation (``align_corners=False``) from
     ``in_size`` to ``out_size`` rows of each image, as a matrix whose rows sum to 1: output row i is
@@ -199,14 +266,25 @@ class _Geometric(Pipeline):
                 pad_left, pad_top = p["padding"][0], p["padding"][1]
                 params += [p["top"] - pad_top, p["left"] - pad_left]
                 h, w = op.size
-            elif name in ("RandomHorizontalFlip", "RandomVerticalFlip"):
+            elif name in COINS:
                 params.append(float(torch.rand(1) < op.p))  # the draw v2's _RandomApplyTransform makes
+                if name == "RandomTranspose" and params[-1]:
+                    h, w = w, h
+            elif name == "RandomRotation90":
+                quarter_turns = op.make_params([shape])["k"]
+                params.append(float(quarter_turns))
+                if quarter_turns % 2:
+                    h, w = w, h
             elif name == "Resize":
                 h, w = resized_size(h, w, kwargs["size"])
             elif name == "CenterCrop":
                 h, w = _pair(kwargs["size"])
         return params, (h, w)
 
+
+# The ops applied or not by a coin of probability p, and their kernels
+COINS = {"RandomHorizontalFlip": TF.horizontal_flip, "RandomVerticalFlip": TF.vertical_flip,
+         "RandomTranspose": transpose}
 
 
 class InWorkers(_Geometric):
@@ -230,9 +308,12 @@ class InWorkers(_Geometric):
             elif name == "Resize":
                 image = TF.resize(image, op.size, interpolation=op.interpolation, max_size=op.max_size,
                                   antialias=op.antialias)
-            elif name in ("RandomHorizontalFlip", "RandomVerticalFlip"):
+            elif name in COINS:
                 if params[k]:
-                    image = TF.horizontal_flip(image) if name == "RandomHorizontalFlip" else TF.vertical_flip(image)
+                    image = COINS[name](image)
+                k += 1
+            elif name == "RandomRotation90":
+                image = rot90(image, int(params[k]))
                 k += 1
         return image
 
@@ -264,10 +345,12 @@ class OnDevice(_Geometric):
     def finish(self, batch: RawBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch transformed on ``device``: (normalized float images, labels). Nothing here waits for
         the device: the sizes and parameters are read on the CPU, only the pixels and matrices go to it."""
-        rows, cols = self.maps(batch.sizes, batch.params, device)
-        if int(rows.size.min()) != int(rows.size.max()) or int(cols.size.min()) != int(cols.size.max()):
+        maps = self.maps(batch.sizes, batch.params, device)
+        height, width = maps.height(), maps.width()
+        if int(height.min()) != int(height.max()) or int(width.min()) != int(width.max()):
             raise UserError("the transform ops give images of different sizes in one batch; end them with a crop "
                             "or a Resize to [height, width]")
+        rows, cols = maps.rows, maps.cols
         x = batch.images.to(device, non_blocking=True).float()
         if rows.dense is None:  # crops and flips only: pick the pixels
             (r, rv), (c, cv) = ((_to(t, device) for t in axis.rows()) for axis in (rows, cols))
@@ -278,43 +361,42 @@ class OnDevice(_Geometric):
             x = torch.matmul(rows.selected(device)[:, None], x)
             x = torch.matmul(x, cols.selected(device).transpose(1, 2)[:, None])
             x = x.round_().clamp_(0, 255)  # the uint8 levels the per-image path rounds to
+        x = _untranspose(x, maps.transposed, int(height[0]), int(width[0]))
         # then exactly the per-image path's float conversion and Normalize
         return self.normalize(x.to(torch.uint8).contiguous()), batch.labels.to(device, non_blocking=True)
 
-    def maps(self, sizes: torch.Tensor, params: torch.Tensor, device: torch.device) -> tuple[_Axis, _Axis]:
+    def maps(self, sizes: torch.Tensor, params: torch.Tensor, device: torch.device) -> _Maps:
         """Every image's rows and columns after the ops, from its size and parameters (CPU tensors);
         resampling matrices are made on ``device``."""
-        rows, cols = _Axis(sizes[:, 0]), _Axis(sizes[:, 1])
+        maps = _Maps(sizes)
         k = 0
         for name, kwargs, op in self.ops:
             if name == "RandomResizedCrop":
-                top, left, height, width = (params[:, k + i].long() for i in range(4))
+                maps.crop(*(params[:, k + i].long() for i in range(4)))
                 k += 4
-                rows.crop(top, height)
-                cols.crop(left, width)
-                out_h, out_w = op.size
-                rows.resize(torch.full_like(rows.size, out_h), device)
-                cols.resize(torch.full_like(cols.size, out_w), device)
+                maps.resize(*op.size, device)
             elif name == "RandomCrop":
-                top, left = params[:, k].long(), params[:, k + 1].long()
+                maps.crop(params[:, k].long(), params[:, k + 1].long(), *op.size)
                 k += 2
-                rows.crop(top, op.size[0])
-                cols.crop(left, op.size[1])
             elif name == "CenterCrop":
                 crop_h, crop_w = _pair(kwargs["size"])
-                for axis, crop in ((rows, crop_h), (cols, crop_w)):
-                    axis.crop(_center_crop_start(axis.size, crop), crop)
+                maps.crop(_center_crop_start(maps.height(), crop_h), _center_crop_start(maps.width(), crop_w),
+                          crop_h, crop_w)
             elif name == "Resize":
-                out_h, out_w = resized_size(rows.size, cols.size, kwargs["size"])
-                rows.resize(out_h, device)
-                cols.resize(out_w, device)
-            elif name == "RandomHorizontalFlip":
-                cols.flip(params[:, k] > 0)
+                maps.resize(*resized_size(maps.height(), maps.width(), kwargs["size"]), device)
+            elif name in COINS:
+                heads = params[:, k] > 0
                 k += 1
-            elif name == "RandomVerticalFlip":
-                rows.flip(params[:, k] > 0)
+                if name == "RandomTranspose":
+                    maps.transpose(heads)
+                elif name == "RandomVerticalFlip":
+                    maps.flip(heads, False)
+                else:
+                    maps.flip(False, heads)
+            elif name == "RandomRotation90":
+                maps.rotate(params[:, k].long())
                 k += 1
-        return rows, cols
+        return maps
 
 
 def _pair(size) -> tuple[int, int]:

@@ -34,10 +34,10 @@ SWITCHES = {"mixup": ("train", {"mixup": 0.0}), "cutmix": ("train", {"cutmix": 0
             "drop_path": ("vit", {"drop_path": 0.0})}
 
 
-def variant_config(model: str, variant: str, seed: int, out: Path) -> Path:
-    """The demo config of ``model`` with the recipe (``with``), without it (``without``), or with one switch
-    removed (``no_<switch>``), at ``seed``."""
-    cfg = json.loads((REPO / "train_configs" / f"{model}_demo.json").read_text())
+def variant_config(base: Path, model: str, variant: str, seed: int, out: Path) -> Path:
+    """The config ``base`` (of ``model``) with the recipe (``with``), without it (``without``), or with one
+    switch removed (``no_<switch>``), at ``seed``."""
+    cfg = json.loads(base.read_text())
     tc, vc = cfg["train_config"], cfg["vit_config"]
     if variant != "without":
         tc.update(RECIPE_TRAIN)
@@ -58,8 +58,8 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def measure(model: str, variant: str, seed: int, out: Path) -> dict:
-    cfg = variant_config(model, variant, seed, out)
+def measure(base: Path, model: str, variant: str, seed: int, out: Path) -> dict:
+    cfg = variant_config(base, model, variant, seed, out)
     start = time.perf_counter()
     log = run([sys.executable, "train.py", "-c", str(cfg)])
     seconds = time.perf_counter() - start
@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--variants", nargs="+", default=["without", "with", *(f"no_{s}" for s in SWITCHES)])
     parser.add_argument("--out", default="runs/recipe_ablation")
+    for model in ("vit", "deit"):
+        parser.add_argument(f"--{model}-config", type=Path, default=REPO / "train_configs" / f"{model}_demo.json",
+                            help=f"the {model.upper()} config to vary (default: the demo's)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not write RESULTS.md")
     args = parser.parse_args()
     out = REPO / args.out
@@ -82,7 +85,8 @@ def main() -> None:
     rows = ["| model | variant | test top-1 per seed | mean | train seconds (mean) |", "|---|---|---|---|---|"]
     for model in args.models:
         for variant in args.variants:
-            results = [measure(model, variant, seed, out) for seed in args.seeds]
+            base = getattr(args, f"{model}_config")
+            results = [measure(base, model, variant, seed, out) for seed in args.seeds]
             top1 = [r["top1"] for r in results]
             per_seed = ", ".join(f"{t:.2f}" for t in top1)
             rows.append(f"| {model} | {variant} | {per_seed} (seeds {', '.join(map(str, args.seeds))}) | "

@@ -3,6 +3,7 @@ here (the machines are noisy); the figures live in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -59,3 +60,21 @@ def test_einops_layouts_times_both_variants_of_the_same_model():
     out = _run("benchmarks/einops_layouts.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1", "--no-write")
     assert re.search(r"^\| ViT-Tiny \| training step \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
     assert re.search(r"^\| ViT-Tiny \| inference \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
+
+
+def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
+    data = data_config(tmp_path / "d.json", make_dataset(tmp_path / "data", ["a", "b", "c"]), 3)
+    base = train_config(tmp_path / "vit.json", data, tmp_path / "out", train=RUN)
+    out = _run("benchmarks/recipe_ablation.py", "--models", "vit", "--vit-config", base, "--seeds", "2",
+               "--variants", "without", "no_mixup", "--out", tmp_path / "runs", "--no-write")
+    rows = [line for line in out.splitlines() if line.startswith("| vit |")]
+    assert [row.split("|")[2].strip() for row in rows[:2]] == ["without", "no_mixup"]
+    for variant in ("without", "no_mixup"):  # test.py's figure of each run, as its JSON has it
+        top1 = json.loads((tmp_path / "runs" / f"vit_{variant}_2.result.json").read_text())["top1"]
+        assert f"| vit | {variant} | {top1:.2f} (seeds 2) | {top1:.2f}% |" in out
+    # the variant without mixup has the rest of the recipe; "without" has none of it
+    recipe = json.loads((tmp_path / "runs" / "vit_no_mixup_2.json").read_text())
+    assert recipe["train_config"]["mixup"] == 0 and recipe["train_config"]["cutmix"] > 0
+    assert recipe["vit_config"]["drop_path"] > 0 and recipe["train_config"]["seed"] == 2
+    plain = json.loads((tmp_path / "runs" / "vit_without_2.json").read_text())
+    assert "cutmix" not in plain["train_config"] and plain["train_config"]["seed"] == 2

@@ -19,7 +19,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .errors import ConfigError, did_you_mean
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
@@ -45,6 +45,10 @@ class TrainConfig:
     iters_per_val: int = 1000
     seed: int = 1234
     drop_last_batch: bool = True
+    # Sampling and class balance (all off by default; see the README's train_config table):
+    repeated_augmentation: int = 1  # k > 1: each sampled image comes k times in a row, augmented differently (DeiT: 3)
+    class_weights: Optional[Union[str, list[float]]] = None  # null, "balanced" or one weight per class
+    class_balanced_sampler: bool = False  # draw each epoch's images with replacement, every class equally often
     optimizer: str = "adamw"
     opt_eps: float = 1e-8
     opt_betas: Optional[list[float]] = None
@@ -136,6 +140,19 @@ class TrainConfig:
             v.check(0 <= getattr(self, name) <= 1, name, "must be a probability, in [0, 1]")
         v.check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", "must be null or in (0, 1)")
         v.check(self.ema_every >= 1, "ema_every", "must be at least 1")
+        self._validate_sampling(v)
+
+    def _validate_sampling(self, v: "_Validator") -> None:
+        """repeated_augmentation and class_weights (their length is checked against the data config by
+        :meth:`Config.validate_with_data`)."""
+        v.check(1 <= self.repeated_augmentation <= 2 ** 31, "repeated_augmentation",
+                "must be in [1, 2^31] (1: off; DeiT uses 3)")
+        weights = self.class_weights
+        if isinstance(weights, str):
+            v.choice(weights, ("balanced",), "class_weights")
+        elif weights is not None:
+            v.check(all(w >= 0 for w in weights) and any(w > 0 for w in weights), "class_weights",
+                    "must be null, \"balanced\" or a list of non-negative numbers, one per class, not all 0")
 
 
 @dataclass
@@ -269,6 +286,14 @@ class Config:
         v.check(tc.precision == "fp32" or vc.trained_q_format == "FP32", "train_config.precision",
                 f"{tc.precision} with vit_config.q_format {vc.q_format}: quantization-aware training simulates "
                 "its format in FP32; set precision to fp32")
+        if self.data_config is not None:
+            self.validate_with_data(v)
+
+    def validate_with_data(self, v: "_Validator") -> None:
+        """The rules between the train config and its data config (checked once the data config is loaded)."""
+        weights, dc = self.train_config.class_weights, self.data_config
+        v.check(not isinstance(weights, list) or len(weights) == dc.number_of_classes, "train_config.class_weights",
+                f"{len(weights or [])} weights, but {dc.path}: number_of_classes is {dc.number_of_classes}")
 
     def to_dict(self) -> dict:
         """The resolved config (every default filled in), as saved with each checkpoint."""
@@ -397,6 +422,7 @@ def load_config(path) -> Config:
     if not Path(cfg.data_config_path).is_file():
         raise ConfigError(path, "data_config_path", f"{cfg.data_config_path}: file not found")
     cfg.data_config = load_data_config(cfg.data_config_path)
+    cfg.validate_with_data(_Validator(path, ""))
     cfg.path = str(path)
     return cfg
 

@@ -1,4 +1,4 @@
-"""Training losses: the DeiT distillation loss (Touvron et al., 2020).
+"""Training losses: cross entropy weighted per class, and the DeiT distillation loss (Touvron et al., 2020).
 
 The class head learns from the labels and the distillation head from the teacher::
 
@@ -17,6 +17,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Cross entropy with a weight per class (``train_config.class_weights``), averaged over the images:
+    ``sum_i weight[y_i] * CE_i / batch size`` (with label smoothing, torch's per-image weighted loss).
+
+    torch's ``CrossEntropyLoss(weight=...)`` divides by the sum of the batch's weights instead. The
+    trainer weights each micro-batch's loss by its share of the update's images, so that accumulated
+    micro-batches (and processes) give the gradient of the whole update; a per-batch division by the
+    weights would make each micro-batch count by which classes it happens to hold, and a micro-batch
+    of classes weighted 0 alone would give 0 / 0 = NaN. Averaging over the images keeps both right.
+    """
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0):
+        super().__init__()
+        self.per_image = nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing, reduction="none")
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.per_image(logits, targets).mean()
 
 
 class DistillationLoss(nn.Module):

@@ -91,6 +91,21 @@ BAD_TRAIN_CONFIGS = {
               "distiller_config.alpha", "[0, 1]"),
     "teacher size": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_image_size": 4}),
                      "distiller_config.teacher_image_size", "[8, 4096]"),
+    "repeats": (lambda r: r["train_config"].update(repeated_augmentation=0), "train_config.repeated_augmentation",
+                "[1, 2^31]"),
+    "class weights name": (lambda r: r["train_config"].update(class_weights="balance"), "train_config.class_weights",
+                           "did you mean 'balanced'"),
+    "class weights type": (lambda r: r["train_config"].update(class_weights=2), "train_config.class_weights",
+                           "a string or a list of finite numbers or null"),
+    "negative class weight": (lambda r: r["train_config"].update(class_weights=[1, -0.5, 1]),
+                              "train_config.class_weights", "non-negative"),
+    "class weights all 0": (lambda r: r["train_config"].update(class_weights=[0, 0, 0]), "train_config.class_weights",
+                            "not all 0"),
+    # one weight per class of the data config (3 classes)
+    "class weights count": (lambda r: r["train_config"].update(class_weights=[1, 2]), "train_config.class_weights",
+                            "2 weights, but"),
+    "sampler type": (lambda r: r["train_config"].update(class_balanced_sampler=1), "train_config.class_balanced_sampler",
+                     "true/false"),
 }
 
 
@@ -103,7 +118,7 @@ def test_bad_train_config_in_process(case, tmp_path, data_cfg):
     assert e.value.field == field and hint in str(e.value) and str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("case", ["typo", "wrong type", "missing", "patch", "batch", "negative lr"])
+@pytest.mark.parametrize("case", ["typo", "wrong type", "missing", "patch", "batch", "negative lr", "class weights count"])
 @pytest.mark.parametrize("script", ["train.py", "test.py"])
 def test_bad_train_config_through_the_scripts(case, script, tmp_path, data_cfg):
     edit, field, hint = BAD_TRAIN_CONFIGS[case]

@@ -217,3 +217,109 @@ def test_persistent_training_workers_serve_each_epoch_its_own_plan():
     finally:
         stop_workers(loader)
     assert loader.loader._iterator is None
+
+
+# --- train_config.repeated_augmentation and class_balanced_sampler: the plan ---------------------
+
+def _seed(*parts: int) -> int:
+    """The sample-seed derivation, written out (what derive_seed does)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng(_seed(seed, 0, epoch)).permutation(n)
+
+
+def _stream(make_plan, epoch: int) -> list[tuple[int, int, int]]:
+    """The epoch's whole order, as ``(index, sample seed, rank)`` at each position, put together from every
+    process's share (``make_plan(rank)``): process r's t-th sample of update u sits at position
+    u * global_batch + r + t * world_size."""
+    plan, slots = make_plan(0), {}
+    for rank in range(plan.world_size):
+        share = make_plan(rank)
+        for u in range(share.updates_per_epoch):
+            mine = [key for micro in share.update(epoch, u) for key in micro]
+            for t, (index, seed) in enumerate(mine):
+                position = u * plan.global_batch + rank + t * plan.world_size
+                assert position not in slots, f"position {position} served twice"
+                slots[position] = (index, seed, rank)
+    assert sorted(slots) == list(range(plan.num_samples)), "the shares do not cover the epoch's positions"
+    return [slots[p] for p in range(plan.num_samples)]
+
+
+def test_without_the_switches_the_plan_is_the_earlier_one():
+    """repeated_augmentation 1 and no class balance: every process's micro-batches as the earlier release
+    made them (the formula written out here), so existing configs train exactly as before."""
+    n, g, local, seed, world = 50, 12, 3, 11, 2
+    for rank in range(world):
+        plan = TrainPlan(n, global_batch=g, local_batch=local, seed=seed, drop_last=False, rank=rank,
+                         world_size=world, repeats=1)
+        for epoch in range(3):
+            order = _permutation(seed, epoch, n)
+            expected = []
+            for u in range(plan.updates_per_epoch):
+                mine = [(int(i), _seed(seed, 1, epoch, int(i))) for i in order[u * g:(u + 1) * g][rank::world]]
+                expected += [mine[s:s + local] for s in range(0, len(mine), local)]
+            assert list(plan.batches(epoch)) == expected
+
+
+def test_repeated_augmentation_repeats_each_image_on_different_processes():
+    # 51 images, k = 3 copies, 3 processes, updates of 12 (a multiple of k: a group of copies is never split)
+    n, k, world, seed = 51, 3, 3, 5
+
+    def make_plan(rank):
+        return TrainPlan(n, global_batch=12, local_batch=2, seed=seed, drop_last=False, rank=rank, world_size=world,
+                         repeats=k)
+
+    assert make_plan(0).updates_per_epoch == 5  # the epoch is still n images long: 4 full updates and one of 3
+    for epoch in range(2):
+        stream = _stream(make_plan, epoch)
+        indices = [i for i, _, _ in stream]
+        # the epoch's permutation, each image k times in a row, cut to the n positions: 17 images, 3 times each
+        assert indices == np.repeat(_permutation(seed, epoch, n), k)[:n].tolist()
+        groups = [stream[j:j + k] for j in range(0, n, k)]
+        assert len({g[0][0] for g in groups}) == len(groups) == 17
+        for group in groups:
+            assert len({i for i, _, _ in group}) == 1
+            assert len({r for _, _, r in group}) == k, f"copies on the same process: {group}"
+            assert len({s for _, s, _ in group}) == k, f"copies with the same augmentation seed: {group}"
+
+
+def test_repeated_copies_are_augmented_differently_through_the_loader(tmp_path, dataset):
+    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.3, 1.0]}, "ColorJitter": 0.4, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    split = open_split(load_data_config(data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)), "train")
+    plan = TrainPlan(len(split), global_batch=6, local_batch=6, seed=3, drop_last=True, repeats=3)
+    images, labels = next(iter(train_loader(split, plan, epoch=0, num_workers=0)))
+    keys = plan.update(0, 0)[0]
+    for j in (0, 3):  # two images, three copies each
+        assert keys[j][0] == keys[j + 1][0] == keys[j + 2][0]
+        assert labels[j] == labels[j + 1] == labels[j + 2]
+        for a, b in ((j, j + 1), (j, j + 2), (j + 1, j + 2)):
+            assert not torch.equal(images[a], images[b]), f"copies {a} and {b} of image {keys[j][0]} look the same"
+
+
+def test_class_balanced_draws_every_class_equally_often():
+    labels = [0] * 90 + [1] * 10  # 9 : 1
+    plan = TrainPlan(100, global_batch=10, local_batch=5, seed=2, drop_last=True, balance_labels=labels)
+    drawn = [labels[i] for epoch in range(50) for micro in plan.batches(epoch) for i, _ in micro]
+    assert len(drawn) == 5000  # N draws each epoch
+    # each class with probability 1/2: the count of class 1 is Binomial(5000, 0.5), sd ~35; allow 5 sd
+    assert abs(drawn.count(1) - 2500) < 180, drawn.count(1)
+    # deterministic given (seed, epoch): a fresh plan, asked in another order, draws the same
+    again = TrainPlan(100, global_batch=10, local_batch=5, seed=2, drop_last=True, balance_labels=labels)
+    assert list(again.batches(7)) == list(plan.batches(7)) and list(again.batches(3)) == list(plan.batches(3))
+    assert list(plan.batches(7)) != list(plan.batches(8))
+    # drawn with replacement: an image drawn twice in an epoch still gets two different augmentations
+    keys = [key for micro in plan.batches(0) for key in micro]
+    assert len({i for i, _ in keys}) < 100 and len({s for _, s in keys}) == 100
+
+
+def test_class_balanced_draws_are_repeated_with_repeated_augmentation():
+    labels = [0] * 27 + [1] * 3
+    drawn = TrainPlan(30, global_batch=6, local_batch=6, seed=4, drop_last=True, balance_labels=labels)
+    repeated = TrainPlan(30, global_batch=6, local_batch=6, seed=4, drop_last=True, balance_labels=labels, repeats=3)
+    for epoch in range(3):
+        once = [i for micro in drawn.batches(epoch) for i, _ in micro]
+        thrice = [key for micro in repeated.batches(epoch) for key in micro]
+        assert [i for i, _ in thrice] == np.repeat(once, 3)[:30].tolist()
+        assert len({s for _, s in thrice}) == 30

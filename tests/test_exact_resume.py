@@ -1,6 +1,7 @@
 """The bit-exact resume guarantee, all of it: interrupted and resumed runs end bit-identical to
 uninterrupted ones on CPU. In process: a ViT, a DeiT student and a quantization-aware run, with and
-without gradient accumulation and loader workers. Through train.py: a mid-epoch checkpoint and a
+without gradient accumulation and loader workers; a run with repeated augmentation, class-balanced
+draws and class weights. Through train.py: a mid-epoch checkpoint and a
 SIGTERM/SIGINT with accumulation, dropout, random augmentation, workers and clipping; DeiT (soft and
 hard), QAT (FP16_16, FP16_32) and bf16 autocast; the transforms run on the device."""
 
@@ -14,8 +15,8 @@ import sys
 import pytest
 import torch
 import torchvision
-from conftest import (CLASSES, REPO, assert_user_error, data_config, run_dir_of, run_script, script_env,
-                      train_config)
+from conftest import (CLASSES, REPO, assert_user_error, data_config, make_dataset, run_dir_of, run_script,
+                      script_env, train_config)
 
 from myrtle_vision.config import load_config
 from myrtle_vision.training import Interrupted, Trainer
@@ -68,7 +69,27 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(kind, accumulate, wor
     # 24 training images, updates of 8: 3 per epoch, 6 in all; interrupted after update 4 (mid-epoch 2)
     train = {"epochs": 2, "global_batch_size": 8, "local_batch_size": 4 if accumulate else 8, "num_workers": workers,
              "iters_per_checkpoint": 100, "iters_per_val": 2}
-    sections = _sections(kind, teacher)
+    a = _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train, _sections(kind, teacher))
+    assert (kind == "deit") == ("distillation" in a)
+
+
+def test_sampling_switches_resume_bit_identical(tmp_path):
+    """Repeated augmentation, class-balanced draws and balanced class weights, on a 8:8:2 training split."""
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    listed = (ds / "train_imagepaths.txt").read_text().split()
+    foxes = [p for p in listed if "/fox/" in p]
+    (ds / "train_imagepaths.txt").write_text("\n".join([p for p in listed if p not in foxes] + foxes[:2]) + "\n")
+    data_cfg = data_config(tmp_path / "d.json", ds, 3)
+    # 18 training images, updates of 6 in micro-batches of 3: 3 per epoch, 6 in all; interrupted after update 4
+    train = {"epochs": 2, "global_batch_size": 6, "local_batch_size": 3, "iters_per_checkpoint": 100,
+             "iters_per_val": 2, "repeated_augmentation": 3, "class_balanced_sampler": True,
+             "class_weights": "balanced"}
+    _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train, {"vit": {"dropout": 0.1}})
+
+
+def _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train: dict, sections: dict) -> dict:
+    """Train 6 updates whole, and again interrupted after update 4 and resumed; the two end with the same
+    weights, optimizer state and schedule. Returns the final state."""
     whole = _fit(train_config(tmp_path / "whole.json", data_cfg, tmp_path / "whole", train=train, **sections))
     first = _fit(train_config(tmp_path / "first.json", data_cfg, tmp_path / "split", train=train, **sections),
                  stop_after=4)
@@ -87,7 +108,7 @@ def test_an_interrupted_and_resumed_run_ends_bit_identical(kind, accumulate, wor
         vb = b["optimizer"]["state"][k]
         assert va.keys() == vb.keys() and all(torch.equal(va[s], vb[s]) for s in va), k
     assert a["lr_scheduler"] == b["lr_scheduler"]
-    assert (kind == "deit") == ("distillation" in a)
+    return a
 
 
 # --- through train.py ------------------------------------------------------------------------------

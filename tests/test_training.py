@@ -199,3 +199,84 @@ def test_compiled_training_learns_what_eager_training_does(tmp_path, data_cfg):
     assert 0 < worst < 1e-3, worst  # really compiled: fused kernels round differently, but train the same
     losses = [v for _, v in scalars(runs[True], "train/loss")]
     assert losses[-1] < losses[0]
+
+
+# train_config.class_weights
+
+def _imbalanced(tmp_path, keep: dict[str, int]):
+    """A data config whose training split keeps the first ``keep[class]`` images of each class."""
+    from conftest import CLASSES, data_config, make_dataset
+
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    listed = (ds / "train_imagepaths.txt").read_text().split()
+    kept = [p for c, n in keep.items() for p in [q for q in listed if q.split("/")[1] == c][:n]]
+    (ds / "train_imagepaths.txt").write_text("\n".join(kept) + "\n")
+    return data_config(tmp_path / "d.json", ds, 3)
+
+
+def _weighted_cross_entropy(logits, targets, weights, smoothing):
+    """torch's per-image weighted cross entropy with label smoothing, written out, averaged over the images."""
+    nll = -logits.log_softmax(1)
+    per_image = (1 - smoothing) * weights[targets] * nll[torch.arange(len(targets)), targets]
+    return (per_image + smoothing / len(weights) * (nll * weights).sum(1)).mean()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=3).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("deit", [False, True], ids=["vit", "deit"])
+def test_balanced_class_weights_weight_the_class_heads_cross_entropy(tmp_path, capsys, deit, teacher):
+    from myrtle_vision.config import load_config
+    from myrtle_vision.training import Trainer
+
+    data = _imbalanced(tmp_path, {"cat": 8, "dog": 4, "fox": 2})
+    sections = {"distiller_config": {"teacher_model": "mobilenet_v3_small", "alpha": 0.3,
+                                     "teacher_weights_path": str(teacher)}} if deit else {}
+    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
+                       train={"class_weights": "balanced", "label_smoothing": 0.1}, **sections)
+    trainer = Trainer(load_config(cfg))
+    # scikit-learn's "balanced": N / (classes x count), counted here on the split file
+    names = [line.split("/")[1] for line in (tmp_path / "ds" / "train_imagepaths.txt").read_text().split()]
+    expected = torch.tensor([len(names) / (3 * names.count(c)) for c in ("cat", "dog", "fox")])
+    torch.testing.assert_close(trainer.class_weights, expected)
+    assert 'class weights (train_config.class_weights "balanced"): cat 0.5833, dog 1.167, fox 2.333' in capsys.readouterr().out
+    torch.manual_seed(1)
+    logits, dist, teacher_logits = torch.randn(3, 6, 3).unbind(0)
+    targets = torch.tensor([0, 1, 2, 2, 1, 0])
+    weighted = _weighted_cross_entropy(logits, targets, expected, 0.1)
+    if not deit:
+        torch.testing.assert_close(trainer.criterion(logits, targets), weighted)
+        return
+    # DeiT: only the class head's term is weighted; the soft distillation term, written out, is not
+    t = 3.0
+    p_teacher = (teacher_logits / t).softmax(1)
+    kl = (p_teacher * (p_teacher.log() - (dist / t).log_softmax(1))).sum(1).mean() * t * t
+    torch.testing.assert_close(trainer.criterion(logits, dist, teacher_logits, targets), 0.3 * weighted + 0.7 * kl)
+
+
+def test_a_class_of_weight_0_is_never_learned(tmp_path, data_cfg):
+    from conftest import reference_logits
+
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
+                       train={"epochs": 6, "class_weights": [1, 1.5, 0]})
+    proc = run_script("train.py", "-c", cfg, check=True)
+    assert "class weights (train_config.class_weights [1, 1.5, 0]): cat 1, dog 1.5, fox 0" in proc.stdout
+    # the last weights' predictions on the test split, computed without the package
+    logits, labels = reference_logits(cfg, run_dir_of(proc) / "last.pt")
+    predicted = logits.argmax(1)
+    assert not (predicted == 2).any(), predicted  # fox (weight 0): its logit is only ever pushed down
+    assert (predicted[labels != 2] == labels[labels != 2]).float().mean() > 0.8, (predicted, labels)
+
+
+def test_balanced_weights_need_every_class_in_the_training_split(tmp_path):
+    data = _imbalanced(tmp_path, {"cat": 8, "dog": 8})
+    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", train={"class_weights": "balanced"})
+    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "train_config.class_weights", "'fox'",
+                      "train_imagepaths.txt")

@@ -7,7 +7,8 @@ checked without decoding images is checked when a split is opened, each problem 
 (:mod:`myrtle_vision.data.cache`) unless the data config says ``decode_cache: false``.
 
 Training randomness is a function of position, not history: the sampler gives every sample a
-seed derived from (seed, epoch, index), and the transforms draw from torch seeded with it (see
+seed derived from (seed, epoch, index) (and the copy or draw number when an epoch holds an image
+more than once: see :class:`~myrtle_vision.data.plan.TrainPlan`), and the transforms draw from torch seeded with it (see
 :mod:`myrtle_vision.data.augment`). The augmentation of an image is therefore the same whichever
 worker loads it, wherever it is applied, and whether or not the run was interrupted and resumed.
 """

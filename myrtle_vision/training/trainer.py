@@ -30,7 +30,7 @@ from ..data.batch_augment import BatchAugment
 from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
 from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
-from ..losses import DistillationLoss
+from ..losses import DistillationLoss, WeightedCrossEntropy
 from ..models import build_model
 from ..models.cnn import Resized, load_teacher
 from ..optim import LRSchedule, build_scheduler, optimizer_for
@@ -183,17 +183,27 @@ class Trainer:
         tc, procs = self.tc, self.procs
         self.optimizer = optimizer_for(self.model, tc, fused=True if self.device.type == "cuda" else None)
         self.plan = TrainPlan(len(self.train_set), global_batch=tc.global_batch_size, local_batch=tc.local_batch_size,
-                              seed=tc.seed, drop_last=tc.drop_last_batch, rank=procs.rank, world_size=procs.world_size)
+                              seed=tc.seed, drop_last=tc.drop_last_batch, rank=procs.rank, world_size=procs.world_size,
+                              repeats=tc.repeated_augmentation,
+                              balance_labels=self.train_set.labels if tc.class_balanced_sampler else None)
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         # fp16 needs its loss scaled so that small gradients survive; bf16 has FP32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
 
     def _build_loss(self) -> None:
-        """Cross entropy (of class probabilities, when MixUp or CutMix mix the batch); for DeiT, the teacher
-        and the distillation loss around it."""
+        """Cross entropy (weighted per class by ``class_weights``; of class probabilities when MixUp or CutMix
+        mix the batch); for DeiT, the teacher and the distillation loss around it, whose class-head term
+        alone is weighted."""
         self.batch_augment = BatchAugment.from_config(self.tc, self.cfg.data_config.number_of_classes)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.tc.label_smoothing)
+        self.class_weights = self._class_weights()
+        if self.class_weights is None:
+            self.criterion = nn.CrossEntropyLoss(label_smoothing=self.tc.label_smoothing)
+        else:
+            self.criterion = WeightedCrossEntropy(self.class_weights.to(self.device), self.tc.label_smoothing)
+            shown = ", ".join(f"{name} {w:.4g}" for name, w in zip(self.class_names, self.class_weights.tolist()))
+            self.reporter.print(f"class weights (train_config.class_weights {json.dumps(self.tc.class_weights)}): "
+                                f"{shown}")
         self.teacher = None
         dc = self.cfg.distiller_config
         if dc is not None:
@@ -202,6 +212,21 @@ class Trainer:
                                    where)
             self.teacher = Resized(teacher, dc.teacher_image_size).eval().to(self.device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
+
+    def _class_weights(self) -> torch.Tensor | None:
+        """``train_config.class_weights`` as a tensor: None when off, the config's list, or "balanced":
+        N / (classes x images of the class), counted on the training split (scikit-learn's "balanced")."""
+        weights = self.tc.class_weights
+        if weights is None:
+            return None
+        if weights != "balanced":
+            return torch.tensor(weights, dtype=torch.float32)
+        counts = torch.bincount(torch.tensor(self.train_set.labels), minlength=len(self.class_names))
+        empty = [name for name, n in zip(self.class_names, counts.tolist()) if n == 0]
+        if empty:
+            raise UserError(f"{self.cfg.path}: train_config.class_weights: balanced, but class {empty[0]!r} has no "
+                            f"images in {self.train_set.list_path}; give a list of weights instead")
+        return (len(self.train_set) / (len(self.class_names) * counts.double())).float()
 
     def _start_loaders(self) -> None:
         """Workers that live as long as the run: no start-up at every epoch and validation."""

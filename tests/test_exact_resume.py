@@ -3,7 +3,9 @@ uninterrupted ones on CPU. In process: a ViT, a DeiT student and a quantization-
 without gradient accumulation and loader workers; a run with repeated augmentation, class-balanced
 draws and class weights. Through train.py: a mid-epoch checkpoint and a
 SIGTERM/SIGINT with accumulation, dropout, random augmentation, workers and clipping; DeiT (soft and
-hard), QAT (FP16_16, FP16_32) and bf16 autocast; the transforms run on the device."""
+hard), QAT (FP16_16, FP16_32), bf16 autocast, and a DeiT run with every switch of DeiT's recipe on (MixUp,
+CutMix, random erasing, stochastic depth, the weight average, repeated augmentation, class weights, the
+class-balanced sampler, quarter turns and transposes); the transforms run on the device."""
 
 from __future__ import annotations
 
@@ -192,18 +194,23 @@ def _variant(kind: str, teacher) -> dict:
                                                  "distillation_type": kind.split("-")[1]}}
     if kind.startswith("qat"):
         return {"vit": dict(vit, q_format=kind.split("-")[1])}
-    if kind == "recipe":  # every switch of DeiT's recipe on, in a DeiT run
+    if kind == "recipe":  # every switch of DeiT's recipe on, in a DeiT run (the data ops: see the test)
         return {"vit": dict(vit, drop_path=0.2), "train": dict(RESUME_RUN, **RECIPE),
                 "distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
     return {"vit": vit, "train": dict(RESUME_RUN, precision="bf16")}
 
 
-RECIPE = {"mixup": 0.8, "cutmix": 1.0, "mixup_prob": 0.9, "random_erasing": 0.5, "ema_decay": 0.9}
+RECIPE = {"mixup": 0.8, "cutmix": 1.0, "mixup_prob": 0.9, "random_erasing": 0.5, "ema_decay": 0.9,
+          "repeated_augmentation": 3, "class_weights": "balanced", "class_balanced_sampler": True}
+RECIPE_OPS = {"RandomRotation90": None, "RandomTranspose": None, "RandomHorizontalFlip": None,
+              "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
 
 
 @pytest.mark.parametrize("kind", ["deit-soft", "deit-hard", "qat-FP16_16", "qat-FP16_32", "bf16", "recipe"])
-def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg, teacher):
+def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg, dataset, teacher):
     sections = _variant(kind, teacher)
+    if kind == "recipe":  # quarter turns and transposes too
+        data_cfg = data_config(tmp_path / "d.json", dataset, len(CLASSES), train_ops=RECIPE_OPS)
     train = sections.pop("train", RESUME_RUN)
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=train, **sections)
     run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))

@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The recipe, as the demo data can use it (Fashion-MNIST's clothes have an up: no quarter turns here). The
 # average's decay suits the demo's ~1,100 updates (DeiT's 0.99996 is for 375,000).
-RECIPE_TRAIN = {"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25, "ema_decay": 0.995}
+RECIPE_TRAIN = {"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25, "repeated_augmentation": 3, "ema_decay": 0.995}
 RECIPE_VIT = {"drop_path": 0.1}
 SWITCHES = {"mixup": ("train", {"mixup": 0.0}), "cutmix": ("train", {"cutmix": 0.0}),
-            "random_erasing": ("train", {"random_erasing": 0.0}), "ema": ("train", {"ema_decay": None}),
+            "random_erasing": ("train", {"random_erasing": 0.0}),
+            "repeated_augmentation": ("train", {"repeated_augmentation": 1}), "ema": ("train", {"ema_decay": None}),
             "drop_path": ("vit", {"drop_path": 0.0})}
 
 
@@ -96,12 +97,13 @@ def main() -> None:
     if args.no_write:
         print(table)
         return
-    write_section("## DeiT's recipe on the demo data",
-                  f"`python benchmarks/recipe_ablation.py` on {machine(torch.device('cpu'))}: the demo configs "
-                  f"(same epochs), with the recipe ({json.dumps({**RECIPE_TRAIN, **RECIPE_VIT})}), without it, "
-                  "and with each switch removed; test top-1 on the 10,000 test images.",
-                  "recipe-ablation", table)
-
+    models = " and ".join(m.upper() if m == "vit" else "DeiT" for m in args.models)
+    write_section(f"## DeiT's recipe on the demo data: {models} (recipe_ablation.py)",
+                  f"`python benchmarks/recipe_ablation.py --models {' '.join(args.models)}` on "
+                  f"{machine(torch.device('cpu'))}: the demo configs (same epochs), with the recipe "
+                  f"({json.dumps({**RECIPE_TRAIN, **RECIPE_VIT})}), without it, and with switches removed; test.py's "
+                  "top-1 of each run's last.pt on the 10,000 test images.",
+                  f"recipe-ablation-{'-'.join(args.models)}", table)
 
 if __name__ == "__main__":
     main()

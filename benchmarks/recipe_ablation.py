@@ -97,7 +97,7 @@ def main() -> None:
     if args.no_write:
         print(table)
         return
-    models = " and ".join(m.upper() if m == "vit" else "DeiT" for m in args.models)
+    models = " and ".join({"vit": "ViT", "deit": "DeiT"}[m] for m in args.models)
     write_section(f"## DeiT's recipe on the demo data: {models} (recipe_ablation.py)",
                   f"`python benchmarks/recipe_ablation.py --models {' '.join(args.models)}` on "
                   f"{machine(torch.device('cpu'))}: the demo configs (same epochs), with the recipe "

@@ -316,8 +316,9 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
               + (" (DeiT: class head)" if has_distillation(ckpt) else ""), flush=True)
         if note:
             print(note, flush=True)
-        if ckpt_io.deployed_weights(ckpt):
-            print(f"{checkpoint}: testing {ckpt_io.deployed_weights(ckpt)}", flush=True)
+        deployed = ckpt_io.deployed_weights(ckpt)
+        if deployed:
+            print(f"{checkpoint}: testing {deployed}", flush=True)
     if int8_options:
         calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
     ref, q, changed, max_diff = compare(*models, loader, len(names), procs)

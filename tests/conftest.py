@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The tests' decoded-image caches go to a folder of their own (scripts run by the tests inherit it), not ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="myrtle_vision_test_cache_")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+# torch.compile's kernels too (otherwise /tmp/torchinductor_$USER, kept after the run)
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "torchinductor")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(REPO))
 

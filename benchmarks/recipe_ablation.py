@@ -6,6 +6,9 @@ Markdown table of mean and spread of test top-1 per variant to RESULTS.md (secti
 demo data"), naming the machine.
 
     python benchmarks/recipe_ablation.py --models vit --seeds 1 2 3 --variants without with
+
+With ``--resume`` the runs already measured (same config) are reused, so a long ablation can be run in
+pieces and its table written by a last call naming every variant.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ def variant_config(base: Path, model: str, variant: str, seed: int, out: Path) -
     switch removed (``no_<switch>``), at ``seed``."""
     cfg = json.loads(base.read_text())
     tc, vc = cfg["train_config"], cfg["vit_config"]
-    if variant != "without":
+    if variant == "without":  # every switch the base config sets is turned off
+        for section, off in SWITCHES.values():
+            values = tc if section == "train" else vc
+            values.update({k: v for k, v in off.items() if k in values})
+    else:
         tc.update(RECIPE_TRAIN)
         vc.update(RECIPE_VIT)
     if variant.startswith("no_"):
@@ -59,15 +66,27 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def measure(base: Path, model: str, variant: str, seed: int, out: Path) -> dict:
+def measure(base: Path, model: str, variant: str, seed: int, out: Path, resume: bool) -> dict:
+    """Train and test one run; its figures are kept in ``<run>.measured.json`` beside its config, and with
+    ``resume`` a run measured before on the same config is not run again."""
     cfg = variant_config(base, model, variant, seed, out)
+    measured = cfg.with_suffix(".measured.json")
+    if resume and measured.exists():
+        before = json.loads(measured.read_text())
+        if before["config"] == json.loads(cfg.read_text()):
+            print(f"{cfg.stem}: measured before, top-1 {before['top1']:.2f}%", flush=True)
+            return before
     start = time.perf_counter()
     log = run([sys.executable, "train.py", "-c", str(cfg)])
     seconds = time.perf_counter() - start
     run_dir = next(line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("run directory: "))
     result = out / f"{model}_{variant}_{seed}.result.json"
     run([sys.executable, "test.py", "-c", str(cfg), "--checkpoint", f"{run_dir}/last.pt", "--json", str(result)])
-    return {"top1": json.loads(result.read_text())["top1"], "seconds": seconds}
+    figures = {"top1": json.loads(result.read_text())["top1"], "seconds": seconds,
+               "machine": machine(torch.device("cpu")), "config": json.loads(cfg.read_text())}
+    measured.write_text(json.dumps(figures, indent=2))
+    print(f"{cfg.stem}: top-1 {figures['top1']:.2f}% after {seconds:.0f} s", flush=True)
+    return figures
 
 
 def main() -> None:
@@ -80,6 +99,8 @@ def main() -> None:
         parser.add_argument(f"--{model}-config", type=Path, default=REPO / "train_configs" / f"{model}_demo.json",
                             help=f"the {model.upper()} config to vary (default: the demo's)")
     parser.add_argument("--no-write", action="store_true", help="print the table, do not write RESULTS.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs in --out measured before on the same config (an ablation in pieces)")
     args = parser.parse_args()
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +108,7 @@ def main() -> None:
     for model in args.models:
         for variant in args.variants:
             base = getattr(args, f"{model}_config")
-            results = [measure(base, model, variant, seed, out) for seed in args.seeds]
+            results = [measure(base, model, variant, seed, out, args.resume) for seed in args.seeds]
             top1 = [r["top1"] for r in results]
             per_seed = ", ".join(f"{t:.2f}" for t in top1)
             rows.append(f"| {model} | {variant} | {per_seed} (seeds {', '.join(map(str, args.seeds))}) | "

@@ -78,3 +78,31 @@ def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
     assert recipe["vit_config"]["drop_path"] > 0 and recipe["train_config"]["seed"] == 2
     plain = json.loads((tmp_path / "runs" / "vit_without_2.json").read_text())
     assert "cutmix" not in plain["train_config"] and plain["train_config"]["seed"] == 2
+    # in pieces: --resume reuses a run measured on the same config, and runs one whose config changed
+    runs = lambda: sorted(p.name for p in (tmp_path / "runs").glob("*/*"))  # noqa: E731
+    before = runs()
+    assert len(before) == 2
+    measured = tmp_path / "runs" / "vit_no_mixup_2.measured.json"
+    stale = json.loads(measured.read_text())
+    stale["config"]["train_config"]["cutmix"] = 0.5  # as if measured with another recipe
+    measured.write_text(json.dumps(stale))
+    again = _run("benchmarks/recipe_ablation.py", "--models", "vit", "--vit-config", base, "--seeds", "2",
+                 "--variants", "without", "no_mixup", "--out", tmp_path / "runs", "--no-write", "--resume")
+    assert "vit_without_2: measured before" in again and "vit_no_mixup_2: measured before" not in again
+    after = runs()
+    assert len(after) == 3 and set(before) < set(after)
+    top1 = json.loads((tmp_path / "runs" / "vit_without_2.result.json").read_text())["top1"]
+    assert f"| vit | without | {top1:.2f} (seeds 2) | {top1:.2f}% |" in again
+
+
+def test_recipe_ablation_s_without_turns_off_what_the_base_config_switches_on(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from recipe_ablation import RECIPE_TRAIN, variant_config
+
+    base = tmp_path / "vit.json"
+    base.write_text(json.dumps({"train_config": {"epochs": 2, **RECIPE_TRAIN}, "vit_config": {"drop_path": 0.1}}))
+    cfg = json.loads(variant_config(base, "vit", "without", 4, tmp_path).read_text())
+    tc = cfg["train_config"]
+    assert (tc["mixup"], tc["cutmix"], tc["random_erasing"], tc["repeated_augmentation"], tc["ema_decay"]) == \
+        (0, 0, 0, 1, None)
+    assert cfg["vit_config"]["drop_path"] == 0 and tc["epochs"] == 2 and tc["seed"] == 4

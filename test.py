@@ -1,10 +1,11 @@
-"""Measure a checkpoint's accuracy on the test split: python test.py -c CONFIG [--checkpoint PATH]
+"""Measure a checkpoint's accuracy on the test split: python test.py -c CONFIG [--checkpoint PATH] [--split S]
+The config's CNN teacher instead: python test.py -c CONFIG --teacher [WEIGHTS]
 On several processes: torchrun --nproc_per_node=N test.py -c CONFIG"""
 
 from myrtle_vision import distributed
-from myrtle_vision.cli import main_guard, parser, resolve_device
+from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import checkpoint_for, run_test
+from myrtle_vision.evaluation import checkpoint_for, run_teacher_test, run_test
 
 
 def main() -> int:
@@ -12,12 +13,22 @@ def main() -> int:
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument("--json", help="also write {top1, top5, num_images, per_class} here")
     p.add_argument("--output-dir", help="where the confusion matrix and TensorBoard go "
-                                        "(default: test_<checkpoint name> beside the checkpoint)")
+                                        "(default: <split>_<checkpoint name> beside the checkpoint)")
+    add_split_argument(p)
+    p.add_argument("--teacher", nargs="?", const="", metavar="WEIGHTS",
+                   help="test the config's CNN teacher (distiller_config.teacher_model) instead, from WEIGHTS "
+                        "(default: distiller_config.teacher_weights_path), e.g. a finetune_teacher.py output")
     args = p.parse_args()
+    if args.teacher is not None and args.checkpoint:
+        p.error("--teacher tests the CNN teacher, --checkpoint a ViT checkpoint: give one of them")
     cfg = load_config(args.config)
-    checkpoint = checkpoint_for(cfg, args.checkpoint)
+    checkpoint = None if args.teacher is not None else checkpoint_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
-        run_test(cfg, checkpoint, procs, json_path=args.json, output_dir=args.output_dir)
+        if checkpoint is None:
+            run_teacher_test(cfg, args.teacher, procs, json_path=args.json, output_dir=args.output_dir,
+                             split=args.split)
+        else:
+            run_test(cfg, checkpoint, procs, json_path=args.json, output_dir=args.output_dir, split=args.split)
     return 0
 
 

@@ -4,7 +4,7 @@ INT8 post-training quantization, as the earlier release: --q_format PyTorchINT8 
 On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ..."""
 
 from myrtle_vision import distributed
-from myrtle_vision.cli import main_guard, parser, resolve_device
+from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.evaluation import DEFAULT_CALIB_STEPS, checkpoint_for, run_quantize_test
 from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
@@ -28,13 +28,14 @@ def main() -> int:
     p.add_argument("--per_channel", "--per-channel", action="store_true",
                    help="PyTorchINT8: one weight scale per output row of each Linear (default: one per weight tensor)")
     p.add_argument("--json", help="also write the FP32 and quantized results here")
+    add_split_argument(p)
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint = checkpoint_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         run_quantize_test(cfg, checkpoint, procs, q_format=args.q_format, q_rounding=args.q_rounding,
                           quantized_ckpt=args.quantized_ckpt, json_path=args.json, calib_steps=args.calib_steps,
-                          per_channel=args.per_channel)
+                          per_channel=args.per_channel, split=args.split)
     return 0
 
 

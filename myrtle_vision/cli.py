@@ -19,6 +19,12 @@ def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def add_split_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="the split to evaluate, with the evaluation transforms (transform_ops_val) whatever it is "
+                        "(default: test)")
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

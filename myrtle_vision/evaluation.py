@@ -22,6 +22,7 @@ from .distributed import Processes
 from .errors import UserError
 from .metrics import Accumulator, confusion_image, format_report
 from .models import VisionTransformer, build_model
+from .models.cnn import Resized, load_teacher
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from .reporting import Reporter
 from .weights.deploy import has_distillation, load_model_weights
@@ -95,11 +96,11 @@ def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
 
 def split_loader(cfg: Config, procs: Processes, batch_size: int, num_workers: int | None, split: str = "test",
                  shard: bool = True):
-    """(a loader over every image of a split, in order, with the evaluation transforms; class names).
-    With several processes, each loads its share, and the shares cover the split once."""
+    """(a loader over every image of a split, in order, with the evaluation transforms, the training split's
+    too; class names). With several processes, each loads its share, and the shares cover the split once."""
     label_map = read_label_map(cfg.data_config)
-    dataset = open_split(cfg.data_config, split, label_map, procs.device)
-    check_image_size(dataset, cfg, "transform_ops_train" if split == "train" else "transform_ops_val")
+    dataset = open_split(cfg.data_config, split, label_map, procs.device, evaluation=True)
+    check_image_size(dataset, cfg, "transform_ops_val")
     num_workers = num_workers if num_workers is not None else default_workers()
     rank, world_size = (procs.rank, procs.world_size) if shard else (0, 1)
     loader = eval_loader(dataset, batch_size, num_workers, device=procs.device, rank=rank, world_size=world_size)
@@ -125,8 +126,9 @@ def checkpoint_for(cfg: Config, override: str | None) -> Path:
 
 
 def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json_path: str | None = None,
-             output_dir: str | None = None) -> dict:
-    """Evaluate ``checkpoint`` on every test image; print and save the results; return the JSON dict.
+             output_dir: str | None = None, split: str = "test") -> dict:
+    """Evaluate ``checkpoint`` on every image of a split (the test split unless told); print and save the
+    results; return the JSON dict.
 
     With several processes each evaluates its share of the split and the counts are summed; rank 0
     alone prints and writes. Always in FP32 (whatever the config's training ``precision``): the
@@ -148,8 +150,8 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
         print(f"evaluating in FP32: {cfg.path} vit_config.q_format {cfg.vit_config.q_format} is post-training "
               f"quantization, which test.py does not apply; python test_quantize.py -c {cfg.path} gives its figures "
               "beside FP32's")
-    acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers)
-    result = {"top1": acc.top1, "top5": acc.top5, "num_images": acc.count, "per_class": acc.per_class(names)}
+    acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
+    result = _result(acc, names, split)
     if avg is not None:
         result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
     if weights:
@@ -160,20 +162,62 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     if avg is not None:
         print(f"DeiT checkpoint: the figures above are the class head's, which is what the accelerator runs; "
               f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%")
-    out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"test_{checkpoint.stem}"
+    scalars = {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5}
+    if avg is not None:
+        scalars.update({f"{split}/top1_average_heads": avg.top1, f"{split}/top5_average_heads": avg.top5})
+    _save(acc, names, split, _output_dir(output_dir, checkpoint, split), int(ckpt.get("iteration", 0)), scalars)
+    _write_json(result, json_path)
+    return result
+
+
+def run_teacher_test(cfg: Config, weights: str | None, procs: Processes = Processes(), json_path: str | None = None,
+                     output_dir: str | None = None, split: str = "test") -> dict:
+    """Evaluate the config's CNN teacher (``distiller_config``: its model, image size and, unless ``weights``
+    names another file, its weights file) on every image of a split, as distillation sees it."""
+    dc = cfg.distiller_config
+    if dc is None:
+        raise UserError(f"{cfg.path}: distiller_config: missing; --teacher tests the teacher it names "
+                        "(teacher_model, teacher_weights_path)")
+    path = Path(weights or dc.teacher_weights_path)
+    where = f"--teacher {path}" if weights else f"{cfg.path}: distiller_config.teacher_weights_path"
+    net = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, path, where)
+    model = Resized(net, dc.teacher_image_size).eval().to(procs.device)
+    tc = cfg.train_config
+    if procs.is_main:
+        size = f", images resized to {dc.teacher_image_size}" if dc.teacher_image_size else ""
+        print(f"{path}: testing teacher {dc.teacher_model} on the {split} split{size}")
+    acc, _, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
+    result = {**_result(acc, names, split), "teacher_model": dc.teacher_model, "weights_path": str(path)}
+    if not procs.is_main:
+        return result
+    print(format_report(acc, names))
+    _save(acc, names, split, _output_dir(output_dir, path, split), 0,
+          {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5})
+    _write_json(result, json_path)
+    return result
+
+
+def _result(acc: Accumulator, names: list[str], split: str) -> dict:
+    return {"split": split, "top1": acc.top1, "top5": acc.top5, "num_images": acc.count,
+            "per_class": acc.per_class(names)}
+
+
+def _output_dir(output_dir: str | None, tested: Path, split: str) -> Path:
+    """``--output-dir``, else ``test_<file name>`` beside the file tested (``<split>_<file name>`` for
+    another split)."""
+    return Path(output_dir) if output_dir else tested.parent / f"{split}_{tested.stem}"
+
+
+def _save(acc: Accumulator, names: list[str], split: str, out_dir: Path, step: int, scalars: dict) -> None:
+    """The confusion matrix as a picture and in TensorBoard, with ``scalars``, in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     image = confusion_image(acc.confusion, names)
     image.save(out_dir / "confusion_matrix.png")
     reporter = Reporter(out_dir)
-    reporter.image("test/confusion_matrix", image)
-    scalars = {"test/top1": acc.top1, "test/top5": acc.top5}
-    if avg is not None:
-        scalars.update({"test/top1_average_heads": avg.top1, "test/top5_average_heads": avg.top5})
-    reporter.scalars(int(ckpt.get("iteration", 0)), **scalars)
+    reporter.image(f"{split}/confusion_matrix", image)
+    reporter.scalars(step, **scalars)
     reporter.close()
     print(f"confusion matrix: {out_dir / 'confusion_matrix.png'} (and TensorBoard in {out_dir})")
-    _write_json(result, json_path)
-    return result
 
 
 def _write_json(result: dict, json_path: str | None) -> None:
@@ -284,8 +328,9 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
 def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), q_format: str | None = None,
                       q_rounding: str | None = None, quantized_ckpt: bool = False,
                       json_path: str | None = None, calib_steps: int | None = None,
-                      per_channel: bool = False) -> dict:
-    """Test ``checkpoint`` in FP32 and in a simulated number format, side by side; print and return the results.
+                      per_channel: bool = False, split: str = "test") -> dict:
+    """Test ``checkpoint`` in FP32 and in a simulated number format, side by side, on every image of a split
+    (the test split unless told); print and return the results.
 
     Floating-point formats need no calibration (there are no scales to fit), so the validation
     split is not read. PyTorchINT8 is calibrated first, on the first ``calib_steps`` (default 10)
@@ -305,7 +350,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
         load_model_weights(model, ckpt, checkpoint, require_distillation=False)
         models.append(model.to(procs.device))
     tc = cfg.train_config
-    loader, names = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, "test")
+    loader, names = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, split)
     kind = (f"trained with quantization-aware training in {trained[0]}" if quantized_ckpt
             else "trained in FP32, quantized after training")
     how = (f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options
@@ -324,7 +369,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     ref, q, changed, max_diff = compare(*models, loader, len(names), procs)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
     result = {"q_format": fmt, "q_rounding": None if int8_options else rounding, "quantized_ckpt": quantized_ckpt,
-              "num_images": ref.count, "fp32": {"top1": ref.top1, "top5": ref.top5},
+              "split": split, "num_images": ref.count, "fp32": {"top1": ref.top1, "top5": ref.top5},
               "quantized": {"top1": q.top1, "top5": q.top5},
               "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
     if int8_options:
@@ -335,7 +380,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     print(f"{'':<26}{'FP32':>{width}}  {fmt:>{width}}")
     print(f"{'top-1':<26}{ref.top1:>{width - 1}.2f}%  {q.top1:>{width - 1}.2f}%")
     print(f"{f'top-{ref.k}':<26}{ref.top5:>{width - 1}.2f}%  {q.top5:>{width - 1}.2f}%")
-    print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} test images changed)")
+    print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)")
     print(f"largest logit difference: {max_diff:.6g}")
     _write_json(result, json_path)
     return result

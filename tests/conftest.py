@@ -221,10 +221,12 @@ def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int, head_
     return linear(norm(x[:, 0], "mlp_head.0"), "mlp_head.1")
 
 
-def reference_logits(cfg_path, ckpt_path, q_format: str = "FP32") -> tuple[torch.Tensor, torch.Tensor]:
-    """A checkpoint's logits on the test split of a config, and the labels, without the package: the test images read and normalized by hand, the checkpoint's deploy entry read with
-    torch.load, and the ViT computed from its layout in ``q_format`` (conftest.reference_forward)."""
-    images, labels = reference_images(cfg_path)
+def reference_logits(cfg_path, ckpt_path, q_format: str = "FP32", split: str = "test"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checkpoint's logits on a split (the test split) of a config, and the labels, without the package: the
+    images read and normalized by hand, the checkpoint's deploy entry read with torch.load, and the ViT computed
+    from its layout in ``q_format`` (conftest.reference_forward)."""
+    images, labels = reference_images(cfg_path, split)
     vit = json.loads(cfg_path.read_text())["vit_config"]
     weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
     logits = reference_forward(weights, images, vit["heads"], vit["patch_size"],

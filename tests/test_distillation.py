@@ -10,7 +10,8 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from conftest import REPO, assert_user_error, data_config, run_dir_of, run_script, script_env, train_config
+from conftest import (CLASSES, REPO, assert_user_error, data_config, run_dir_of, run_script, script_env,
+                      reference_images, train_config)
 
 from myrtle_vision.distributed import Processes
 from myrtle_vision import checkpoint as ckpt_io
@@ -196,6 +197,41 @@ def test_test_script_reports_class_head_and_averaged_heads(deit_run):
     acc, avg, _ = split_accuracy(plain, c, Processes(), 4, 0)
     assert avg is None and result["top1"] == pytest.approx(acc.top1)
     assert f"top-1 {result['average_heads']['top1']:.2f}%" in proc.stdout
+
+
+def test_test_script_tests_the_configs_teacher(deit_run, notebook_run, tmp_path, data_cfg):
+    """test.py --teacher (the earlier release's test_cnn.py): the teacher file against torchvision's model run by
+    hand on the hand-normalized test images."""
+    tmp, cfg, _, _ = deit_run
+    proc = run_script("test.py", "-c", cfg, "--teacher", "--json", tmp_path / "t.json", check=True)
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert (result["split"], result["num_images"], result["teacher_model"]) == ("test", 15, TEACHER)
+    assert result["weights_path"] == str(notebook_run[2])
+    net = torchvision.models.get_model(TEACHER, num_classes=3)
+    net.load_state_dict(torch.load(notebook_run[2], weights_only=True))
+    images, truth = reference_images(cfg)
+    with torch.no_grad():
+        preds = net.eval()(images).argmax(1)
+    top1 = 100 * (preds == torch.tensor(truth)).double().mean().item()
+    assert result["top1"] == pytest.approx(top1) and f"top-1 {top1:.2f}%" in proc.stdout
+    for name, c in zip(sorted(CLASSES), range(3)):
+        hits = ((preds == c) & (torch.tensor(truth) == c)).sum().item()
+        assert result["per_class"][name]["recall"] == pytest.approx(100 * hits / truth.count(c))
+    assert (notebook_run[2].parent / "test_small" / "confusion_matrix.png").exists()
+    # another file, another split
+    other = tmp_path / "other.pth"
+    torch.save(torchvision.models.get_model(TEACHER, num_classes=3).state_dict(), other)
+    run_script("test.py", "-c", cfg, "--teacher", other, "--split", "val", "--json", tmp_path / "o.json", check=True)
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert (result["split"], result["num_images"], result["weights_path"]) == ("val", 12, str(other))
+    # mistakes
+    plain = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out")
+    assert_user_error(run_script("test.py", "-c", plain, "--teacher"), str(plain), "distiller_config")
+    wrong = tmp_path / "wrong.pth"
+    torch.save(torchvision.models.get_model(TEACHER, num_classes=5).state_dict(), wrong)
+    assert_user_error(run_script("test.py", "-c", cfg, "--teacher", wrong), f"--teacher {wrong}", "5-class")
+    both = run_script("test.py", "-c", cfg, "--teacher", "--checkpoint", "x.pt")
+    assert both.returncode == 2 and "give one of them" in both.stderr
 
 
 def test_a_plain_vit_config_tests_a_deit_checkpoint_too(deit_run, tmp_path, data_cfg):

@@ -1,13 +1,12 @@
-"""test.py (evaluation): every test image counted against an independent evaluation, reports, JSON, confusion
-matrix, checkpoint checks."""
+"""test.py (evaluation): every image of a split counted against an independent evaluation, reports, JSON,
+confusion matrix, checkpoint checks."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, assert_user_error, data_config, reference_forward, run_dir_of, run_script, train_config
+from conftest import (CLASSES, assert_user_error, data_config, reference_logits, run_dir_of, run_script,
+                      reference_images, train_config)
 from PIL import Image
 
 from myrtle_vision import checkpoint as ckpt_io
@@ -25,7 +24,7 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     tmp, cfg, run_dir = run
     proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", tmp / "r.json", check=True)
     result = json.loads((tmp / "r.json").read_text())
-    assert set(result) == {"top1", "top5", "num_images", "per_class"}
+    assert set(result) == {"split", "top1", "top5", "num_images", "per_class"} and result["split"] == "test"
     assert result["num_images"] == 15  # 15 images, batches of 4: the last partial batch counts
     assert set(result["per_class"]) == set(CLASSES)
     assert sum(c["support"] for c in result["per_class"].values()) == 15
@@ -45,23 +44,41 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     assert list(out.glob("events.out.tfevents.*"))
 
 
-def _independent_predictions(cfg_path, checkpoint) -> tuple[list[int], list[int]]:
-    """(true class, predicted class) of every test image, computed without the package."""
-    cfg = json.loads(cfg_path.read_text())
-    data = json.loads(open(cfg["data_config_path"]).read())
-    root, vit = Path(data["dataset_path"]), cfg["vit_config"]
-    label_map = json.loads((root / data["label_map"]).read_text())
-    mean, std = (torch.tensor(data["transform_ops_val"]["Normalize"][k]).view(3, 1, 1) for k in ("Mean", "Std"))
-    assert list(data["transform_ops_val"]) == ["Normalize"]  # the whole evaluation pipeline, done below
-    truth, images = [], []
-    for line in (root / data["test_files"]).read_text().split():
-        pixels = np.asarray(Image.open(root / line).convert("RGB"), dtype=np.float32) / 255
-        images.append((torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std)
-        truth.append(label_map[Path(line).parent.name])
-    weights = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
-    logits = reference_forward(weights, torch.stack(images), vit["heads"], vit["patch_size"],
-                               head_dim_scale=vit["embed_dim"] // vit["heads"])
-    return truth, logits.argmax(1).tolist()
+def test_split_val_evaluates_the_validation_images(run):
+    tmp, cfg, run_dir = run
+    proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--split", "val",
+                      "--json", tmp / "val.json", check=True)
+    result = json.loads((tmp / "val.json").read_text())
+    assert (result["split"], result["num_images"]) == ("val", 12)  # 4 validation images of each of 3 classes
+    assert all(c["support"] == 4 for c in result["per_class"].values())
+    truth, preds = _independent_predictions(cfg, run_dir / "last.pt", "val")
+    assert result["top1"] == pytest.approx(100 * sum(p == t for p, t in zip(preds, truth)) / len(truth))
+    assert f"top-1 {result['top1']:.2f}%" in proc.stdout
+    assert (run_dir / "val_last" / "confusion_matrix.png").exists()  # not over the test split's
+
+
+def test_the_training_split_is_evaluated_with_the_evaluation_transforms(run):
+    """Its flips are training augmentation: evaluating it gives the plain images, the same every time."""
+    from myrtle_vision.config import load_config
+    from myrtle_vision.distributed import Processes
+    from myrtle_vision.evaluation import split_loader
+
+    tmp, cfg, _ = run
+    c = load_config(cfg)
+    assert "RandomHorizontalFlip" in c.data_config.transform_ops_train  # so training's pipeline would differ
+    loader, _ = split_loader(c, Processes(), 4, 0, "train")
+    images = torch.cat([x for x, _ in loader])
+    expected, _ = reference_images(cfg, "train")
+    assert images.shape == (24, 3, 32, 32) and torch.allclose(images, expected, atol=1e-6)
+    run_script("test.py", "-c", cfg, "--checkpoint", run[2] / "last.pt", "--split", "train",
+               "--json", tmp / "train_split.json", check=True)
+    assert json.loads((tmp / "train_split.json").read_text())["num_images"] == 24
+
+
+def _independent_predictions(cfg_path, checkpoint, split="test") -> tuple[list[int], list[int]]:
+    """(true class, predicted class) of every image of a split, computed without the package."""
+    logits, truth = reference_logits(cfg_path, checkpoint, split=split)
+    return truth.tolist(), logits.argmax(1).tolist()
 
 
 def test_uses_the_configs_checkpoint_path_when_no_flag(run, tmp_path):

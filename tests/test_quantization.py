@@ -262,6 +262,22 @@ def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
         assert needle in proc.stdout
 
 
+def test_split_val_quantizes_over_the_validation_images(runs, tmp_path):
+    _, _, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = run_dir / "last.pt"
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--split", "val", "--json",
+                      tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert (result["split"], result["num_images"]) == ("val", 12)
+    ref, targets = reference_logits(cfg, ckpt, "FP32", split="val")
+    q, _ = reference_logits(cfg, ckpt, "FP16_32", split="val")
+    assert result["fp32"]["top1"] == pytest.approx(100.0 * (ref.argmax(1) == targets).double().mean().item())
+    assert result["quantized"]["top1"] == pytest.approx(100.0 * (q.argmax(1) == targets).double().mean().item())
+    changed = (ref.argmax(1) != q.argmax(1)).sum().item()
+    assert result["changed_predictions"] == changed and f"({changed} of 12 val images changed)" in proc.stdout
+
+
 @pytest.mark.parametrize("q_format", ["FP16_16", "BF16_32", "TF32"])
 def test_other_formats_and_qtorch_rounding(runs, tmp_path, q_format):
     _, _, out = runs

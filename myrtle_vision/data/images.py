@@ -165,11 +165,12 @@ class ImageListDataset(Dataset):
 
 
 def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = None,
-               device: torch.device | None = None) -> ImageListDataset:
+               device: torch.device | None = None, *, evaluation: bool = False) -> ImageListDataset:
     """Open the ``train``, ``val`` or ``test`` split with its transforms, for batches used on ``device``
-    (where the transforms run depends on it and ``augment_on``; None: as for the CPU)."""
+    (where the transforms run depends on it and ``augment_on``; None: as for the CPU). The training split
+    has the training transforms unless ``evaluation`` (then every split has ``transform_ops_val``)."""
     label_map = label_map if label_map is not None else read_label_map(cfg)
-    field = "transform_ops_train" if split == "train" else "transform_ops_val"
+    field = "transform_ops_train" if split == "train" and not evaluation else "transform_ops_val"
     pipeline = pipeline_for(getattr(cfg, field), cfg.augment_on, device or torch.device("cpu"))
     cache = None
     if cfg.decode_cache:

@@ -28,6 +28,8 @@ def main() -> int:
     p.add_argument("--per_channel", "--per-channel", action="store_true",
                    help="PyTorchINT8: one weight scale per output row of each Linear (default: one per weight tensor)")
     p.add_argument("--json", help="also write the FP32 and quantized results here")
+    p.add_argument("--output-dir", help="where both confusion matrices and the list of changed predictions go "
+                                        "(default: <split>_<format>_<checkpoint name> beside the checkpoint)")
     add_split_argument(p)
     args = p.parse_args()
     cfg = load_config(args.config)
@@ -35,7 +37,7 @@ def main() -> int:
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         run_quantize_test(cfg, checkpoint, procs, q_format=args.q_format, q_rounding=args.q_rounding,
                           quantized_ckpt=args.quantized_ckpt, json_path=args.json, calib_steps=args.calib_steps,
-                          per_channel=args.per_channel, split=args.split)
+                          per_channel=args.per_channel, split=args.split, output_dir=args.output_dir)
     return 0
 
 

@@ -7,7 +7,9 @@ calibrated on the first batches of the validation split). Never imports training
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from .config import Config
 from .data import class_names, default_workers, eval_loader, open_split, read_label_map
 from .distributed import Processes
 from .errors import UserError
-from .metrics import Accumulator, confusion_image, format_report
+from .metrics import Accumulator, confusion_image, format_report, format_side_by_side
 from .models import VisionTransformer, build_model
 from .models.cnn import Resized, load_teacher
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
@@ -226,25 +228,63 @@ def _write_json(result: dict, json_path: str | None) -> None:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
 
 
+@dataclass
+class Comparison:
+    """Two models on every image of a split: their accuracies, and each image whose top-1 prediction differs."""
+
+    reference: Accumulator
+    quantized: Accumulator
+    max_logit_diff: float
+    # one row per changed image, by its index in the split: (index, true class, reference's prediction,
+    # quantized prediction, reference's margin, quantized margin); a margin is top-1 minus runner-up logit
+    changed: list[tuple[int, int, int, int, float, float]]
+
+
+def _margins(logits: torch.Tensor) -> torch.Tensor:
+    top = logits.float().topk(min(2, logits.shape[1]), dim=1).values
+    return top[:, 0] - top[:, -1]
+
+
 @torch.no_grad()
 def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, num_classes: int,
-            procs: Processes = Processes()) -> tuple[Accumulator, Accumulator, int, float]:
-    """Both models on every batch: (reference accuracy, quantized accuracy, predictions that changed,
-    largest absolute difference between their logits); with several processes, over all their shares."""
+            procs: Processes = Processes()) -> Comparison:
+    """Both models on every batch of ``loader`` (with several processes: this process's share of the split,
+    samples ``rank``, ``rank + world_size``, ..., as :func:`split_loader` deals them), over all shares."""
     reference.eval(), quantized.eval()
     ref_acc, q_acc = Accumulator(num_classes), Accumulator(num_classes)
-    changed, max_diff = 0, 0.0
+    max_diff, seen, rows = 0.0, 0, []
     for images, targets in loader:
         images = images.to(procs.device, non_blocking=True)
         targets = targets.to(procs.device, non_blocking=True)
         ref, q = reference(images), quantized(images)
         ref_acc.update(ref, targets)
         q_acc.update(q, targets)
-        changed += (ref.argmax(1) != q.argmax(1)).sum().item()
+        ref_pred, q_pred = ref.argmax(1), q.argmax(1)
+        where = (ref_pred != q_pred).nonzero().flatten()
+        if where.numel():
+            index = procs.rank + (seen + where) * procs.world_size
+            rows.append(torch.stack([index.double(), targets[where].double(), ref_pred[where].double(),
+                                     q_pred[where].double(), _margins(ref[where]).double(),
+                                     _margins(q[where]).double()], 1).cpu())
+        seen += targets.numel()
         max_diff = max(max_diff, (ref - q).abs().max().item())
-    changed = int(procs.all_reduce_sum(torch.tensor([changed], dtype=torch.float64)).item())
     max_diff = float(procs.all_reduce_max(torch.tensor([max_diff], dtype=torch.float64)).item())
-    return sum_over_processes(ref_acc, procs), sum_over_processes(q_acc, procs), changed, max_diff
+    ref_acc, q_acc = sum_over_processes(ref_acc, procs), sum_over_processes(q_acc, procs)
+    return Comparison(ref_acc, q_acc, max_diff, _gather_rows(rows, ref_acc.count, procs))
+
+
+def _gather_rows(rows: list[torch.Tensor], count: int, procs: Processes) -> list[tuple]:
+    """Every process's changed rows, in split order: each row is summed into its image's slot of a table
+    as long as the split (the other processes add zeros there)."""
+    mine = torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64)
+    if procs.enabled:
+        table = torch.zeros(count, 7, dtype=torch.float64)  # count: the whole split, summed over processes
+        slots = mine[:, 0].long()
+        table[slots, 0] = 1
+        table[slots, 1:] = mine
+        procs.all_reduce_sum(table)
+        mine = table[table[:, 0] > 0, 1:]
+    return [(int(i), int(t), int(r), int(q), float(mr), float(mq)) for i, t, r, q, mr, mq in mine.tolist()]
 
 
 def resolve_format(cfg: Config, trained: tuple[str, str], *, quantized_ckpt: bool, q_format: str | None,
@@ -328,9 +368,11 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
 def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), q_format: str | None = None,
                       q_rounding: str | None = None, quantized_ckpt: bool = False,
                       json_path: str | None = None, calib_steps: int | None = None,
-                      per_channel: bool = False, split: str = "test") -> dict:
+                      per_channel: bool = False, split: str = "test", output_dir: str | None = None) -> dict:
     """Test ``checkpoint`` in FP32 and in a simulated number format, side by side, on every image of a split
-    (the test split unless told); print and return the results.
+    (the test split unless told); print and return the results, and save both confusion matrices and the
+    images whose prediction changed in ``output_dir`` (default: ``<split>_<format>_<checkpoint name>``
+    beside the checkpoint).
 
     Floating-point formats need no calibration (there are no scales to fit), so the validation
     split is not read. PyTorchINT8 is calibrated first, on the first ``calib_steps`` (default 10)
@@ -366,21 +408,45 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
             print(f"{checkpoint}: testing {deployed}", flush=True)
     if int8_options:
         calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
-    ref, q, changed, max_diff = compare(*models, loader, len(names), procs)
+    comparison = compare(*models, loader, len(names), procs)
+    ref, q, changed = comparison.reference, comparison.quantized, len(comparison.changed)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
     result = {"q_format": fmt, "q_rounding": None if int8_options else rounding, "quantized_ckpt": quantized_ckpt,
-              "split": split, "num_images": ref.count, "fp32": {"top1": ref.top1, "top5": ref.top5},
-              "quantized": {"top1": q.top1, "top5": q.top5},
-              "unchanged_predictions": unchanged, "changed_predictions": changed, "max_logit_diff": max_diff}
+              "split": split, "num_images": ref.count,
+              "fp32": {"top1": ref.top1, "top5": ref.top5, "per_class": ref.per_class(names)},
+              "quantized": {"top1": q.top1, "top5": q.top5, "per_class": q.per_class(names)},
+              "unchanged_predictions": unchanged, "changed_predictions": changed,
+              "max_logit_diff": comparison.max_logit_diff}
     if int8_options:
         result.update(calib_steps=calibrated[0], calib_images=calibrated[1], int8_weights=weights)
     if not procs.is_main:
         return result
-    width = max(7, len(fmt))
-    print(f"{'':<26}{'FP32':>{width}}  {fmt:>{width}}")
-    print(f"{'top-1':<26}{ref.top1:>{width - 1}.2f}%  {q.top1:>{width - 1}.2f}%")
-    print(f"{f'top-{ref.k}':<26}{ref.top5:>{width - 1}.2f}%  {q.top5:>{width - 1}.2f}%")
+    print(format_side_by_side([ref, q], ["FP32", fmt], names))
     print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)")
-    print(f"largest logit difference: {max_diff:.6g}")
+    print(f"largest logit difference: {comparison.max_logit_diff:.6g}")
+    out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"{split}_{fmt}_{checkpoint.stem}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for label, acc in (("FP32", ref), (fmt, q)):
+        confusion_image(acc.confusion, names).save(out_dir / f"confusion_matrix_{label}.png")
+    rows = _changed_rows(comparison, loader, names, fmt)
+    (out_dir / "changed_predictions.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with open(out_dir / "changed_predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CHANGED_FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"confusion matrices and the {changed} changed predictions (changed_predictions.csv, .json): {out_dir}")
+    result["output_dir"] = str(out_dir)
     _write_json(result, json_path)
     return result
+
+
+CHANGED_FIELDS = ("path", "true_class", "fp32_prediction", "quantized_prediction", "fp32_margin", "quantized_margin")
+
+
+def _changed_rows(comparison: Comparison, loader, names: list[str], fmt: str) -> list[dict]:
+    """The images whose top-1 changed, in split order, with class names; a margin is the predicted class's
+    logit minus the runner-up's (small: the image was near a decision boundary)."""
+    dataset = loader.dataset
+    dataset = getattr(dataset, "dataset", dataset)  # under several processes, this process's Subset of the split
+    return [dict(zip(CHANGED_FIELDS, (dataset.paths[i], names[t], names[r], names[q], mr, mq)))
+            for i, t, r, q, mr, mq in comparison.changed]

@@ -71,6 +71,26 @@ def format_report(acc: Accumulator, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_side_by_side(accs: list[Accumulator], labels: list[str], names: list[str]) -> str:
+    """Several models' per-class recall, precision and F1 over the same images, a column group per model
+    (headed by its label), then their overall accuracies."""
+    width = max(12, max(len(n) for n in names))
+    group = max(20, *(len(label) for label in labels))
+
+    def row(first: str, cells: list[str], last: str = "") -> str:
+        return f"{first:<{width}}" + "".join(f"  {c:>{group}}" for c in cells) + (f"  {last:>7}" if last else "")
+
+    tables = [acc.per_class(names) for acc in accs]
+    lines = [row("", [f"{label:^{group}}" for label in labels]),
+             row("class", [f"{'recall':>6} {'prec':>6} {'f1':>6}"] * len(accs), "support")]
+    for name in names:
+        lines.append(row(name, [f"{t[name]['recall']:6.2f} {t[name]['precision']:6.2f} {t[name]['f1']:6.2f}"
+                                for t in tables], str(tables[0][name]["support"])))
+    lines.append(row("top-1", [f"{a.top1:.2f}%" for a in accs]))
+    lines.append(row(f"top-{accs[0].k}", [f"{a.top5:.2f}%" for a in accs]))
+    return "\n".join(lines)
+
+
 def confusion_image(confusion: torch.Tensor, names: list[str], cell: int = 0):
     """Render a row-normalised confusion matrix as a PIL image (white = 0, dark blue = 1)."""
     from PIL import Image, ImageDraw

@@ -7,11 +7,12 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, REPO, data_config, make_dataset, run_dir_of, run_script, script_env, train_config
-from conftest import scalars
+from conftest import (CLASSES, REPO, data_config, make_dataset, near_tie_checkpoint, run_dir_of, run_script, scalars,
+                      script_env, train_config)
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.weights.deploy import load_model_weights
@@ -147,13 +148,24 @@ def test_test_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
 
 def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
     _, _, _, (cfg, run_dir, _) = runs
-    args = ("-c", cfg, "--checkpoint", run_dir / "checkpoint_0000004.pt", "--q_format", "FP16_16")
-    run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", check=True)
-    two = torchrun(*args, "--json", tmp_path / "two.json", script="test_quantize.py")
+    # logits near ties, so that FP16 changes predictions in both processes' shares
+    ckpt = near_tie_checkpoint(run_dir / "checkpoint_0000004.pt", tmp_path / "near_tie.pt")
+    args = ("-c", cfg, "--checkpoint", ckpt, "--q_format", "FP16_16")
+    run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", "--output-dir", tmp_path / "one", check=True)
+    two = torchrun(*args, "--json", tmp_path / "two.json", "--output-dir", tmp_path / "two", script="test_quantize.py")
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert a["num_images"] == b["num_images"] == 15
-    assert a["changed_predictions"] == b["changed_predictions"]
+    assert a["changed_predictions"] == b["changed_predictions"] >= 2
+    # the same images listed, in split order, from both shares (images 0, 2, ... on one process, 1, 3, ... on the other)
+    one, both = (json.loads((tmp_path / n / "changed_predictions.json").read_text()) for n in ("one", "two"))
+    assert [r["path"] for r in one] == [r["path"] for r in both] and len(one) == a["changed_predictions"]
+    data = json.loads(Path(json.loads(cfg.read_text())["data_config_path"]).read_text())
+    root = Path(data["dataset_path"])
+    order = [str((root / line).resolve()) for line in (root / data["test_files"]).read_text().split()]
+    assert {order.index(r["path"]) % 2 for r in both} == {0, 1}  # some from each process's share
+    for r, s in zip(one, both):
+        assert r["fp32_margin"] == pytest.approx(s["fp32_margin"], abs=1e-4)
     assert (a["fp32"], a["quantized"]) == (b["fp32"], b["quantized"])
     # the largest difference is taken over both processes' shares (batches differ, so the logits may by an ulp)
     assert b["max_logit_diff"] == pytest.approx(a["max_logit_diff"], rel=1e-3) and a["max_logit_diff"] > 0

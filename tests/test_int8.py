@@ -350,7 +350,7 @@ def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
         result = json.loads(path.read_text())
         assert result["q_format"] == "PyTorchINT8" and result["q_rounding"] is None and not result["quantized_ckpt"]
         assert (result["calib_steps"], result["calib_images"], result["int8_weights"]) == (steps, 4 * steps, scheme)
-        assert result["fp32"] == {"top1": tested["top1"], "top5": tested["top5"]} and result["num_images"] == 15
+        assert result["fp32"] == {k: tested[k] for k in ("top1", "top5", "per_class")} and result["num_images"] == 15
         _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, steps, scheme == "per_channel"), targets)
         assert 0 < result["max_logit_diff"] < 1
         diffs.add(result["max_logit_diff"])

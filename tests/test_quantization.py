@@ -4,13 +4,16 @@ quantization-aware training, run as a user runs them. (INT8: tests/test_int8.py.
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_user_error, data_config, reference_forward, reference_logits, run_dir_of, run_script,
-                      scalars, train_config)
+from conftest import (CLASSES, assert_user_error, data_config, near_tie_checkpoint, reference_forward, reference_logits,
+                      run_dir_of, run_script, scalars, train_config)
+from PIL import Image
 from qtorch.quant import float_quantize
 
 from myrtle_vision import checkpoint as ckpt_io
@@ -276,6 +279,47 @@ def test_split_val_quantizes_over_the_validation_images(runs, tmp_path):
     assert result["quantized"]["top1"] == pytest.approx(100.0 * (q.argmax(1) == targets).double().mean().item())
     changed = (ref.argmax(1) != q.argmax(1)).sum().item()
     assert result["changed_predictions"] == changed and f"({changed} of 12 val images changed)" in proc.stdout
+
+
+def test_what_fp16_changes_per_class_and_image_by_image(runs, tmp_path):
+    """The per-class tables of both models, both confusion matrices, and the list of changed predictions,
+    against the independent computation in FP32 and FP16_16 (which the quantized ViT equals bit for bit)."""
+    _, _, out = runs
+    cfg, run_dir, _ = out["FP32"]
+    ckpt = near_tie_checkpoint(run_dir / "last.pt", tmp_path / "near_tie.pt")
+    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", "FP16_16", "--split", "train",
+                      "--output-dir", tmp_path / "out", "--json", tmp_path / "q.json", check=True)
+    result = json.loads((tmp_path / "q.json").read_text())
+    ref, targets = reference_logits(cfg, ckpt, "FP32", split="train")
+    q, _ = reference_logits(cfg, ckpt, "FP16_16", split="train")
+    changed = (ref.argmax(1) != q.argmax(1)).nonzero().flatten().tolist()
+    assert len(changed) >= 3 and result["changed_predictions"] == len(changed)
+    data = json.loads(Path(json.loads(cfg.read_text())["data_config_path"]).read_text())
+    root = Path(data["dataset_path"])
+    paths = [str((root / line).resolve()) for line in (root / data["train_files"]).read_text().split()]
+    names = sorted(CLASSES)
+    rows = json.loads((tmp_path / "out" / "changed_predictions.json").read_text())
+    assert [r["path"] for r in rows] == [paths[i] for i in changed]
+    for row, i in zip(rows, changed):
+        assert (row["true_class"], row["fp32_prediction"], row["quantized_prediction"]) == \
+            (names[targets[i]], names[ref[i].argmax()], names[q[i].argmax()])
+        for model, logits in (("fp32", ref), ("quantized", q)):
+            top2 = logits[i].topk(2).values
+            assert row[f"{model}_margin"] == pytest.approx((top2[0] - top2[1]).item(), abs=1e-4)
+    with open(tmp_path / "out" / "changed_predictions.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [{k: (float(v) if k.endswith("margin") else v) for k, v in r.items()} for r in table] == rows
+    # per class, both models: recall against the independent predictions, in the JSON and the printed table
+    for model, logits in (("fp32", ref), ("quantized", q)):
+        for c, name in enumerate(names):
+            hits = ((logits.argmax(1) == c) & (targets == c)).sum().item()
+            recall = 100 * hits / (targets == c).sum().item()
+            assert result[model]["per_class"][name]["recall"] == pytest.approx(recall)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(names[0] + " "))
+    assert line.split()[1] == f"{result['fp32']['per_class'][names[0]]['recall']:.2f}"
+    assert line.split()[4] == f"{result['quantized']['per_class'][names[0]]['recall']:.2f}"
+    for label in ("FP32", "FP16_16"):
+        assert Image.open(tmp_path / "out" / f"confusion_matrix_{label}.png").size[0] > 50
 
 
 @pytest.mark.parametrize("q_format", ["FP16_16", "BF16_32", "TF32"])

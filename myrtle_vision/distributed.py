@@ -60,6 +60,14 @@ class Processes:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def gather(self, obj) -> list:
+        """Every process's ``obj`` (picklable), in rank order, on every process."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,27 @@ def test_test_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
     assert a == b  # sums of counts: exactly equal, per class too
     assert two.stdout.count("confusion matrix:") == 1 and (tmp_path / "two" / "confusion_matrix.png").is_file()
     assert two.stdout.count("top-1") == one.stdout.count("top-1")  # rank 0 alone prints
+
+
+def test_predict_py_in_two_processes_writes_what_one_does(runs, tmp_path):
+    import csv
+
+    _, data_cfg, _, (cfg, run_dir, _) = runs
+    folder = tmp_path / "images"
+    shutil.copytree(Path(json.loads(data_cfg.read_text())["dataset_path"]) / "images", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    args = ("-c", cfg, "--checkpoint", run_dir / "last.pt", folder, "--q_format", "FP16_32", "--batch-size", "4")
+    run_script("predict.py", *args, "--output", tmp_path / "one.csv", check=True)
+    two = torchrun(*args, "--output", tmp_path / "two.csv", script="predict.py")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("images predicted") == 1  # rank 0 alone writes and says so
+    one, both = ([row for row in csv.DictReader(open(tmp_path / f"{n}.csv", newline=""))] for n in ("one", "two"))
+    assert len(one) == len(both) == len(list(folder.rglob("*.png"))) and [r["path"] for r in one] == [r["path"] for r in both]
+    for r, s in zip(one, both):
+        assert (r["top1"], r["FP16_32_top1"], r["error"]) == (s["top1"], s["FP16_32_top1"], s["error"])
+        if not r["error"]:
+            assert float(r["prob1"]) == pytest.approx(float(s["prob1"]), abs=2e-6)
+    assert sum(bool(r["error"]) for r in both) == 1
 
 
 def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):

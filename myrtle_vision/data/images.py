@@ -57,6 +57,20 @@ def class_names(label_map: dict[str, int]) -> list[str]:
     return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """An image file decoded as RGB (any mode converted; transparency on black); a file that is not a
+    readable image is a UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")  # palette transparency needs RGBA first to composite sanely
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                return Image.alpha_composite(background, img).convert("RGB")
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read image: {e}") from None
+
+
 class ImageListDataset(Dataset):
     """The images listed in one split file, labelled by their class folder, with the split's ``pipeline``
     (its transform ops, per image or for a whole batch: see :mod:`myrtle_vision.data.augment`).
@@ -122,16 +136,7 @@ class ImageListDataset(Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         """Image ``index`` decoded from its file, as RGB (any mode converted; transparency on black)."""
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    img = img.convert("RGBA")  # palette transparency needs RGBA first to composite sanely
-                    background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-                    return Image.alpha_composite(background, img).convert("RGB")
-                return img.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"{path}: cannot read image: {e}") from None
+        return read_rgb(self.paths[index])
 
     def decode(self, index: int) -> np.ndarray:
         """Image ``index`` decoded from its file: uint8 (height, width, 3)."""
@@ -178,3 +183,50 @@ def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = N
     return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, pipeline=pipeline,
                             cache_dir=cache, cache_field=f"{cfg.path}: cache_dir",
                             source=f"{cfg.path}: {SPLITS[split]}")
+
+
+class ImageFiles(Dataset):
+    """Unlabelled image files (for predictions), with an evaluation pipeline that must give ``size`` x ``size``
+    images. A sample is (what the pipeline makes of the image, its index); a file that cannot be read, or that
+    the pipeline does not bring to the size, is left out of its batch, and the batch says why: each batch is
+    (the pipeline's batch or None, [(index, reason), ...])."""
+
+    def __init__(self, paths: list[str], pipeline: Pipeline, size: int, ops_field: str = "transform_ops_val"):
+        self.paths, self.size, self.ops_field = paths, size, ops_field
+        self.pipeline = _Readable(pipeline)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def collate(self):
+        return self.pipeline.collate
+
+    def __getitem__(self, index: int):
+        try:
+            img = torch.from_numpy(np.asarray(read_rgb(self.paths[index])).copy()).permute(2, 0, 1)
+        except UserError as e:
+            return None, index, str(e).split(": ", 1)[1]
+        inner = self.pipeline.inner
+        with torch.random.fork_rng(devices=[]):
+            height, width = inner.output_size(img)
+        if (height, width) != (self.size, self.size):
+            return None, index, (f"{self.ops_field} makes it {height}x{width}, the model takes "
+                                 f"{self.size}x{self.size} (add a Resize or CenterCrop)")
+        return inner.sample(img, None), index, None
+
+
+class _Readable:
+    """A pipeline's collate and finish over the samples that could be read; the others travel as reasons."""
+
+    def __init__(self, inner: Pipeline):
+        self.inner = inner
+
+    def collate(self, samples: list):
+        good = [(sample, index) for sample, index, reason in samples if reason is None]
+        failed = [(index, reason) for _, index, reason in samples if reason is not None]
+        return (self.inner.collate(good) if good else None), failed
+
+    def finish(self, batch, device: torch.device):
+        inner, failed = batch
+        return (self.inner.finish(inner, device) if inner is not None else None), failed

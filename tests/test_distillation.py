@@ -234,6 +234,18 @@ def test_test_script_tests_the_configs_teacher(deit_run, notebook_run, tmp_path,
     assert both.returncode == 2 and "give one of them" in both.stderr
 
 
+def test_export_of_a_deit_checkpoint_is_the_class_head_s_plain_vit(deit_run, tmp_path):
+    _, cfg, _, run_dir = deit_run
+    run_script("export.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--output", tmp_path / "deit.pt",
+               check=True)
+    exported = torch.load(tmp_path / "deit.pt", weights_only=True)
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert set(exported) == {"model"} and list(exported["model"]) == list(ckpt["model"])
+    assert not any(k.startswith(("dist_token", "head_dist")) for k in exported["model"])
+    assert all(torch.equal(exported["model"][k], v) for k, v in ckpt["model"].items())
+    assert json.loads((tmp_path / "deit.json").read_text())["check"]["max_logit_diff"] == 0
+
+
 def test_a_plain_vit_config_tests_a_deit_checkpoint_too(deit_run, tmp_path, data_cfg):
     tmp, _, _, run_dir = deit_run
     cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out")

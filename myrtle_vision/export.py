@@ -1,0 +1,141 @@
+"""The file the accelerator imports (``export.py``): a checkpoint's deployed ViT alone, in the deploy layout
+(:mod:`.weights.deploy`), its weights in FP32 or rounded to FP16 as the accelerator holds them, with a JSON
+beside it saying what it is; optionally the same ViT as ONNX. Each file checks itself: read back, it runs
+the first test images, and its logits are compared with the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import Config
+from .data import class_names, read_label_map
+from .distributed import Processes
+from .errors import UserError
+from .evaluation import split_loader
+from .models import build_model
+from .weights.deploy import from_deploy, load_model_weights
+from .weights.io import load_file, save_atomic
+
+ONNX_TOLERANCE = 1e-3  # ONNX Runtime's kernels sum in another order: about 1e-6 of FP32 ViT logits differ
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def deploy_state(ckpt: dict, fp16: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's deployed weights (its ``model`` entry, the deploy layout, class head only), as FP32
+    tensors or rounded to FP16 (IEEE round to nearest even) and held as float16."""
+    dtype = torch.float16 if fp16 else torch.float32
+    return {name: tensor.detach().to(dtype).contiguous() for name, tensor in ckpt["model"].items()}
+
+
+def first_test_images(cfg: Config, count: int) -> torch.Tensor:
+    """The first ``count`` images of the test split (fewer if it has fewer), with the evaluation transforms."""
+    loader, _ = split_loader(cfg, Processes(), min(count, cfg.train_config.local_batch_size), 0, "test")
+    batches, have = [], 0
+    for images, _ in loader:
+        batches.append(images)
+        have += len(images)
+        if have >= count:
+            break
+    return torch.cat(batches)[:count]
+
+
+def _plain_vit(cfg: Config, weights: dict[str, torch.Tensor], source: str) -> torch.nn.Module:
+    model = build_model(cfg, distilled=False, q_format="FP32")
+    model.load_state_dict(from_deploy({k: v.float() for k, v in weights.items()}, source))
+    return model.eval()
+
+
+@torch.no_grad()
+def export(cfg: Config, checkpoint: Path, output: Path | None = None, *, fp16: bool = False,
+           onnx: Path | None = None, check_images: int = 64) -> dict:
+    """Write the deploy file (default: ``<checkpoint name>_deploy[_fp16].pt`` beside the checkpoint), its JSON
+    (the same name, ``.json``) and, with ``onnx``, the ONNX file; check each; return the JSON's contents."""
+    if check_images < 1:
+        raise UserError(f"--check-images {check_images}: must be at least 1")
+    ckpt = ckpt_io.load(checkpoint)
+    output = output or checkpoint.with_name(f"{checkpoint.stem}_deploy{'_fp16' if fp16 else ''}.pt")
+    if output.resolve() == checkpoint.resolve():
+        raise UserError(f"--output {output}: is the checkpoint itself; choose another file")
+    reference = build_model(cfg, distilled=False, q_format="FP32")
+    load_model_weights(reference, ckpt, checkpoint, require_distillation=False)  # says what does not fit
+    reference.eval()
+    for path in (output, onnx):
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"{path}: cannot create its folder ({e})") from None
+    save_atomic({"model": deploy_state(ckpt, fp16)}, output)
+
+    images = first_test_images(cfg, check_images)
+    expected = reference(images)
+    written = load_file(output, "deploy file")["model"]  # read back as the accelerator's importer will
+    got = _plain_vit(cfg, written, str(output))(images)
+    difference = (got - expected).abs().max().item()
+    if not fp16 and difference != 0:
+        raise UserError(f"{output}: read back, its logits differ from {checkpoint}'s by {difference:.3g}; "
+                        "the file is not the checkpoint's model")
+    dc = cfg.data_config
+    info = {"deploy_file": str(output), "sha256": sha256(output), "format": "FP16" if fp16 else "FP32",
+            "layout": "the earlier release's ViT state dict (the accelerator's importer), class head only",
+            "source_checkpoint": str(checkpoint), "source_sha256": sha256(checkpoint),
+            "iteration": int(ckpt.get("iteration", 0)), "weights": ckpt.get("deployed", "raw"),
+            "class_names": class_names(read_label_map(dc)), "image_size": cfg.vit_config.image_size,
+            "transform_ops_val": dc.transform_ops_val, "config": ckpt.get("config"),
+            "check": {"images": len(images), "max_logit_diff": difference}}
+    print(f"{output}: the {'FP16' if fp16 else 'FP32'} deploy file of {checkpoint} ({info['weights']} weights, "
+          f"iteration {info['iteration']}); read back, on the first {len(images)} test images its logits "
+          f"differ from the checkpoint's by at most {difference:.3g}")
+    if onnx is not None:
+        info["onnx"] = export_onnx(cfg, written, onnx, images, str(output))
+    sidecar = output.with_suffix(".json")
+    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"{sidecar}: what the file holds (format, class names, source checkpoint, sha256)")
+    return info
+
+
+def export_onnx(cfg: Config, weights: dict[str, torch.Tensor], path: Path, images: torch.Tensor,
+                source: str) -> dict:
+    """The plain ViT of ``weights`` as ONNX (opset 17, any batch size), checked with ONNX Runtime on ``images``."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter writes the file with it)
+        import onnxruntime
+    except ImportError:
+        raise UserError("--onnx needs the onnx and onnxruntime packages, optional extras: "
+                        "pip install -r requirements-onnx.txt") from None
+    model = _plain_vit(cfg, weights, source)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (images[:1],), str(tmp), dynamo=False, opset_version=17,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        tmp.replace(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the ONNX file ({e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": images.cpu().numpy()})[0])
+    difference = (got - model(images)).abs().max().item()
+    if difference > ONNX_TOLERANCE:
+        raise UserError(f"{path}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g} "
+                        f"(more than {ONNX_TOLERANCE:g})")
+    print(f"{path}: ONNX (opset 17, any batch size); ONNX Runtime's logits differ from PyTorch's by at most "
+          f"{difference:.3g} on the same images")
+    return {"file": str(path), "sha256": sha256(path), "opset": 17, "max_logit_diff": difference}

@@ -36,7 +36,8 @@ def _deit_section(teacher):
     return {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
 
 
-@pytest.mark.parametrize("entry", ["train.py resume", "test.py", "test_quantize.py", "teacher file", "pretrained file"])
+@pytest.mark.parametrize("entry", ["train.py resume", "test.py", "test_quantize.py", "predict.py", "export.py",
+                                   "test.py --teacher", "teacher file", "pretrained file"])
 def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, malicious, tmp_path, data_cfg):
     path, marker = malicious
     if entry == "train.py resume":
@@ -48,9 +49,13 @@ def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, malicious
     elif entry == "teacher file":
         cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_deit_section(path))
         proc = run_script("train.py", "-c", cfg)
+    elif entry == "test.py --teacher":
+        cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_deit_section(path))
+        proc = run_script("test.py", "-c", cfg, "--teacher")
     else:
         cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
-        proc = run_script(entry, "-c", cfg, "--checkpoint", path)
+        images = [tmp_path] if entry == "predict.py" else []
+        proc = run_script(entry, "-c", cfg, "--checkpoint", path, *images)
     assert_user_error(proc, str(path), "Weights only load failed")
     assert not marker.exists()
 

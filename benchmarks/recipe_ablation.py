@@ -66,16 +66,28 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-def measure(base: Path, model: str, variant: str, seed: int, out: Path, resume: bool) -> dict:
-    """Train and test one run; its figures are kept in ``<run>.measured.json`` beside its config, and with
-    ``resume`` a run measured before on the same config is not run again."""
-    cfg = variant_config(base, model, variant, seed, out)
+def measured_before(cfg: Path) -> dict | None:
+    """The figures of the run of config ``cfg`` measured before (on this same config), else None."""
     measured = cfg.with_suffix(".measured.json")
-    if resume and measured.exists():
+    if measured.exists():
         before = json.loads(measured.read_text())
         if before["config"] == json.loads(cfg.read_text()):
-            print(f"{cfg.stem}: measured before, top-1 {before['top1']:.2f}%", flush=True)
             return before
+    return None
+
+
+def measure(base: Path, model: str, variant: str, seed: int, out: Path, resume: bool, report: bool = False
+            ) -> dict | None:
+    """Train and test one run; its figures are kept in ``<run>.measured.json`` beside its config, and with
+    ``resume`` a run measured before on the same config is not run again. With ``report`` nothing is run:
+    the figures measured before, or None."""
+    cfg = variant_config(base, model, variant, seed, out)
+    measured = cfg.with_suffix(".measured.json")
+    before = measured_before(cfg) if resume or report else None
+    if before is not None or report:
+        if before is not None:
+            print(f"{cfg.stem}: measured before, top-1 {before['top1']:.2f}%", flush=True)
+        return before
     start = time.perf_counter()
     log = run([sys.executable, "train.py", "-c", str(cfg)])
     seconds = time.perf_counter() - start
@@ -101,6 +113,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table, do not write RESULTS.md")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs in --out measured before on the same config (an ablation in pieces)")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: the table of the runs measured so far (a row lists the seeds it has)")
     args = parser.parse_args()
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -108,11 +122,15 @@ def main() -> None:
     for model in args.models:
         for variant in args.variants:
             base = getattr(args, f"{model}_config")
-            results = [measure(base, model, variant, seed, out, args.resume) for seed in args.seeds]
-            top1 = [r["top1"] for r in results]
+            results = {seed: measure(base, model, variant, seed, out, args.resume, args.report) for seed in args.seeds}
+            results = {seed: r for seed, r in results.items() if r is not None}
+            if not results:
+                continue
+            top1 = [r["top1"] for r in results.values()]
             per_seed = ", ".join(f"{t:.2f}" for t in top1)
-            rows.append(f"| {model} | {variant} | {per_seed} (seeds {', '.join(map(str, args.seeds))}) | "
-                        f"{statistics.mean(top1):.2f}% | {statistics.mean(r['seconds'] for r in results):.0f} |")
+            rows.append(f"| {model} | {variant} | {per_seed} (seed{'s' if len(results) > 1 else ''} "
+                        f"{', '.join(map(str, results))}) | {statistics.mean(top1):.2f}% | "
+                        f"{statistics.mean(r['seconds'] for r in results.values()):.0f} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
     if args.no_write:

@@ -71,7 +71,7 @@ def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
     assert [row.split("|")[2].strip() for row in rows[:2]] == ["without", "no_mixup"]
     for variant in ("without", "no_mixup"):  # test.py's figure of each run, as its JSON has it
         top1 = json.loads((tmp_path / "runs" / f"vit_{variant}_2.result.json").read_text())["top1"]
-        assert f"| vit | {variant} | {top1:.2f} (seeds 2) | {top1:.2f}% |" in out
+        assert f"| vit | {variant} | {top1:.2f} (seed 2) | {top1:.2f}% |" in out
     # the variant without mixup has the rest of the recipe; "without" has none of it
     recipe = json.loads((tmp_path / "runs" / "vit_no_mixup_2.json").read_text())
     assert recipe["train_config"]["mixup"] == 0 and recipe["train_config"]["cutmix"] > 0
@@ -92,7 +92,12 @@ def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
     after = runs()
     assert len(after) == 3 and set(before) < set(after)
     top1 = json.loads((tmp_path / "runs" / "vit_without_2.result.json").read_text())["top1"]
-    assert f"| vit | without | {top1:.2f} (seeds 2) | {top1:.2f}% |" in again
+    assert f"| vit | without | {top1:.2f} (seed 2) | {top1:.2f}% |" in again
+    # --report runs nothing: the rows list the seeds measured so far
+    report = _run("benchmarks/recipe_ablation.py", "--models", "vit", "--vit-config", base, "--seeds", "2", "3",
+                  "--variants", "without", "with", "--out", tmp_path / "runs", "--no-write", "--report")
+    assert runs() == after and f"| vit | without | {top1:.2f} (seed 2) | {top1:.2f}% |" in report
+    assert "| vit | with |" not in report
 
 
 def test_recipe_ablation_s_without_turns_off_what_the_base_config_switches_on(tmp_path):

@@ -133,3 +133,29 @@ def test_two_processes_on_two_gpus_with_nccl(tmp_path, data_cfg):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "training on cuda:0 in 2 processes" in proc.stdout
     assert (run_dir_of(proc) / "last.pt").is_file()
+
+
+def test_predict_py_on_cuda_with_the_batch_transformed_there_agrees_with_the_cpu(tmp_path, data_cfg, dataset):
+    """predict.py's batches (resized on the GPU, augment_on auto) and an unreadable file among them."""
+    import csv
+    import json
+    import shutil
+
+    raw = json.loads(data_cfg.read_text())
+    raw["transform_ops_val"] = {"Resize": 32, "CenterCrop": 32, "Normalize": raw["transform_ops_val"]["Normalize"]}
+    data_cfg.write_text(json.dumps(raw))
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
+    ckpt = run_dir_of(run_script("train.py", "-c", cfg, "--device", "cpu", check=True)) / "last.pt"
+    folder = tmp_path / "images"
+    shutil.copytree(dataset / "images", folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    rows = {}
+    for device in ("cpu", "cuda"):
+        run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, folder, "--q_format", "FP16_32", "--device", device,
+                   "--output", tmp_path / f"{device}.csv", check=True, device=device)
+        rows[device] = list(csv.DictReader(open(tmp_path / f"{device}.csv", newline="")))
+    assert [r["path"] for r in rows["cpu"]] == [r["path"] for r in rows["cuda"]]
+    for a, b in zip(rows["cpu"], rows["cuda"]):
+        assert a["error"] == b["error"]
+        if not a["error"]:
+            assert float(a["prob1"]) == pytest.approx(float(b["prob1"]), abs=1e-3)

@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine, write_section  # noqa: E402
+
+from myrtle_vision.config import Config, build  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,12 +69,18 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+def resolved(raw: dict, source: str) -> dict:
+    """What a train config means: every default filled in, so that ``"mixup": 0.0`` and no ``mixup`` compare
+    equal (the same run)."""
+    return build(Config, raw, source).to_dict()
+
+
 def measured_before(cfg: Path) -> dict | None:
-    """The figures of the run of config ``cfg`` measured before (on this same config), else None."""
+    """The figures of the run of config ``cfg`` measured before (on a config that means the same), else None."""
     measured = cfg.with_suffix(".measured.json")
     if measured.exists():
         before = json.loads(measured.read_text())
-        if before["config"] == json.loads(cfg.read_text()):
+        if resolved(before["config"], str(measured)) == resolved(json.loads(cfg.read_text()), str(cfg)):
             return before
     return None
 

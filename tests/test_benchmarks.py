@@ -111,3 +111,27 @@ def test_recipe_ablation_s_without_turns_off_what_the_base_config_switches_on(tm
     assert (tc["mixup"], tc["cutmix"], tc["random_erasing"], tc["repeated_augmentation"], tc["ema_decay"]) == \
         (0, 0, 0, 1, None)
     assert cfg["vit_config"]["drop_path"] == 0 and tc["epochs"] == 2 and tc["seed"] == 4
+
+
+def test_recipe_ablation_reuses_a_run_whose_config_means_the_same(tmp_path):
+    """A base config that spells out a switch's off value (the demo configs once they carry the recipe) makes
+    the same "without" run as one that leaves it out, so --resume and --report still find that run."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from recipe_ablation import measured_before, variant_config
+
+    data = data_config(tmp_path / "d.json", make_dataset(tmp_path / "data", ["a", "b"], counts=(2, 1, 1)), 2)
+    plain = train_config(tmp_path / "plain.json", data, tmp_path / "out")
+    (tmp_path / "runs").mkdir()
+    cfg = variant_config(plain, "vit", "without", 1, tmp_path / "runs")
+    measured = cfg.with_suffix(".measured.json")
+    measured.write_text(json.dumps({"top1": 50.0, "config": json.loads(cfg.read_text())}))
+    spelled = train_config(tmp_path / "spelled.json", data, tmp_path / "out",
+                           train={"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25, "ema_decay": 0.995},
+                           vit={"drop_path": 0.1})
+    again = variant_config(spelled, "vit", "without", 1, tmp_path / "runs")
+    assert again == cfg and json.loads(again.read_text()) != json.loads(measured.read_text())["config"]
+    assert measured_before(again)["top1"] == 50.0
+    changed = json.loads(again.read_text())
+    changed["train_config"]["label_smoothing"] = 0.2  # another run
+    again.write_text(json.dumps(changed))
+    assert measured_before(again) is None

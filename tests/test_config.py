@@ -43,6 +43,23 @@ def test_demo_pair_differs_only_by_the_teacher():
     assert extra == plain  # the teacher pretrains with the students' splits, transforms and validation
 
 
+def test_demo_configs_train_the_recipe_the_ablation_measured_best(tmp_path):
+    """The demo trains DeiT's recipe without repeated augmentation, the variant benchmarks/recipe_ablation.py
+    measured best on the demo data (README, "DeiT's data-efficient recipe"): the same run, seed and folder aside."""
+    import sys
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from recipe_ablation import resolved, variant_config
+
+    for model in ("vit", "deit"):
+        demo = REPO / "train_configs" / f"{model}_demo.json"
+        measured = json.loads(variant_config(demo, model, "no_repeated_augmentation", 1, tmp_path).read_text())
+        shipped = json.loads(demo.read_text())
+        for cfg in (measured, shipped):
+            cfg["train_config"].update(seed=0, output_directory="")
+        assert resolved(measured, "measured") == resolved(shipped, str(demo))
+        assert shipped["train_config"]["mixup"] > 0 and shipped["vit_config"]["drop_path"] > 0
+
+
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base"])
 def test_shipped_configs_keep_the_users_values(name):
     """The project's own train_configs/ hold the values users know (paths aside)."""

@@ -69,10 +69,17 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+# When validation runs changes what is printed, not the weights trained (tests/test_recipe.py checks it).
+VALIDATION_SCHEDULE = ("iters_per_val", "epochs_per_val")
+
+
 def resolved(raw: dict, source: str) -> dict:
-    """What a train config means: every default filled in, so that ``"mixup": 0.0`` and no ``mixup`` compare
-    equal (the same run)."""
-    return build(Config, raw, source).to_dict()
+    """What a train config trains: every default filled in, so that ``"mixup": 0.0`` and no ``mixup`` compare
+    equal (the same run), and the validation schedule left out."""
+    out = build(Config, raw, source).to_dict()
+    for name in VALIDATION_SCHEDULE:
+        out["train_config"].pop(name)
+    return out
 
 
 def measured_before(cfg: Path) -> dict | None:

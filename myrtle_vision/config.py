@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_path: str = ""
     iters_per_checkpoint: int = 1000
     iters_per_val: int = 1000
+    epochs_per_val: int = 1  # validation also runs at the end of every this-many epochs, and of the last one
     seed: int = 1234
     drop_last_batch: bool = True
     # Sampling and class balance (all off by default; see the README's train_config table):
@@ -106,7 +107,8 @@ class TrainConfig:
                 f"{self.global_batch_size} / lr_base_size {self.lr_base_size}")
 
     def validate(self, v: "_Validator") -> None:
-        for name in ("epochs", "local_batch_size", "global_batch_size", "iters_per_checkpoint", "iters_per_val"):
+        for name in ("epochs", "local_batch_size", "global_batch_size", "iters_per_checkpoint", "iters_per_val",
+                     "epochs_per_val"):
             v.check(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "momentum"):
             v.check(getattr(self, name) >= 0, name, "must not be negative")

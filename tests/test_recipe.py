@@ -177,6 +177,25 @@ def test_the_weight_average_is_a_direct_computation_over_the_updates(every, depl
         assert not torch.equal(average["mlp_head.1.weight"], raw["mlp_head.1.weight"]) or i == every
 
 
+def test_validating_every_few_epochs_trains_the_same_weights(tmp_path, data_cfg):
+    """epochs_per_val only thins the epoch-end validations (the last epoch always validates): with every switch
+    of the recipe drawing random numbers, the weights and their average end bit-identical."""
+    runs = {}
+    for every in (1, 2):
+        cfg = train_config(tmp_path / f"t{every}.json", data_cfg, tmp_path / f"out{every}", train={
+            "epochs": 3, "iters_per_val": 1000, "epochs_per_val": every, "mixup": 0.8, "cutmix": 1.0,
+            "random_erasing": 0.25, "ema_decay": 0.9}, vit={"drop_path": 0.2})
+        run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
+        runs[every] = ckpt_io.load(run_dir / "last.pt"), [step for step, _ in scalars(run_dir, "val_ema/top1")]
+    (every_epoch, at_1), (every_other, at_2) = runs[1], runs[2]
+    u = at_1[0]  # updates per epoch
+    assert at_1 == [u, 2 * u, 3 * u] and at_2 == [2 * u, 3 * u]
+    for entry in ("model", "raw_weights"):
+        assert every_epoch[entry].keys() == every_other[entry].keys()
+        for k in every_epoch[entry]:
+            assert torch.equal(every_epoch[entry][k], every_other[entry][k]), (entry, k)
+
+
 def test_best_pt_follows_the_deployed_weights_and_test_py_says_which(tmp_path, data_cfg):
     # a slow average (it stays near the weights after the first update) whose best differs from the raw weights'
     cfg, run_dir, proc, ckpts = _ema_run(tmp_path, data_cfg, ema_deploy=True, iters_per_val=1, ema_decay=0.95)

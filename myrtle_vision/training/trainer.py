@@ -462,7 +462,8 @@ class Trainer:
                         if stopping:
                             raise Interrupted(stop[0] if stop else signal.SIGTERM, self.run_dir / "last.pt")
                     reporter.close_bar()
-                    if last_val_at != p.iteration:
+                    epoch_end_val = (p.epoch + 1) % tc.epochs_per_val == 0 or p.epoch + 1 == tc.epochs
+                    if epoch_end_val and last_val_at != p.iteration:
                         self.validate()
                         last_val_at = p.iteration
                     p.epoch, p.update_in_epoch = p.epoch + 1, 0

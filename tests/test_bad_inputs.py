@@ -271,6 +271,25 @@ CASES = {
     "path escaping with ..": _file(_append_line("../outside.png"), "outside the dataset folder"),
     "absolute path": _file(_append_line("/etc/hostname"), "outside the dataset folder"),
     "symlink pointing outside": _file(lambda c: _symlink_out(c) or "link.png", "outside the dataset folder"),
+    # a split line that is no path (named by line number), an image a RandomCrop cannot crop (at start-up, or met
+    # during training: per image in this process, in loader workers, on the device)
+    "NUL byte in a split line": _file(lambda c: f"{_append_line('images/cat/a' + chr(0) + 'b.png')(c)}:"
+                                                f"{len((c.ds / 'train_imagepaths.txt').read_text().splitlines())}",
+                                      "NUL byte"),
+    "split line of 5,000 characters": _file(lambda c: f"{_append_line('images/cat/' + 'a' * 4985 + '.png')(c)}:"
+                                                      f"{len((c.ds / 'train_imagepaths.txt').read_text().splitlines())}",
+                                            "cannot use the line (5000 characters) as an image path"),
+    "RandomCrop larger than the images": lambda c: (
+        _set(c.data, "transform_ops_train", {"RandomCrop": 64, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}),
+        ([], ["{data}", "transform_ops_train.RandomCrop", _image(c, 0).name, "32x32, smaller than the crop 64x64"]))[1],
+    "an image smaller than RandomCrop": lambda c: (
+        _set(c.data, "transform_ops_train", {"RandomCrop": 32, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}),
+        _image(c).write_bytes(b"P6 3 2 255\n" + bytes(range(18))),  # a binary PPM, 3 wide and 2 high
+        ([], ["{data}", "transform_ops_train.RandomCrop", _image(c).name, "2x3, smaller than the crop 32x32"]))[2],
+    "an image smaller than RandomCrop, in loader workers": lambda c: (
+        _set(c.cfg, "train_config.num_workers", 2), CASES["an image smaller than RandomCrop"](c))[1],
+    "an image smaller than RandomCrop, on the device": lambda c: (
+        _set(c.data, "augment_on", "device"), CASES["an image smaller than RandomCrop"](c))[1],
     # checkpoints
     "checkpoint missing": _ckpt("train.py", lambda c: c.root / "nope.pt", "not found"),
     "truncated checkpoint": _ckpt("train.py", lambda c: _truncate(c.root / "ckpt.pt"), "not a readable checkpoint"),

@@ -65,7 +65,9 @@ def test_a_batch_transformed_on_the_gpu_gives_torchvision_s_images(chain):
     out, labels = on_device.finish(batch.pin_memory(), CUDA)
     assert out.device.type == "cuda" and labels.device.type == "cuda"
     reference = torch.stack([per_image.sample(img, s).float() for img, s in zip(images, seeds)])
-    assert ((out.cpu() * 255 - reference).abs() <= 1 + 1e-3).all()
+    # as on the CPU (test_pipeline.py): a uint8 level apart per resize in the chain, exact without one
+    resizes = sum(op in ("Resize", "RandomResizedCrop") for op in ops)
+    assert ((out.cpu() * 255 - reference).abs() <= resizes + 1e-3).all()
 
 
 def test_train_py_learns_on_cuda_with_the_batch_transformed_on_the_gpu(tmp_path, dataset):

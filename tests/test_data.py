@@ -1,19 +1,28 @@
 """The data pipeline: image lists, labels, transforms, image modes, and every dataset check."""
 
+import io
 import json
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from conftest import (CLASSES, NORMALIZE, assert_user_error, class_image, data_config, make_dataset, run_script,
                       train_config)
 
 from myrtle_vision.config import load_data_config
 from myrtle_vision.data import TrainPlan, eval_loader, open_split, read_label_map, stop_workers, train_loader
+from myrtle_vision.data.augment import pipeline_for
+from myrtle_vision.data.images import ImageFiles, read_rgb
 from myrtle_vision.errors import ConfigError, UserError
 from myrtle_vision.transforms import build_transform, parse_ops
+
+CPU = torch.device("cpu")
 
 
 def test_labels_come_from_class_folders_through_the_label_map(dataset, data_cfg):
@@ -41,8 +50,9 @@ def test_label_map_is_read_once_not_per_sample(tmp_path):
     assert sum(len(y) for _, y in batches) == 24
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA", "I;16"])
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1"])
 def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    """Opaque modes here; transparency and 16 bits below, value by value."""
     ds = make_dataset(tmp_path / "ds", CLASSES)
     target = ds / "images" / "cat" / "cat_000.png"
     img = class_image(0, 0)
@@ -56,6 +66,145 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     split = open_split(load_data_config(data_config(tmp_path / "d.json", ds, 3)), "train")
     assert split.load_image(0).mode == "RGB"
     assert split[0][0].shape == (3, 32, 32)
+
+
+def _dataset_of(tmp_path, images: dict[str, bytes]) -> tuple:
+    """A dataset whose training split is exactly ``images`` (file name -> bytes, in the cat folder), and the split
+    opened with the decoded-image cache."""
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    for name, data in images.items():
+        (ds / "images" / "cat" / name).write_bytes(data)
+    (ds / "train_imagepaths.txt").write_text("".join(f"images/cat/{name}\n" for name in images))
+    split = open_split(load_data_config(data_config(tmp_path / "d.json", ds, 3, cache_dir=str(tmp_path / "cache"))),
+                       "train")
+    assert split.decoded is not None
+    return ds, split
+
+
+def _saved(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    out = io.BytesIO()
+    img.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def _composited(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """On black, by hand: each channel times alpha / 255, rounded to nearest (never a tie: 255 is odd)."""
+    return np.floor(rgb.astype(np.float64) * alpha[..., None].astype(np.float64) / 255 + 0.5).astype(np.uint8)
+
+
+def test_transparent_pixels_are_composited_on_black(tmp_path):
+    """Fully and partly transparent pixels, with an alpha channel (RGBA, LA), a palette's transparent index or its
+    per-entry alpha (P), and a transparent colour (RGB): the exact values, through the cache and without it."""
+    alpha = np.array([[0, 0, 1, 64, 127], [128, 200, 254, 255, 255], [0, 90, 255, 17, 230]], dtype=np.uint8)
+    rgb = np.random.default_rng(5).integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    rgb[0, 0] = rgb[2, 0] = 255  # white where fully transparent: black it must become
+    grey = rgb[..., 0]
+    palette = np.array([[250, 20, 30], [40, 200, 60], [255, 255, 255], [7, 8, 250]], dtype=np.uint8)
+    index = np.array([[0, 1, 2, 3, 2], [2, 2, 1, 0, 3], [3, 0, 1, 2, 1]], dtype=np.uint8)
+
+    def paletted(transparency):
+        img = Image.fromarray(index, "P")
+        img.putpalette(palette.flatten().tolist())
+        return _saved(img, transparency=transparency)
+
+    key = tuple(int(v) for v in rgb[1, 1])
+    cases = {  # file -> (bytes, the mode PIL opens it in, the RGB image expected)
+        "rgba.png": (_saved(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")), "RGBA", _composited(rgb, alpha)),
+        "la.png": (_saved(Image.fromarray(np.dstack([grey, alpha]), "LA")), "LA",
+                   _composited(np.dstack([grey] * 3), alpha)),
+        "index.png": (paletted(2), "P", np.where((index == 2)[..., None], 0, palette[index]).astype(np.uint8)),
+        "entries.png": (paletted(bytes([255, 128, 0, 37])), "P",
+                        _composited(palette[index], np.array([255, 128, 0, 37], dtype=np.uint8)[index])),
+        "colour.png": (_saved(Image.fromarray(rgb), transparency=key), "RGB",
+                       np.where((rgb == key).all(-1)[..., None], 0, rgb).astype(np.uint8)),
+    }
+    for name, (data, mode, _) in cases.items():
+        with Image.open(io.BytesIO(data)) as img:  # the files are what they claim to be
+            assert img.mode == mode and (mode in ("RGBA", "LA") or "transparency" in img.info), name
+    _, split = _dataset_of(tmp_path, {name: data for name, (data, _, _) in cases.items()})
+    for i, (name, (data, _, expected)) in enumerate(cases.items()):
+        with warnings.catch_warnings():  # (Pillow's advice on converting such palettes: RGBA first, as read_rgb does)
+            warnings.simplefilter("ignore")
+            assert not np.array_equal(expected, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))), name
+        assert np.array_equal(split.image(i).permute(1, 2, 0).numpy(), expected), name  # from the cache
+        assert np.array_equal(np.asarray(read_rgb(split.paths[i])), expected), name  # decoded from the file
+
+
+def _png_rgb16(levels: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (colour type 2, depth 16) with R = G = B = ``levels``, written by hand: PIL cannot."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = levels.shape
+    rows = b"".join(b"\0" + np.repeat(levels[y].astype(">u2")[:, None], 3, 1).tobytes() for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    """A 16-bit grey image keeps the high byte of each level (v >> 8): what Pillow itself does with 16-bit RGB,
+    RGBA and grey-with-alpha PNGs, so a grey picture saved as 16-bit RGB gives the same pixels; and an 8-bit image
+    widened to 16 bits (v * 257) comes back exactly. Not clipped: the earlier reading made a ramp nearly white."""
+    levels = np.concatenate([[0, 1, 255, 256, 257, 32767, 32768, 65279, 65280, 65534, 65535, 128 * 257],
+                             np.random.default_rng(3).integers(0, 65536, 36)]).astype(np.uint16).reshape(6, 8)
+    expected = np.repeat((levels >> 8).astype(np.uint8)[..., None], 3, -1)
+    pgm = b"P5\n8 6\n65535\n" + levels.astype(">u2").tobytes()
+    cases = {  # file -> (bytes, the mode PIL opens it in)
+        "png16.png": (_saved(Image.fromarray(levels)), "I;16"),
+        "big.tif": (_saved(Image.fromarray(levels.astype(">u2")), "TIFF"), "I;16B"),
+        "little.tif": (_saved(Image.fromarray(levels), "TIFF"), "I;16"),
+        "grey.pgm": (pgm, "I"),  # Pillow reads a 16-bit PGM as 32-bit integers in 0..65535
+        "rgb16.png": (_png_rgb16(levels), "RGB"),  # Pillow's own reading of 16 bits
+    }
+    for name, (data, mode) in cases.items():
+        assert Image.open(io.BytesIO(data)).mode == mode, name
+    _, split = _dataset_of(tmp_path, {name: data for name, (data, _) in cases.items()})
+    for i, name in enumerate(cases):
+        assert np.array_equal(split.image(i).permute(1, 2, 0).numpy(), expected), name
+    widened = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257
+    assert np.array_equal(np.asarray(read_rgb(io.BytesIO(_saved(Image.fromarray(widened)))))[..., 0],
+                          np.arange(256, dtype=np.uint8).reshape(16, 16))
+    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1)))
+    assert 126 < np.asarray(read_rgb(io.BytesIO(_saved(ramp)))).mean() < 129
+
+
+@pytest.mark.parametrize("mode, values, kind", [("I", np.array([[0, 70000, -5]], dtype=np.int32), "32-bit integer"),
+                                                ("F", np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "floating-point")])
+def test_32_bit_integer_and_float_images_are_refused_naming_the_file(tmp_path, mode, values, kind):
+    image = _saved(Image.fromarray(values), "TIFF")
+    assert Image.open(io.BytesIO(image)).mode == mode
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    victim = sorted(ds.glob("images/dog/*.png"))[2]
+    victim.write_bytes(image)
+    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
+    assert_user_error(run_script("train.py", "-c", cfg), str(victim), "cannot read image",
+                      f"{kind} pixels (mode {mode})", "8 or 16 bits")
+
+
+@pytest.mark.parametrize("ops", [{"RandomCrop": 16}, {"RandomCrop": {"size": 16, "padding": 6}},
+                                 {"RandomCrop": 16, "ColorJitter": 0.2}])
+def test_an_image_smaller_than_a_random_crop_is_named_wherever_the_crop_runs(tmp_path, ops):
+    """Per image in the workers (the lean path, or torchvision's pipeline with ColorJitter), on the device, and
+    predicting: the same problem, naming the op, the image and its size."""
+    padding = ops["RandomCrop"]["padding"] if isinstance(ops["RandomCrop"], dict) else 0
+    small = _saved(Image.fromarray(np.zeros((2, 3, 3), dtype=np.uint8)))
+    problem = (f"the image is 2x3{f' ({2 + 2 * padding}x{3 + 2 * padding} with its padding)' if padding else ''}, "
+               "smaller than the crop 16x16")
+    ds = make_dataset(tmp_path / "ds", CLASSES)
+    victim = ds / "images" / "cat" / "cat_003.png"
+    victim.write_bytes(small)
+    for where in ("workers", "device") if "ColorJitter" not in ops else ("workers",):
+        cfg = data_config(tmp_path / f"{where}.json", ds, 3, train_ops=ops, augment_on=where)
+        split = open_split(load_data_config(cfg), "train")
+        assert split[(0, 1)][0] is not None  # a 32 x 32 image crops
+        with pytest.raises(UserError) as e:
+            split[(3, 1)]
+        assert str(e.value) == (f"{cfg}: transform_ops_train.RandomCrop: {victim}: {problem}; add padding, or a "
+                                "Resize before it")
+    files = ImageFiles([str(victim), str(ds / "images" / "cat" / "cat_000.png")], pipeline_for(ops, "workers", CPU), 16,
+                       "transform_ops_train")
+    assert files[0][1:] == (0, f"transform_ops_train.RandomCrop: {problem}; add padding, or a Resize before it")
+    assert files[1][2] is None and files[1][0].shape == (3, 16, 16)
 
 
 def test_every_transform_op_builds_and_gives_the_asked_size():

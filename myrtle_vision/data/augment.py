@@ -22,8 +22,11 @@ loader workers and converts and normalizes the batch on the device.
   image's transpose, turned back at the end. The resampling matrices hold the weights of
   torch's antialiased bilinear interpolation (what torchvision's ``Resize`` uses), crops and
   flips select and reverse rows, padding is rows of zeros. Results are rounded to uint8 levels,
-  as the per-image path's are, then normalized. They match the per-image path to one uint8 level
-  (torch's CPU uint8 kernel rounds its fixed-point weights differently); the tests check this.
+  as the per-image path's are, then normalized. They match the per-image path to within one uint8
+  level per resize in the chain (torch's CPU uint8 kernel rounds its fixed-point weights after each
+  of a resize's two passes, and after each resize; the batch rounds once, at the end), and exactly
+  for a chain without a resize (crops, padding, flips, quarter turns and transposes only move
+  pixels); the tests check both.
 
 ``RandAugment`` and ``ColorJitter`` act on pixel values, image by image, and only run per image; a
 split whose ops include one runs wholly in :class:`PerImage` (from the decoded cache all the same).
@@ -41,6 +44,28 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
 from ..transforms import OPS, build_transform, parse_ops, per_image_only, rot90, stack, transpose
+
+
+class TransformFailed(ValueError):
+    """An op that cannot transform an image: a ``RandomCrop`` larger than the image (with its padding), the one
+    op that refuses an image for its size. ``op`` names the op; the dataset adds the field and the image."""
+
+    def __init__(self, op: str, problem: str):
+        self.op, self.problem = op, problem
+        super().__init__(f"{op}: {problem}")
+
+    def __reduce__(self):  # picklable across loader worker processes
+        return (TransformFailed, (self.op, self.problem))
+
+
+def _check_crop(kwargs: dict, height: int, width: int) -> None:
+    """Raise TransformFailed where ``RandomCrop(**kwargs)`` cannot crop a ``height`` x ``width`` image."""
+    crop_h, crop_w = _pair(kwargs["size"])
+    pad = kwargs.get("padding") or 0
+    if crop_h > height + 2 * pad or crop_w > width + 2 * pad:
+        padded = f" ({height + 2 * pad}x{width + 2 * pad} with its padding)" if pad else ""
+        raise TransformFailed("RandomCrop", f"the image is {height}x{width}{padded}, smaller than the crop "
+                                            f"{crop_h}x{crop_w}; add padding, or a Resize before it")
 
 
 class Pipeline:
@@ -69,6 +94,9 @@ class PerImage(Pipeline):
 
     def __init__(self, parsed: list[tuple[str, dict]]):
         self.transform, self.normalize = build_transform(parsed)
+        # each step of the Compose, with its op's name and arguments (ToImage first, Normalize left for the batch)
+        self.steps = list(zip([("ToImage", {})] + [(n, k) for n, k in parsed if n != "Normalize"],
+                              self.transform.transforms))
 
     def collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         return stack(samples)
@@ -82,7 +110,11 @@ class PerImage(Pipeline):
     def sample(self, image: torch.Tensor, seed: int | None) -> torch.Tensor:
         if seed is not None:
             torch.default_generator.manual_seed(seed)  # CPU generator only: torch.manual_seed costs ~100x more
-        return self.transform(image)
+        for (name, kwargs), step in self.steps:  # what the Compose does, step by step
+            if name == "RandomCrop":
+                _check_crop(kwargs, *image.shape[-2:])
+            image = step(image)
+        return image
 
     def output_size(self, image: torch.Tensor) -> tuple[int, int]:
         return tuple(self.sample(image, 0).shape[-2:])
@@ -262,6 +294,7 @@ class _Geometric(Pipeline):
                 params += [p["top"], p["left"], p["height"], p["width"]]
                 h, w = op.size
             elif name == "RandomCrop":
+                _check_crop(kwargs, h, w)
                 p = op.make_params([shape])
                 pad_left, pad_top = p["padding"][0], p["padding"][1]
                 params += [p["top"] - pad_top, p["left"] - pad_left]

@@ -15,6 +15,8 @@ worker loads it, wherever it is applied, and whether or not the run was interrup
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -26,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import UserError, reason
-from .augment import Pipeline, pipeline_for
+from .augment import Pipeline, TransformFailed, pipeline_for
 from .cache import DecodedImages, default_cache_dir
 
 SPLITS = {"train": "train_files", "val": "valid_files", "test": "test_files"}
@@ -44,6 +46,8 @@ def read_label_map(cfg: DataConfig) -> dict[str, int]:
         raise UserError(f"{field}: label map not found") from None
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text at all
         raise UserError(f"{field}: cannot read the label map: {reason(e)}") from None
+    except RecursionError:
+        raise UserError(f"{field}: cannot read the label map: nested too deeply") from None
     if not isinstance(label_map, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
         raise UserError(f"{field}: expected an object mapping class folder names to integer ids")
     if len(label_map) != cfg.number_of_classes:
@@ -53,19 +57,45 @@ def read_label_map(cfg: DataConfig) -> dict[str, int]:
     return label_map
 
 
+def _shown(rel: str, limit: int = 120) -> str:
+    """A split file's line for a message: as written, or its start when it is long."""
+    return rel if len(rel) <= limit else f"{rel[:limit]}... ({len(rel)} characters)"
+
+
 def class_names(label_map: dict[str, int]) -> list[str]:
     return [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """An image file decoded as RGB (any mode converted; transparency on black); a file that is not a
-    readable image is a UserError naming it."""
+# Pillow's modes of one 16-bit channel (PNG, TIFF, PGM with more than 8 bits); "I" (32-bit integers) is 16-bit
+# content when PNG or PGM/PPM made it (older Pillows open 16-bit PNGs as "I"; PGM scales to 0..65535 in "I")
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+SIXTEEN_BIT_IN_I = ("PNG", "PPM")
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def read_rgb(path: str | Path, data: bytes | None = None) -> Image.Image:
+    """An image file decoded as RGB (from ``data``, its bytes, when given); a file that is not a readable
+    image is a UserError naming it.
+
+    Any mode is converted. Transparency (an alpha channel, or a palette's or a colour's transparency) is
+    composited on black: each channel times alpha / 255, rounded to nearest. 16-bit images keep their high
+    byte (``value >> 8``), as Pillow itself reads 16-bit RGB, RGBA and grey-with-alpha PNGs, so a grey picture
+    gives the same pixels whichever of those it was saved as (and an 8-bit image widened to 16 bits, v * 257,
+    comes back exactly). 32-bit integer (mode I, other than PNG's and PGM's 16-bit content) and floating-point
+    (mode F) images have no range to scale from, and are refused."""
     try:
-        with Image.open(path) as img:
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")  # palette transparency needs RGBA first to composite sanely
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
+            if img.mode in SIXTEEN_BIT or (img.mode == "I" and img.format in SIXTEEN_BIT_IN_I):
+                levels = np.asarray(img)  # uint16 in the file's byte order, or int32 in 0..65535
+                return Image.fromarray((levels >> 8).astype(np.uint8)).convert("RGB")
+            if img.mode in ("I", "F"):
+                kind = "32-bit integer" if img.mode == "I" else "floating-point"
+                raise UserError(f"{path}: cannot read image: {kind} pixels (mode {img.mode}) have no standard range "
+                                "to scale to 8 bits; save it with 8 or 16 bits per channel")
+            if img.mode in ALPHA or "transparency" in img.info:
+                img = img.convert("RGBA")  # a palette's or a colour's transparency becomes alpha first
                 background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-                return Image.alpha_composite(background, img).convert("RGB")
+                return Image.alpha_composite(background, img).convert("RGB")  # = round(c * alpha / 255)
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: cannot read image: {e}") from None
@@ -80,12 +110,15 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], pipeline: Pipeline | None = None,
-                 cache_dir: Path | None = None, cache_field: str = "cache_dir", source: str = "the data config"):
+                 cache_dir: Path | None = None, cache_field: str = "cache_dir", source: str = "the data config",
+                 ops_field: str = "the transform ops"):
         self.root, self.source = Path(root), source  # source: which config (and field) named this split file
+        self.ops_field = ops_field  # which config field holds the pipeline's ops, for its errors
         self.list_path = self.root / list_file
         self.pipeline = pipeline
         self.paths, self.labels = self._read_list(label_map)
-        self.decoded = (DecodedImages(self.list_path, self.paths, self.decode, cache_dir, cache_field)
+        self.decoded = (DecodedImages(self.list_path, self.paths, self.decode, cache_dir, cache_field,
+                                      list_bytes=self._list_bytes)
                         if cache_dir is not None else None)
 
     @property
@@ -97,7 +130,8 @@ class ImageListDataset(Dataset):
         if not self.root.is_dir():
             raise UserError(f"{self.root}: dataset folder not found ({self.source})")
         try:
-            lines = self.list_path.read_text().splitlines()
+            self._list_bytes = self.list_path.read_bytes()
+            lines = self._list_bytes.decode().splitlines()
         except FileNotFoundError:
             raise UserError(f"{self.list_path}: split file not found ({self.source})") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -109,14 +143,20 @@ class ImageListDataset(Dataset):
             if not rel:
                 continue
             where = f"{self.list_path}:{lineno}"
-            full = (root / rel).resolve()
-            if os.path.isabs(rel) or not full.is_relative_to(root):
-                raise UserError(f"{where}: {rel} is outside the dataset folder {root}")
-            if not full.is_file():
-                raise UserError(f"{where}: {rel} does not exist")
+            if "\0" in rel:
+                raise UserError(f"{where}: the line holds a NUL byte, which no file name can")
+            try:
+                full = (root / rel).resolve()
+                if os.path.isabs(rel) or not full.is_relative_to(root):
+                    raise UserError(f"{where}: {_shown(rel)} is outside the dataset folder {root}")
+                if not full.is_file():
+                    raise UserError(f"{where}: {_shown(rel)} does not exist")
+            except (OSError, ValueError) as e:  # a name too long for the file system, say
+                raise UserError(f"{where}: cannot use the line ({len(rel)} characters) as an image path: "
+                                f"{reason(e)}") from None
             cls = full.parent.name
             if cls not in label_map:
-                raise UserError(f"{where}: class folder {cls!r} of {rel} is not in the label map")
+                raise UserError(f"{where}: class folder {cls!r} of {_shown(rel)} is not in the label map")
             paths.append(str(full))
             labels.append(label_map[cls])
             class_dirs.add(full.parent.parent)
@@ -134,13 +174,13 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load_image(self, index: int) -> Image.Image:
-        """Image ``index`` decoded from its file, as RGB (any mode converted; transparency on black)."""
-        return read_rgb(self.paths[index])
+    def load_image(self, index: int, data: bytes | None = None) -> Image.Image:
+        """Image ``index`` decoded from its file (or from ``data``, its bytes), as RGB (see :func:`read_rgb`)."""
+        return read_rgb(self.paths[index], data)
 
-    def decode(self, index: int) -> np.ndarray:
-        """Image ``index`` decoded from its file: uint8 (height, width, 3)."""
-        return np.asarray(self.load_image(index))
+    def decode(self, index: int, data: bytes | None = None) -> np.ndarray:
+        """Image ``index`` decoded from its file (or from ``data``, its bytes): uint8 (height, width, 3)."""
+        return np.asarray(self.load_image(index, data))
 
     def image(self, index: int) -> torch.Tensor:
         """Image ``index``: uint8 (3, height, width), from the cache when there is one."""
@@ -153,8 +193,16 @@ class ImageListDataset(Dataset):
         for it are not taken from anyone's stream)."""
         if self.pipeline is None:
             return tuple(self.image(index).shape[-2:])
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self._naming(index):
             return self.pipeline.output_size(self.image(index))
+
+    @contextlib.contextmanager
+    def _naming(self, index: int):
+        """An op that cannot transform image ``index`` becomes a UserError naming the field, the op and the image."""
+        try:
+            yield
+        except TransformFailed as e:
+            raise UserError(f"{self.ops_field}.{e.op}: {self.paths[index]}: {e.problem}") from None
 
     def __getitem__(self, key):
         """``key`` is an index, or (index, seed) to make the random transforms reproducible.
@@ -165,7 +213,8 @@ class ImageListDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         img = self.image(index)
         if self.pipeline is not None:
-            img = self.pipeline.sample(img, seed)
+            with self._naming(index):
+                img = self.pipeline.sample(img, seed)
         return img, self.labels[index]
 
 
@@ -182,7 +231,7 @@ def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = N
         cache = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
     return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, pipeline=pipeline,
                             cache_dir=cache, cache_field=f"{cfg.path}: cache_dir",
-                            source=f"{cfg.path}: {SPLITS[split]}")
+                            source=f"{cfg.path}: {SPLITS[split]}", ops_field=f"{cfg.path}: {field}")
 
 
 class ImageFiles(Dataset):
@@ -208,12 +257,15 @@ class ImageFiles(Dataset):
         except UserError as e:
             return None, index, str(e).split(": ", 1)[1]
         inner = self.pipeline.inner
-        with torch.random.fork_rng(devices=[]):
-            height, width = inner.output_size(img)
-        if (height, width) != (self.size, self.size):
-            return None, index, (f"{self.ops_field} makes it {height}x{width}, the model takes "
-                                 f"{self.size}x{self.size} (add a Resize or CenterCrop)")
-        return inner.sample(img, None), index, None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                height, width = inner.output_size(img)
+            if (height, width) != (self.size, self.size):
+                return None, index, (f"{self.ops_field} makes it {height}x{width}, the model takes "
+                                     f"{self.size}x{self.size} (add a Resize or CenterCrop)")
+            return inner.sample(img, None), index, None
+        except TransformFailed as e:
+            return None, index, f"{self.ops_field}.{e.op}: {e.problem}"
 
 
 class _Readable:

@@ -1,7 +1,8 @@
 """Write the file the accelerator imports: a checkpoint's deployed ViT alone, in the deploy layout, in FP32 or
 with its weights rounded to FP16, a JSON beside it (format, class names, source checkpoint, sha256), and
 optionally ONNX; each checked against the checkpoint on the first test images:
-python export.py -c CONFIG [--checkpoint PATH] [--output FILE.pt] [--fp16] [--onnx FILE.onnx] [--check-images N]"""
+python export.py -c CONFIG [--checkpoint PATH] [--output FILE.pt] [--fp16] [--onnx FILE.onnx] [--check-images N]
+                  [--force]"""
 
 from pathlib import Path
 
@@ -20,10 +21,12 @@ def main() -> int:
                                                        "accelerator holds them, and store them as float16")
     p.add_argument("--onnx", help="also write the same ViT as ONNX here (needs requirements-onnx.txt)")
     p.add_argument("--check-images", type=int, default=64, help="test images the files are checked on (default 64)")
+    p.add_argument("--force", action="store_true", help="replace files at --output/--onnx that are not an earlier "
+                                                        "export's (an earlier export's files are replaced anyway)")
     args = p.parse_args()
     cfg = load_config(args.config)
     export(cfg, checkpoint_for(cfg, args.checkpoint), Path(args.output) if args.output else None, fp16=args.fp16,
-           onnx=Path(args.onnx) if args.onnx else None, check_images=args.check_images)
+           onnx=Path(args.onnx) if args.onnx else None, check_images=args.check_images, force=args.force)
     return 0
 
 

@@ -27,12 +27,14 @@ def main() -> int:
     p.add_argument("--q_rounding", "--q-rounding", metavar="R", help=f"one of {', '.join(ROUNDINGS)} (default: "
                    "the checkpoint's if trained with quantization, else the config's vit_config.q_rounding)")
     p.add_argument("--batch-size", type=int, help="default: the config's train_config.local_batch_size")
+    p.add_argument("--force", action="store_true", help="replace an --output file that is not an earlier "
+                                                        "predictions CSV (an earlier one is replaced anyway)")
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint = checkpoint_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         predict(cfg, checkpoint, args.inputs, Path(args.output), procs, topk=args.topk, q_format=args.q_format,
-                q_rounding=args.q_rounding, batch_size=args.batch_size)
+                q_rounding=args.q_rounding, batch_size=args.batch_size, force=args.force)
     return 0
 
 

@@ -12,6 +12,8 @@ def main() -> int:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument("--json", help="also write {top1, top5, num_images, per_class} here")
+    p.add_argument("--force", action="store_true", help="replace a --json file that is not an earlier report "
+                                                        "(an earlier one is replaced anyway)")
     p.add_argument("--output-dir", help="where the confusion matrix and TensorBoard go "
                                         "(default: <split>_<checkpoint name> beside the checkpoint)")
     add_split_argument(p)
@@ -26,9 +28,10 @@ def main() -> int:
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         if checkpoint is None:
             run_teacher_test(cfg, args.teacher, procs, json_path=args.json, output_dir=args.output_dir,
-                             split=args.split)
+                             split=args.split, force=args.force)
         else:
-            run_test(cfg, checkpoint, procs, json_path=args.json, output_dir=args.output_dir, split=args.split)
+            run_test(cfg, checkpoint, procs, json_path=args.json, output_dir=args.output_dir, split=args.split,
+                     force=args.force)
     return 0
 
 

@@ -28,6 +28,8 @@ def main() -> int:
     p.add_argument("--per_channel", "--per-channel", action="store_true",
                    help="PyTorchINT8: one weight scale per output row of each Linear (default: one per weight tensor)")
     p.add_argument("--json", help="also write the FP32 and quantized results here")
+    p.add_argument("--force", action="store_true", help="replace a --json file that is not an earlier report "
+                                                        "(an earlier one is replaced anyway)")
     p.add_argument("--output-dir", help="where both confusion matrices and the list of changed predictions go "
                                         "(default: <split>_<format>_<checkpoint name> beside the checkpoint)")
     add_split_argument(p)
@@ -37,7 +39,8 @@ def main() -> int:
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         run_quantize_test(cfg, checkpoint, procs, q_format=args.q_format, q_rounding=args.q_rounding,
                           quantized_ckpt=args.quantized_ckpt, json_path=args.json, calib_steps=args.calib_steps,
-                          per_channel=args.per_channel, split=args.split, output_dir=args.output_dir)
+                          per_channel=args.per_channel, split=args.split, output_dir=args.output_dir,
+                          force=args.force)
     return 0
 
 

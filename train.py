@@ -29,7 +29,8 @@ def main() -> int:
                 print(f"{e}; set train_config.checkpoint_path to it to resume")
             return 128 + e.signum
     if procs.is_main:
-        print(f"done: last checkpoint {last}, best {last.parent / 'best.pt'}")
+        best = last.parent / "best.pt"
+        print(f"done: last checkpoint {last}" + (f", best {best}" if best.is_file() else ""))
     return 0
 
 

@@ -19,22 +19,30 @@ A training checkpoint is a dict::
     iteration       optimizer updates done
     epoch           epochs completed; update_in_epoch: updates done in the current epoch
     best_val_top1   best validation top-1 so far (percent)
-    rng             torch (CPU and CUDA), Python and NumPy random states
     config          the resolved train config, data config inline
 
 :class:`TrainingState` holds the live objects a checkpoint is written from and resumed into. The
 earlier release's files (``model``, ``optimizer``, ``lr_scheduler``, ``iteration``) resume too,
 with their optimizer state (see :mod:`myrtle_vision.earlier_release`). Files are written
 atomically (:func:`myrtle_vision.weights.io.save_atomic`) and read with ``weights_only=True``.
+
+No random-number generator state is saved, and none is restored: resuming does not need it. Every
+random draw of training is a function of where it falls in the run, never of the draws before it:
+the data order by (seed, epoch) and each image's augmentation by (seed, epoch, index), in whichever
+worker (:mod:`myrtle_vision.data.plan`, :mod:`myrtle_vision.data.images`); dropout, stochastic
+depth, random erasing and MixUp/CutMix from torch's generators (CPU and CUDA) seeded again before
+every micro-batch by (seed, update, micro-batch, rank) (``Trainer.train_update``). The model's
+initialisation is seeded by ``seed`` and then overwritten by the checkpoint's weights. So a resumed
+run is bit-identical to an uninterrupted one whatever state the global generators are in
+(tests/test_exact_resume.py sets torch's, Python's and NumPy's to arbitrary states before resuming).
+Checkpoints written before this change hold an ``rng`` entry; it is ignored.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -43,6 +51,7 @@ from . import earlier_release
 from .config import Config
 from .errors import UserError
 from .optim import start_schedule_at
+from .quantization import Q_FORMATS, ROUNDINGS
 from .weights.deploy import has_distillation, load_model_weights, model_entries
 from .weights.io import describe, load_file, mismatch
 
@@ -118,7 +127,7 @@ class TrainingState:
                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
                 "iteration": p.iteration, "epoch": p.epoch,
                 "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
-                "rng": rng_state(), "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict()}
 
     def resume(self, path: Path, distilled: bool, updates_per_epoch: int) -> tuple[bool, str]:
         """Read the checkpoint at ``path`` into these objects, after checking it fits the config.
@@ -129,7 +138,7 @@ class TrainingState:
         if current and has_distillation(ckpt) and not distilled:
             raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
                             f"{self.cfg.path} has no distiller_config")
-        trained, vc = trained_format(ckpt), self.cfg.vit_config
+        trained, vc = trained_format(ckpt, path), self.cfg.vit_config
         if current and trained != (vc.trained_q_format, vc.q_rounding):
             raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
                             f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} "
@@ -137,7 +146,12 @@ class TrainingState:
         self._load_weights(ckpt, path, current)
         if not current:
             return True, self._resume_earlier_release(ckpt, path, distilled, updates_per_epoch)
-        saved = ckpt.get("optimizer") if isinstance(ckpt.get("optimizer"), dict) else {}
+        missing = [k for k in ("optimizer", "lr_scheduler") if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            raise UserError(f"{path}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry, which a "
+                            "resumed run needs (a file written by this tool's training has both)")
+        p = _progress(ckpt, path)
+        saved = ckpt["optimizer"]
         saved_scales = [g.get("lr_scale") if isinstance(g, dict) else None for g in saved.get("param_groups", [])]
         if saved_scales != [g.get("lr_scale") for g in self.optimizer.param_groups]:
             raise UserError(f"{path}: the checkpoint's learning-rate groups differ from {self.cfg.path}'s "
@@ -149,10 +163,9 @@ class TrainingState:
                 self.scaler.load_state_dict(ckpt["grad_scaler"])
         except (ValueError, KeyError) as e:
             raise UserError(f"{path}: optimizer state does not fit this config ({e})") from None
-        p = self.progress = Progress(ckpt["iteration"], ckpt["epoch"], ckpt["update_in_epoch"], ckpt["best_val_top1"])
+        self.progress = p
         if p.update_in_epoch >= updates_per_epoch:
             p.epoch, p.update_in_epoch = p.epoch + 1, 0
-        set_rng_state(ckpt["rng"])
         return False, f"resuming from {path} at iteration {p.iteration} (epoch {p.epoch + 1})"
 
     def _resume_earlier_release(self, ckpt: dict, path: Path, distilled: bool, upe: int) -> str:
@@ -174,7 +187,7 @@ class TrainingState:
             missing.append("the distillation token and head, which start fresh ("
                            + ("the earlier release did not save them; their optimizer state is dropped)"
                               if distilled_file else "the checkpoint is of a ViT trained without a teacher)"))
-        missing.append("the data order and random state, which the file does not hold (this release's data order "
+        missing.append("the data order, which the file does not hold (this release's data order "
                        "continues from that update)")
         self.progress = Progress(iteration, iteration // upe, iteration % upe)
         start_schedule_at(self.optimizer, self.scheduler, iteration)
@@ -182,6 +195,23 @@ class TrainingState:
                 f"{iteration // upe + 1}, update {iteration % upe} of {upe}) with its weights, {optimizer} and the "
                 f"learning-rate schedule from that update; not restored: {'; '.join(missing)}")
 
+
+
+def _progress(ckpt: dict, path: Path) -> Progress:
+    """Where the checkpoint's run was: counts that are whole numbers, not negative, and agree with each other."""
+    counts = {}
+    for key in ("iteration", "epoch", "update_in_epoch"):
+        value = ckpt.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{path}: {key!r} is {value!r}, not a count (a whole number, 0 or more)")
+        counts[key] = value
+    if counts["iteration"] < counts["update_in_epoch"]:
+        raise UserError(f"{path}: 'iteration' {counts['iteration']} is less than 'update_in_epoch' "
+                        f"{counts['update_in_epoch']}; the file was not written by this tool's training")
+    best = ckpt.get("best_val_top1", -1.0)
+    if not isinstance(best, (int, float)) or isinstance(best, bool) or not -1.0 <= best <= 100.0:
+        raise UserError(f"{path}: 'best_val_top1' is {best!r}, not a top-1 accuracy in percent")
+    return Progress(counts["iteration"], counts["epoch"], counts["update_in_epoch"], float(best))
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -219,25 +249,15 @@ def deployed_weights(ckpt: dict) -> str | None:
     return "the trained weights, which the run deploys (its weight average is not deployed: ema_deploy is false)"
 
 
-def trained_format(ckpt: dict) -> tuple[str, str]:
-    """(q_format, q_rounding) of the arithmetic the checkpoint was trained in; FP32 for older files."""
-    q = ckpt.get("quantization")
-    q = q if isinstance(q, dict) else {}
-    return str(q.get("q_format", "FP32")), str(q.get("q_rounding", "nearest_even"))
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def trained_format(ckpt: dict, path: str | Path = "the checkpoint") -> tuple[str, str]:
+    """(q_format, q_rounding) of the arithmetic the checkpoint was trained in; FP32 for older files. An
+    entry that names no format or rounding this tool knows is a UserError naming ``path``."""
+    q = ckpt.get("quantization", {})
+    if not isinstance(q, dict):
+        raise UserError(f"{path}: 'quantization' is {q!r}, not {{'q_format': ..., 'q_rounding': ...}}")
+    fmt, rounding = q.get("q_format", "FP32"), q.get("q_rounding", "nearest_even")
+    if fmt not in Q_FORMATS:
+        raise UserError(f"{path}: 'quantization.q_format' is {fmt!r}, not one of {', '.join(Q_FORMATS)}")
+    if rounding not in ROUNDINGS:
+        raise UserError(f"{path}: 'quantization.q_rounding' is {rounding!r}, not one of {', '.join(ROUNDINGS)}")
+    return fmt, rounding

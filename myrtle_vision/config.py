@@ -31,6 +31,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 PRETRAINED_FORMATS = ("timm", "deit", "torchvision")  # who wrote vit_config.pretrained_weights
 SCHEDULERS = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DIST_URL_SCHEMES = ("env", "tcp", "file")  # the init methods torch.distributed knows
 
 
 @dataclass
@@ -160,10 +161,14 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     dist_backend: str = "nccl"
-    dist_url: str = "env://"
+    dist_url: str = "env://"  # not used (torchrun's rendezvous gives the address), but it must be a URL torch could use
 
     def validate(self, v: "_Validator") -> None:
         v.choice(self.dist_backend, ("nccl", "gloo"), "dist_backend")
+        scheme, sep, _ = self.dist_url.partition("://")
+        v.check(bool(sep) and scheme in DIST_URL_SCHEMES, "dist_url",
+                f"{json.dumps(self.dist_url)[:80]} is not a torch.distributed init URL (env://, tcp://HOST:PORT or "
+                "file://PATH); it is not used (torchrun's rendezvous gives the address), so the default env:// will do")
 
 
 MAX_PARAMETERS = 4_000_000_000  # ViT-Huge has 0.63e9; beyond this a model does not fit a GPU's memory anyway
@@ -407,6 +412,8 @@ def read_json(path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(path, "", f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "nested too deeply to be a config") from None
 
 
 def load_data_config(path) -> DataConfig:

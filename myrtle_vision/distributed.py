@@ -60,6 +60,21 @@ class Processes:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
+    def on_main(self, work):
+        """``work()`` on rank 0 alone (a write, a check of where it will write), its result on every process. A
+        UserError it raises is raised on every process, so none is left waiting in a collective for a rank
+        that has stopped."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except UserError as e:
+                error = e
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise error
+        return result
+
     def gather(self, obj) -> list:
         """Every process's ``obj`` (picklable), in rank order, on every process."""
         if not self.enabled:

@@ -50,3 +50,8 @@ class TrainingStopped(UserError):
     """A run that cannot go on (a checkpoint that cannot be written, a loss that is not finite): one line, exit 3."""
 
     exit_code = 3
+
+
+class WriteFailed(TrainingStopped):
+    """A file that could not be written once the work was done or under way (a full disk, a file-size limit,
+    a folder made read-only mid-run); what was there before is intact. One line, exit 3."""

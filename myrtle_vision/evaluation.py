@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
+import io
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -22,6 +22,7 @@ from .config import Config
 from .data import class_names, default_workers, eval_loader, open_split, read_label_map
 from .distributed import Processes
 from .errors import UserError
+from .files import check_folder, check_output, json_with, write_atomic, write_json
 from .metrics import Accumulator, confusion_image, format_report, format_side_by_side
 from .models import VisionTransformer, build_model
 from .models.cnn import Resized, load_teacher
@@ -128,7 +129,7 @@ def checkpoint_for(cfg: Config, override: str | None) -> Path:
 
 
 def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json_path: str | None = None,
-             output_dir: str | None = None, split: str = "test") -> dict:
+             output_dir: str | None = None, split: str = "test", force: bool = False) -> dict:
     """Evaluate ``checkpoint`` on every image of a split (the test split unless told); print and save the
     results; return the JSON dict.
 
@@ -136,6 +137,8 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     alone prints and writes. Always in FP32 (whatever the config's training ``precision``): the
     weights as deployed.
     """
+    out_dir = _output_dir(output_dir, checkpoint, split)
+    check_outputs(procs, out_dir, json_path, force)
     ckpt = ckpt_io.load(checkpoint)
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
     model = build_model(cfg, distilled=has_distillation(ckpt))
@@ -167,13 +170,13 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     scalars = {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5}
     if avg is not None:
         scalars.update({f"{split}/top1_average_heads": avg.top1, f"{split}/top5_average_heads": avg.top5})
-    _save(acc, names, split, _output_dir(output_dir, checkpoint, split), int(ckpt.get("iteration", 0)), scalars)
+    _save(acc, names, split, out_dir, int(ckpt.get("iteration", 0)), scalars)
     _write_json(result, json_path)
     return result
 
 
 def run_teacher_test(cfg: Config, weights: str | None, procs: Processes = Processes(), json_path: str | None = None,
-                     output_dir: str | None = None, split: str = "test") -> dict:
+                     output_dir: str | None = None, split: str = "test", force: bool = False) -> dict:
     """Evaluate the config's CNN teacher (``distiller_config``: its model, image size and, unless ``weights``
     names another file, its weights file) on every image of a split, as distillation sees it."""
     dc = cfg.distiller_config
@@ -182,6 +185,8 @@ def run_teacher_test(cfg: Config, weights: str | None, procs: Processes = Proces
                         "(teacher_model, teacher_weights_path)")
     path = Path(weights or dc.teacher_weights_path)
     where = f"--teacher {path}" if weights else f"{cfg.path}: distiller_config.teacher_weights_path"
+    out_dir = _output_dir(output_dir, path, split)
+    check_outputs(procs, out_dir, json_path, force)
     net = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, path, where)
     model = Resized(net, dc.teacher_image_size).eval().to(procs.device)
     tc = cfg.train_config
@@ -193,7 +198,7 @@ def run_teacher_test(cfg: Config, weights: str | None, procs: Processes = Proces
     if not procs.is_main:
         return result
     print(format_report(acc, names))
-    _save(acc, names, split, _output_dir(output_dir, path, split), 0,
+    _save(acc, names, split, out_dir, 0,
           {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5})
     _write_json(result, json_path)
     return result
@@ -214,7 +219,7 @@ def _save(acc: Accumulator, names: list[str], split: str, out_dir: Path, step: i
     """The confusion matrix as a picture and in TensorBoard, with ``scalars``, in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     image = confusion_image(acc.confusion, names)
-    image.save(out_dir / "confusion_matrix.png")
+    save_png(image, out_dir / "confusion_matrix.png")
     reporter = Reporter(out_dir)
     reporter.image(f"{split}/confusion_matrix", image)
     reporter.scalars(step, **scalars)
@@ -224,8 +229,21 @@ def _save(acc: Accumulator, names: list[str], split: str, out_dir: Path, step: i
 
 def _write_json(result: dict, json_path: str | None) -> None:
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(json_path, result, "JSON report")
+
+
+def save_png(image, path: Path) -> None:
+    write_atomic(path, lambda f: image.save(f, format="PNG"), "picture")
+
+
+def check_outputs(procs: Processes, out_dir: Path, json_path: str | None, force: bool = False) -> None:
+    """Before the evaluation: the report folder and the ``--json`` file can be written (an existing JSON file is
+    replaced only when it is an earlier report, or with ``force``)."""
+    def check():
+        check_folder(out_dir, "--output-dir")
+        if json_path:
+            check_output(json_path, "--json", ours=json_with("num_images"), force=force, what="JSON report")
+    procs.on_main(check)
 
 
 @dataclass
@@ -368,7 +386,8 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
 def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), q_format: str | None = None,
                       q_rounding: str | None = None, quantized_ckpt: bool = False,
                       json_path: str | None = None, calib_steps: int | None = None,
-                      per_channel: bool = False, split: str = "test", output_dir: str | None = None) -> dict:
+                      per_channel: bool = False, split: str = "test", output_dir: str | None = None,
+                      force: bool = False) -> dict:
     """Test ``checkpoint`` in FP32 and in a simulated number format, side by side, on every image of a split
     (the test split unless told); print and return the results, and save both confusion matrices and the
     images whose prediction changed in ``output_dir`` (default: ``<split>_<format>_<checkpoint name>``
@@ -381,9 +400,11 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     which is what the accelerator runs.
     """
     ckpt = ckpt_io.load(checkpoint)
-    trained = ckpt_io.trained_format(ckpt)
+    trained = ckpt_io.trained_format(ckpt, checkpoint)
     fmt, rounding = resolve_format(cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format,
                                    q_rounding=q_rounding, path=checkpoint)
+    out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"{split}_{fmt}_{checkpoint.stem}"
+    check_outputs(procs, out_dir, json_path, force)
     int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
     weights = int8_options[1] if int8_options else "per_tensor"
     models = []
@@ -424,16 +445,16 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     print(format_side_by_side([ref, q], ["FP32", fmt], names))
     print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)")
     print(f"largest logit difference: {comparison.max_logit_diff:.6g}")
-    out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"{split}_{fmt}_{checkpoint.stem}"
     out_dir.mkdir(parents=True, exist_ok=True)
     for label, acc in (("FP32", ref), (fmt, q)):
-        confusion_image(acc.confusion, names).save(out_dir / f"confusion_matrix_{label}.png")
+        save_png(confusion_image(acc.confusion, names), out_dir / f"confusion_matrix_{label}.png")
     rows = _changed_rows(comparison, loader, names, fmt)
-    (out_dir / "changed_predictions.json").write_text(json.dumps(rows, indent=2) + "\n")
-    with open(out_dir / "changed_predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CHANGED_FIELDS))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json(out_dir / "changed_predictions.json", rows, "list of changed predictions")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(CHANGED_FIELDS))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out_dir / "changed_predictions.csv", text.getvalue(), "list of changed predictions")
     print(f"confusion matrices and the {changed} changed predictions (changed_predictions.csv, .json): {out_dir}")
     result["output_dir"] = str(out_dir)
     _write_json(result, json_path)

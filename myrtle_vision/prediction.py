@@ -7,6 +7,7 @@ and probabilities, whether FP16 changes the top-1, or why the image could not be
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from .data.augment import pipeline_for
 from .data.images import ImageFiles
 from .distributed import Processes
 from .errors import UserError
+from .files import check_output, write_atomic
 from .models import build_model
 from .quantization import Q_FORMATS, ROUNDINGS
 from .reporting import Reporter
@@ -49,6 +51,18 @@ def collect_inputs(inputs: list[str]) -> list[str]:
     return paths
 
 
+def printable(path: str) -> str:
+    """A path as UTF-8 text: the bytes of a file name that is not UTF-8 as ``\\xNN`` escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def earlier_predictions(path: Path) -> bool:
+    """An ``ours`` test (:func:`myrtle_vision.files.check_output`): a CSV this tool wrote (by its header)."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n").split(",")
+    return header[:3] == ["path", "top1", "prob1"] and header[-1] == "error"
+
+
 def columns(k: int, q_format: str | None) -> list[str]:
     names = ["path"] + [f"{kind}{i}" for i in range(1, k + 1) for kind in ("top", "prob")]
     if q_format:
@@ -60,9 +74,14 @@ def columns(k: int, q_format: str | None) -> list[str]:
 @torch.no_grad()
 def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, procs: Processes = Processes(), *,
             topk: int = 5, q_format: str | None = None, q_rounding: str | None = None,
-            batch_size: int | None = None, num_workers: int | None = None) -> dict:
-    """Write ``output`` (CSV, one row per input file, in the order given) and return a summary. With several
-    processes each predicts its share; rank 0 writes."""
+            batch_size: int | None = None, num_workers: int | None = None, force: bool = False) -> dict:
+    """Write ``output`` (CSV, one row per input file, in the order given, UTF-8; see :func:`printable`) and
+    return a summary. With several processes each predicts its share; rank 0 writes. An existing ``output`` is
+    replaced only when it is an earlier predictions CSV, or with ``force``."""
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    procs.on_main(lambda: check_output(output, "--output", ours=earlier_predictions, force=force,
+                                       what="predictions CSV"))
     ckpt = ckpt_io.load(checkpoint)
     names = class_names(read_label_map(cfg.data_config))
     k = min(topk, len(names))
@@ -74,7 +93,7 @@ def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, proc
             raise UserError(f"--q_format {q_format!r}: predict.py compares FP32 with one of "
                             f"{', '.join(f for f in Q_FORMATS if f != 'FP32')} (INT8 needs calibration: "
                             "test_quantize.py)")
-        trained = ckpt_io.trained_format(ckpt)
+        trained = ckpt_io.trained_format(ckpt, checkpoint)
         rounding = q_rounding or (trained[1] if trained[0] != "FP32" else cfg.vit_config.q_rounding)
         if rounding not in ROUNDINGS:
             raise UserError(f"--q_rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
@@ -98,12 +117,12 @@ def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, proc
     bar = reporter.progress(len(loader), 0, "predicting")
     for batch, failed in loader:
         for index, reason in failed:
-            rows[index] = {"path": paths[index], "error": reason}
+            rows[index] = {"path": printable(paths[index]), "error": printable(reason)}
         if batch is not None:
             images, indices = batch
             results = [_topk(model(images), k) for model in models]
             for j, index in enumerate(indices.tolist()):
-                row = {"path": paths[index]}
+                row = {"path": printable(paths[index])}
                 for fmt, (probs, classes) in zip(formats, results):
                     prefix = "" if fmt == "FP32" else f"{fmt}_"
                     for i in range(k):
@@ -121,11 +140,11 @@ def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, proc
     if q_format:
         summary.update(q_format=q_format, top1_changed=changed)
     if procs.is_main:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns(k, q_format if len(formats) > 1 else None))
-            writer.writeheader()
-            writer.writerows(gathered[i] for i in range(len(paths)))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns(k, q_format if len(formats) > 1 else None))
+        writer.writeheader()
+        writer.writerows(gathered[i] for i in range(len(paths)))
+        write_atomic(output, text.getvalue(), "predictions CSV")
         line = f"{output}: {summary['images']} images predicted, top-{k} each"
         if q_format:
             line += f"; {q_format} changes the top-1 of {changed}"

@@ -242,3 +242,18 @@ def reference_logits(cfg_path, ckpt_path, q_format: str = "FP32", split: str = "
     logits = reference_forward(weights, images, vit["heads"], vit["patch_size"],
                                head_dim_scale=vit["embed_dim"] // vit["heads"], q_format=q_format)
     return logits, torch.tensor(labels)
+
+
+def run_script_read_only(folder: Path, script: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    """``run_script`` with ``folder`` made read-only (mode 555) for the script. As root, permission bits bind
+    only without CAP_DAC_OVERRIDE, so the script runs with it dropped (setpriv); the folder is restored after."""
+    folder = Path(folder)
+    mode = folder.stat().st_mode
+    folder.chmod(0o555)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    try:
+        env = script_env(**kwargs.pop("env", {}))
+        return subprocess.run([*prefix, sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600, **kwargs)
+    finally:
+        folder.chmod(mode)

@@ -198,6 +198,17 @@ def _append_line(line: str):
     return f
 
 
+def _edited(**entries):
+    """The pristine checkpoint with ``entries`` replaced (None: removed)."""
+    def f(c: Case) -> Path:
+        ckpt = torch.load(c.root / "ckpt.pt", weights_only=True)
+        for key, value in entries.items():
+            ckpt.pop(key) if value is None else ckpt.__setitem__(key, value)
+        torch.save(ckpt, c.root / "edited.pt")
+        return c.root / "edited.pt"
+    return f
+
+
 def _mobilenet(classes: int, name="mobilenet_v3_small"):
     def f(c: Case):
         torch.save(torchvision.models.get_model(name, num_classes=classes).state_dict(), c.root / "t2.pth")
@@ -211,6 +222,7 @@ CASES = {
     "truncated JSON": _raw_cfg(lambda text: text[:len(text) // 2], "not valid JSON"),
     "empty config file": _raw_cfg("", "not valid JSON"),
     "config is a list": _raw_cfg("[1, 2]", "expected an object"),
+    "config nested 100,000 deep": _raw_cfg('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
     "binary config file": lambda c: (c.write(), c.cfg_path.write_bytes(b"\x80\x04\x95 pickle"),
                                      setattr(c, "cfg", None), ([], ["{cfg}", "not UTF-8"]))[3],
     "config not found": lambda c: (c.cfg_path.unlink(), setattr(c, "cfg", None), ([], ["{cfg}", "not found"]))[2],
@@ -263,6 +275,8 @@ CASES = {
     "corrupt first image": _file(_spoil(b"not an image", 0), "cannot read image"),
     "label map malformed": _file(lambda c: (c.ds / "label_map.json").write_text("{cat: 0") and "label_map.json",
                                  "cannot read the label map"),
+    "label map nested 100,000 deep": _file(lambda c: (c.ds / "label_map.json").write_text("[" * 100_000 + "]" * 100_000)
+                                           and "label_map.json", "nested too deeply"),
     "label map missing": _file(lambda c: (c.ds / "label_map.json").unlink() or "label_map.json", "not found"),
     "class folder not in the label map": _file(lambda c: (c.ds / "images" / "wolf").mkdir() or "wolf",
                                                "not in the label map"),
@@ -302,6 +316,19 @@ CASES = {
     "teacher of another class count": _teacher(_mobilenet(7), "7-class"),
     "teacher of another architecture": _teacher(_mobilenet(3, "resnet18"), "not a mobilenet_v3_small"),
     "truncated teacher": _teacher(lambda c: _truncate(c.root / "teacher.pth")),
+    # checkpoint entries that are not what this tool writes
+    "iteration not a number": _ckpt("train.py", _edited(iteration="abc"), "'iteration' is 'abc'", "not a count"),
+    "negative iteration": _ckpt("train.py", _edited(iteration=-5), "'iteration' is -5", "not a count"),
+    "epoch not a number": _ckpt("train.py", _edited(epoch=1.5), "'epoch' is 1.5"),
+    "best_val_top1 not a number": _ckpt("train.py", _edited(best_val_top1="high"), "'best_val_top1' is 'high'"),
+    "no optimizer state": _ckpt("train.py", _edited(optimizer=None), "no 'optimizer' entry"),
+    "no learning-rate schedule": _ckpt("train.py", _edited(lr_scheduler=None), "no 'lr_scheduler' entry"),
+    "unknown q_rounding, test_quantize": _ckpt("test_quantize.py", _edited(quantization={"q_format": "FP16_32",
+                                                                                        "q_rounding": "x"}),
+                                               "'quantization.q_rounding' is 'x'", "nearest_even"),
+    "unknown q_format, train": _ckpt("train.py", _edited(quantization={"q_format": "FP7", "q_rounding": "qtorch"}),
+                                     "'quantization.q_format' is 'FP7'"),
+    "quantization not a mapping": _ckpt("test_quantize.py", _edited(quantization=[1]), "'quantization' is [1]"),
 }
 SCRIPTS = {name: getattr(f, "script", "train.py") for name, f in CASES.items()}
 
@@ -471,3 +498,232 @@ def test_other_runtime_errors_keep_their_traceback():
 
     with pytest.raises(RuntimeError, match="a bug"):
         main_guard(bug)
+
+
+# --- where the scripts write: checked before the work, written atomically, never over a user's file -----------
+
+def _case(pristine, tmp_path) -> Case:
+    c = Case(pristine, tmp_path)
+    c.write()
+    return c
+
+
+def _one_line(code: int, out: str, err: str, expected_code: int, *needles: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == expected_code and len(lines) == 1 and lines[0].startswith("error: "), f"exit {code}\n{out}\n{err}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.mark.parametrize("script", ["test.py", "test_quantize.py"])
+def test_report_paths_that_are_not_writable_are_refused_before_the_evaluation(script, pristine, tmp_path):
+    c = _case(pristine, tmp_path)
+    (tmp_path / "a_folder.json").mkdir()
+    (tmp_path / "a_file").write_text("mine")
+    (tmp_path / "report.json").write_text('{"mine": true}')
+    args = ["-c", c.cfg_path, "--checkpoint", c.root / "ckpt.pt"]
+    for extra, needles in ((["--json", tmp_path / "a_folder.json"], ["--json", "is a folder"]),
+                           (["--output-dir", tmp_path / "a_file"], ["--output-dir", "is a file, not a folder"]),
+                           (["--json", tmp_path / "report.json"], ["--json", "already exists", "--force"])):
+        code, out, err = run(script, *args, *extra)
+        _one_line(code, out, err, 2, str(extra[1]), *needles)
+        assert "top-1" not in out  # refused before the evaluation
+    assert (tmp_path / "a_file").read_text() == "mine" and (tmp_path / "report.json").read_text() == '{"mine": true}'
+    code, out, err = run(script, *args, "--json", tmp_path / "report.json", "--force")
+    assert code == 0 and json.loads((tmp_path / "report.json").read_text())["num_images"] == 9, err
+    code, out, err = run(script, *args, "--json", tmp_path / "report.json")  # an earlier report: replaced
+    assert code == 0, err
+
+
+def test_report_folders_that_are_read_only_are_refused_before_the_evaluation(pristine, tmp_path):
+    from conftest import run_script_read_only
+
+    c = _case(pristine, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    for script, extra in (("test.py", ["--json", locked / "r.json"]), ("test_quantize.py", ["--output-dir", locked])):
+        proc = run_script_read_only(locked, script, "-c", c.cfg_path, "--checkpoint", c.root / "ckpt.pt", *extra)
+        _one_line(proc.returncode, proc.stdout, proc.stderr, 2, extra[0], str(locked), "cannot write there")
+        assert "top-1" not in proc.stdout and list(locked.iterdir()) == []
+
+
+def test_a_report_that_cannot_be_written_leaves_the_earlier_one_whole(pristine, tmp_path):
+    """A file-size limit (set by the kernel, RLIMIT_FSIZE) smaller than the confusion matrix: test.py stops with one
+    line (exit 3) and the earlier run's picture in the same folder is as it was, not cut at the limit."""
+    import resource
+    import subprocess
+
+    from conftest import script_env
+
+    c = _case(pristine, tmp_path)
+    args = [sys.executable, str(REPO / "test.py"), "-c", str(c.cfg_path), "--checkpoint", str(c.root / "ckpt.pt"),
+            "--output-dir", str(tmp_path / "report")]
+    subprocess.run(args, env=script_env(), check=True, capture_output=True)  # the earlier report (and the cache)
+    picture = tmp_path / "report" / "confusion_matrix.png"
+    before = picture.read_bytes()
+    assert len(before) > 2048
+    proc = subprocess.run(args, env=script_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)))
+    line = _one_line(proc.returncode, proc.stdout, proc.stderr, 3, str(picture), "cannot write the picture")
+    assert "File too large" in line and picture.read_bytes() == before
+    assert not list(picture.parent.glob(".*.tmp*"))
+
+
+def _images_with_a_name_that_is_not_utf8(c: Case, tmp_path) -> Path:
+    folder = tmp_path / "to_predict"
+    folder.mkdir()
+    shutil.copy(_image(c, 0), folder / "a.png")
+    shutil.copy(_image(c, 1), Path(os.fsdecode(bytes(folder) + b"/b_\xff\xfe.png")))
+    return folder
+
+
+def test_predict_writes_its_csv_atomically_and_as_utf8_whatever_the_file_names(pristine, tmp_path):
+    """A file name that is not UTF-8 (Linux allows any bytes) is written with its odd bytes escaped; an earlier
+    predictions CSV at --output is replaced whole, and a file of the user's only with --force."""
+    import subprocess
+
+    from conftest import script_env
+
+    c = _case(pristine, tmp_path)
+    folder = _images_with_a_name_that_is_not_utf8(c, tmp_path)
+    out = tmp_path / "predictions.csv"
+    args = [sys.executable, str(REPO / "predict.py"), "-c", str(c.cfg_path), "--checkpoint", str(c.root / "ckpt.pt"),
+            "--output", str(out), str(folder)]
+    for _ in range(2):  # the second run replaces the first's CSV
+        proc = subprocess.run(args, env=script_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        rows = out.read_bytes().decode("utf-8").splitlines()  # strict: valid UTF-8
+        assert [r.split(",")[0] for r in rows] == ["path", f"{folder}/a.png", f"{folder}/b_\\xff\\xfe.png"]
+        assert all(r.endswith(",") for r in rows[1:])  # no error column filled: both images predicted
+    out.write_text("the user's own notes\n")
+    proc = subprocess.run(args, env=script_env(), capture_output=True, text=True, timeout=600)
+    _one_line(proc.returncode, proc.stdout, proc.stderr, 2, "--output", str(out), "already exists", "--force")
+    assert out.read_text() == "the user's own notes\n"
+    assert subprocess.run(args + ["--force"], env=script_env(), capture_output=True).returncode == 0
+
+
+def test_predict_refuses_bad_batch_sizes_and_unwritable_outputs_before_predicting(pristine, tmp_path):
+    from conftest import run_script_read_only
+
+    c = _case(pristine, tmp_path)
+    args = ["-c", c.cfg_path, "--checkpoint", c.root / "ckpt.pt", c.ds / "images"]
+    for size in ("-4", "0"):
+        code, out, err = run("predict.py", *args, "--batch-size", size, "--output", tmp_path / "p.csv")
+        _one_line(code, out, err, 2, f"--batch-size {size}", "at least 1")
+    (tmp_path / "a_folder.csv").mkdir()
+    code, out, err = run("predict.py", *args, "--output", tmp_path / "a_folder.csv")
+    _one_line(code, out, err, 2, "--output", "is a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    proc = run_script_read_only(locked, "predict.py", *args, "--output", locked / "p.csv")
+    _one_line(proc.returncode, proc.stdout, proc.stderr, 2, "--output", str(locked), "cannot write there")
+    assert "predicted" not in proc.stdout and not (tmp_path / "p.csv").exists()
+
+
+def test_train_refuses_an_output_directory_it_cannot_write_before_opening_the_data(pristine, tmp_path):
+    from conftest import run_script_read_only
+
+    c = _case(pristine, tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    c.cfg["train_config"]["output_directory"] = str(locked / "runs")
+    c.write()
+    proc = run_script_read_only(locked, "train.py", "-c", c.cfg_path)
+    _one_line(proc.returncode, proc.stdout, proc.stderr, 2, str(c.cfg_path), "train_config.output_directory",
+              str(locked / "runs"), "cannot write there")
+    assert "decoding" not in proc.stdout and list(locked.iterdir()) == []
+    # resuming in the checkpoint's own run directory, which is read-only now
+    run_dir = next((pristine / "out").glob("*/last.pt")).parent
+    shutil.copytree(run_dir, tmp_path / "run")
+    c.cfg["train_config"].update(checkpoint_path=str(tmp_path / "run" / "last.pt"), epochs=2)
+    c.write()
+    proc = run_script_read_only(tmp_path / "run", "train.py", "-c", c.cfg_path)
+    _one_line(proc.returncode, proc.stdout, proc.stderr, 2, "train_config.checkpoint_path (its run directory)",
+              "cannot write there")
+
+
+READ_ONLY_AFTER = '''
+import os
+import torch
+_save, _calls = torch.save, [0]
+def _save_then_lock(obj, f, *args, **kwargs):
+    _save(obj, f, *args, **kwargs)
+    _calls[0] += 1
+    if _calls[0] == int(os.environ["LOCK_AFTER_SAVES"]):  # the run's folder is made read-only under it
+        os.chmod(os.path.dirname(f.name), 0o555)
+torch.save = _save_then_lock
+'''
+
+
+@pytest.mark.parametrize("saves", [1, 2])
+def test_a_run_folder_made_read_only_mid_run_stops_with_exit_3_and_keeps_its_checkpoints(saves, pristine, tmp_path):
+    """The folder turns read-only just after torch.save wrote checkpoint N's temporary file (its rename fails; with
+    N = 1, before any checkpoint is in place) or checkpoint N-1's: either way one line, exit 3, and what was
+    written before loads."""
+    import subprocess
+
+    from conftest import script_env
+
+    c = _case(pristine, tmp_path)
+    c.cfg["train_config"].update(epochs=3, iters_per_checkpoint=1, global_batch_size=8, local_batch_size=8)
+    c.write()
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(READ_ONLY_AFTER)
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    proc = subprocess.run([*prefix, sys.executable, str(REPO / "train.py"), "-c", str(c.cfg_path)], timeout=600,
+                          env=script_env(PYTHONPATH=f"{inject}{os.pathsep}{REPO}", LOCK_AFTER_SAVES=str(saves)),
+                          capture_output=True, text=True)
+    line = _one_line(proc.returncode, proc.stdout, proc.stderr, 3, f"checkpoint_{saves:07d}.pt: cannot write the "
+                     "checkpoint (Permission denied); the previous checkpoints are intact")
+    run_dir = Path(line.split(": ")[1]).parent
+    run_dir.chmod(0o755)
+    from myrtle_vision import checkpoint as ckpt_io
+
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == [f"checkpoint_{i:07d}.pt" for i in range(1, saves)]
+    if saves > 1:
+        assert ckpt_io.load(run_dir / "last.pt")["iteration"] == saves - 1
+    # the temporary file could not be removed from the read-only folder: a hidden name, which no one takes for a
+    # checkpoint and a resumed run deletes
+    assert all(p.name.startswith(f".checkpoint_{saves:07d}.pt.tmp") for p in run_dir.glob(".*.tmp*"))
+
+
+def test_a_failed_write_is_reported_even_when_its_cleanup_fails_too(tmp_path, monkeypatch):
+    """On a read-only file system removing the temporary file fails as well (EROFS, even for a file that is not
+    there); the error reported is the write's, as one line with exit 3, not the cleanup's."""
+    import errno
+
+    import myrtle_vision.files as files
+    from myrtle_vision.errors import WriteFailed
+    from myrtle_vision.weights.io import save_atomic
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(files, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    for write in (lambda p: files.write_atomic(p, "text", "report"), lambda p: save_atomic({"a": 1}, p)):
+        with pytest.raises(WriteFailed, match="Read-only file system") as stopped:
+            write(tmp_path / "out.pt")
+        assert stopped.value.exit_code == 3 and "cannot write the" in str(stopped.value)
+
+
+def test_resuming_a_finished_run_says_so_and_names_no_best_pt_that_does_not_exist(pristine, tmp_path):
+    c = _case(pristine, tmp_path)
+    c.cfg["train_config"]["checkpoint_path"] = str(c.root / "ckpt.pt")  # a copy outside its run directory
+    c.write()
+    code, out, err = run("train.py", "-c", c.cfg_path)
+    assert code == 0, err
+    assert "nothing to train" in out
+    done = next(line for line in out.splitlines() if line.startswith("done: "))
+    assert "best" not in done and Path(done.split("last checkpoint ")[1]).is_file()
+
+
+def test_a_refused_checkpoint_leaves_no_run_directory_behind(pristine, tmp_path):
+    c = _case(pristine, tmp_path)
+    c.cfg["train_config"]["checkpoint_path"] = str(_edited(iteration="abc")(c))
+    c.write()
+    code, out, err = run("train.py", "-c", c.cfg_path)
+    _one_line(code, out, err, 2, "'iteration' is 'abc'")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -123,6 +123,12 @@ BAD_TRAIN_CONFIGS = {
                             "2 weights, but"),
     "sampler type": (lambda r: r["train_config"].update(class_balanced_sampler=1), "train_config.class_balanced_sampler",
                      "true/false"),
+    "dist url": (lambda r: r.update(dist_config={"dist_url": "localhost:54321"}), "dist_config.dist_url",
+                 '"localhost:54321" is not a torch.distributed init URL (env://, tcp://HOST:PORT or file://PATH)'),
+    "dist url scheme": (lambda r: r.update(dist_config={"dist_url": "http://localhost:54321"}), "dist_config.dist_url",
+                        "not a torch.distributed init URL"),
+    "dist url type": (lambda r: r.update(dist_config={"dist_url": 54321}), "dist_config.dist_url",
+                      "expected a string, got 54321"),
 }
 
 
@@ -141,6 +147,22 @@ def test_bad_train_config_through_the_scripts(case, script, tmp_path, data_cfg):
     edit, field, hint = BAD_TRAIN_CONFIGS[case]
     path = _broken(tmp_path, data_cfg, edit)
     assert_user_error(run_script(script, "-c", path), str(path), field, hint)
+
+
+@pytest.mark.parametrize("url", ["env://", "tcp://localhost:54321", "tcp://10.0.0.1:23456", "file:///tmp/rendezvous"])
+def test_dist_url_accepts_what_torch_distributed_takes_and_does_not_use_it(url, tmp_path, data_cfg):
+    """dist_config.dist_url is accepted and checked, but not used: torchrun's rendezvous gives the address."""
+    path = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", dist_config={"dist_url": url})
+    assert load_config(path).dist_config.dist_url == url
+    assert load_config(train_config(tmp_path / "d.json", data_cfg, tmp_path / "out")).dist_config.dist_url == "env://"
+
+
+def test_a_bad_dist_url_stops_train_py_with_one_line(tmp_path, data_cfg):
+    path = _broken(tmp_path, data_cfg, BAD_TRAIN_CONFIGS["dist url"][0])
+    line = assert_user_error(run_script("train.py", "-c", path), str(path), "dist_config.dist_url", "localhost:54321")
+    assert line == (f'error: {path}: dist_config.dist_url: "localhost:54321" is not a torch.distributed init URL '
+                    "(env://, tcp://HOST:PORT or file://PATH); it is not used (torchrun's rendezvous gives the "
+                    "address), so the default env:// will do")
 
 
 BAD_DATA_CONFIGS = {

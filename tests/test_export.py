@@ -104,3 +104,111 @@ def test_mistakes_are_one_line(run, tmp_path):
                          tmp_path / "out", vit={"depth": 3})
     assert_user_error(run_script("export.py", "-c", other, "--checkpoint", ckpt_path), str(ckpt_path),
                       "does not fit")
+
+
+def _export_in_process(cfg, ckpt_path, out, **kwargs):
+    import myrtle_vision.export as export_module
+
+    return export_module.export(load_config(cfg), Path(ckpt_path), out, **kwargs)
+
+
+def test_a_file_that_fails_its_check_is_never_left_in_place(run, tmp_path, monkeypatch):
+    """A deploy file whose read-back logits differ from the checkpoint's (here: a writer that rounds one weight)
+    is not written at all: no file at --output, no JSON, no temporary; an earlier export there stays as it was."""
+    import myrtle_vision.export as export_module
+    from myrtle_vision.errors import UserError
+
+    _, cfg, ckpt_path = run
+    out = tmp_path / "vit.pt"
+    _export_in_process(cfg, ckpt_path, out)  # an earlier, good export
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    good = export_module.deploy_state
+
+    def wrong(ckpt, fp16):
+        state = good(ckpt, fp16)
+        state["mlp_head.1.bias"] = state["mlp_head.1.bias"] + 1e-3
+        return state
+
+    monkeypatch.setattr(export_module, "deploy_state", wrong)
+    with pytest.raises(UserError, match="its logits differ"):
+        _export_in_process(cfg, ckpt_path, out)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the earlier export, and nothing else
+    fresh = tmp_path / "new" / "vit.pt"
+    with pytest.raises(UserError, match="its logits differ"):
+        _export_in_process(cfg, ckpt_path, fresh)
+    assert list(fresh.parent.iterdir()) == []
+
+
+def test_an_onnx_file_that_fails_its_check_leaves_nothing_in_place(run, tmp_path, monkeypatch):
+    """All or nothing: when ONNX Runtime disagrees, neither the ONNX file nor the (good) deploy file nor the JSON is
+    put in place."""
+    import myrtle_vision.export as export_module
+    from myrtle_vision.errors import UserError
+
+    _, cfg, ckpt_path = run
+    monkeypatch.setattr(export_module, "ONNX_TOLERANCE", -1.0)
+    with pytest.raises(UserError, match="ONNX Runtime's logits differ"):
+        _export_in_process(cfg, ckpt_path, tmp_path / "vit.pt", onnx=tmp_path / "vit.onnx", check_images=4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_file_is_replaced_only_when_it_is_an_earlier_export_or_with_force(run, tmp_path):
+    _, cfg, ckpt_path = run
+    out, onnx_path = tmp_path / "vit.pt", tmp_path / "vit.onnx"
+    mine = b"the user's own file"
+    for path in (out, out.with_suffix(".json"), onnx_path):
+        path.write_bytes(mine)
+        args = ["--output", out] + (["--onnx", onnx_path] if path == onnx_path else [])
+        line = assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, *args), str(path),
+                                 "already exists", "--force")
+        assert "previous checkpoints" not in line
+        assert path.read_bytes() == mine and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+        path.unlink()
+    # an earlier export of this tool (its JSON's sha256 matches) is replaced without asking
+    run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--onnx", onnx_path,
+               "--check-images", 4, check=True)
+    run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--onnx", onnx_path, "--fp16",
+               "--check-images", 4, check=True)
+    assert json.loads(out.with_suffix(".json").read_text())["format"] == "FP16"
+    # an earlier export changed since (its sha256 no longer matches) is the user's now
+    out.write_bytes(mine)
+    assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out), str(out),
+                      "already exists")
+    run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--force", check=True)
+    assert torch.load(out, weights_only=True)["model"].keys() == torch.load(ckpt_path, weights_only=True)["model"].keys()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(run, tmp_path):
+    from conftest import run_script_read_only
+
+    _, cfg, ckpt_path = run
+    folder = tmp_path / "a_folder.pt"
+    folder.mkdir()
+    line = assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", folder),
+                             "--output", str(folder), "is a folder")
+    assert "checkpoint" not in line.split("is a folder")[1]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    proc = run_script_read_only(locked, "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output",
+                                locked / "vit.pt")
+    assert_user_error(proc, "--output", str(locked), "cannot write there")
+    assert "read back" not in proc.stdout and list(locked.iterdir()) == []
+    onnx_locked = run_script_read_only(locked, "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output",
+                                       tmp_path / "vit.pt", "--onnx", locked / "vit.onnx")
+    assert_user_error(onnx_locked, "--onnx", str(locked), "cannot write there")
+    assert not (tmp_path / "vit.pt").exists()
+
+
+def test_onnx_without_its_packages_is_one_line_before_any_work(run, tmp_path):
+    """--onnx where onnx and onnxruntime are not installed (modules that fail to import stand in for them)."""
+    _, cfg, ckpt_path = run
+    stubs = tmp_path / "uninstalled"
+    for name in ("onnx", "onnxruntime"):
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
+    from conftest import REPO
+
+    proc = run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", tmp_path / "vit.pt", "--onnx",
+                      tmp_path / "vit.onnx", env={"PYTHONPATH": f"{stubs}:{REPO}"})
+    assert_user_error(proc, "--onnx needs the onnx and onnxruntime packages", "requirements-onnx.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["uninstalled"]

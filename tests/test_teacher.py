@@ -1,5 +1,6 @@
 """Teacher models: loading the earlier release's files, ImageNet weights from the cache only, the CLI."""
 
+import hashlib
 import json
 
 import pytest
@@ -102,3 +103,34 @@ def test_cli_errors_are_one_line(tmp_path, dataset, monkeypatch):
     assert_user_error(proc, "nope.json", "file not found")
     proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--weights", "none")
     assert_user_error(proc, "finetune_teacher.py arguments: batch_size", "more than the 24 training images")
+
+
+def test_output_path_is_checked_before_finetuning_and_never_replaces_a_users_file(tmp_path, dataset):
+    from conftest import run_script_read_only
+
+    data_cfg = data_config(tmp_path / "data.json", dataset, 3)
+    args = ["--data-config", data_cfg, "--model", "mobilenet_v3_small", "--weights", "none", "--epochs", "1",
+            "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]
+    folder = tmp_path / "a_folder.pth"
+    folder.mkdir()
+    line = assert_user_error(run_script("finetune_teacher.py", *args, "--output-path", folder), "output_path",
+                             str(folder), "is a folder")
+    assert "checkpoints" not in line
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    proc = run_script_read_only(locked, "finetune_teacher.py", *args, "--output-path", locked / "t.pth")
+    assert_user_error(proc, "output_path", str(locked), "cannot write there")
+    assert "finetuning" not in proc.stdout and list(locked.iterdir()) == []
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"the user's own weights")
+    assert_user_error(run_script("finetune_teacher.py", *args, "--output-path", mine), str(mine), "already exists",
+                      "--force")
+    assert mine.read_bytes() == b"the user's own weights" and not mine.with_suffix(".json").exists()
+    # an earlier finetuning's output (its JSON's sha256 matches) is replaced; the user's only with --force
+    out = tmp_path / "teacher.pth"
+    for _ in range(2):
+        run_script("finetune_teacher.py", *args, "--output-path", out, check=True)
+        info = json.loads(out.with_suffix(".json").read_text())
+        assert info["finished"] and info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    run_script("finetune_teacher.py", *args, "--output-path", mine, "--force", check=True)
+    assert load_teacher("mobilenet_v3_small", 3, mine) is not None

@@ -11,7 +11,6 @@ per-epoch history.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import typing
 from dataclasses import dataclass, field
@@ -21,15 +20,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..weights.io import save_atomic
 from ..config import OPTIMIZERS, build, load_data_config
 from ..data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
 from ..evaluation import evaluate
 from ..errors import UserError
+from ..files import check_output, described_by, json_with, sha256, write_json
 from ..metrics import Accumulator
 from ..models.cnn import Resized, starting_model
 from ..optim import LRSchedule, build_optimizer, build_scheduler
 from ..reporting import Progress
+from ..weights.io import save_atomic
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TeacherConfig:
     seed: int = 1234
     num_workers: int = 4
     device: Optional[str] = None  # "cpu" or "cuda"; None: cuda when available
+    force: bool = False  # replace an output_path file this tool did not write
     path: str = field(default="teacher parameters", repr=False)
 
     def validate(self, v) -> None:
@@ -98,6 +99,12 @@ class TeacherResult:
 def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> TeacherResult:
     """Finetune ``cfg.model`` on ``cfg.data_config``'s training split; return the curves and test accuracy."""
     start_time = time.perf_counter()
+    output, sidecar = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
+    # an earlier finetuning's files are replaced; anything else only with force
+    check_output(output, f"{cfg.path}: output_path", ours=described_by(sidecar), force=cfg.force,
+                 what="teacher weights file")
+    check_output(sidecar, f"{cfg.path}: output_path (its JSON)", ours=json_with("parameters", "sha256"),
+                 force=cfg.force, what="teacher's JSON")
     if device is None:
         from ..cli import resolve_device
 
@@ -107,8 +114,6 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     train_set, val_set, test_set = (open_split(data_cfg, s, label_map, device) for s in ("train", "val", "test"))
     if len(train_set) < cfg.batch_size:
         raise UserError(f"{cfg.path}: batch_size: {cfg.batch_size} is more than the {len(train_set)} training images")
-    output = Path(cfg.output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
     net, started_from = starting_model(cfg.model, data_cfg.number_of_classes, cfg.weights, f"{cfg.path}: weights")
@@ -150,7 +155,11 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         val = evaluate(model, val_loader, data_cfg.number_of_classes)
         if val.top1 > best_top1:
             best_top1, best_epoch = val.top1, epoch + 1
-            save_atomic({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, output)
+            save_atomic({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, output,
+                        "teacher weights", "the best weights saved before are intact" if best_epoch > 1 else
+                        "nothing was written over it")
+            write_json(sidecar, {"parameters": cfg.to_dict(), "finished": False, "output_path": str(output),
+                                 "sha256": sha256(output), "best_epoch": best_epoch, "best_val_top1": best_top1})
         history.append({"epoch": epoch + 1, "lr": lr, "train_loss": seen.loss, "train_top1": seen.top1,
                         "val_loss": val.loss, "val_top1": val.top1, "seconds": time.perf_counter() - epoch_start})
         print(f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {seen.loss:.4f} top-1 {seen.top1:.2f}%  "
@@ -163,7 +172,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     result = TeacherResult(output_path=output, started_from=started_from, history=history, best_epoch=best_epoch,
                            best_val_top1=best_top1, test_top1=test.top1, test_top5=test.top5,
                            seconds=time.perf_counter() - start_time)
-    output.with_suffix(".json").write_text(json.dumps({"parameters": cfg.to_dict(), **result.to_dict()}, indent=2) + "\n")
+    write_json(sidecar, {"parameters": cfg.to_dict(), "finished": True, **result.to_dict(), "sha256": sha256(output)})
     print(f"teacher weights (best validation top-1 {best_top1:.2f}%, epoch {best_epoch}) saved to {output}; "
           f"test top-1 {test.top1:.2f}%, top-{test.k} {test.top5:.2f}% on {test.count} images", flush=True)
     return result
@@ -191,6 +200,7 @@ _HELP = {
     "output_path": "where to save the best weights (a plain state dict)",
     "optimizer": "adamw, adam or sgd",
     "device": "cpu or cuda; none: cuda when available",
+    "force": "replace an output_path file that is not an earlier finetuning's output",
 }
 
 
@@ -201,5 +211,8 @@ def add_arguments(parser) -> None:
         if f.name == "path":
             continue
         what = f"{_HELP[f.name]}; " if f.name in _HELP else ""
+        if hints[f.name] is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=_HELP[f.name])
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_cli_type(hints[f.name]),
                             default=f.default, help=f"{what}default: {f.default}")

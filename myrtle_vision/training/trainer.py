@@ -30,13 +30,14 @@ from ..data.batch_augment import BatchAugment
 from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
 from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
+from ..files import check_folder, remove_stale_temporaries, write_atomic
 from ..losses import DistillationLoss, WeightedCrossEntropy
 from ..models import build_model
 from ..models.cnn import Resized, load_teacher
 from ..optim import LRSchedule, build_scheduler, optimizer_for
 from ..reporting import Reporter
 from ..weights.foreign import load_pretrained
-from ..weights.io import link_atomic, remove_stale_temporaries, save_atomic
+from ..weights.io import link_atomic, save_atomic
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # nonfinite_loss "skip" gives up after this many non-finite updates in a row
@@ -128,6 +129,7 @@ class Trainer:
         self.reporter = Reporter(enabled=procs.is_main)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # FP32 means FP32: the accelerator sees these weights
+        self._check_output_folder()
         self._open_data()
         self._check_fits_this_run()
         torch.manual_seed(self.tc.seed)
@@ -136,9 +138,20 @@ class Trainer:
         self._build_loss()
         self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler, ema=self.ema)
         self.skipped_in_a_row = 0
+        self._stop_requests: _StopRequests | None = None  # while fit() has its signal handler installed
         self.run_dir = self._resume() if self.tc.checkpoint_path else self._new_run_dir()
         self._start_loaders()
         self.step_module = self._wrap_for_the_step()
+
+    def _check_output_folder(self) -> None:
+        """Before the data is opened (decoding it can take minutes): the folder this run will write in can be
+        written (the checkpoint's own run directory when it resumes there, else output_directory)."""
+        ckpt = Path(self.tc.checkpoint_path) if self.tc.checkpoint_path else None
+        if ckpt is not None and (ckpt.parent / "config.json").is_file():
+            folder, field = ckpt.parent, "checkpoint_path (its run directory)"
+        else:
+            folder, field = Path(self.tc.output_directory), "output_directory"
+        self._on_rank0(lambda: check_folder(folder, f"{self.cfg.path}: train_config.{field}"))
 
     def _open_data(self) -> None:
         label_map = read_label_map(self.cfg.data_config)
@@ -252,23 +265,16 @@ class Trainer:
         return self._on_rank0(lambda: new_run_dir(self.tc.output_directory))
 
     def _on_rank0(self, write):
-        """``write()`` on rank 0, its result on every process. If it fails, every process raises the
-        error: none is left waiting in a collective for a rank that has stopped."""
-        result, error = None, None
-        if self.procs.is_main:
-            try:
-                result = write()
-            except UserError as e:
-                error = e
-        result, error = self.procs.broadcast((result, error))
-        if error is not None:
-            raise error
-        return result
+        """``write()`` on rank 0, its result (or the UserError it raised) on every process."""
+        return self.procs.on_main(write)
 
     # --- checkpoints -------------------------------------------------------------------------
 
     def _resume(self) -> Path:
         path = Path(self.tc.checkpoint_path)
+        if not path.is_file():
+            raise UserError(f"{self.cfg.path}: train_config.checkpoint_path: {path}: "
+                            + ("is a folder, not a checkpoint" if path.is_dir() else "checkpoint not found"))
         earlier, said = self.checkpoint.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
         self.reporter.print(said)
         # Continue in the run's own folder when the checkpoint lives in one.
@@ -415,13 +421,13 @@ class Trainer:
                             "or set train_config.nonfinite_loss to skip")
 
     def _prepare_run_dir(self) -> None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
-            (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        except (OSError, ValueError) as e:
-            raise UserError(f"{self.run_dir}: cannot write the run directory ({reason(e)}); "
-                            f"check {self.cfg.path} train_config.output_directory") from None
+        """Check the run directory can be written (before any training), clear what a killed run left
+        half-written, and save the config beside the checkpoints."""
+        resumed_here = self.tc.checkpoint_path and self.run_dir == Path(self.tc.checkpoint_path).parent
+        check_folder(self.run_dir, f"{self.cfg.path}: train_config."
+                                   + ("checkpoint_path (its run directory)" if resumed_here else "output_directory"))
+        remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
+        write_atomic(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n", "config")
 
     def fit(self) -> Path:
         """Train to the end (or until a signal); returns the path of the last checkpoint."""
@@ -430,9 +436,13 @@ class Trainer:
         reporter = self.reporter
         reporter.log_to(self.run_dir)
         reporter.scalars(p.iteration, **{"train/peak_lr": tc.peak_lr})
-        saved_at, last_val_at = p.iteration, -1
+        saved_at, last_val_at, started_at = p.iteration, -1, p.iteration
+        if p.epoch >= tc.epochs:
+            reporter.print(f"{tc.checkpoint_path}: its run has trained all {tc.epochs} epochs of {self.cfg.path}; "
+                           "nothing to train (raise train_config.epochs to train on)")
         self.model.train()
         with _stop_on_signals() as stop:
+            self._stop_requests = stop
             try:
                 processes = f" in {procs.world_size} processes" if procs.enabled else ""
                 reporter.print(f"training on {self.device}{processes}: {len(self.train_set)} training images, "
@@ -467,7 +477,8 @@ class Trainer:
                         self.validate()
                         last_val_at = p.iteration
                     p.epoch, p.update_in_epoch = p.epoch + 1, 0
-                self.save_checkpoint()  # (re)written after the epoch-end validation and bookkeeping
+                if p.iteration > started_at or not (self.run_dir / "last.pt").exists():
+                    self.save_checkpoint()  # (re)written after the epoch-end validation and bookkeeping
             except (Interrupted, KeyboardInterrupt):
                 raise  # a second Ctrl-C may land anywhere, even inside optimizer.step: save nothing then
             except TrainingStopped:

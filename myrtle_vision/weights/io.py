@@ -4,55 +4,34 @@ this package says how a set of tensors does not fit a model (:func:`mismatch`)."
 from __future__ import annotations
 
 import os
+import pickletools  # reads a pickle's opcodes only: nothing is built, nothing is run
+import re
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
-from ..errors import TrainingStopped, UserError, reason
+from ..errors import UserError, WriteFailed, reason
+from ..files import discard, fsync_dir, temporary_name, write_atomic
 
 
-def save_atomic(obj, path: str | Path) -> Path:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+def save_atomic(obj, path: str | Path, what: str = "checkpoint",
+                intact: str = "the previous checkpoints are intact") -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`myrtle_vision.files.write_atomic`).
 
     A crash at any moment leaves either the previous file or the new one under ``path``, never a
     partial one. A write that fails (full disk, no permission) removes the temporary file, leaves
-    the previous file as it was, and raises :class:`TrainingStopped` naming the path and the reason.
+    the previous file as it was, and raises :class:`~myrtle_vision.errors.WriteFailed` (exit 3)
+    naming the path, the reason and ``intact``.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:  # torch's archive writer reports a failed write as a RuntimeError
-        raise TrainingStopped(f"{path}: cannot write the checkpoint ({reason(e)}); "
-                              "the previous checkpoints are intact") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` survive a power cut (where the file system allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_atomic(path, lambda f: torch.save(obj, f), what, intact)
 
 
 def link_atomic(src: Path, dst: Path) -> None:
     """Make ``dst`` a second name for ``src`` (a hard link, else a copy), replacing it atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp = temporary_name(dst)
     try:
         tmp.unlink(missing_ok=True)
         try:
@@ -60,26 +39,76 @@ def link_atomic(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
     except OSError as e:
-        raise TrainingStopped(f"{dst}: cannot update it to point to {src.name} ({reason(e)}); "
-                              f"{src} itself is complete") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files of writes that a crash interrupted (``.NAME.tmpPID``)."""
-    for tmp in folder.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
+        raise WriteFailed(f"{dst}: cannot update it to point to {src.name} ({reason(e)}); "
+                          f"{src} itself is complete") from None
+    fsync_dir(dst.parent)
 
 
 def load_file(path: Path, what: str):
-    """``torch.load(weights_only=True)`` of a user's file; whatever goes wrong is a one-line UserError."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
-        raise UserError(f"{path}: not a readable {what} ({reason(e)})") from None
+    """``torch.load(weights_only=True)`` of a user's file; whatever goes wrong is a one-line UserError.
+
+    A file that names something a weights file does not hold (a function to call, a class to build: what a
+    file crafted to run code names) is refused, in a line naming it. torch's warnings about a file it does
+    not read, and its advice to retry with weights_only off, are not passed on."""
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged or foreign file can fail anywhere inside the unpickler
+            error = e
+    if error is None:
+        for w in caught:  # a file that loads keeps torch's warnings
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        return obj
+    # torch re-raises the weights-only reader's own error (the __context__) inside its advice
+    inner = error.__context__ if str(error).startswith("Weights only load failed") and error.__context__ else error
+    named = _refused_because(path, str(inner))
+    if named:
+        raise UserError(f"{path}: refused as a {what}: it names {named}, which a weights file does not hold; "
+                        "nothing in it was run") from None
+    why = "torch's weights-only reader refused it" if inner is error and "weights_only" in str(error) else reason(inner)
+    raise UserError(f"{path}: not a readable {what} ({why})") from None
+
+
+def _refused_because(path: Path, message: str) -> str | None:
+    """What a file torch's weights-only reader refused names that a weights file does not hold (a global's
+    name when known), from the reader's error ``message``; None for a file that is merely unreadable."""
+    def printable(name: str) -> str:
+        return name if re.fullmatch(r"[A-Za-z0-9_.]{1,200}", name) else ascii(name)[:80]
+
+    found = re.search(r"GLOBAL (\S+)", message)
+    if found:
+        return printable(found.group(1))
+    if "unrecognized function" in message:
+        return "a function to call"
+    if message.startswith(("Can only create new object", "Can only build")):
+        return "an object to build"
+    if message.startswith("Unsupported operand"):  # a plain pickle of a protocol torch's reader does not read
+        if zipfile.is_zipfile(path):
+            return None
+        pushed, memo = [], {}
+        try:
+            with open(path, "rb") as f:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        return printable(arg.replace(" ", "."))
+                    if op.name == "STACK_GLOBAL":
+                        both = pushed[-2:]
+                        named = len(both) == 2 and all(isinstance(s, str) for s in both)
+                        return printable(".".join(both)) if named else "a global"
+                    if op.name == "MEMOIZE" and pushed:
+                        memo[len(memo)] = pushed[-1]
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT") and pushed:
+                        memo[arg] = pushed[-1]
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif isinstance(arg, str):
+                        pushed.append(arg)
+        except Exception:  # not a pickle at all: unreadable
+            return None
+    return None
 
 
 WRAPPERS = ("model", "state_dict", "model_ema")  # how training scripts (DeiT's, timm's, ours) nest a state dict

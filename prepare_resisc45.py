@@ -1,7 +1,8 @@
 """Lay out an extracted NWPU-RESISC45 download for training: python prepare_resisc45.py [FOLDER]
 
 Moves the 45 class folders under images/ (if they are not there yet) and writes label_map.json
-and the train/val/test image lists (per class, by file name: 489 / 71 / 140).
+and the train/val/test image lists (per class, by file name: 489 / 71 / 140). Everything is checked
+first; the move is all or nothing, and a move that was stopped part-way is finished by running again.
 """
 
 from myrtle_vision.cli import main_guard, parser

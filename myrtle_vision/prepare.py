@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, reason
+from .files import fsync_dir, write_atomic
 
 SPLIT_FILES = {"train": "train_imagepaths.txt", "val": "val_imagepaths.txt", "test": "test_imagepaths.txt",
                "extra": "extra_imagepaths.txt"}  # extra: training images left out of train (Fashion-MNIST only)
@@ -37,59 +38,134 @@ FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels"
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _unchanged(path: Path, text: str) -> bool:
+    try:
+        return path.is_file() and path.read_text() == text
+    except (OSError, ValueError):  # unreadable, or not UTF-8 text: write it again
+        return False
+
+
+def index_files(classes: list[str], splits: dict[str, list[str]]) -> dict[str, str]:
+    """The text of label_map.json (sorted classes -> 0..n-1) and of one file per split, by file name."""
+    label_map = {name: i for i, name in enumerate(sorted(classes))}
+    files = {"label_map.json": json.dumps(label_map, indent=2) + "\n"}
+    for split, names in splits.items():
+        files[SPLIT_FILES[split]] = "".join(f"{n}\n" for n in names)
+    return files
 
 
 def write_index(root: Path, classes: list[str], splits: dict[str, list[str]]) -> None:
-    """Write label_map.json (sorted classes -> 0..n-1) and one file per split."""
-    label_map = {name: i for i, name in enumerate(sorted(classes))}
-    _write_if_changed(root / "label_map.json", json.dumps(label_map, indent=2) + "\n")
-    for split, names in splits.items():
-        _write_if_changed(root / SPLIT_FILES[split], "".join(f"{n}\n" for n in names))
+    """Write label_map.json (sorted classes -> 0..n-1) and one file per split, each atomically, and only
+    those whose text changed."""
+    for name, text in index_files(classes, splits).items():
+        if not _unchanged(root / name, text):
+            write_atomic(root / name, text, "index file")
 
 
 def _visible(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if not p.name.startswith("."))
 
 
+def _not_writable(folder: Path) -> str | None:
+    """Why entries cannot be created, removed or renamed in ``folder`` (None: they can)."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
+
+
+def _find_classes(root: Path, images: Path) -> dict[str, Path]:
+    """Every class folder, at the top of ``root`` or under ``images/`` (a move that stopped part-way leaves
+    some in each), checked: only the 45 classes, each exactly once, none missing."""
+    if images.exists() and not images.is_dir():
+        raise UserError(f"{images}: is a file; the class folders go in a folder of that name")
+    top = {p.name: p for p in _visible(root) if p.is_dir() and p.name != "images"}
+    under = {p.name: p for p in _visible(images) if p.is_dir()} if images.is_dir() else {}
+    for place, found in ((root, top), (images, under)):
+        unexpected = sorted(set(found) - set(RESISC45_CLASSES))
+        if unexpected:
+            raise UserError(f"{place}: unexpected folder {unexpected[0]!r}: not a NWPU-RESISC45 class")
+    both = sorted(set(top) & set(under))
+    if both:
+        more = f" (and {len(both) - 1} more)" if len(both) > 1 else ""
+        raise UserError(f"{root}: class {both[0]!r} is both at the top and under images/{more}; keep one copy of "
+                        "each class, then run again")
+    missing = sorted(set(RESISC45_CLASSES) - set(top) - set(under))
+    if missing:
+        source = root if top else images
+        raise UserError(f"{source}: incomplete: no folder for {len(missing)} classes ({', '.join(missing[:3])}, ...)"
+                        if len(missing) > 3 else f"{source}: incomplete: no folder for {', '.join(missing)}")
+    return {**under, **top}
+
+
+def _move_under(images: Path, folders: list[Path]) -> None:
+    """Move ``folders`` into ``images`` (made if need be), all or none: on a failure, move back the ones
+    moved and remove ``images`` if it was made here, then raise a UserError naming the folder and why."""
+    made = not images.is_dir()
+    if made:
+        try:
+            images.mkdir()
+        except OSError as e:
+            raise UserError(f"{images}: cannot create it ({reason(e)}); nothing was changed") from None
+    moved: list[Path] = []
+    for folder in folders:
+        try:
+            os.rename(folder, images / folder.name)
+        except OSError as e:
+            problem = f"{folder}: cannot move it to {images}/ ({reason(e)})"
+            _move_back(images, moved, made, problem)
+            raise UserError(f"{problem}; nothing was changed") from None
+        moved.append(folder)
+    fsync_dir(images)
+    fsync_dir(images.parent)
+
+
+def _move_back(images: Path, moved: list[Path], made: bool, problem: str) -> None:
+    """Undo :func:`_move_under`'s moves, newest first. If one cannot be undone, stop there with a UserError
+    (``problem``, then what failed and how to finish: a run that finds the classes split between the two
+    places finishes the move)."""
+    for done in reversed(moved):
+        try:
+            os.rename(images / done.name, done)
+        except OSError as e:
+            under = sum(p.is_dir() for p in images.iterdir())
+            raise UserError(f"{problem}, and moving {done.name} back failed too ({reason(e)}): {under} of the 45 "
+                            "class folders are under images/ and the others at the top; once the cause is fixed, "
+                            "run prepare_resisc45.py again: it finishes the move") from None
+    if made:
+        try:
+            images.rmdir()
+        except OSError:
+            pass
+
+
 def prepare_resisc45(root: str | Path) -> dict[str, int]:
-    """Lay out an extracted NWPU-RESISC45 folder; returns the number of images per split."""
+    """Lay out an extracted NWPU-RESISC45 folder; returns the number of images per split.
+
+    Everything is checked before anything changes. Moving the class folders under ``images/`` is all or
+    nothing: a folder that cannot be moved (EBUSY, no permission) moves the others back. A move that still
+    stopped part-way (a kill, or a move back that failed too) leaves some classes under ``images/`` and the
+    rest at the top; run again, and it finishes the move."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: folder not found (extract NWPU-RESISC45.rar here, or pass its path)")
     images = root / "images"
-    top_classes = [p for p in _visible(root) if p.is_dir() and p.name != "images"]
-    if images.is_dir() and top_classes:
-        raise UserError(f"{root}: has both images/ and class folders at the top ({top_classes[0].name}, ...); "
-                        "keep one of them")
-    source = images if images.is_dir() else root
-    found = [p for p in _visible(source) if p.is_dir()]
-    names = {p.name for p in found}
-    unexpected, missing = sorted(names - set(RESISC45_CLASSES)), sorted(set(RESISC45_CLASSES) - names)
-    if unexpected:
-        raise UserError(f"{source}: unexpected folder {unexpected[0]!r}: not a NWPU-RESISC45 class")
-    if missing:
-        raise UserError(f"{source}: incomplete: no folder for {len(missing)} classes ({', '.join(missing[:3])}, ...)"
-                        if len(missing) > 3 else f"{source}: incomplete: no folder for {', '.join(missing)}")
+    folders = _find_classes(root, images)
     per_class = sum(RESISC45_SPLIT)
     files: dict[str, list[str]] = {}
-    for folder in found:
+    for cls in sorted(folders):
+        folder = folders[cls]
         entries = _visible(folder)
         odd = [p.name for p in entries if not (p.is_file() and p.suffix.lower() == ".jpg")]
         if odd:
             raise UserError(f"{folder}: unexpected entry {odd[0]!r} (expected only .jpg images)")
         if len(entries) != per_class:
             raise UserError(f"{folder}: has {len(entries)} images, expected {per_class}")
-        files[folder.name] = [p.name for p in entries]
-    if source is root:  # everything checked: now move the class folders under images/
-        images.mkdir()
-        for folder in found:
-            folder.rename(images / folder.name)
+        files[cls] = [p.name for p in entries]
     n_train, n_val, _ = RESISC45_SPLIT
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for cls in sorted(files):
@@ -97,7 +173,22 @@ def prepare_resisc45(root: str | Path) -> dict[str, int]:
         splits["train"] += paths[:n_train]
         splits["val"] += paths[n_train:n_train + n_val]
         splits["test"] += paths[n_train + n_val:]
-    write_index(root, list(files), splits)
+    index = {name: text for name, text in index_files(list(files), splits).items()
+             if not _unchanged(root / name, text)}
+    to_move = [folders[cls] for cls in sorted(folders) if folders[cls].parent == root]
+    # Everything checked: now the folders this will change must be writable (a directory moved to another
+    # folder needs write permission itself, for its ".." entry), or nothing is touched.
+    must_write = [root] if index or to_move else []
+    if to_move:
+        must_write += ([images] if images.is_dir() else []) + to_move
+    for folder in must_write:
+        why = _not_writable(folder)
+        if why is not None:
+            raise UserError(f"{folder}: cannot write in this folder ({why}); nothing was changed")
+    if to_move:
+        _move_under(images, to_move)
+    for name, text in index.items():  # after the move: the lists name images/<class>/<file>
+        write_atomic(root / name, text, "index file")
     return {k: len(v) for k, v in splits.items()}
 
 
@@ -159,18 +250,23 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
                 splits["extra"] += train[keep:]
                 splits["val"] += paths[-val_per_class:]
             todo += list(zip(paths, idx, [part] * len(idx)))
-    for cls in FASHION_MNIST_CLASSES:
-        (out / "images" / cls).mkdir(parents=True, exist_ok=True)
-    for rel, i, part in todo:
-        path = out / rel
-        if not path.is_file():
-            tmp = path.with_name(f".{path.name}")
-            Image.fromarray(arrays[f"{part}_images"][i]).save(tmp, format="PNG")
-            os.replace(tmp, path)
+    try:
+        for cls in FASHION_MNIST_CLASSES:
+            (out / "images" / cls).mkdir(parents=True, exist_ok=True)
+        for rel, i, part in todo:
+            path = out / rel
+            if not path.is_file():  # each image whole or not there: a run stopped part-way is finished by a re-run
+                tmp = path.with_name(f".{path.name}")
+                Image.fromarray(arrays[f"{part}_images"][i]).save(tmp, format="PNG")
+                os.replace(tmp, path)
+        if not splits["extra"]:
+            (out / SPLIT_FILES["extra"]).unlink(missing_ok=True)  # from an earlier run with --train-per-class
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the dataset there ({reason(e)}); the images written so far are "
+                        "whole, and running again finishes the job") from None
     for split in splits:
         splits[split].sort()
     if not splits["extra"]:
         del splits["extra"]
-        (out / SPLIT_FILES["extra"]).unlink(missing_ok=True)  # from an earlier run with --train-per-class
     write_index(out, FASHION_MNIST_CLASSES, splits)
     return {k: len(v) for k, v in splits.items()}

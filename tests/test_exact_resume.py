@@ -1,8 +1,9 @@
 """The bit-exact resume guarantee, all of it: interrupted and resumed runs end bit-identical to
 uninterrupted ones on CPU. In process: a ViT, a DeiT student and a quantization-aware run, with and
 without gradient accumulation and loader workers; a run with repeated augmentation, class-balanced
-draws and class weights. Through train.py: a mid-epoch checkpoint and a
-SIGTERM/SIGINT with accumulation, dropout, random augmentation, workers and clipping; DeiT (hard), QAT
+draws and class weights; a DeiT run with every random switch on, resumed with every global random
+generator set to an arbitrary state (checkpoints hold no random state: none is needed). Through
+train.py: a mid-epoch checkpoint and a SIGTERM/SIGINT with accumulation, dropout, random augmentation, workers and clipping; DeiT (hard), QAT
 (FP16_32), bf16 autocast, and a DeiT run (soft) with every switch of DeiT's recipe on (MixUp, CutMix, random
 erasing, stochastic depth, the weight average, repeated augmentation, class weights, the class-balanced
 sampler, quarter turns and transposes); the transforms run on the device."""
@@ -10,10 +11,12 @@ sampler, quarter turns and transposes); the transforms run on the device."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -44,9 +47,23 @@ def _sections(kind: str, teacher) -> dict:
     return {"vit": vit}
 
 
-def _fit(cfg_path, stop_after: int | None = None) -> Trainer:
-    """Train to the end, or until a SIGTERM sent to this process after update ``stop_after``."""
+def _scramble_global_generators(seed: int) -> None:
+    """Every global random generator (torch's CPU one and every CUDA device's, Python's, NumPy's) put in an
+    arbitrary state that has nothing to do with any run's seed."""
+    torch.manual_seed(seed)  # (CUDA's too, when there is one)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.rand(seed % 7 + 1), random.random(), np.random.rand(seed % 5 + 1)  # not at a freshly seeded state
+
+
+def _fit(cfg_path, stop_after: int | None = None, scramble: int | None = None) -> Trainer:
+    """Train to the end, or until a SIGTERM sent to this process after update ``stop_after``. With ``scramble``,
+    the global generators are scrambled before the trainer is made (and resumes) and again just before it trains."""
+    if scramble is not None:
+        _scramble_global_generators(scramble)
     trainer = Trainer(load_config(cfg_path))
+    if scramble is not None:
+        _scramble_global_generators(scramble + 1)
     if stop_after is not None:
         update = trainer.train_update
 
@@ -89,19 +106,23 @@ def test_sampling_switches_resume_bit_identical(tmp_path):
     _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train, {"vit": {"dropout": 0.1}})
 
 
-def _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train: dict, sections: dict) -> dict:
-    """Train 6 updates whole, and again interrupted after update 4 and resumed; the two end with the same
+def _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train: dict, sections: dict, scramble=None,
+                                           before_resuming=None) -> dict:
+    """Train 6 updates whole, and again interrupted after update 4 and resumed (the global generators scrambled
+    first with ``scramble``; ``before_resuming`` given the checkpoint's path first); the two end with the same
     weights, optimizer state and schedule. Returns the final state."""
     whole = _fit(train_config(tmp_path / "whole.json", data_cfg, tmp_path / "whole", train=train, **sections))
     first = _fit(train_config(tmp_path / "first.json", data_cfg, tmp_path / "split", train=train, **sections),
                  stop_after=4)
     saved = first.run_dir / "last.pt"
     assert ckpt_io.load(saved)["iteration"] == 4
+    if before_resuming is not None:
+        before_resuming(saved)
     rest = _fit(train_config(tmp_path / "rest.json", data_cfg, tmp_path / "split",
-                             train=dict(train, checkpoint_path=str(saved)), **sections))
+                             train=dict(train, checkpoint_path=str(saved)), **sections), scramble=scramble)
     assert rest.progress.iteration == whole.progress.iteration == 6
     a, b = whole.state(), rest.state()
-    for entry in ("model", "distillation"):
+    for entry in ("model", "distillation", "raw_weights"):
         assert a.get(entry, {}).keys() == b.get(entry, {}).keys()
         for k, v in a.get(entry, {}).items():
             assert torch.equal(v, b[entry][k]), f"{entry}.{k}"
@@ -111,6 +132,44 @@ def _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train: dict, sect
         assert va.keys() == vb.keys() and all(torch.equal(va[s], vb[s]) for s in va), k
     assert a["lr_scheduler"] == b["lr_scheduler"]
     return a
+
+
+ALL_RANDOM_OPS = {"RandomResizedCrop": {"size": 32, "scale": [0.5, 1.0]}, "RandomHorizontalFlip": None,
+                  "RandomVerticalFlip": 0.5, "RandomRotation90": None, "RandomTranspose": None,
+                  "RandAugment": {"num_ops": 2, "magnitude": 9}, "ColorJitter": 0.3,
+                  "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+
+
+def _with_an_earlier_versions_rng_entry(path) -> None:
+    """Give the checkpoint the ``rng`` entry that checkpoints written before it was dropped hold."""
+    ckpt = torch.load(path, weights_only=True)
+    assert "rng" not in ckpt  # no random state is written any more
+    np_state = np.random.get_state()
+    ckpt["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                   "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_needs_no_random_state_whatever_the_global_generators_hold(workers, tmp_path, dataset, teacher):
+    """Checkpoints hold no random state and resuming restores none (see myrtle_vision.checkpoint): every random
+    draw of training is seeded by its place in the run. So a resumed run with every global generator (torch's
+    CPU and CUDA ones, Python's, NumPy's) set to an arbitrary state just before it resumes, and again just
+    before it trains, still ends bit-identical to the run never interrupted, with every random switch on: a
+    DeiT (soft) with dropout, stochastic depth, MixUp, CutMix, random erasing, the weight average, repeated
+    augmentation, class-balanced draws, every random per-image op, accumulation, and loader workers or none.
+    An unseeded draw anywhere in training (a new op, a mixing draw, a dropout mask, a worker's seed) breaks
+    this. The checkpoint resumed from carries an earlier version's ``rng`` entry, which is read past."""
+    data_cfg = data_config(tmp_path / "d.json", dataset, len(CLASSES), train_ops=ALL_RANDOM_OPS)
+    # 24 training images, updates of 8 in micro-batches of 4: 3 per epoch, 6 in all; interrupted after update 4
+    train = dict(RECIPE, epochs=2, global_batch_size=8, local_batch_size=4, num_workers=workers,
+                 iters_per_checkpoint=100, iters_per_val=2, clip_grad=1.0)
+    sections = {"vit": {"dropout": 0.1, "emb_dropout": 0.1, "drop_path": 0.2},
+                "distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher),
+                                     "distillation_type": "soft"}}
+    final = _assert_resumed_run_ends_bit_identical(tmp_path, data_cfg, train, sections, scramble=20240611 + workers,
+                                                   before_resuming=_with_an_earlier_versions_rng_entry)
+    assert "rng" not in final and final["deployed"] == "ema" and "distillation" in final
 
 
 # --- through train.py ------------------------------------------------------------------------------

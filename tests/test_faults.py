@@ -1,5 +1,5 @@
-"""Faults that happen in practice: a run killed at any moment, a disk that refuses a checkpoint, a
-loss that becomes NaN. Nothing is lost beyond one checkpoint interval, nothing on disk is corrupt,
+"""Faults that happen in practice: a run killed at any moment, Ctrl-C pressed twice, a disk that refuses
+a checkpoint, a loss that becomes NaN. Nothing is lost beyond one checkpoint interval, nothing on disk is corrupt,
 and the user gets one line that says what happened."""
 
 from __future__ import annotations
@@ -419,3 +419,115 @@ def test_nonfinite_gradients_with_a_finite_loss_stop_the_run_too(data, tmp_path,
     assert trainer.progress.iteration == 1
     # with clip_grad the norm is computed anyway, and named; without, a cheaper check finds the inf
     assert ("gradient norm" in str(stopped.value)) == (clip_grad is not None)
+
+
+# --- a second Ctrl-C ------------------------------------------------------------------------------
+
+SECOND_CTRL_C = '''
+import io, os, signal, time
+import torch
+
+def _say(line):  # straight to the file descriptor: safe inside a signal handler
+    os.write(1, (line + "\\n").encode())
+
+_handled = [0]
+_signal = signal.signal
+def _announcing(signum, handler):  # says when the trainer's SIGINT handler has run
+    if signum == signal.SIGINT and callable(handler):
+        inner = handler
+        def handler(s, frame):
+            _handled[0] += 1
+            _say(f"hook: SIGINT {_handled[0]} handled")
+            return inner(s, frame)
+    return _signal(signum, handler)
+signal.signal = _announcing
+
+_backward, _calls = torch.Tensor.backward, [0]
+def _slow_backward(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == 3:  # in update 3 (one micro-batch per update)
+        _say("hook: in update 3")
+        if os.environ["SLOW"] == "update":
+            time.sleep(600)  # a slow update: both signals reach the handler in here
+        else:
+            while not _handled[0]:
+                time.sleep(0.01)
+    return _backward(self, *args, **kwargs)
+torch.Tensor.backward = _slow_backward
+
+_save = torch.save
+def _slow_save(obj, f, *args, **kwargs):
+    if not (os.environ["SLOW"] == "write" and _handled[0] and hasattr(f, "write")):
+        return _save(obj, f, *args, **kwargs)
+    data = io.BytesIO()
+    _save(obj, data, *args, **kwargs)
+    data = data.getvalue()
+    f.write(data[:len(data) // 2])
+    _say("hook: in a checkpoint write")
+    time.sleep(3)  # a slow disk: the second signal reaches the handler in here
+    f.write(data[len(data) // 2:])
+torch.save = _slow_save
+'''
+
+
+@pytest.mark.parametrize("slow", ["update", "write"])
+def test_a_second_ctrl_c_stops_at_once_and_leaves_every_checkpoint_whole(data, tmp_path, slow):
+    """Ctrl-C twice, as a terminal sends it (to the whole process group). "update": both land inside one
+    (slow) update, the second before the first has been acted on; the run stops there, saving nothing more.
+    "write": the first asks for the checkpoint at the end of the update, and the second lands inside that
+    (slow) checkpoint write, which finishes first. Either way: exit 130, "interrupted", no traceback, well
+    before the update or write would have ended by itself, every .pt file loads, and nothing else is left."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SECOND_CTRL_C)
+    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
+                       train=dict(RUN, local_batch_size=8, iters_per_checkpoint=1, iters_per_val=1000,
+                                  keep_checkpoints=None))
+    env = script_env(PYTHONPATH=f"{inject}{os.pathsep}{REPO}", SLOW=slow)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda f=f, out=out: out.extend(iter(f.readline, "")), daemon=True)
+               for f, out in ((proc.stdout, lines), (proc.stderr, errors))]
+    for r in readers:
+        r.start()
+
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 300
+        while line + "\n" not in lines:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines + errors)
+            time.sleep(0.01)
+
+    try:
+        wait_for("hook: in update 3")
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for("hook: SIGINT 1 handled")
+        if slow == "write":
+            wait_for("hook: in a checkpoint write")
+        os.killpg(proc.pid, signal.SIGINT)
+        second = time.monotonic()
+        proc.wait(timeout=120)
+        stopped_after = time.monotonic() - second
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for r in readers:
+        r.join(timeout=5)
+    stdout, stderr = "".join(lines), "".join(errors)
+    assert proc.returncode == 130, stdout + stderr
+    assert "hook: SIGINT 2 handled" in stdout
+    assert [line for line in stderr.splitlines() if line.strip()] == ["interrupted"], stderr
+    assert stopped_after < 60, stopped_after  # the update would have slept 600 s; the write takes 3 s
+    assert "checkpoint saved to" not in stdout  # the first signal's save-and-stop did not happen
+    run_dir = run_dir_of(subprocess.CompletedProcess([], 0, stdout, stderr))
+    # update: the two checkpoints before the interrupted update; write: the one being written, whole
+    expected = ["checkpoint_0000001.pt", "checkpoint_0000002.pt"] + (["checkpoint_0000003.pt"] if slow == "write" else [])
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == sorted(expected + ["last.pt"])
+    for path in run_dir.glob("*.pt"):
+        torch.load(path, map_location="cpu", weights_only=True)  # whole: a partial file does not load
+    assert torch.load(run_dir / "last.pt", weights_only=True)["iteration"] == len(expected)
+    left = sorted(p.name for p in run_dir.iterdir() if p.name not in expected + ["last.pt", "config.json"]
+                  and not p.name.startswith("events.out.tfevents."))
+    assert left == []  # no temporary file, nothing half-written

@@ -1,16 +1,23 @@
 """prepare_resisc45.py on a generated 45-class tree; prepare_fashion_mnist.py on generated IDX files."""
 
+import errno
 import gzip
 import io
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, class_image, run_script
+from conftest import REPO, assert_user_error, class_image, run_script, script_env
 from PIL import Image
 
+from myrtle_vision import files, prepare
+from myrtle_vision.errors import UserError
 from myrtle_vision.prepare import FASHION_MNIST_CLASSES, RESISC45_CLASSES
 
 
@@ -33,9 +40,15 @@ def resisc_tree(tmp_path_factory):
     return root
 
 
+def _copy(tree, dst):
+    """A copy of the generated tree whose images are hard links (fast; the tests never write into an image)."""
+    shutil.copytree(tree, dst, copy_function=os.link)
+    return dst
+
+
 def test_lays_out_splits_labels_and_is_idempotent(resisc_tree, tmp_path):
     root = tmp_path / "NWPU-RESISC45"
-    shutil.copytree(resisc_tree, root)
+    _copy(resisc_tree, root)
     proc = run_script("prepare_resisc45.py", root, check=True)
     assert "22005 train, 3195 validation, 6300 test" in proc.stdout
     assert sorted(p.name for p in root.iterdir()) == ["images", "label_map.json", "test_imagepaths.txt",
@@ -57,7 +70,7 @@ def test_lays_out_splits_labels_and_is_idempotent(resisc_tree, tmp_path):
 
 def test_already_under_images_works_too(resisc_tree, tmp_path):
     root = tmp_path / "R"
-    shutil.copytree(resisc_tree, root / "images")
+    _copy(resisc_tree, root / "images")
     run_script("prepare_resisc45.py", root, check=True)
     assert (root / "val_imagepaths.txt").read_text().startswith("images/airplane/airplane_490.jpg\n")
 
@@ -65,7 +78,7 @@ def test_already_under_images_works_too(resisc_tree, tmp_path):
 @pytest.mark.parametrize("case", ["incomplete", "unexpected folder", "missing class", "stray file"])
 def test_bad_tree_is_an_error_and_nothing_moves(resisc_tree, tmp_path, case):
     root = tmp_path / "NWPU-RESISC45"
-    shutil.copytree(resisc_tree, root)
+    _copy(resisc_tree, root)
     if case == "incomplete":
         (root / "river" / "river_700.jpg").unlink()
         needle = "has 699 images, expected 700"
@@ -85,6 +98,199 @@ def test_bad_tree_is_an_error_and_nothing_moves(resisc_tree, tmp_path, case):
 
 def test_missing_folder(tmp_path):
     assert_user_error(run_script("prepare_resisc45.py", tmp_path / "nowhere"), "nowhere", "not found")
+
+
+# --- a folder that cannot be written, a move that fails or was stopped part-way ------------------------
+
+def _layout(root):
+    """Where every file is and what it holds (folders' times left out: moving a folder away and back
+    changes its parent's)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
+
+
+def _without_root_privilege(args):
+    """``args`` run so that file permissions hold: as root, without the capabilities that override them."""
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *args] if os.geteuid() == 0 else args
+
+
+def _prepare_as_a_user(root):
+    cmd = _without_root_privilege([sys.executable, str(REPO / "prepare_resisc45.py"), str(root)])
+    return subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("read_only", ["dataset folder", "class folder"])
+def test_a_folder_that_cannot_be_written_is_one_line_and_nothing_changes(resisc_tree, tmp_path, read_only):
+    """A class folder moved to another folder needs write permission itself (for its ".." entry), so both
+    are checked before anything moves."""
+    root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
+    folder = root if read_only == "dataset folder" else root / "lake"
+    before = _snapshot(root)
+    folder.chmod(0o555)
+    try:
+        proc = _prepare_as_a_user(root)
+        after = _snapshot(root)
+    finally:
+        folder.chmod(0o755)
+    assert_user_error(proc, f"{folder}: cannot write in this folder (permission denied); nothing was changed")
+    assert after == before
+
+
+def test_a_prepared_read_only_folder_prepares_again_without_writing(resisc_tree, tmp_path):
+    root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
+    prepare.prepare_resisc45(root)
+    before = _snapshot(root)
+    root.chmod(0o555)
+    try:
+        proc = _prepare_as_a_user(root)
+    finally:
+        root.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    assert _snapshot(root) == before
+
+
+def _failing_rename(monkeypatch, fail: dict):
+    """os.rename (prepare.py's move) raising OSError(errno) for the sources in ``fail``; the others move."""
+    rename = os.rename
+
+    def failing(src, dst):
+        if str(src) in fail:
+            code = fail[str(src)]
+            raise OSError(code, os.strerror(code), str(src))
+        return rename(src, dst)
+
+    monkeypatch.setattr(prepare.os, "rename", failing)
+
+
+def _assert_prepared(root, stdout=None):
+    assert sorted(p.name for p in root.iterdir()) == ["images", "label_map.json", "test_imagepaths.txt",
+                                                     "train_imagepaths.txt", "val_imagepaths.txt"]
+    assert sorted(p.name for p in (root / "images").iterdir()) == sorted(RESISC45_CLASSES)
+    assert all(len(list((root / "images" / cls).iterdir())) == 700 for cls in RESISC45_CLASSES)
+    assert list(json.loads((root / "label_map.json").read_text())) == sorted(RESISC45_CLASSES)
+    val = (root / "val_imagepaths.txt").read_text().splitlines()
+    assert val[0] == "images/airplane/airplane_490.jpg" and len(val) == 3195
+    test = (root / "test_imagepaths.txt").read_text().splitlines()
+    assert test[-1] == "images/wetland/wetland_700.jpg" and len(test) == 6300
+    assert all((root / p).is_file() for p in val + test)
+    if stdout is not None:
+        assert "22005 train, 3195 validation, 6300 test" in stdout
+
+
+def test_a_class_folder_that_cannot_be_moved_moves_nothing(resisc_tree, tmp_path, monkeypatch):
+    """The move is all or nothing: the 21 class folders moved before 'lake' failed (EBUSY, as a mount point
+    gives) are moved back, images/ is removed, and a run once the cause is gone prepares the folder."""
+    root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
+    before = _layout(root)
+    _failing_rename(monkeypatch, {str(root / "lake"): errno.EBUSY})
+    with pytest.raises(UserError) as e:
+        prepare.prepare_resisc45(root)
+    assert str(e.value) == (f"{root / 'lake'}: cannot move it to {root / 'images'}/ (Device or resource busy); "
+                            "nothing was changed")
+    assert _layout(root) == before
+    monkeypatch.undo()
+    _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
+
+
+def test_a_move_back_that_fails_too_leaves_a_layout_that_a_second_run_finishes(resisc_tree, tmp_path, monkeypatch):
+    root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
+    _failing_rename(monkeypatch, {str(root / "lake"): errno.EBUSY, str(root / "images" / "beach"): errno.EIO})
+    with pytest.raises(UserError) as e:
+        prepare.prepare_resisc45(root)
+    assert str(e.value) == (f"{root / 'lake'}: cannot move it to {root / 'images'}/ (Device or resource busy), and "
+                            "moving beach back failed too (Input/output error): 5 of the 45 class folders are under "
+                            "images/ and the others at the top; once the cause is fixed, run prepare_resisc45.py "
+                            "again: it finishes the move")
+    moved = sorted(RESISC45_CLASSES)[:5]  # airplane ... beach: moved back newest first, until beach failed
+    assert sorted(p.name for p in (root / "images").iterdir()) == moved
+    assert sorted(p.name for p in root.iterdir() if p.name != "images") == sorted(set(RESISC45_CLASSES) - set(moved))
+    monkeypatch.undo()
+    _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
+
+
+@pytest.mark.parametrize("moved", [0, 10, 44])
+def test_a_move_stopped_part_way_is_finished_by_running_again(resisc_tree, tmp_path, moved):
+    """A kill during the move (simulated: images/ made and some class folders moved by hand) leaves classes
+    in both places, each in one of them; running again finishes the job."""
+    root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
+    (root / "images").mkdir()
+    for cls in RESISC45_CLASSES[:moved]:
+        (root / cls).rename(root / "images" / cls)
+    _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
+
+
+@pytest.mark.parametrize("case", ["class in both places", "class missing", "unexpected folder", "stray file"])
+def test_an_ambiguous_split_layout_is_refused_and_nothing_moves(resisc_tree, tmp_path, case):
+    root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
+    (root / "images").mkdir()
+    for cls in RESISC45_CLASSES[:10]:
+        (root / cls).rename(root / "images" / cls)
+    if case == "class in both places":  # e.g. an extraction repeated over a half-prepared folder
+        _copy(root / "images" / "beach", root / "beach")
+        needles = (str(root), "class 'beach' is both at the top and under images/")
+    elif case == "class missing":
+        shutil.rmtree(root / "wetland")
+        needles = (str(root), "incomplete: no folder for wetland")
+    elif case == "unexpected folder":
+        (root / "images" / "volcano").mkdir()
+        needles = (str(root / "images"), "unexpected folder 'volcano'")
+    else:
+        (root / "images" / "beach" / "notes.txt").write_text("hi")
+        needles = (str(root / "images" / "beach"), "unexpected entry 'notes.txt'")
+    before = _snapshot(root)
+    if case == "class in both places":  # through the script: one line, exit 2
+        assert_user_error(run_script("prepare_resisc45.py", root), *needles)
+    else:
+        with pytest.raises(UserError) as e:
+            prepare.prepare_resisc45(root)
+        assert all(needle in str(e.value) for needle in needles), str(e.value)
+    assert _snapshot(root) == before
+
+
+def test_the_index_files_are_written_atomically(tmp_path, monkeypatch):
+    """Each file is written to a temporary file, flushed to disk, renamed over its name, then its folder is
+    flushed; a rename that fails leaves the earlier file as it was, no temporary file, and one line."""
+    (tmp_path / "label_map.json").write_text("earlier\n")
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst), Path(src).read_text()))
+        return replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", logged_fsync)
+    monkeypatch.setattr(files.os, "replace", logged_replace)
+    prepare.write_index(tmp_path, ["b", "a"], {"train": ["images/a/1.jpg"], "val": [], "test": ["images/b/2.jpg"]})
+    label_map = '{\n  "a": 0,\n  "b": 1\n}\n'
+    folder, pid = str(tmp_path), os.getpid()
+    assert events == [
+        ("fsync", f"{folder}/.label_map.json.tmp{pid}"),
+        ("replace", f".label_map.json.tmp{pid}", "label_map.json", label_map), ("fsync", folder),
+        ("fsync", f"{folder}/.train_imagepaths.txt.tmp{pid}"),
+        ("replace", f".train_imagepaths.txt.tmp{pid}", "train_imagepaths.txt", "images/a/1.jpg\n"), ("fsync", folder),
+        ("fsync", f"{folder}/.val_imagepaths.txt.tmp{pid}"),
+        ("replace", f".val_imagepaths.txt.tmp{pid}", "val_imagepaths.txt", ""), ("fsync", folder),
+        ("fsync", f"{folder}/.test_imagepaths.txt.tmp{pid}"),
+        ("replace", f".test_imagepaths.txt.tmp{pid}", "test_imagepaths.txt", "images/b/2.jpg\n"), ("fsync", folder)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label_map.json", "test_imagepaths.txt",
+                                                         "train_imagepaths.txt", "val_imagepaths.txt"]
+    # a second write of the same text writes nothing; a failing rename keeps the file there
+    events.clear()
+    prepare.write_index(tmp_path, ["b", "a"], {"train": ["images/a/1.jpg"]})
+    assert events == []
+
+    def failing_replace(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "replace", failing_replace)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/label_map.json: cannot write the index file \(No space left "
+                                        r"on device\); nothing was written over label_map.json$"):
+        prepare.write_index(tmp_path, ["c"], {})
+    assert (tmp_path / "label_map.json").read_text() == label_map
+    assert not list(tmp_path.glob(".*"))
 
 
 def _idx(path, array):
@@ -140,6 +346,22 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     assert (small / "train_imagepaths.txt").read_text().split() == train
     assert_user_error(run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--train-per-class", 0),
                       "--train-per-class")
+
+
+def test_fashion_mnist_into_a_read_only_folder_is_one_line(tmp_path):
+    from conftest import run_script_read_only
+
+    src = tmp_path / "idx"
+    src.mkdir()
+    for name, shape in (("train-images-idx3-ubyte.gz", (10, 28, 28)), ("train-labels-idx1-ubyte.gz", (10,)),
+                        ("t10k-images-idx3-ubyte.gz", (10, 28, 28)), ("t10k-labels-idx1-ubyte.gz", (10,))):
+        _idx(src / name, np.arange(10).reshape(-1, *[1] * (len(shape) - 1)) * np.ones(shape))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    proc = run_script_read_only(locked, "prepare_fashion_mnist.py", "--idx-dir", src, "--out", locked / "fm",
+                                "--val-per-class", 0)
+    assert_user_error(proc, str(locked / "fm"), "cannot write the dataset there")
+    assert list(locked.iterdir()) == []
 
 
 def test_fashion_mnist_without_the_files(tmp_path):

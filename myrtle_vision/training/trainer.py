@@ -73,22 +73,53 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {path}")
 
 
+class _StopRequests(list):
+    """The signals received: the first asks the run to stop at the next update boundary (and save); a
+    second stops it at once, by raising KeyboardInterrupt wherever the main thread is (at its next Python
+    instruction: a single torch operation under way finishes first), saving nothing more. Except inside
+    :func:`_whole_writes`: a checkpoint write under way is finished first, and the KeyboardInterrupt is
+    raised as it ends. (Raised inside ``torch.save``, it would leave the write's temporary file behind,
+    and torch's archive writer can turn it into a RuntimeError that reads as a failed write, exit 3.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.writing, self.held = 0, False
+
+    def handle(self, signum, _frame):
+        if not self:
+            self.append(signum)
+        elif self.writing:
+            self.held = True
+        else:
+            raise KeyboardInterrupt
+
+
 @contextmanager
 def _stop_on_signals():
-    """Turn the first SIGINT/SIGTERM into a request to stop at the next update boundary."""
-    requested: list[int] = []
-
-    def handler(signum, _frame):
-        if requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        requested.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Turn the first SIGINT/SIGTERM into a request to stop at the next update boundary; a second stops
+    at once (see :class:`_StopRequests`)."""
+    requests = _StopRequests()
+    previous = {s: signal.signal(s, requests.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield requests
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _whole_writes(requests: _StopRequests | None):
+    """Around a checkpoint write: a second signal that comes during it stops the run once it is done."""
+    if requests is None:
+        yield
+        return
+    requests.writing += 1
+    try:
+        yield
+    finally:
+        requests.writing -= 1
+    if requests.held and not requests.writing:
+        raise KeyboardInterrupt
 
 
 def new_run_dir(output_directory: str) -> Path:
@@ -293,13 +324,18 @@ class Trainer:
         return self._on_rank0(self._write_checkpoint)
 
     def _write_checkpoint(self) -> Path:
-        path = save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
-        link_atomic(path, self.run_dir / "last.pt")
-        keep = self.tc.keep_checkpoints
-        if keep is not None:
-            for old in sorted(self.run_dir.glob("checkpoint_*.pt"))[:-keep]:
-                old.unlink()
+        with _whole_writes(self._stop_requests):
+            path = save_atomic(self.state(), self.run_dir / f"checkpoint_{self.progress.iteration:07d}.pt")
+            link_atomic(path, self.run_dir / "last.pt")
+            keep = self.tc.keep_checkpoints
+            if keep is not None:
+                for old in sorted(self.run_dir.glob("checkpoint_*.pt"))[:-keep]:
+                    old.unlink()
         return path
+
+    def _write_best(self) -> Path:
+        with _whole_writes(self._stop_requests):
+            return save_atomic(self.state(), self.run_dir / "best.pt")
 
     # --- loops -------------------------------------------------------------------------------
 
@@ -321,7 +357,7 @@ class Trainer:
             best += " (of the " + ("weight average)" if self.checkpoint.deploys_ema else "trained weights)")
         self.reporter.print(where + figures.format(best=best))
         if improved:
-            self._on_rank0(lambda: save_atomic(self.state(), self.run_dir / "best.pt"))
+            self._on_rank0(self._write_best)
 
     def _validate(self, model: nn.Module, tag: str):
         """``model``'s validation figures, logged under ``tag``, and a line of them with room for ``{best}``. The
@@ -496,6 +532,7 @@ class Trainer:
                     raise Interrupted(stop[0], self.run_dir / "last.pt") from None
                 raise
             finally:
+                self._stop_requests = None
                 reporter.close()
                 stop_workers(self.train_loader)
                 stop_workers(self.val_loader)

@@ -26,6 +26,18 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "torchinductor")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(REPO))
+# The pickle guard (tests/guard/myrtle_pickle_guard.py): nothing may unpickle but torch.load(weights_only=True), in
+# this process or any process the tests start (the guard's sitecustomize.py, first on their PYTHONPATH, installs it
+# there; this process's own children, DataLoader workers from a fork server, find it through os.environ).
+GUARD = Path(__file__).resolve().parent / "guard"
+sys.path.insert(0, str(GUARD))
+import myrtle_pickle_guard  # noqa: E402
+
+# one log per pytest process (each xdist worker has its own cache folder): a test's reports are its own
+os.environ[myrtle_pickle_guard.LOG_VARIABLE] = os.path.join(os.environ["XDG_CACHE_HOME"], "pickle_guard.jsonl")
+os.environ["PYTHONPATH"] = os.pathsep.join([str(GUARD), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                          if p and p != str(GUARD))])
+myrtle_pickle_guard.install(os.environ[myrtle_pickle_guard.LOG_VARIABLE])
 
 NORMALIZE = {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}
 
@@ -93,7 +105,12 @@ def script_env(device: str = "cpu", **extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    return {**env, **extra}
+    env.update(extra)
+    # the pickle guard's folder first, whatever PYTHONPATH a test gives (its own sitecustomize runs after ours)
+    env["PYTHONPATH"] = os.pathsep.join([str(GUARD), *(p for p in env["PYTHONPATH"].split(os.pathsep)
+                                                       if p and p != str(GUARD))])
+    env[myrtle_pickle_guard.LOG_VARIABLE] = os.environ[myrtle_pickle_guard.LOG_VARIABLE]
+    return env
 
 
 def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False,
@@ -131,6 +148,54 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     return lines[0]
+
+
+class GuardReports:
+    """What the pickle guard recorded, in any process, since the test began (the lines of its log)."""
+
+    def __init__(self):
+        self.path = Path(os.environ[myrtle_pickle_guard.LOG_VARIABLE])
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def take(self) -> list[dict]:
+        """The reports not taken yet; taking them means the test expected them (it will not fail for them)."""
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def pickle_guard_problems(reports: GuardReports, allowlist: set) -> list[str]:
+    """The guard's reports not taken yet, and a change of torch's weights-only allowlist from ``allowlist`` (which
+    is then put back), each as a line."""
+    problems = [f"pid {r['pid']} {' '.join(r['argv'])}: {r['event']} {r['what']} called from {r['caller']} "
+                f"(stack: {' < '.join(r['stack'][:6])})" for r in reports.take()]
+    now = set(torch.serialization.get_safe_globals())
+    allowlist = allowlist | myrtle_pickle_guard.allowed_additions  # torch's own, as its modules are imported
+    if now != allowlist:
+        name = myrtle_pickle_guard.global_name
+        problems.append(f"torch's weights-only allowlist changed: added {sorted(map(name, now - allowlist))}, "
+                        f"removed {sorted(map(name, allowlist - now))}")
+        import torch._weights_only_unpickler as wou
+
+        wou._marked_safe_globals_set = set(allowlist)  # put back (add_safe_globals itself is refused by the guard)
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def pickle_guard():
+    """Fail any test during which something unpickled other than through torch.load(weights_only=True), in this
+    process or any it started (tests/guard), or after which torch's weights-only allowlist differs."""
+    reports = GuardReports()
+    allowlist = set(torch.serialization.get_safe_globals())
+    yield reports
+    problems = pickle_guard_problems(reports, allowlist)
+    if problems:
+        pytest.fail("the pickle guard: something unpickled other than through torch.load(weights_only=True):\n  "
+                    + "\n  ".join(problems), pytrace=False)
 
 
 CLASSES = ["cat", "dog", "fox"]

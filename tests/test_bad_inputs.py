@@ -305,7 +305,10 @@ CASES = {
     "an image smaller than RandomCrop, on the device": lambda c: (
         _set(c.data, "augment_on", "device"), CASES["an image smaller than RandomCrop"](c))[1],
     # checkpoints
-    "checkpoint missing": _ckpt("train.py", lambda c: c.root / "nope.pt", "not found"),
+    "checkpoint missing": _ckpt("train.py", lambda c: c.root / "nope.pt", "{cfg}", "train_config.checkpoint_path",
+                                "not found"),
+    "checkpoint_path a folder": _ckpt("train.py", lambda c: c.root, "{cfg}", "train_config.checkpoint_path",
+                                      "is a folder"),
     "truncated checkpoint": _ckpt("train.py", lambda c: _truncate(c.root / "ckpt.pt"), "not a readable checkpoint"),
     "zero-byte checkpoint": _ckpt("test.py", lambda c: _truncate(c.root / "ckpt.pt", 0), "not a readable checkpoint"),
     "checkpoint of another architecture": _ckpt("test.py", _other_architecture, "depth"),
@@ -727,3 +730,19 @@ def test_a_refused_checkpoint_leaves_no_run_directory_behind(pristine, tmp_path)
     code, out, err = run("train.py", "-c", c.cfg_path)
     _one_line(code, out, err, 2, "'iteration' is 'abc'")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_interrupted_write_leaves_neither_a_partial_file_nor_its_temporary(tmp_path):
+    """Ctrl-C (or a bug) while the data is being written: the earlier file stays, no temporary file is left."""
+    import myrtle_vision.files as files
+
+    (tmp_path / "report.json").write_text("earlier")
+
+    def interrupted(f):
+        f.write(b"half a rep")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        files.write_atomic(tmp_path / "report.json", interrupted, "report")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert (tmp_path / "report.json").read_text() == "earlier"

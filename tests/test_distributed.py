@@ -275,4 +275,4 @@ def test_a_user_error_in_the_started_processes_is_their_exit_status(runs, tmp_pa
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(RUN, checkpoint_path=str(tmp_path / "gone.pt")))
     proc = run_script("train.py", "-c", cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
-    assert f"error: {tmp_path / 'gone.pt'}: checkpoint not found" in proc.stderr
+    assert f"error: {cfg}: train_config.checkpoint_path: {tmp_path / 'gone.pt'}: checkpoint not found" in proc.stderr

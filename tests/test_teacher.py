@@ -132,5 +132,11 @@ def test_output_path_is_checked_before_finetuning_and_never_replaces_a_users_fil
         run_script("finetune_teacher.py", *args, "--output-path", out, check=True)
         info = json.loads(out.with_suffix(".json").read_text())
         assert info["finished"] and info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    # a JSON from before the sha256 was recorded: the files are an earlier finetuning's if it names this output
+    older = {k: v for k, v in info.items() if k not in ("sha256", "finished")}
+    out.with_suffix(".json").write_text(json.dumps({**older, "output_path": str(tmp_path / "elsewhere.pth")}))
+    assert_user_error(run_script("finetune_teacher.py", *args, "--output-path", out), str(out), "already exists")
+    out.with_suffix(".json").write_text(json.dumps(older))
+    run_script("finetune_teacher.py", *args, "--output-path", out, check=True)
     run_script("finetune_teacher.py", *args, "--output-path", mine, "--force", check=True)
     assert load_teacher("mobilenet_v3_small", 3, mine) is not None

@@ -11,6 +11,7 @@ per-epoch history.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..config import OPTIMIZERS, build, load_data_config
 from ..data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
 from ..evaluation import evaluate
 from ..errors import UserError
-from ..files import check_output, described_by, json_with, sha256, write_json
+from ..files import check_output, json_with, sha256, write_json
 from ..metrics import Accumulator
 from ..models.cnn import Resized, starting_model
 from ..optim import LRSchedule, build_optimizer, build_scheduler
@@ -96,14 +97,25 @@ class TeacherResult:
         return out
 
 
+def _earlier_finetuning(sidecar: Path):
+    """An ``ours`` test for the weights file: the one its JSON describes (by sha256; a JSON of a version
+    before the sha256 was recorded, by its output_path)."""
+    def test(path: Path) -> bool:
+        info = json.loads(sidecar.read_text())
+        if not isinstance(info, dict) or "parameters" not in info:
+            return False
+        return info["sha256"] == sha256(path) if "sha256" in info else info.get("output_path") == str(path)
+    return test
+
+
 def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> TeacherResult:
     """Finetune ``cfg.model`` on ``cfg.data_config``'s training split; return the curves and test accuracy."""
     start_time = time.perf_counter()
     output, sidecar = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
     # an earlier finetuning's files are replaced; anything else only with force
-    check_output(output, f"{cfg.path}: output_path", ours=described_by(sidecar), force=cfg.force,
+    check_output(output, f"{cfg.path}: output_path", ours=_earlier_finetuning(sidecar), force=cfg.force,
                  what="teacher weights file")
-    check_output(sidecar, f"{cfg.path}: output_path (its JSON)", ours=json_with("parameters", "sha256"),
+    check_output(sidecar, f"{cfg.path}: output_path (its JSON)", ours=json_with("parameters", "output_path"),
                  force=cfg.force, what="teacher's JSON")
     if device is None:
         from ..cli import resolve_device

@@ -217,8 +217,7 @@ def _output_dir(output_dir: str | None, tested: Path, split: str) -> Path:
 
 def _save(acc: Accumulator, names: list[str], split: str, out_dir: Path, step: int, scalars: dict) -> None:
     """The confusion matrix as a picture and in TensorBoard, with ``scalars``, in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image = confusion_image(acc.confusion, names)
+    image = confusion_image(acc.confusion, names)  # (out_dir made by check_outputs)
     save_png(image, out_dir / "confusion_matrix.png")
     reporter = Reporter(out_dir)
     reporter.image(f"{split}/confusion_matrix", image)
@@ -445,8 +444,7 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     print(format_side_by_side([ref, q], ["FP32", fmt], names))
     print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)")
     print(f"largest logit difference: {comparison.max_logit_diff:.6g}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for label, acc in (("FP32", ref), (fmt, q)):
+    for label, acc in (("FP32", ref), (fmt, q)):  # (out_dir made by check_outputs)
         save_png(confusion_image(acc.confusion, names), out_dir / f"confusion_matrix_{label}.png")
     rows = _changed_rows(comparison, loader, names, fmt)
     write_json(out_dir / "changed_predictions.json", rows, "list of changed predictions")

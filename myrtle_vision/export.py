@@ -52,14 +52,6 @@ def _plain_vit(cfg: Config, weights: dict[str, torch.Tensor], source: str) -> to
     return model.eval()
 
 
-def _earlier_onnx(sidecar: Path):
-    """An ``ours`` test: the ONNX file is the one an earlier export's JSON describes."""
-    def test(path: Path) -> bool:
-        onnx = json.loads(sidecar.read_text()).get("onnx")
-        return isinstance(onnx, dict) and onnx.get("sha256") == sha256(path)
-    return test
-
-
 def _check_onnx_installed() -> None:
     try:
         import onnx  # noqa: F401  (torch's exporter writes the file with it)
@@ -94,7 +86,7 @@ def export(cfg: Config, checkpoint: Path, output: Path | None = None, *, fp16: b
     check_output(sidecar, "--output (its JSON)", ours=json_with("deploy_file", "sha256"), force=force,
                  what="deploy file's JSON")
     if onnx is not None:
-        check_output(onnx, "--onnx", ours=_earlier_onnx(sidecar), force=force, what="ONNX file")
+        check_output(onnx, "--onnx", ours=described_by(sidecar, "onnx", "sha256"), force=force, what="ONNX file")
     reference = build_model(cfg, distilled=False, q_format="FP32")
     load_model_weights(reference, ckpt, checkpoint, require_distillation=False)  # says what does not fit
     reference.eval()

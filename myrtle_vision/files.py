@@ -158,12 +158,16 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def described_by(sidecar: Path, key: str = "sha256") -> Callable[[Path], bool]:
+def described_by(sidecar: Path, *keys: str) -> Callable[[Path], bool]:
     """An ``ours`` test for :func:`check_output`: the file is the one its JSON ``sidecar`` (written by this tool
-    beside it) describes, by sha256 under ``key``."""
+    beside it) describes, by the sha256 under ``keys`` (nested; default ``"sha256"``)."""
+    *nesting, last = keys or ("sha256",)
+
     def test(path: Path) -> bool:
         info = json.loads(sidecar.read_text())
-        return isinstance(info, dict) and info.get(key) == sha256(path)
+        for key in nesting:
+            info = info.get(key) if isinstance(info, dict) else None
+        return isinstance(info, dict) and info.get(last) == sha256(path)
     return test
 
 

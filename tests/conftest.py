@@ -113,11 +113,17 @@ def script_env(device: str = "cpu", **extra: str) -> dict:
     return env
 
 
+# As root, file permission bits bind only without CAP_DAC_OVERRIDE: a script run with it dropped meets a read-only
+# (mode 555) folder as a user would
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
 def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False,
-               env: dict | None = None, device: str = "cpu") -> subprocess.CompletedProcess:
+               env: dict | None = None, device: str = "cpu", unprivileged: bool = False) -> subprocess.CompletedProcess:
+    """``python script args`` as a user runs it (``unprivileged``: with file permissions binding even as root)."""
     env = script_env(device, **(env or {}))
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd or REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*(UNPRIVILEGED if unprivileged else []), sys.executable, str(REPO / script),
+                           *map(str, args)], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -310,15 +316,11 @@ def reference_logits(cfg_path, ckpt_path, q_format: str = "FP32", split: str = "
 
 
 def run_script_read_only(folder: Path, script: str, *args, **kwargs) -> subprocess.CompletedProcess:
-    """``run_script`` with ``folder`` made read-only (mode 555) for the script. As root, permission bits bind
-    only without CAP_DAC_OVERRIDE, so the script runs with it dropped (setpriv); the folder is restored after."""
+    """``run_script`` (unprivileged) with ``folder`` made read-only (mode 555) for the script; restored after."""
     folder = Path(folder)
     mode = folder.stat().st_mode
     folder.chmod(0o555)
-    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     try:
-        env = script_env(**kwargs.pop("env", {}))
-        return subprocess.run([*prefix, sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600, **kwargs)
+        return run_script(script, *args, unprivileged=True, **kwargs)
     finally:
         folder.chmod(mode)

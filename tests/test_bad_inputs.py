@@ -664,9 +664,7 @@ def test_a_run_folder_made_read_only_mid_run_stops_with_exit_3_and_keeps_its_che
     """The folder turns read-only just after torch.save wrote checkpoint N's temporary file (its rename fails; with
     N = 1, before any checkpoint is in place) or checkpoint N-1's: either way one line, exit 3, and what was
     written before loads."""
-    import subprocess
-
-    from conftest import script_env
+    from conftest import run_script
 
     c = _case(pristine, tmp_path)
     c.cfg["train_config"].update(epochs=3, iters_per_checkpoint=1, global_batch_size=8, local_batch_size=8)
@@ -674,10 +672,8 @@ def test_a_run_folder_made_read_only_mid_run_stops_with_exit_3_and_keeps_its_che
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(READ_ONLY_AFTER)
-    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
-    proc = subprocess.run([*prefix, sys.executable, str(REPO / "train.py"), "-c", str(c.cfg_path)], timeout=600,
-                          env=script_env(PYTHONPATH=f"{inject}{os.pathsep}{REPO}", LOCK_AFTER_SAVES=str(saves)),
-                          capture_output=True, text=True)
+    proc = run_script("train.py", "-c", c.cfg_path, unprivileged=True,
+                      env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "LOCK_AFTER_SAVES": str(saves)})
     line = _one_line(proc.returncode, proc.stdout, proc.stderr, 3, f"checkpoint_{saves:07d}.pt: cannot write the "
                      "checkpoint (Permission denied); the previous checkpoints are intact")
     run_dir = Path(line.split(": ")[1]).parent

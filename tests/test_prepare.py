@@ -7,13 +7,11 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_user_error, class_image, run_script, script_env
+from conftest import assert_user_error, class_image, run_script
 from PIL import Image
 
 from myrtle_vision import files, prepare
@@ -109,14 +107,8 @@ def _layout(root):
             for p in sorted(root.rglob("*"))}
 
 
-def _without_root_privilege(args):
-    """``args`` run so that file permissions hold: as root, without the capabilities that override them."""
-    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *args] if os.geteuid() == 0 else args
-
-
 def _prepare_as_a_user(root):
-    cmd = _without_root_privilege([sys.executable, str(REPO / "prepare_resisc45.py"), str(root)])
-    return subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
+    return run_script("prepare_resisc45.py", root, unprivileged=True)
 
 
 @pytest.mark.parametrize("read_only", ["dataset folder", "class folder"])

@@ -122,6 +122,12 @@ def _whole_writes(requests: _StopRequests | None):
         raise KeyboardInterrupt
 
 
+def _in_its_run_dir(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` lies in a run directory of ours (a ``config.json`` beside it), where resuming
+    goes on writing."""
+    return (checkpoint.parent / "config.json").is_file()
+
+
 def new_run_dir(output_directory: str) -> Path:
     base = Path(output_directory) / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, n = base, 1
@@ -178,7 +184,7 @@ class Trainer:
         """Before the data is opened (decoding it can take minutes): the folder this run will write in can be
         written (the checkpoint's own run directory when it resumes there, else output_directory)."""
         ckpt = Path(self.tc.checkpoint_path) if self.tc.checkpoint_path else None
-        if ckpt is not None and (ckpt.parent / "config.json").is_file():
+        if ckpt is not None and _in_its_run_dir(ckpt):
             folder, field = ckpt.parent, "checkpoint_path (its run directory)"
         else:
             folder, field = Path(self.tc.output_directory), "output_directory"
@@ -309,7 +315,7 @@ class Trainer:
         earlier, said = self.checkpoint.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
         self.reporter.print(said)
         # Continue in the run's own folder when the checkpoint lives in one.
-        return path.parent if not earlier and (path.parent / "config.json").is_file() else self._new_run_dir()
+        return path.parent if not earlier and _in_its_run_dir(path) else self._new_run_dir()
 
     @property
     def progress(self) -> Progress:
@@ -457,11 +463,8 @@ class Trainer:
                             "or set train_config.nonfinite_loss to skip")
 
     def _prepare_run_dir(self) -> None:
-        """Check the run directory can be written (before any training), clear what a killed run left
-        half-written, and save the config beside the checkpoints."""
-        resumed_here = self.tc.checkpoint_path and self.run_dir == Path(self.tc.checkpoint_path).parent
-        check_folder(self.run_dir, f"{self.cfg.path}: train_config."
-                                   + ("checkpoint_path (its run directory)" if resumed_here else "output_directory"))
+        """Clear what a killed run left half-written in the run directory (checked writable at start-up, by
+        :meth:`_check_output_folder`), and save the config beside the checkpoints."""
         remove_stale_temporaries(self.run_dir)  # left by a run killed while writing
         write_atomic(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2) + "\n", "config")
 

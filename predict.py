@@ -21,20 +21,42 @@ def main() -> int:
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument("--output", default="predictions.csv", help="the CSV to write (default: predictions.csv)")
     p.add_argument("--topk", type=int, default=5, help="classes per image (default 5, at most the class count)")
-    p.add_argument("--q_format", "--q-format", metavar="F",
-                   help=f"also predict in this format ({', '.join(f for f in Q_FORMATS if f != 'FP32')}) and mark "
-                        "the images whose top-1 it changes")
-    p.add_argument("--q_rounding", "--q-rounding", metavar="R", help=f"one of {', '.join(ROUNDINGS)} (default: "
-                   "the checkpoint's if trained with quantization, else the config's vit_config.q_rounding)")
+    p.add_argument(
+        "--q_format",
+        "--q-format",
+        metavar="F",
+        help=f"also predict in this format ({', '.join(f for f in Q_FORMATS if f != 'FP32')}) and mark "
+        "the images whose top-1 it changes",
+    )
+    p.add_argument(
+        "--q_rounding",
+        "--q-rounding",
+        metavar="R",
+        help=f"one of {', '.join(ROUNDINGS)} (default: "
+        "the checkpoint's if trained with quantization, else the config's vit_config.q_rounding)",
+    )
     p.add_argument("--batch-size", type=int, help="default: the config's train_config.local_batch_size")
-    p.add_argument("--force", action="store_true", help="replace an --output file that is not an earlier "
-                                                        "predictions CSV (an earlier one is replaced anyway)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an --output file that is not an earlier predictions CSV (an earlier one is replaced anyway)",
+    )
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint = checkpoint_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
-        predict(cfg, checkpoint, args.inputs, Path(args.output), procs, topk=args.topk, q_format=args.q_format,
-                q_rounding=args.q_rounding, batch_size=args.batch_size, force=args.force)
+        predict(
+            cfg,
+            checkpoint,
+            args.inputs,
+            Path(args.output),
+            procs,
+            topk=args.topk,
+            q_format=args.q_format,
+            q_rounding=args.q_rounding,
+            batch_size=args.batch_size,
+            force=args.force,
+        )
     return 0
 
 

@@ -12,14 +12,24 @@ def main() -> int:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument("--json", help="also write {top1, top5, num_images, per_class} here")
-    p.add_argument("--force", action="store_true", help="replace a --json file that is not an earlier report "
-                                                        "(an earlier one is replaced anyway)")
-    p.add_argument("--output-dir", help="where the confusion matrix and TensorBoard go "
-                                        "(default: <split>_<checkpoint name> beside the checkpoint)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a --json file that is not an earlier report (an earlier one is replaced anyway)",
+    )
+    p.add_argument(
+        "--output-dir",
+        help="where the confusion matrix and TensorBoard go (default: <split>_<checkpoint name> beside the checkpoint)",
+    )
     add_split_argument(p)
-    p.add_argument("--teacher", nargs="?", const="", metavar="WEIGHTS",
-                   help="test the config's CNN teacher (distiller_config.teacher_model) instead, from WEIGHTS "
-                        "(default: distiller_config.teacher_weights_path), e.g. a finetune_teacher.py output")
+    p.add_argument(
+        "--teacher",
+        nargs="?",
+        const="",
+        metavar="WEIGHTS",
+        help="test the config's CNN teacher (distiller_config.teacher_model) instead, from WEIGHTS "
+        "(default: distiller_config.teacher_weights_path), e.g. a finetune_teacher.py output",
+    )
     args = p.parse_args()
     if args.teacher is not None and args.checkpoint:
         p.error("--teacher tests the CNN teacher, --checkpoint a ViT checkpoint: give one of them")
@@ -27,11 +37,25 @@ def main() -> int:
     checkpoint = None if args.teacher is not None else checkpoint_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         if checkpoint is None:
-            run_teacher_test(cfg, args.teacher, procs, json_path=args.json, output_dir=args.output_dir,
-                             split=args.split, force=args.force)
+            run_teacher_test(
+                cfg,
+                args.teacher,
+                procs,
+                json_path=args.json,
+                output_dir=args.output_dir,
+                split=args.split,
+                force=args.force,
+            )
         else:
-            run_test(cfg, checkpoint, procs, json_path=args.json, output_dir=args.output_dir, split=args.split,
-                     force=args.force)
+            run_test(
+                cfg,
+                checkpoint,
+                procs,
+                json_path=args.json,
+                output_dir=args.output_dir,
+                split=args.split,
+                force=args.force,
+            )
     return 0
 
 

@@ -13,34 +13,71 @@ from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDIN
 def main() -> int:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
-    p.add_argument("--q_format", "--q-format", metavar="F",
-                   help=f"one of {', '.join(Q_FORMATS + POST_TRAINING_FORMATS)} (default: the config's "
-                        "vit_config.q_format unless it is FP32, else the format the checkpoint was trained in, "
-                        "else FP16_32)")
-    p.add_argument("--q_rounding", "--q-rounding", metavar="R",
-                   help=f"one of {', '.join(ROUNDINGS)} (default: the checkpoint's with --quantized_ckpt, "
-                        "else the config's vit_config.q_rounding); not for PyTorchINT8")
-    p.add_argument("--quantized_ckpt", "--quantized-ckpt", action="store_true",
-                   help="the checkpoint was made by quantization-aware training (a non-FP32 q_format)")
-    p.add_argument("--calib_steps", "--calib-steps", type=int, metavar="N",
-                   help=f"PyTorchINT8: calibrate on the first N validation batches (default {DEFAULT_CALIB_STEPS}; "
-                        "all of them if the split has fewer)")
-    p.add_argument("--per_channel", "--per-channel", action="store_true",
-                   help="PyTorchINT8: one weight scale per output row of each Linear (default: one per weight tensor)")
+    p.add_argument(
+        "--q_format",
+        "--q-format",
+        metavar="F",
+        help=f"one of {', '.join(Q_FORMATS + POST_TRAINING_FORMATS)} (default: the config's "
+        "vit_config.q_format unless it is FP32, else the format the checkpoint was trained in, "
+        "else FP16_32)",
+    )
+    p.add_argument(
+        "--q_rounding",
+        "--q-rounding",
+        metavar="R",
+        help=f"one of {', '.join(ROUNDINGS)} (default: the checkpoint's with --quantized_ckpt, "
+        "else the config's vit_config.q_rounding); not for PyTorchINT8",
+    )
+    p.add_argument(
+        "--quantized_ckpt",
+        "--quantized-ckpt",
+        action="store_true",
+        help="the checkpoint was made by quantization-aware training (a non-FP32 q_format)",
+    )
+    p.add_argument(
+        "--calib_steps",
+        "--calib-steps",
+        type=int,
+        metavar="N",
+        help=f"PyTorchINT8: calibrate on the first N validation batches (default {DEFAULT_CALIB_STEPS}; "
+        "all of them if the split has fewer)",
+    )
+    p.add_argument(
+        "--per_channel",
+        "--per-channel",
+        action="store_true",
+        help="PyTorchINT8: one weight scale per output row of each Linear (default: one per weight tensor)",
+    )
     p.add_argument("--json", help="also write the FP32 and quantized results here")
-    p.add_argument("--force", action="store_true", help="replace a --json file that is not an earlier report "
-                                                        "(an earlier one is replaced anyway)")
-    p.add_argument("--output-dir", help="where both confusion matrices and the list of changed predictions go "
-                                        "(default: <split>_<format>_<checkpoint name> beside the checkpoint)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a --json file that is not an earlier report (an earlier one is replaced anyway)",
+    )
+    p.add_argument(
+        "--output-dir",
+        help="where both confusion matrices and the list of changed predictions go "
+        "(default: <split>_<format>_<checkpoint name> beside the checkpoint)",
+    )
     add_split_argument(p)
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint = checkpoint_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
-        run_quantize_test(cfg, checkpoint, procs, q_format=args.q_format, q_rounding=args.q_rounding,
-                          quantized_ckpt=args.quantized_ckpt, json_path=args.json, calib_steps=args.calib_steps,
-                          per_channel=args.per_channel, split=args.split, output_dir=args.output_dir,
-                          force=args.force)
+        run_quantize_test(
+            cfg,
+            checkpoint,
+            procs,
+            q_format=args.q_format,
+            q_rounding=args.q_rounding,
+            quantized_ckpt=args.quantized_ckpt,
+            json_path=args.json,
+            calib_steps=args.calib_steps,
+            per_channel=args.per_channel,
+            split=args.split,
+            output_dir=args.output_dir,
+            force=args.force,
+        )
     return 0
 
 

@@ -10,17 +10,27 @@ from myrtle_vision.training import Interrupted, train
 
 def main() -> int:
     p = parser(__doc__)
-    p.add_argument("--nproc_per_node", "--nproc-per-node", type=int, metavar="N",
-                   help="train in N processes on this machine (one per GPU on CUDA; Gloo on CPU); default: one per "
-                        "visible GPU when train_config.distributed is true, else one")
+    p.add_argument(
+        "--nproc_per_node",
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="train in N processes on this machine (one per GPU on CUDA; Gloo on CPU); default: one per "
+        "visible GPU when train_config.distributed is true, else one",
+    )
     args = p.parse_args()
     cfg = load_config(args.config)
     device = resolve_device(args.device)
     nproc = distributed.processes_to_start(cfg, device, args.nproc_per_node)
     if nproc > 1:
-        print(f"starting {nproc} processes on {device.type} with PyTorch's launcher "
-              f"(as torchrun --standalone --nproc_per_node={nproc})", flush=True)
-        return distributed.launch(nproc, __file__, ["-c", args.config] + (["--device", args.device] if args.device else []))
+        print(
+            f"starting {nproc} processes on {device.type} with PyTorch's launcher "
+            f"(as torchrun --standalone --nproc_per_node={nproc})",
+            flush=True,
+        )
+        return distributed.launch(
+            nproc, __file__, ["-c", args.config] + (["--device", args.device] if args.device else [])
+        )
     with distributed.session(cfg, device) as procs:
         try:
             last = train(cfg, procs)

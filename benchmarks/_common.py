@@ -18,8 +18,11 @@ def machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -40,11 +43,13 @@ def write_section(heading: str, intro: str, marker: str, table: str) -> None:
     """Replace the table between ``marker``'s comments under ``heading`` in RESULTS.md (or add it), keeping the rest."""
     begin, end = f"<!-- {marker}: begin -->", f"<!-- {marker}: end -->"
     block = f"{begin}\n{table}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    text = (
+        RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    )
     if heading not in text:
         text = text.rstrip("\n") + f"\n\n{heading}\n\n{intro}\n"
     if begin in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         at = text.index(heading) + len(heading)
         nxt = text.find("\n## ", at)
@@ -58,8 +63,8 @@ def matmul_rate(device: torch.device, repeats: int, dtype: torch.dtype = torch.f
     best = 0.0
     for n in (1024, 2048, 4096):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        reps = max(1, int(2e11 // (2 * n ** 3))) if device.type == "cuda" else 1
-        fn = lambda: [a @ b for _ in range(reps)]  # noqa: E731
+        reps = max(1, int(2e11 // (2 * n**3))) if device.type == "cuda" else 1
+        fn = lambda a=a, b=b, reps=reps: [a @ b for _ in range(reps)]  # noqa: E731
         fn()
-        best = max(best, 2 * n ** 3 * reps / statistics.median(timed(fn, device) for _ in range(repeats)))
+        best = max(best, 2 * n**3 * reps / statistics.median(timed(fn, device) for _ in range(repeats)))
     return best

@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import machine, timed, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import machine, timed, write_section  # noqa: E402
-from myrtle_vision.models.vit import Attention, PatchEmbed, ViTArgs, VisionTransformer  # noqa: E402
+from myrtle_vision.models.vit import Attention, PatchEmbed, VisionTransformer, ViTArgs
 
 TINY = dict(image_size=224, patch_size=16, num_classes=45, embed_dim=192, depth=12, heads=3, mlp_dim=768)
 
@@ -88,21 +85,28 @@ def main() -> int:
             with _ByReshape():
                 times["reshape"].append(timed(fn, device))
         ours, ref = (statistics.median(times[k]) for k in ("einops", "reshape"))
-        rows.append(f"| ViT-Tiny | {what} | {args.batch_size / ours:.1f} | {args.batch_size / ref:.1f} | "
-                    f"**{ref / ours:.3f}x** |")
+        rows.append(
+            f"| ViT-Tiny | {what} | {args.batch_size / ours:.1f} | {args.batch_size / ref:.1f} | "
+            f"**{ref / ours:.3f}x** |"
+        )
         print(rows[-1], flush=True)
-    table = (f"`python benchmarks/einops_layouts.py --device {device.type}` on {machine(device)}: batch "
-             f"{args.batch_size}, {args.image_size}x{args.image_size}, fp32 eager; median of {args.repeats} "
-             "alternating timings.\n\n"
-             "| model | measurement | einops images/s | reshape/permute images/s | einops speed / reshape speed |\n"
-             "|---|---|---|---|---|\n" + "\n".join(rows))
+    table = (
+        f"`python benchmarks/einops_layouts.py --device {device.type}` on {machine(device)}: batch "
+        f"{args.batch_size}, {args.image_size}x{args.image_size}, fp32 eager; median of {args.repeats} "
+        "alternating timings.\n\n"
+        "| model | measurement | einops images/s | reshape/permute images/s | einops speed / reshape speed |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows)
+    )
     print(table)
     if args.no_write:
         return 0
-    write_section("## The ViT's einops patterns against reshape/permute (einops_layouts.py)",
-                  "The patch flattening and the attention's q/k/v split and head merge are einops patterns; "
-                  "the same model with them written as reshape/permute, in the same process.",
-                  f"einops_layouts {device.type}", table)
+    write_section(
+        "## The ViT's einops patterns against reshape/permute (einops_layouts.py)",
+        "The patch flattening and the attention's q/k/v split and head merge are einops patterns; "
+        "the same model with them written as reshape/permute, in the same process.",
+        f"einops_layouts {device.type}",
+        table,
+    )
     return 0
 
 

@@ -23,28 +23,30 @@ import sys
 from pathlib import Path
 
 import torch
+from _common import machine, timed, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import machine, timed, write_section  # noqa: E402
-from myrtle_vision.distributed import Processes  # noqa: E402
-from myrtle_vision import checkpoint as ckpt_io  # noqa: E402
-from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
-from myrtle_vision.config import load_config  # noqa: E402
-from myrtle_vision.evaluation import evaluate, split_loader  # noqa: E402
-from myrtle_vision.models import build_model  # noqa: E402
-from myrtle_vision.quantization import Q_FORMATS as FORMATS  # noqa: E402
-from myrtle_vision.weights.deploy import load_model_weights  # noqa: E402
+from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision.cli import main_guard, resolve_device
+from myrtle_vision.config import load_config
+from myrtle_vision.distributed import Processes
+from myrtle_vision.evaluation import evaluate, split_loader
+from myrtle_vision.models import build_model
+from myrtle_vision.quantization import Q_FORMATS as FORMATS
+from myrtle_vision.weights.deploy import load_model_weights
 
 HEADING = "## Evaluation in a simulated number format against FP32 (quantized_eval.py)"
-INTRO = ("Target: FP16_32 evaluation at most 1.15x the time of FP32 evaluation on the same data and machine. "
-         "Each table is rewritten when its command is run again.")
+INTRO = (
+    "Target: FP16_32 evaluation at most 1.15x the time of FP32 evaluation on the same data and machine. "
+    "Each table is rewritten when its command is run again."
+)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default="train_configs/vit_demo.json")
-    p.add_argument("--checkpoint", help="weights to load (default: a fresh initialisation; speed does not depend on them)")
+    p.add_argument(
+        "--checkpoint", help="weights to load (default: a fresh initialisation; speed does not depend on them)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--random-batches", type=int, metavar="N", help="model only, on N random batches")
     p.add_argument("--device", choices=("cpu", "cuda"))
@@ -83,16 +85,20 @@ def main() -> int:
     fwd = {f: [] for f in FORMATS}
     for r in range(args.repeats):
         for f, model in models.items():
-            fwd[f].append(timed(lambda: forward_all(model), device))
+            fwd[f].append(timed(lambda model=model: forward_all(model), device))
         for f in () if args.random_batches else ("FP32", "FP16_32"):  # slow: the target pair only
-            e2e[f].append(timed(lambda: evaluate(models[f], loader, len(names)), device))
+            e2e[f].append(timed(lambda f=f: evaluate(models[f], loader, len(names)), device))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{f} {fwd[f][-1]:.2f} s" for f in FORMATS), flush=True)
     med = {f: statistics.median(v) for f, v in fwd.items()}
     e2e_med = {f: statistics.median(v) for f, v in e2e.items() if v}
     command = " ".join(["python benchmarks/quantized_eval.py", *sys.argv[1:]])
-    lines = [f"`{command}`: {Path(args.config).name}, {n_images} images ({what}), on {machine(device)}; "
-             f"median of {args.repeats} alternating repeats.", "",
-             "| measurement | format | seconds | images/s | time vs FP32 |", "|---|---|---|---|---|"]
+    lines = [
+        f"`{command}`: {Path(args.config).name}, {n_images} images ({what}), on {machine(device)}; "
+        f"median of {args.repeats} alternating repeats.",
+        "",
+        "| measurement | format | seconds | images/s | time vs FP32 |",
+        "|---|---|---|---|---|",
+    ]
     for f, s in e2e_med.items():
         lines.append(f"| evaluation (data + model) | {f} | {s:.2f} | {n_images / s:.0f} | {s / e2e_med['FP32']:.2f}x |")
     for f, s in med.items():

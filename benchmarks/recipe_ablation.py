@@ -22,12 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from _common import machine, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine, write_section  # noqa: E402
-
-from myrtle_vision.config import Config, build  # noqa: E402
+from myrtle_vision.config import Config, build
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,10 +32,14 @@ REPO = Path(__file__).resolve().parent.parent
 # average's decay suits the demo's ~1,100 updates (DeiT's 0.99996 is for 375,000).
 RECIPE_TRAIN = {"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25, "repeated_augmentation": 3, "ema_decay": 0.995}
 RECIPE_VIT = {"drop_path": 0.1}
-SWITCHES = {"mixup": ("train", {"mixup": 0.0}), "cutmix": ("train", {"cutmix": 0.0}),
-            "random_erasing": ("train", {"random_erasing": 0.0}),
-            "repeated_augmentation": ("train", {"repeated_augmentation": 1}), "ema": ("train", {"ema_decay": None}),
-            "drop_path": ("vit", {"drop_path": 0.0})}
+SWITCHES = {
+    "mixup": ("train", {"mixup": 0.0}),
+    "cutmix": ("train", {"cutmix": 0.0}),
+    "random_erasing": ("train", {"random_erasing": 0.0}),
+    "repeated_augmentation": ("train", {"repeated_augmentation": 1}),
+    "ema": ("train", {"ema_decay": None}),
+    "drop_path": ("vit", {"drop_path": 0.0}),
+}
 
 
 def variant_config(base: Path, model: str, variant: str, seed: int, out: Path) -> Path:
@@ -92,8 +93,9 @@ def measured_before(cfg: Path) -> dict | None:
     return None
 
 
-def measure(base: Path, model: str, variant: str, seed: int, out: Path, resume: bool, report: bool = False
-            ) -> dict | None:
+def measure(
+    base: Path, model: str, variant: str, seed: int, out: Path, resume: bool, report: bool = False
+) -> dict | None:
     """Train and test one run; its figures are kept in ``<run>.measured.json`` beside its config, and with
     ``resume`` a run measured before on the same config is not run again. With ``report`` nothing is run:
     the figures measured before, or None."""
@@ -110,8 +112,12 @@ def measure(base: Path, model: str, variant: str, seed: int, out: Path, resume: 
     run_dir = next(line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("run directory: "))
     result = out / f"{model}_{variant}_{seed}.result.json"
     run([sys.executable, "test.py", "-c", str(cfg), "--checkpoint", f"{run_dir}/last.pt", "--json", str(result)])
-    figures = {"top1": json.loads(result.read_text())["top1"], "seconds": seconds,
-               "machine": machine(torch.device("cpu")), "config": json.loads(cfg.read_text())}
+    figures = {
+        "top1": json.loads(result.read_text())["top1"],
+        "seconds": seconds,
+        "machine": machine(torch.device("cpu")),
+        "config": json.loads(cfg.read_text()),
+    }
     measured.write_text(json.dumps(figures, indent=2))
     print(f"{cfg.stem}: top-1 {figures['top1']:.2f}% after {seconds:.0f} s", flush=True)
     return figures
@@ -124,13 +130,23 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["without", "with", *(f"no_{s}" for s in SWITCHES)])
     parser.add_argument("--out", default="runs/recipe_ablation")
     for model in ("vit", "deit"):
-        parser.add_argument(f"--{model}-config", type=Path, default=REPO / "train_configs" / f"{model}_demo.json",
-                            help=f"the {model.upper()} config to vary (default: the demo's)")
+        parser.add_argument(
+            f"--{model}-config",
+            type=Path,
+            default=REPO / "train_configs" / f"{model}_demo.json",
+            help=f"the {model.upper()} config to vary (default: the demo's)",
+        )
     parser.add_argument("--no-write", action="store_true", help="print the table, do not write RESULTS.md")
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the runs in --out measured before on the same config (an ablation in pieces)")
-    parser.add_argument("--report", action="store_true",
-                        help="run nothing: the table of the runs measured so far (a row lists the seeds it has)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs in --out measured before on the same config (an ablation in pieces)",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: the table of the runs measured so far (a row lists the seeds it has)",
+    )
     args = parser.parse_args()
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -144,21 +160,27 @@ def main() -> None:
                 continue
             top1 = [r["top1"] for r in results.values()]
             per_seed = ", ".join(f"{t:.2f}" for t in top1)
-            rows.append(f"| {model} | {variant} | {per_seed} (seed{'s' if len(results) > 1 else ''} "
-                        f"{', '.join(map(str, results))}) | {statistics.mean(top1):.2f}% | "
-                        f"{statistics.mean(r['seconds'] for r in results.values()):.0f} |")
+            rows.append(
+                f"| {model} | {variant} | {per_seed} (seed{'s' if len(results) > 1 else ''} "
+                f"{', '.join(map(str, results))}) | {statistics.mean(top1):.2f}% | "
+                f"{statistics.mean(r['seconds'] for r in results.values()):.0f} |"
+            )
             print(rows[-1], flush=True)
     table = "\n".join(rows)
     if args.no_write:
         print(table)
         return
     models = " and ".join({"vit": "ViT", "deit": "DeiT"}[m] for m in args.models)
-    write_section(f"## DeiT's recipe on the demo data: {models} (recipe_ablation.py)",
-                  f"`python benchmarks/recipe_ablation.py --models {' '.join(args.models)}` on "
-                  f"{machine(torch.device('cpu'))}: the demo configs (same epochs), with the recipe "
-                  f"({json.dumps({**RECIPE_TRAIN, **RECIPE_VIT})}), without it, and with switches removed; test.py's "
-                  "top-1 of each run's last.pt on the 10,000 test images.",
-                  f"recipe-ablation-{'-'.join(args.models)}", table)
+    write_section(
+        f"## DeiT's recipe on the demo data: {models} (recipe_ablation.py)",
+        f"`python benchmarks/recipe_ablation.py --models {' '.join(args.models)}` on "
+        f"{machine(torch.device('cpu'))}: the demo configs (same epochs), with the recipe "
+        f"({json.dumps({**RECIPE_TRAIN, **RECIPE_VIT})}), without it, and with switches removed; test.py's "
+        "top-1 of each run's last.pt on the 10,000 test images.",
+        f"recipe-ablation-{'-'.join(args.models)}",
+        table,
+    )
+
 
 if __name__ == "__main__":
     main()

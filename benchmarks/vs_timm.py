@@ -41,31 +41,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import machine, matmul_rate, timed, write_section
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _common import machine, matmul_rate, timed, write_section  # noqa: E402
-from myrtle_vision.distributed import Processes  # noqa: E402
-from myrtle_vision.cli import main_guard, resolve_device  # noqa: E402
-from myrtle_vision.config import load_config  # noqa: E402
-from myrtle_vision.data import stop_workers  # noqa: E402
-from myrtle_vision.evaluation import autocast  # noqa: E402
-from myrtle_vision.training import Trainer  # noqa: E402
-from myrtle_vision.errors import UserError  # noqa: E402
-from myrtle_vision.prepare import write_index  # noqa: E402
+from myrtle_vision.cli import main_guard, resolve_device
+from myrtle_vision.config import load_config
+from myrtle_vision.data import stop_workers
+from myrtle_vision.distributed import Processes
+from myrtle_vision.errors import UserError
+from myrtle_vision.evaluation import autocast
+from myrtle_vision.prepare import write_index
+from myrtle_vision.training import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 USER_CONFIGS = {"tiny": "train_configs/vit_tiny.json", "small": "train_configs/vit_small.json"}
 RESISC45_DATA_CONFIG = REPO / "data_configs" / "data_config.json"
 NUM_CLASSES = 45
 HEADING = "## Training and inference speed against timm (vs_timm.py)"
-INTRO = ("Targets. GPU: the loader delivers at least 1.5x our best ViT-Tiny training rate; end-to-end `train.py` "
-         "at least 0.9x the model-only rate in the same setting; ours at least 1.0x timm in every identical setting "
-         "(fp32 eager, bf16 eager, bf16 compiled against timm compiled). The 2-core CPU: the loader at least 5x the "
-         "earlier loader's images/s (639, decoding JPEGs every epoch); end to end at least 0.95x model-only; ours at "
-         "least 1.0x timm. Each device type's table is rewritten when the command is run again on it.")
+INTRO = (
+    "Targets. GPU: the loader delivers at least 1.5x our best ViT-Tiny training rate; end-to-end `train.py` "
+    "at least 0.9x the model-only rate in the same setting; ours at least 1.0x timm in every identical setting "
+    "(fp32 eager, bf16 eager, bf16 compiled against timm compiled). The 2-core CPU: the loader at least 5x the "
+    "earlier loader's images/s (639, decoding JPEGs every epoch); end to end at least 0.95x model-only; ours at "
+    "least 1.0x timm. Each device type's table is rewritten when the command is run again on it."
+)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def make_jpeg_dataset(root: Path, per_class: int, size: int = 256) -> Path:
     rng = np.random.default_rng(0)
     classes = [f"class_{c:02d}" for c in range(NUM_CLASSES)]
     splits = {"train": [], "val": [], "test": []}
-    for c, name in enumerate(classes):
+    for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class + 2):
             coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
@@ -89,8 +89,17 @@ def make_jpeg_dataset(root: Path, per_class: int, size: int = 256) -> Path:
     return root
 
 
-def write_configs(work: Path, model: str, dataset: Path, *, image_size: int, batch_size: int, precision: str,
-                  compile_: bool, epochs: int = 1) -> Path:
+def write_configs(
+    work: Path,
+    model: str,
+    dataset: Path,
+    *,
+    image_size: int,
+    batch_size: int,
+    precision: str,
+    compile_: bool,
+    epochs: int = 1,
+) -> Path:
     """The users' config for ``model``, on the generated data (its own decoded-image cache), one micro-batch per
     update, dropout off, validation and checkpoints only at the end of each epoch."""
     data = json.loads(RESISC45_DATA_CONFIG.read_text())
@@ -103,9 +112,17 @@ def write_configs(work: Path, model: str, dataset: Path, *, image_size: int, bat
     data_path.write_text(json.dumps(data))
     cfg = json.loads((REPO / USER_CONFIGS[model]).read_text())
     cfg["data_config_path"] = str(data_path)
-    cfg["train_config"].update(output_directory=str(work / "runs"), local_batch_size=batch_size,
-                               global_batch_size=batch_size, precision=precision, compile=compile_,
-                               distributed=False, epochs=epochs, iters_per_val=10 ** 9, iters_per_checkpoint=10 ** 9)
+    cfg["train_config"].update(
+        output_directory=str(work / "runs"),
+        local_batch_size=batch_size,
+        global_batch_size=batch_size,
+        precision=precision,
+        compile=compile_,
+        distributed=False,
+        epochs=epochs,
+        iters_per_val=10**9,
+        iters_per_checkpoint=10**9,
+    )
     cfg["vit_config"].update(image_size=image_size, dropout=0.0, emb_dropout=0.0)
     path = work / f"{model}_{precision}{'_compile' if compile_ else ''}.json"
     path.write_text(json.dumps(cfg))
@@ -115,9 +132,16 @@ def write_configs(work: Path, model: str, dataset: Path, *, image_size: int, bat
 def timm_vit(vc, num_classes: int) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=vc.image_size, patch_size=vc.patch_size, embed_dim=vc.embed_dim, depth=vc.depth,
-                             num_heads=vc.heads, mlp_ratio=vc.mlp_dim / vc.embed_dim, qkv_bias=False,
-                             num_classes=num_classes)
+    return VisionTransformer(
+        img_size=vc.image_size,
+        patch_size=vc.patch_size,
+        embed_dim=vc.embed_dim,
+        depth=vc.depth,
+        num_heads=vc.heads,
+        mlp_ratio=vc.mlp_dim / vc.embed_dim,
+        qkv_bias=False,
+        num_classes=num_classes,
+    )
 
 
 # --- measurements -------------------------------------------------------------------------------
@@ -149,7 +173,7 @@ def alternate(fns: dict, device: torch.device, warmup: int, repeats: int) -> dic
     rates = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            rates[name].append(rate(lambda: sum(fn() for _ in range(calls[name])), device))
+            rates[name].append(rate(lambda fn=fn, n=calls[name]: sum(fn() for _ in range(n)), device))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -176,8 +200,13 @@ class Pair:
         from timm.optim import create_optimizer_v2
 
         self.timm = timm_vit(vc, NUM_CLASSES).to(device)
-        self.timm_opt = create_optimizer_v2(self.timm, "adamw", lr=tc.peak_lr, weight_decay=tc.weight_decay,
-                                            fused=True if device.type == "cuda" else None)
+        self.timm_opt = create_optimizer_v2(
+            self.timm,
+            "adamw",
+            lr=tc.peak_lr,
+            weight_decay=tc.weight_decay,
+            fused=True if device.type == "cuda" else None,
+        )
         self.timm_step = torch.compile(self.timm) if tc.compile else self.timm  # like with like
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
@@ -226,8 +255,13 @@ def end_to_end_rate(cfg_path: Path, device: torch.device, work: Path) -> tuple[f
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-c", str(cfg_path), "--device", device.type],
-                          cwd=work, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-c", str(cfg_path), "--device", device.type],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"train.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     run_dir = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run directory: "))
@@ -246,13 +280,21 @@ def end_to_end_rate(cfg_path: Path, device: torch.device, work: Path) -> tuple[f
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=sorted(USER_CONFIGS), default=["tiny", "small"])
-    p.add_argument("--settings", nargs="+", default=None,
-                   help="training settings to compare: fp32, bf16 or fp16, each optionally +compile "
-                        "(default: fp32 fp32+compile bf16 bf16+compile, and fp16 on CUDA)")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="training settings to compare: fp32, bf16 or fp16, each optionally +compile "
+        "(default: fp32 fp32+compile bf16 bf16+compile, and fp16 on CUDA)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--images-per-class", type=int, default=16,
-                   help="generated training JPEGs per class (45 classes), for the end-to-end run and the loader")
+    p.add_argument(
+        "--images-per-class",
+        type=int,
+        default=16,
+        help="generated training JPEGs per class (45 classes), for the end-to-end run and the loader",
+    )
     p.add_argument("--e2e-epochs", type=int, default=3, help="epochs of the end-to-end train.py run")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
@@ -262,10 +304,13 @@ def main() -> int:
     try:
         import timm  # noqa: F401
     except ImportError:
-        raise UserError("timm is not installed; it is a benchmark/test dependency: "
-                        "bash scripts/setup.sh requirements-dev.txt") from None
+        raise UserError(
+            "timm is not installed; it is a benchmark/test dependency: bash scripts/setup.sh requirements-dev.txt"
+        ) from None
     device = resolve_device(args.device)
-    settings = args.settings or ["fp32", "fp32+compile", "bf16", "bf16+compile"] + (["fp16"] if device.type == "cuda" else [])
+    settings = args.settings or ["fp32", "fp32+compile", "bf16", "bf16+compile"] + (
+        ["fp16"] if device.type == "cuda" else []
+    )
     for s in settings:
         if s.split("+")[0] not in ("fp32", "bf16", "fp16") or s.split("+")[1:] not in ([], ["compile"]):
             p.error(f"--settings: {s!r} is not fp32, bf16 or fp16, optionally with +compile")
@@ -285,64 +330,108 @@ def main() -> int:
         for model in args.models:
             for setting in settings:
                 precision, compile_ = setting.split("+")[0], setting.endswith("+compile")
-                cfg_path = write_configs(work, model, dataset, image_size=args.image_size, batch_size=args.batch_size,
-                                         precision=precision, compile_=compile_)
+                cfg_path = write_configs(
+                    work,
+                    model,
+                    dataset,
+                    image_size=args.image_size,
+                    batch_size=args.batch_size,
+                    precision=precision,
+                    compile_=compile_,
+                )
                 pair = Pair(cfg_path, device)
                 log(f"{model} {setting}: timing training, ours and timm's in the same setting ...")
                 train = alternate({"ours": pair.ours_train, "timm": pair.timm_train}, device, args.warmup, args.repeats)
                 if model not in flops:
                     vc = pair.cfg.vit_config
-                    flops[model] = {(who, what): flops_per_image(m, vc.image_size, what == "training")
-                                    for who, m in (("ours", pair.trainer.model), ("timm", pair.timm))
-                                    for what in ("training", "inference")}
+                    flops[model] = {
+                        (who, what): flops_per_image(m, vc.image_size, what == "training")
+                        for who, m in (("ours", pair.trainer.model), ("timm", pair.timm))
+                        for what in ("training", "inference")
+                    }
                 rows.append((model, setting, "training", train))
                 if setting == "fp32":
                     log(f"{model} {setting}: timing inference ...")
-                    rows.append((model, setting, "inference", alternate(
-                        {"ours": pair.ours_infer, "timm": pair.timm_infer}, device, args.warmup, args.repeats)))
+                    rows.append(
+                        (
+                            model,
+                            setting,
+                            "inference",
+                            alternate(
+                                {"ours": pair.ours_infer, "timm": pair.timm_infer}, device, args.warmup, args.repeats
+                            ),
+                        )
+                    )
                 log(f"{model} {setting}: ours {train['ours']:.1f}, timm {train['timm']:.1f} training images/s")
                 del pair
         tiny = [(setting, r["ours"]) for model, setting, what, r in rows if model == "tiny" and what == "training"]
         if tiny:
             best_setting, best_rate = max(tiny, key=lambda t: t[1])
             precision, compile_ = best_setting.split("+")[0], best_setting.endswith("+compile")
-            cfg_path = write_configs(work, "tiny", dataset, image_size=args.image_size, batch_size=args.batch_size,
-                                     precision=precision, compile_=compile_, epochs=args.e2e_epochs)
+            cfg_path = write_configs(
+                work,
+                "tiny",
+                dataset,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                precision=precision,
+                compile_=compile_,
+                epochs=args.e2e_epochs,
+            )
             log(f"end to end: train.py -c (ViT-Tiny, {best_setting}) for {args.e2e_epochs} epochs ...")
             e2e = (best_setting, *end_to_end_rate(cfg_path, device, work), best_rate)
             log("timing the loader alone ...")
             with contextlib.redirect_stdout(sys.stderr):
                 trainer = Trainer(load_config(cfg_path), Processes(device=device))
-            loader = (trainer.num_workers, "device" if trainer.train_set.pipeline.on_device else "loader workers",
-                      loader_rate(trainer, max(3, args.repeats // 2)), best_rate)
+            loader = (
+                trainer.num_workers,
+                "device" if trainer.train_set.pipeline.on_device else "loader workers",
+                loader_rate(trainer, max(3, args.repeats // 2)),
+                best_rate,
+            )
             stop_workers(trainer.train_loader)
 
     command = " ".join(["python benchmarks/vs_timm.py", *sys.argv[1:]])
-    lines = [f"`{command}` on {machine(device)}: batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-             f"45 classes; median of {args.repeats} alternating timings after {args.warmup} warm-up calls. Measured "
-             "matmul rates: " + ", ".join(f"{k} **{v / 1e9:.0f} GFLOP/s**" for k, v in peak.items()) + ".", "",
-             "Ours against timm in identical settings (timm compiled when ours is):", "",
-             "| model | setting | measurement | ours images/s | timm images/s | ours / timm | ours: share of matmul rate "
-             "| timm: share of matmul rate |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{command}` on {machine(device)}: batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+        f"45 classes; median of {args.repeats} alternating timings after {args.warmup} warm-up calls. Measured "
+        "matmul rates: " + ", ".join(f"{k} **{v / 1e9:.0f} GFLOP/s**" for k, v in peak.items()) + ".",
+        "",
+        "Ours against timm in identical settings (timm compiled when ours is):",
+        "",
+        "| model | setting | measurement | ours images/s | timm images/s | ours / timm | ours: share of matmul rate "
+        "| timm: share of matmul rate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for model, setting, what, r in rows:
         top = peak[setting.split("+")[0]]
         share = {k: r[k] * flops[model][(k, what)] / top for k in ("ours", "timm")}
-        lines.append(f"| ViT-{model.capitalize()} | {setting} | {what} | {r['ours']:.1f} | {r['timm']:.1f} | "
-                     f"**{r['ours'] / r['timm']:.2f}x** | {share['ours']:.0%} | {share['timm']:.0%} |")
+        lines.append(
+            f"| ViT-{model.capitalize()} | {setting} | {what} | {r['ours']:.1f} | {r['timm']:.1f} | "
+            f"**{r['ours'] / r['timm']:.2f}x** | {share['ours']:.0%} | {share['timm']:.0%} |"
+        )
     if e2e is not None:
         setting, e2e_rate, updates, model_only = e2e
-        lines += ["", f"End to end (`train.py` on {NUM_CLASSES * args.images_per_class} generated 256x256 JPEGs, the "
-                  f"Resisc45 transforms, loader included; median of the images/s logged for its {updates} updates after "
-                  "its first epoch) against the model-only rate of the same setting:", "",
-                  "| model | setting | train.py images/s | model only images/s | end to end / model only |",
-                  "|---|---|---|---|---|",
-                  f"| ViT-Tiny | {setting} | {e2e_rate:.1f} | {model_only:.1f} | **{e2e_rate / model_only:.2f}x** |"]
+        lines += [
+            "",
+            f"End to end (`train.py` on {NUM_CLASSES * args.images_per_class} generated 256x256 JPEGs, the "
+            f"Resisc45 transforms, loader included; median of the images/s logged for its {updates} updates after "
+            "its first epoch) against the model-only rate of the same setting:",
+            "",
+            "| model | setting | train.py images/s | model only images/s | end to end / model only |",
+            "|---|---|---|---|---|",
+            f"| ViT-Tiny | {setting} | {e2e_rate:.1f} | {model_only:.1f} | **{e2e_rate / model_only:.2f}x** |",
+        ]
     if loader is not None:
         workers, where, loader_ips, best_rate = loader
-        lines += ["", "The training loader alone (decoded-image cache, an epoch of the Resisc45 training transforms):",
-                  "", "| loader workers | transforms run on | images/s | best ViT-Tiny training images/s | "
-                  "loader / training |", "|---|---|---|---|---|",
-                  f"| {workers} | {where} | {loader_ips:.0f} | {best_rate:.1f} | **{loader_ips / best_rate:.1f}x** |"]
+        lines += [
+            "",
+            "The training loader alone (decoded-image cache, an epoch of the Resisc45 training transforms):",
+            "",
+            "| loader workers | transforms run on | images/s | best ViT-Tiny training images/s | loader / training |",
+            "|---|---|---|---|---|",
+            f"| {workers} | {where} | {loader_ips:.0f} | {best_rate:.1f} | **{loader_ips / best_rate:.1f}x** |",
+        ]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

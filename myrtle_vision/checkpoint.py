@@ -101,12 +101,16 @@ class TrainingState:
     def _load_weights(self, ckpt: dict, path: Path, current: bool) -> None:
         """The trained weights (and the average) from wherever the checkpoint keeps them."""
         if self.ema is not None and not (current and isinstance(ckpt.get("ema"), dict)):
-            raise UserError(f"{path}: checkpoint of a run without a weight average, but {self.cfg.path} sets "
-                            "train_config.ema_decay; a resumed run keeps its ema_decay (set it to null)")
+            raise UserError(
+                f"{path}: checkpoint of a run without a weight average, but {self.cfg.path} sets "
+                "train_config.ema_decay; a resumed run keeps its ema_decay (set it to null)"
+            )
         if self.ema is None and current and isinstance(ckpt.get("ema"), dict):
-            raise UserError(f"{path}: checkpoint of a run with a weight average (ema_decay "
-                            f"{ckpt['ema'].get('decay')}), but {self.cfg.path} has train_config.ema_decay null; "
-                            "a resumed run keeps its ema_decay")
+            raise UserError(
+                f"{path}: checkpoint of a run with a weight average (ema_decay "
+                f"{ckpt['ema'].get('decay')}), but {self.cfg.path} has train_config.ema_decay null; "
+                "a resumed run keeps its ema_decay"
+            )
         if ckpt.get("deployed") == "ema":
             load_model_weights(self.ema.module, ckpt, path)
             _load_state(self.model, ckpt.get("raw_weights"), path, "raw_weights")
@@ -120,14 +124,19 @@ class TrainingState:
     def to_dict(self) -> dict:
         """The checkpoint (see the module docstring), tensors copied to the CPU."""
         p, vc = self.progress, self.cfg.vit_config
-        return {"format": FORMAT, **self._weight_entries(),
-                "quantization": {"q_format": vc.trained_q_format, "q_rounding": vc.q_rounding},
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.scheduler.state_dict(),
-                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
-                "iteration": p.iteration, "epoch": p.epoch,
-                "update_in_epoch": p.update_in_epoch, "best_val_top1": p.best_val_top1,
-                "config": self.cfg.to_dict()}
+        return {
+            "format": FORMAT,
+            **self._weight_entries(),
+            "quantization": {"q_format": vc.trained_q_format, "q_rounding": vc.q_rounding},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            "iteration": p.iteration,
+            "epoch": p.epoch,
+            "update_in_epoch": p.update_in_epoch,
+            "best_val_top1": p.best_val_top1,
+            "config": self.cfg.to_dict(),
+        }
 
     def resume(self, path: Path, distilled: bool, updates_per_epoch: int) -> tuple[bool, str]:
         """Read the checkpoint at ``path`` into these objects, after checking it fits the config.
@@ -136,26 +145,34 @@ class TrainingState:
         ckpt = load(path)
         current = ckpt.get("format") == FORMAT
         if current and has_distillation(ckpt) and not distilled:
-            raise UserError(f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
-                            f"{self.cfg.path} has no distiller_config")
+            raise UserError(
+                f"{path}: checkpoint of a DeiT run (it has a distillation token and head), but "
+                f"{self.cfg.path} has no distiller_config"
+            )
         trained, vc = trained_format(ckpt, path), self.cfg.vit_config
         if current and trained != (vc.trained_q_format, vc.q_rounding):
-            raise UserError(f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
-                            f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} "
-                            "rounding); a resumed run keeps its number format")
+            raise UserError(
+                f"{path}: checkpoint trained with q_format {trained[0]} ({trained[1]} rounding), but "
+                f"{self.cfg.path} has vit_config.q_format {vc.trained_q_format} ({vc.q_rounding} "
+                "rounding); a resumed run keeps its number format"
+            )
         self._load_weights(ckpt, path, current)
         if not current:
             return True, self._resume_earlier_release(ckpt, path, distilled, updates_per_epoch)
         missing = [k for k in ("optimizer", "lr_scheduler") if not isinstance(ckpt.get(k), dict)]
         if missing:
-            raise UserError(f"{path}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry, which a "
-                            "resumed run needs (a file written by this tool's training has both)")
+            raise UserError(
+                f"{path}: the checkpoint has no {' or '.join(repr(k) for k in missing)} entry, which a "
+                "resumed run needs (a file written by this tool's training has both)"
+            )
         p = _progress(ckpt, path)
         saved = ckpt["optimizer"]
         saved_scales = [g.get("lr_scale") if isinstance(g, dict) else None for g in saved.get("param_groups", [])]
         if saved_scales != [g.get("lr_scale") for g in self.optimizer.param_groups]:
-            raise UserError(f"{path}: the checkpoint's learning-rate groups differ from {self.cfg.path}'s "
-                            "(train_config.layer_decay changed?); a resumed run keeps its layer_decay")
+            raise UserError(
+                f"{path}: the checkpoint's learning-rate groups differ from {self.cfg.path}'s "
+                "(train_config.layer_decay changed?); a resumed run keeps its layer_decay"
+            )
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -184,17 +201,24 @@ class TrainingState:
             optimizer = "a fresh optimizer"
             missing.append("the optimizer state (the file has none)")
         if distilled:
-            missing.append("the distillation token and head, which start fresh ("
-                           + ("the earlier release did not save them; their optimizer state is dropped)"
-                              if distilled_file else "the checkpoint is of a ViT trained without a teacher)"))
-        missing.append("the data order, which the file does not hold (this release's data order "
-                       "continues from that update)")
+            missing.append(
+                "the distillation token and head, which start fresh ("
+                + (
+                    "the earlier release did not save them; their optimizer state is dropped)"
+                    if distilled_file
+                    else "the checkpoint is of a ViT trained without a teacher)"
+                )
+            )
+        missing.append(
+            "the data order, which the file does not hold (this release's data order continues from that update)"
+        )
         self.progress = Progress(iteration, iteration // upe, iteration % upe)
         start_schedule_at(self.optimizer, self.scheduler, iteration)
-        return (f"{path}: checkpoint of the earlier release: resuming at iteration {iteration} (epoch "
-                f"{iteration // upe + 1}, update {iteration % upe} of {upe}) with its weights, {optimizer} and the "
-                f"learning-rate schedule from that update; not restored: {'; '.join(missing)}")
-
+        return (
+            f"{path}: checkpoint of the earlier release: resuming at iteration {iteration} (epoch "
+            f"{iteration // upe + 1}, update {iteration % upe} of {upe}) with its weights, {optimizer} and the "
+            f"learning-rate schedule from that update; not restored: {'; '.join(missing)}"
+        )
 
 
 def _progress(ckpt: dict, path: Path) -> Progress:
@@ -206,8 +230,10 @@ def _progress(ckpt: dict, path: Path) -> Progress:
             raise UserError(f"{path}: {key!r} is {value!r}, not a count (a whole number, 0 or more)")
         counts[key] = value
     if counts["iteration"] < counts["update_in_epoch"]:
-        raise UserError(f"{path}: 'iteration' {counts['iteration']} is less than 'update_in_epoch' "
-                        f"{counts['update_in_epoch']}; the file was not written by this tool's training")
+        raise UserError(
+            f"{path}: 'iteration' {counts['iteration']} is less than 'update_in_epoch' "
+            f"{counts['update_in_epoch']}; the file was not written by this tool's training"
+        )
     best = ckpt.get("best_val_top1", -1.0)
     if not isinstance(best, (int, float)) or isinstance(best, bool) or not -1.0 <= best <= 100.0:
         raise UserError(f"{path}: 'best_val_top1' is {best!r}, not a top-1 accuracy in percent")
@@ -244,8 +270,10 @@ def deployed_weights(ckpt: dict) -> str | None:
     if not isinstance(ema, dict):
         return None
     if ckpt.get("deployed") == "ema":
-        return (f"the weight average (EMA decay {ema.get('decay')}, {ema.get('n_averaged')} updates averaged), "
-                "which the run deploys (train_config.ema_deploy)")
+        return (
+            f"the weight average (EMA decay {ema.get('decay')}, {ema.get('n_averaged')} updates averaged), "
+            "which the run deploys (train_config.ema_deploy)"
+        )
     return "the trained weights, which the run deploys (its weight average is not deployed: ema_deploy is false)"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,9 +20,12 @@ def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
 
 
 def add_split_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", choices=("train", "val", "test"), default="test",
-                   help="the split to evaluate, with the evaluation transforms (transform_ops_val) whatever it is "
-                        "(default: test)")
+    p.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        default="test",
+        help="the split to evaluate, with the evaluation transforms (transform_ops_val) whatever it is (default: test)",
+    )
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -42,11 +45,17 @@ def main_guard(main: Callable[[], int | None]) -> None:
         code = e.exit_code
     except (MemoryError, RuntimeError) as e:
         # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator raises a plain one
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) \
-                and "can't allocate memory" not in str(e):
+        if (
+            isinstance(e, RuntimeError)
+            and not isinstance(e, torch.OutOfMemoryError)
+            and "can't allocate memory" not in str(e)
+        ):
             raise
-        print(f"error: out of memory ({reason(e)[:300]}); lower train_config.local_batch_size (gradient accumulation "
-              "keeps global_batch_size) or use a smaller model", file=sys.stderr)
+        print(
+            f"error: out of memory ({reason(e)[:300]}); lower train_config.local_batch_size (gradient accumulation "
+            "keeps global_batch_size) or use a smaller model",
+            file=sys.stderr,
+        )
         code = 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

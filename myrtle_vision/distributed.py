@@ -110,7 +110,9 @@ def processes_to_start(cfg, device: torch.device, requested: int | None = None, 
             raise UserError(f"{where} is false; set it to true to train in {requested} processes")
         gpus = torch.cuda.device_count() if gpu_count is None else gpu_count
         if device.type == "cuda" and requested > gpus:
-            raise UserError(f"--nproc_per_node {requested}: this machine has {gpus} GPU(s); one process per GPU at most")
+            raise UserError(
+                f"--nproc_per_node {requested}: this machine has {gpus} GPU(s); one process per GPU at most"
+            )
         return requested
     if launched_processes() > 1 or device.type != "cuda":
         return 1
@@ -149,20 +151,29 @@ def session(cfg, device: torch.device):
         yield Processes(device=device)
         return
     if not cfg.train_config.distributed:
-        raise UserError(f"{cfg.path}: train_config.distributed is false, but torchrun started {world} processes; "
-                        "set it to true or launch one process")
+        raise UserError(
+            f"{cfg.path}: train_config.distributed is false, but torchrun started {world} processes; "
+            "set it to true or launch one process"
+        )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
-                            "start at most that many processes per node")
+            raise UserError(
+                f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} GPU(s); "
+                "start at most that many processes per node"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = cfg.dist_config.dist_backend
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield Processes(rank, world, local_rank, device)
     finally:

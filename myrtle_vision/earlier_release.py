@@ -26,11 +26,16 @@ from pathlib import Path
 
 import torch
 
-from .weights import deploy
 from .errors import UserError
+from .weights import deploy
 
-DISTILLATION = ["distillation_token", "distill_mlp.0.weight", "distill_mlp.0.bias", "distill_mlp.1.weight",
-                "distill_mlp.1.bias"]  # the earlier release's DeiT wrapper, in its order (token first, head last)
+DISTILLATION = [
+    "distillation_token",
+    "distill_mlp.0.weight",
+    "distill_mlp.0.bias",
+    "distill_mlp.1.weight",
+    "distill_mlp.1.bias",
+]  # the earlier release's DeiT wrapper, in its order (token first, head last)
 
 
 def vit_parameter_order(depth: int) -> list[str]:
@@ -38,9 +43,19 @@ def vit_parameter_order(depth: int) -> list[str]:
     names = ["pos_embedding", "cls_token", "patch_to_embedding.weight", "patch_to_embedding.bias"]
     for i in range(depth):
         attn, mlp = f"transformer.layers.{i}.0.fn.", f"transformer.layers.{i}.1.fn."
-        names += [f"{attn}norm.weight", f"{attn}norm.bias", f"{attn}fn.to_qkv.weight", f"{attn}fn.to_out.0.weight",
-                  f"{attn}fn.to_out.0.bias", f"{mlp}norm.weight", f"{mlp}norm.bias", f"{mlp}fn.net.0.weight",
-                  f"{mlp}fn.net.0.bias", f"{mlp}fn.net.3.weight", f"{mlp}fn.net.3.bias"]
+        names += [
+            f"{attn}norm.weight",
+            f"{attn}norm.bias",
+            f"{attn}fn.to_qkv.weight",
+            f"{attn}fn.to_out.0.weight",
+            f"{attn}fn.to_out.0.bias",
+            f"{mlp}norm.weight",
+            f"{mlp}norm.bias",
+            f"{mlp}fn.net.0.weight",
+            f"{mlp}fn.net.0.bias",
+            f"{mlp}fn.net.3.weight",
+            f"{mlp}fn.net.3.bias",
+        ]
     return names + ["mlp_head.0.weight", "mlp_head.0.bias", "mlp_head.1.weight", "mlp_head.1.bias"]
 
 
@@ -62,8 +77,15 @@ def _shapes(model_entry: dict[str, torch.Tensor], distilled: bool) -> dict[str, 
     shapes = {k: tuple(v.shape) for k, v in model_entry.items()}
     if distilled:
         dim, classes = shapes["cls_token"][-1], shapes["mlp_head.1.weight"][0]
-        shapes.update({"distillation_token": (1, 1, dim), "distill_mlp.0.weight": (dim,), "distill_mlp.0.bias": (dim,),
-                       "distill_mlp.1.weight": (classes, dim), "distill_mlp.1.bias": (classes,)})
+        shapes.update(
+            {
+                "distillation_token": (1, 1, dim),
+                "distill_mlp.0.weight": (dim,),
+                "distill_mlp.0.bias": (dim,),
+                "distill_mlp.1.weight": (classes, dim),
+                "distill_mlp.1.bias": (classes,),
+            }
+        )
     return shapes
 
 
@@ -76,23 +98,30 @@ def optimizer_state_by_name(ckpt: dict, path: Path) -> tuple[dict[str, dict], bo
     model, opt = ckpt["model"], ckpt.get("optimizer")
     groups = opt.get("param_groups") if isinstance(opt, dict) else None
     state = opt.get("state") if isinstance(opt, dict) else None
-    if not isinstance(groups, list) or not isinstance(state, dict) or \
-            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+    if (
+        not isinstance(groups, list)
+        or not isinstance(state, dict)
+        or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    ):
         raise UserError(f"{path}: the earlier release's 'optimizer' entry is not an optimizer state dict")
     ids = [i for g in groups for i in g["params"]]
     depth = len({k.split(".")[2] for k in model if k.startswith("transformer.layers.")})
     fits = {len(parameter_order(depth, d)): d for d in (False, True)}
     if len(ids) not in fits or any("to_qkv.bias" in k for k in model):
-        raise UserError(f"{path}: the optimizer holds {len(ids)} parameters; the earlier release's ViT of depth {depth} "
-                        f"has {len(parameter_order(depth, False))} ({len(parameter_order(depth, True))} with DeiT's "
-                        "distillation token and head), so its state cannot be matched to the weights")
+        raise UserError(
+            f"{path}: the optimizer holds {len(ids)} parameters; the earlier release's ViT of depth {depth} "
+            f"has {len(parameter_order(depth, False))} ({len(parameter_order(depth, True))} with DeiT's "
+            "distillation token and head), so its state cannot be matched to the weights"
+        )
     distilled = fits[len(ids)]
     names = parameter_order(depth, distilled)
     shapes = _shapes(model, distilled)
     expected = timm_groups(names, {n: len(s) for n, s in shapes.items()}, split=len(groups) > 1)
     if [len(g["params"]) for g in groups] != [len(g) for g in expected]:
-        raise UserError(f"{path}: the optimizer's groups hold {[len(g['params']) for g in groups]} parameters; the "
-                        f"earlier release (timm's weight-decay grouping) would give {[len(g) for g in expected]}")
+        raise UserError(
+            f"{path}: the optimizer's groups hold {[len(g['params']) for g in groups]} parameters; the "
+            f"earlier release (timm's weight-decay grouping) would give {[len(g) for g in expected]}"
+        )
     by_name = {}
     for group, group_names in zip(groups, expected):
         for index, name in zip(group["params"], group_names):
@@ -101,9 +130,11 @@ def optimizer_state_by_name(ckpt: dict, path: Path) -> tuple[dict[str, dict], bo
                 continue
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != shapes[name]:
-                    raise UserError(f"{path}: optimizer state {key!r} of parameter {index} has shape "
-                                    f"{tuple(value.shape)}, but the earlier release's parameter order puts {name} "
-                                    f"{shapes[name]} there")
+                    raise UserError(
+                        f"{path}: optimizer state {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)}, but the earlier release's parameter order puts {name} "
+                        f"{shapes[name]} there"
+                    )
             by_name[name] = entry
     return by_name, distilled
 
@@ -113,16 +144,19 @@ def convert_state(entry: dict, optimizer: str, path: Path, name: str) -> dict:
     ``optimizer`` (``train_config.optimizer``)."""
     needed = {"sgd": {"momentum_buffer"}}.get(optimizer, {"step", "exp_avg", "exp_avg_sq"})
     if not needed <= set(entry):
-        raise UserError(f"{path}: the optimizer state of {name} holds {sorted(entry)}, not the {sorted(needed)} of "
-                        f"train_config.optimizer {optimizer!r}; set optimizer to the one the run was trained with")
+        raise UserError(
+            f"{path}: the optimizer state of {name} holds {sorted(entry)}, not the {sorted(needed)} of "
+            f"train_config.optimizer {optimizer!r}; set optimizer to the one the run was trained with"
+        )
     out = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
     if "step" in out:
         out["step"] = torch.tensor(float(out["step"]), dtype=torch.float32)
     return out
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, by_name: dict[str, dict],
-                         optimizer_kind: str, path: Path) -> list[str]:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, by_name: dict[str, dict], optimizer_kind: str, path: Path
+) -> list[str]:
     """Put the earlier release's per-parameter state on ``model``'s parameters in ``optimizer``; returns the
     names (ours) of the parameters that got state."""
     ours = {id(p): n for n, p in model.named_parameters()}

@@ -32,16 +32,18 @@ from .weights.deploy import has_distillation, load_model_weights
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, procs: Processes = Processes(),
-             precision: str = "fp32") -> Accumulator:
+def evaluate(
+    model: nn.Module, loader, num_classes: int, procs: Processes = Processes(), precision: str = "fp32"
+) -> Accumulator:
     """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
     (with several processes: over every process's share, summed)."""
     return _evaluate(model, loader, num_classes, average_heads=False, procs=procs, precision=precision)[0]
 
 
 @torch.no_grad()
-def evaluate_heads(model: nn.Module, loader, num_classes: int, procs: Processes = Processes(),
-                   precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
+def evaluate_heads(
+    model: nn.Module, loader, num_classes: int, procs: Processes = Processes(), precision: str = "fp32"
+) -> tuple[Accumulator, Accumulator]:
     """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
     return _evaluate(model, loader, num_classes, average_heads=True, procs=procs, precision=precision)
 
@@ -49,8 +51,12 @@ def evaluate_heads(model: nn.Module, loader, num_classes: int, procs: Processes 
 def sum_over_processes(acc: Accumulator, procs: Processes) -> Accumulator:
     """Add up every process's counts (float64 holds counts exactly up to 2^53)."""
     if procs.enabled:
-        packed = torch.cat([torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
-                            acc.confusion.flatten().double()])
+        packed = torch.cat(
+            [
+                torch.tensor([acc.count, acc.top5_correct, acc.loss_sum], dtype=torch.float64),
+                acc.confusion.flatten().double(),
+            ]
+        )
         procs.all_reduce_sum(packed)
         acc.count, acc.top5_correct, acc.loss_sum = int(packed[0]), int(packed[1]), float(packed[2])
         acc.confusion = packed[3:].round().long().view_as(acc.confusion)
@@ -64,8 +70,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _evaluate(model, loader, num_classes: int, *, average_heads: bool, procs: Processes,
-              precision: str = "fp32") -> tuple[Accumulator, Accumulator]:
+def _evaluate(
+    model, loader, num_classes: int, *, average_heads: bool, procs: Processes, precision: str = "fp32"
+) -> tuple[Accumulator, Accumulator]:
     device = next(model.parameters()).device  # the loader's batches are there already (see data.loaders)
     was_training = model.training
     model.eval()
@@ -91,14 +98,14 @@ def check_image_size(dataset, cfg: Config, ops_field: str) -> None:
     size = cfg.vit_config.image_size
     height, width = dataset.output_size(0)
     if (height, width) != (size, size):
-        raise UserError(f"{cfg.data_config_path}: {ops_field} gives {height}x{width} images "
-                        f"but vit_config.image_size is {size}")
+        raise UserError(
+            f"{cfg.data_config_path}: {ops_field} gives {height}x{width} images but vit_config.image_size is {size}"
+        )
 
 
-
-
-def split_loader(cfg: Config, procs: Processes, batch_size: int, num_workers: int | None, split: str = "test",
-                 shard: bool = True):
+def split_loader(
+    cfg: Config, procs: Processes, batch_size: int, num_workers: int | None, split: str = "test", shard: bool = True
+):
     """(a loader over every image of a split, in order, with the evaluation transforms, the training split's
     too; class names). With several processes, each loads its share, and the shares cover the split once."""
     label_map = read_label_map(cfg.data_config)
@@ -110,9 +117,16 @@ def split_loader(cfg: Config, procs: Processes, batch_size: int, num_workers: in
     return loader, class_names(label_map)
 
 
-def split_accuracy(model: nn.Module, cfg: Config, procs: Processes, batch_size: int, num_workers: int | None,
-                   *, split: str = "test", precision: str = "fp32",
-                   ) -> tuple[Accumulator, Accumulator | None, list[str]]:
+def split_accuracy(
+    model: nn.Module,
+    cfg: Config,
+    procs: Processes,
+    batch_size: int,
+    num_workers: int | None,
+    *,
+    split: str = "test",
+    precision: str = "fp32",
+) -> tuple[Accumulator, Accumulator | None, list[str]]:
     """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
     loader, names = split_loader(cfg, procs, batch_size, num_workers, split)
     if getattr(model, "args", None) is not None and model.args.distilled:
@@ -128,8 +142,15 @@ def checkpoint_for(cfg: Config, override: str | None) -> Path:
     return Path(path)
 
 
-def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json_path: str | None = None,
-             output_dir: str | None = None, split: str = "test", force: bool = False) -> dict:
+def run_test(
+    cfg: Config,
+    checkpoint: Path,
+    procs: Processes = Processes(),
+    json_path: str | None = None,
+    output_dir: str | None = None,
+    split: str = "test",
+    force: bool = False,
+) -> dict:
     """Evaluate ``checkpoint`` on every image of a split (the test split unless told); print and save the
     results; return the JSON dict.
 
@@ -149,12 +170,16 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     if procs.is_main and weights:
         print(f"{checkpoint}: testing {weights}")
     if procs.is_main and model.args.q_format != "FP32":
-        print(f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
-              f"as {cfg.path} vit_config.q_format says")
+        print(
+            f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
+            f"as {cfg.path} vit_config.q_format says"
+        )
     if procs.is_main and cfg.vit_config.q_format in POST_TRAINING_FORMATS:
-        print(f"evaluating in FP32: {cfg.path} vit_config.q_format {cfg.vit_config.q_format} is post-training "
-              f"quantization, which test.py does not apply; python test_quantize.py -c {cfg.path} gives its figures "
-              "beside FP32's")
+        print(
+            f"evaluating in FP32: {cfg.path} vit_config.q_format {cfg.vit_config.q_format} is post-training "
+            f"quantization, which test.py does not apply; python test_quantize.py -c {cfg.path} gives its figures "
+            "beside FP32's"
+        )
     acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
     result = _result(acc, names, split)
     if avg is not None:
@@ -165,8 +190,10 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
         return result
     print(format_report(acc, names))
     if avg is not None:
-        print(f"DeiT checkpoint: the figures above are the class head's, which is what the accelerator runs; "
-              f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%")
+        print(
+            f"DeiT checkpoint: the figures above are the class head's, which is what the accelerator runs; "
+            f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%"
+        )
     scalars = {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5}
     if avg is not None:
         scalars.update({f"{split}/top1_average_heads": avg.top1, f"{split}/top5_average_heads": avg.top5})
@@ -175,14 +202,23 @@ def run_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), json
     return result
 
 
-def run_teacher_test(cfg: Config, weights: str | None, procs: Processes = Processes(), json_path: str | None = None,
-                     output_dir: str | None = None, split: str = "test", force: bool = False) -> dict:
+def run_teacher_test(
+    cfg: Config,
+    weights: str | None,
+    procs: Processes = Processes(),
+    json_path: str | None = None,
+    output_dir: str | None = None,
+    split: str = "test",
+    force: bool = False,
+) -> dict:
     """Evaluate the config's CNN teacher (``distiller_config``: its model, image size and, unless ``weights``
     names another file, its weights file) on every image of a split, as distillation sees it."""
     dc = cfg.distiller_config
     if dc is None:
-        raise UserError(f"{cfg.path}: distiller_config: missing; --teacher tests the teacher it names "
-                        "(teacher_model, teacher_weights_path)")
+        raise UserError(
+            f"{cfg.path}: distiller_config: missing; --teacher tests the teacher it names "
+            "(teacher_model, teacher_weights_path)"
+        )
     path = Path(weights or dc.teacher_weights_path)
     where = f"--teacher {path}" if weights else f"{cfg.path}: distiller_config.teacher_weights_path"
     out_dir = _output_dir(output_dir, path, split)
@@ -198,15 +234,19 @@ def run_teacher_test(cfg: Config, weights: str | None, procs: Processes = Proces
     if not procs.is_main:
         return result
     print(format_report(acc, names))
-    _save(acc, names, split, out_dir, 0,
-          {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5})
+    _save(acc, names, split, out_dir, 0, {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5})
     _write_json(result, json_path)
     return result
 
 
 def _result(acc: Accumulator, names: list[str], split: str) -> dict:
-    return {"split": split, "top1": acc.top1, "top5": acc.top5, "num_images": acc.count,
-            "per_class": acc.per_class(names)}
+    return {
+        "split": split,
+        "top1": acc.top1,
+        "top5": acc.top5,
+        "num_images": acc.count,
+        "per_class": acc.per_class(names),
+    }
 
 
 def _output_dir(output_dir: str | None, tested: Path, split: str) -> Path:
@@ -238,10 +278,12 @@ def save_png(image, path: Path) -> None:
 def check_outputs(procs: Processes, out_dir: Path, json_path: str | None, force: bool = False) -> None:
     """Before the evaluation: the report folder and the ``--json`` file can be written (an existing JSON file is
     replaced only when it is an earlier report, or with ``force``)."""
+
     def check():
         check_folder(out_dir, "--output-dir")
         if json_path:
             check_output(json_path, "--json", ours=json_with("num_images"), force=force, what="JSON report")
+
     procs.on_main(check)
 
 
@@ -263,8 +305,9 @@ def _margins(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, num_classes: int,
-            procs: Processes = Processes()) -> Comparison:
+def compare(
+    reference: torch.nn.Module, quantized: torch.nn.Module, loader, num_classes: int, procs: Processes = Processes()
+) -> Comparison:
     """Both models on every batch of ``loader`` (with several processes: this process's share of the split,
     samples ``rank``, ``rank + world_size``, ..., as :func:`split_loader` deals them), over all shares."""
     reference.eval(), quantized.eval()
@@ -280,9 +323,19 @@ def compare(reference: torch.nn.Module, quantized: torch.nn.Module, loader, num_
         where = (ref_pred != q_pred).nonzero().flatten()
         if where.numel():
             index = procs.rank + (seen + where) * procs.world_size
-            rows.append(torch.stack([index.double(), targets[where].double(), ref_pred[where].double(),
-                                     q_pred[where].double(), _margins(ref[where]).double(),
-                                     _margins(q[where]).double()], 1).cpu())
+            rows.append(
+                torch.stack(
+                    [
+                        index.double(),
+                        targets[where].double(),
+                        ref_pred[where].double(),
+                        q_pred[where].double(),
+                        _margins(ref[where]).double(),
+                        _margins(q[where]).double(),
+                    ],
+                    1,
+                ).cpu()
+            )
         seen += targets.numel()
         max_diff = max(max_diff, (ref - q).abs().max().item())
     max_diff = float(procs.all_reduce_max(torch.tensor([max_diff], dtype=torch.float64)).item())
@@ -304,19 +357,32 @@ def _gather_rows(rows: list[torch.Tensor], count: int, procs: Processes) -> list
     return [(int(i), int(t), int(r), int(q), float(mr), float(mq)) for i, t, r, q, mr, mq in mine.tolist()]
 
 
-def resolve_format(cfg: Config, trained: tuple[str, str], *, quantized_ckpt: bool, q_format: str | None,
-                   q_rounding: str | None, path: Path) -> tuple[str, str]:
+def resolve_format(
+    cfg: Config,
+    trained: tuple[str, str],
+    *,
+    quantized_ckpt: bool,
+    q_format: str | None,
+    q_rounding: str | None,
+    path: Path,
+) -> tuple[str, str]:
     """The (q_format, q_rounding) to test in; the checkpoint's kind must match ``--quantized_ckpt``."""
     if trained[0] != "FP32" and not quantized_ckpt:
-        raise UserError(f"{path}: checkpoint made by quantization-aware training (q_format {trained[0]}); "
-                        "add --quantized_ckpt to test it")
+        raise UserError(
+            f"{path}: checkpoint made by quantization-aware training (q_format {trained[0]}); "
+            "add --quantized_ckpt to test it"
+        )
     if trained[0] == "FP32" and quantized_ckpt:
         if (q_format or cfg.vit_config.q_format) in POST_TRAINING_FORMATS:
-            raise UserError(f"{path}: FP32 checkpoint; drop --quantized_ckpt: PyTorchINT8 is post-training "
-                            "quantization, its configs train in FP32 and test_quantize.py quantizes the FP32 "
-                            "checkpoint")
-        raise UserError(f"{path}: FP32 checkpoint, not made by quantization-aware training; drop --quantized_ckpt "
-                        "(test_quantize.py quantizes an FP32 checkpoint after training)")
+            raise UserError(
+                f"{path}: FP32 checkpoint; drop --quantized_ckpt: PyTorchINT8 is post-training "
+                "quantization, its configs train in FP32 and test_quantize.py quantizes the FP32 "
+                "checkpoint"
+            )
+        raise UserError(
+            f"{path}: FP32 checkpoint, not made by quantization-aware training; drop --quantized_ckpt "
+            "(test_quantize.py quantizes an FP32 checkpoint after training)"
+        )
     if q_format is not None and q_format not in Q_FORMATS + POST_TRAINING_FORMATS:
         raise UserError(f"--q_format {q_format!r} is not one of {', '.join(Q_FORMATS + POST_TRAINING_FORMATS)}")
     if q_rounding is not None and q_rounding not in ROUNDINGS:
@@ -340,22 +406,28 @@ def unused_int8_flags(fmt: str, calib_steps: int | None, per_channel: bool) -> s
     given = [flag for flag, on in (("--calib_steps", calib_steps is not None), ("--per_channel", per_channel)) if on]
     if fmt in POST_TRAINING_FORMATS or not given:
         return None
-    return (f"{' and '.join(given)} unused: testing {fmt}, a floating-point format with no calibration and no "
-            "weight scales (INT8 is --q_format PyTorchINT8)")
+    return (
+        f"{' and '.join(given)} unused: testing {fmt}, a floating-point format with no calibration and no "
+        "weight scales (INT8 is --q_format PyTorchINT8)"
+    )
 
 
-def resolve_int8(fmt: str, q_rounding: str | None, calib_steps: int | None, per_channel: bool
-                 ) -> tuple[int, str] | None:
+def resolve_int8(
+    fmt: str, q_rounding: str | None, calib_steps: int | None, per_channel: bool
+) -> tuple[int, str] | None:
     """(calibration batches, int8 weight scheme) for PyTorchINT8, None for a floating-point format."""
     if fmt not in POST_TRAINING_FORMATS:
         return None
     if q_rounding is not None:
-        raise UserError(f"--q_rounding {q_rounding}: applies to the floating-point formats, not to {fmt} "
-                        "(integer quantization, which rounds to nearest, ties to even); drop it")
+        raise UserError(
+            f"--q_rounding {q_rounding}: applies to the floating-point formats, not to {fmt} "
+            "(integer quantization, which rounds to nearest, ties to even); drop it"
+        )
     steps = DEFAULT_CALIB_STEPS if calib_steps is None else calib_steps
     if steps < 1:
-        raise UserError(f"--calib_steps {steps}: must be at least 1 (the number of validation batches that "
-                        f"calibrate {fmt})")
+        raise UserError(
+            f"--calib_steps {steps}: must be at least 1 (the number of validation batches that calibrate {fmt})"
+        )
     return steps, "per_channel" if per_channel else "per_tensor"
 
 
@@ -373,8 +445,11 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
     if procs.is_main:
         where = f"{cfg.data_config.valid_files} of {cfg.data_config_path}"
         if batches < steps:
-            print(f"calibrating on all {batches} validation batches ({images} images of {where}): "
-                  f"--calib_steps {steps} asks for more than the split has", flush=True)
+            print(
+                f"calibrating on all {batches} validation batches ({images} images of {where}): "
+                f"--calib_steps {steps} asks for more than the split has",
+                flush=True,
+            )
         else:
             print(f"calibrating on the first {batches} validation batches ({images} images of {where})", flush=True)
     done = int8.calibrate(model, (x for x, _ in islice(loader, batches)))  # on the device already
@@ -382,11 +457,20 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
     return batches, images
 
 
-def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processes(), q_format: str | None = None,
-                      q_rounding: str | None = None, quantized_ckpt: bool = False,
-                      json_path: str | None = None, calib_steps: int | None = None,
-                      per_channel: bool = False, split: str = "test", output_dir: str | None = None,
-                      force: bool = False) -> dict:
+def run_quantize_test(
+    cfg: Config,
+    checkpoint: Path,
+    procs: Processes = Processes(),
+    q_format: str | None = None,
+    q_rounding: str | None = None,
+    quantized_ckpt: bool = False,
+    json_path: str | None = None,
+    calib_steps: int | None = None,
+    per_channel: bool = False,
+    split: str = "test",
+    output_dir: str | None = None,
+    force: bool = False,
+) -> dict:
     """Test ``checkpoint`` in FP32 and in a simulated number format, side by side, on every image of a split
     (the test split unless told); print and return the results, and save both confusion matrices and the
     images whose prediction changed in ``output_dir`` (default: ``<split>_<format>_<checkpoint name>``
@@ -400,8 +484,9 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     """
     ckpt = ckpt_io.load(checkpoint)
     trained = ckpt_io.trained_format(ckpt, checkpoint)
-    fmt, rounding = resolve_format(cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format,
-                                   q_rounding=q_rounding, path=checkpoint)
+    fmt, rounding = resolve_format(
+        cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format, q_rounding=q_rounding, path=checkpoint
+    )
     out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"{split}_{fmt}_{checkpoint.stem}"
     check_outputs(procs, out_dir, json_path, force)
     int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
@@ -413,14 +498,19 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
         models.append(model.to(procs.device))
     tc = cfg.train_config
     loader, names = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, split)
-    kind = (f"trained with quantization-aware training in {trained[0]}" if quantized_ckpt
-            else "trained in FP32, quantized after training")
-    how = (f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options
-           else f"{rounding} rounding")
+    kind = (
+        f"trained with quantization-aware training in {trained[0]}"
+        if quantized_ckpt
+        else "trained in FP32, quantized after training"
+    )
+    how = f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options else f"{rounding} rounding"
     note = unused_int8_flags(fmt, calib_steps, per_channel)
     if procs.is_main:
-        print(f"{checkpoint}: {kind}; testing in {fmt} ({how})"
-              + (" (DeiT: class head)" if has_distillation(ckpt) else ""), flush=True)
+        print(
+            f"{checkpoint}: {kind}; testing in {fmt} ({how})"
+            + (" (DeiT: class head)" if has_distillation(ckpt) else ""),
+            flush=True,
+        )
         if note:
             print(note, flush=True)
         deployed = ckpt_io.deployed_weights(ckpt)
@@ -431,12 +521,18 @@ def run_quantize_test(cfg: Config, checkpoint: Path, procs: Processes = Processe
     comparison = compare(*models, loader, len(names), procs)
     ref, q, changed = comparison.reference, comparison.quantized, len(comparison.changed)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
-    result = {"q_format": fmt, "q_rounding": None if int8_options else rounding, "quantized_ckpt": quantized_ckpt,
-              "split": split, "num_images": ref.count,
-              "fp32": {"top1": ref.top1, "top5": ref.top5, "per_class": ref.per_class(names)},
-              "quantized": {"top1": q.top1, "top5": q.top5, "per_class": q.per_class(names)},
-              "unchanged_predictions": unchanged, "changed_predictions": changed,
-              "max_logit_diff": comparison.max_logit_diff}
+    result = {
+        "q_format": fmt,
+        "q_rounding": None if int8_options else rounding,
+        "quantized_ckpt": quantized_ckpt,
+        "split": split,
+        "num_images": ref.count,
+        "fp32": {"top1": ref.top1, "top5": ref.top5, "per_class": ref.per_class(names)},
+        "quantized": {"top1": q.top1, "top5": q.top5, "per_class": q.per_class(names)},
+        "unchanged_predictions": unchanged,
+        "changed_predictions": changed,
+        "max_logit_diff": comparison.max_logit_diff,
+    }
     if int8_options:
         result.update(calib_steps=calibrated[0], calib_images=calibrated[1], int8_weights=weights)
     if not procs.is_main:
@@ -467,5 +563,7 @@ def _changed_rows(comparison: Comparison, loader, names: list[str], fmt: str) ->
     logit minus the runner-up's (small: the image was near a decision boundary)."""
     dataset = loader.dataset
     dataset = getattr(dataset, "dataset", dataset)  # under several processes, this process's Subset of the split
-    return [dict(zip(CHANGED_FIELDS, (dataset.paths[i], names[t], names[r], names[q], mr, mq)))
-            for i, t, r, q, mr, mq in comparison.changed]
+    return [
+        dict(zip(CHANGED_FIELDS, (dataset.paths[i], names[t], names[r], names[q], mr, mq)))
+        for i, t, r, q, mr, mq in comparison.changed
+    ]

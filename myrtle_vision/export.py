@@ -18,8 +18,7 @@ from .data import class_names, read_label_map
 from .distributed import Processes
 from .errors import UserError, WriteFailed, reason
 from .evaluation import split_loader
-from .files import (check_output, described_by, discard, json_with, publish, sha256, temporary_name,
-                    write_staged)
+from .files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
 from .models import build_model
 from .weights.deploy import from_deploy, load_model_weights
 from .weights.io import load_file
@@ -57,13 +56,22 @@ def _check_onnx_installed() -> None:
         import onnx  # noqa: F401  (torch's exporter writes the file with it)
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise UserError("--onnx needs the onnx and onnxruntime packages, optional extras: "
-                        "pip install -r requirements-onnx.txt") from None
+        raise UserError(
+            "--onnx needs the onnx and onnxruntime packages, optional extras: pip install -r requirements-onnx.txt"
+        ) from None
 
 
 @torch.no_grad()
-def export(cfg: Config, checkpoint: Path, output: Path | None = None, *, fp16: bool = False,
-           onnx: Path | None = None, check_images: int = 64, force: bool = False) -> dict:
+def export(
+    cfg: Config,
+    checkpoint: Path,
+    output: Path | None = None,
+    *,
+    fp16: bool = False,
+    onnx: Path | None = None,
+    check_images: int = 64,
+    force: bool = False,
+) -> dict:
     """Write the deploy file (default: ``<checkpoint name>_deploy[_fp16].pt`` beside the checkpoint), its JSON
     (the same name, ``.json``) and, with ``onnx``, the ONNX file; check each; return the JSON's contents.
 
@@ -83,8 +91,9 @@ def export(cfg: Config, checkpoint: Path, output: Path | None = None, *, fp16: b
     if onnx is not None and onnx.resolve() in (output.resolve(), sidecar.resolve(), checkpoint.resolve()):
         raise UserError(f"--onnx {onnx}: is the deploy file, its JSON or the checkpoint; choose another file")
     check_output(output, "--output", ours=described_by(sidecar), force=force, what="deploy file")
-    check_output(sidecar, "--output (its JSON)", ours=json_with("deploy_file", "sha256"), force=force,
-                 what="deploy file's JSON")
+    check_output(
+        sidecar, "--output (its JSON)", ours=json_with("deploy_file", "sha256"), force=force, what="deploy file's JSON"
+    )
     if onnx is not None:
         check_output(onnx, "--onnx", ours=described_by(sidecar, "onnx", "sha256"), force=force, what="ONNX file")
     reference = build_model(cfg, distilled=False, q_format="FP32")
@@ -92,24 +101,35 @@ def export(cfg: Config, checkpoint: Path, output: Path | None = None, *, fp16: b
     reference.eval()
     staged = {}
     try:
-        staged[output] = write_staged(output, lambda f: torch.save({"model": deploy_state(ckpt, fp16)}, f),
-                                      "deploy file")
+        staged[output] = write_staged(
+            output, lambda f: torch.save({"model": deploy_state(ckpt, fp16)}, f), "deploy file"
+        )
         images = first_test_images(cfg, check_images)
         expected = reference(images)
         written = load_file(staged[output], "deploy file")["model"]  # read back as the accelerator's importer will
         got = _plain_vit(cfg, written, str(output))(images)
         difference = (got - expected).abs().max().item()
         if not fp16 and difference != 0:
-            raise UserError(f"{output}: read back, its logits differ from {checkpoint}'s by {difference:.3g}; "
-                            "the file is not the checkpoint's model (nothing was written)")
+            raise UserError(
+                f"{output}: read back, its logits differ from {checkpoint}'s by {difference:.3g}; "
+                "the file is not the checkpoint's model (nothing was written)"
+            )
         dc = cfg.data_config
-        info = {"deploy_file": str(output), "sha256": sha256(staged[output]), "format": "FP16" if fp16 else "FP32",
-                "layout": "the earlier release's ViT state dict (the accelerator's importer), class head only",
-                "source_checkpoint": str(checkpoint), "source_sha256": sha256(checkpoint),
-                "iteration": int(ckpt.get("iteration", 0)), "weights": ckpt.get("deployed", "raw"),
-                "class_names": class_names(read_label_map(dc)), "image_size": cfg.vit_config.image_size,
-                "transform_ops_val": dc.transform_ops_val, "config": ckpt.get("config"),
-                "check": {"images": len(images), "max_logit_diff": difference}}
+        info = {
+            "deploy_file": str(output),
+            "sha256": sha256(staged[output]),
+            "format": "FP16" if fp16 else "FP32",
+            "layout": "the earlier release's ViT state dict (the accelerator's importer), class head only",
+            "source_checkpoint": str(checkpoint),
+            "source_sha256": sha256(checkpoint),
+            "iteration": int(ckpt.get("iteration", 0)),
+            "weights": ckpt.get("deployed", "raw"),
+            "class_names": class_names(read_label_map(dc)),
+            "image_size": cfg.vit_config.image_size,
+            "transform_ops_val": dc.transform_ops_val,
+            "config": ckpt.get("config"),
+            "check": {"images": len(images), "max_logit_diff": difference},
+        }
         if onnx is not None:
             staged[onnx] = temporary_name(onnx)
             info["onnx"] = export_onnx(cfg, written, onnx, staged[onnx], images, str(output))
@@ -120,18 +140,23 @@ def export(cfg: Config, checkpoint: Path, output: Path | None = None, *, fp16: b
         raise
     for path, tmp in staged.items():  # every check passed: into place, the JSON last
         publish(tmp, path)
-    print(f"{output}: the {'FP16' if fp16 else 'FP32'} deploy file of {checkpoint} ({info['weights']} weights, "
-          f"iteration {info['iteration']}); read back, on the first {len(images)} test images its logits "
-          f"differ from the checkpoint's by at most {difference:.3g}")
+    print(
+        f"{output}: the {'FP16' if fp16 else 'FP32'} deploy file of {checkpoint} ({info['weights']} weights, "
+        f"iteration {info['iteration']}); read back, on the first {len(images)} test images its logits "
+        f"differ from the checkpoint's by at most {difference:.3g}"
+    )
     if onnx is not None:
-        print(f"{onnx}: ONNX (opset 17, any batch size); ONNX Runtime's logits differ from PyTorch's by at most "
-              f"{info['onnx']['max_logit_diff']:.3g} on the same images")
+        print(
+            f"{onnx}: ONNX (opset 17, any batch size); ONNX Runtime's logits differ from PyTorch's by at most "
+            f"{info['onnx']['max_logit_diff']:.3g} on the same images"
+        )
     print(f"{sidecar}: what the file holds (format, class names, source checkpoint, sha256)")
     return info
 
 
-def export_onnx(cfg: Config, weights: dict[str, torch.Tensor], path: Path, tmp: Path, images: torch.Tensor,
-                source: str) -> dict:
+def export_onnx(
+    cfg: Config, weights: dict[str, torch.Tensor], path: Path, tmp: Path, images: torch.Tensor, source: str
+) -> dict:
     """The plain ViT of ``weights`` as ONNX (opset 17, any batch size), written to ``tmp`` (to be renamed to
     ``path`` by the caller) and checked there with ONNX Runtime on ``images``."""
     import onnxruntime
@@ -140,15 +165,24 @@ def export_onnx(cfg: Config, weights: dict[str, torch.Tensor], path: Path, tmp: 
     try:
         with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (images[:1],), str(tmp), dynamo=False, opset_version=17,
-                              input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (images[:1],),
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
     except OSError as e:
         raise WriteFailed(f"{path}: cannot write the ONNX file ({reason(e)}); nothing was written") from None
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": images.cpu().numpy()})[0])
     difference = (got - model(images)).abs().max().item()
     if difference > ONNX_TOLERANCE:
-        raise UserError(f"{path}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g} "
-                        f"(more than {ONNX_TOLERANCE:g}); nothing was written")
+        raise UserError(
+            f"{path}: ONNX Runtime's logits differ from PyTorch's by {difference:.3g} "
+            f"(more than {ONNX_TOLERANCE:g}); nothing was written"
+        )
     return {"file": str(path), "sha256": sha256(tmp), "opset": 17, "max_logit_diff": difference}

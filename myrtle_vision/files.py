@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO
 
 from .errors import UserError, WriteFailed, reason
 
-Data = Union[bytes, str, Callable[[BinaryIO], None]]
+Data = bytes | str | Callable[[BinaryIO], None]
 
 
 def temporary_name(path: Path) -> Path:
@@ -68,8 +69,9 @@ def write_staged(path: str | Path, data: Data, what: str = "file", intact: str |
             os.fsync(f.fileno())
     except (OSError, RuntimeError, ValueError) as e:  # torch's archive writer reports a failed write as RuntimeError
         discard(tmp)
-        raise WriteFailed(f"{path}: cannot write the {what} ({reason(e)}); "
-                          + (intact or f"nothing was written over {path.name}")) from None
+        raise WriteFailed(
+            f"{path}: cannot write the {what} ({reason(e)}); " + (intact or f"nothing was written over {path.name}")
+        ) from None
     except BaseException:  # Ctrl-C, or a bug in ``data``: no temporary file left behind either
         discard(tmp)
         raise
@@ -83,8 +85,9 @@ def publish(tmp: Path, path: str | Path, what: str = "file", intact: str | None 
         os.replace(tmp, path)
     except OSError as e:
         discard(tmp)
-        raise WriteFailed(f"{path}: cannot write the {what} ({reason(e)}); "
-                          + (intact or f"nothing was written over {path.name}")) from None
+        raise WriteFailed(
+            f"{path}: cannot write the {what} ({reason(e)}); " + (intact or f"nothing was written over {path.name}")
+        ) from None
     fsync_dir(path.parent)
     return path
 
@@ -124,8 +127,9 @@ def check_folder(folder: str | Path, where: str) -> Path:
     return folder
 
 
-def check_output(path: str | Path, where: str, *, ours: Callable[[Path], bool] | None = None, force: bool = False,
-                 what: str = "file") -> Path:
+def check_output(
+    path: str | Path, where: str, *, ours: Callable[[Path], bool] | None = None, force: bool = False, what: str = "file"
+) -> Path:
     """Before long work: ``path`` can be written. It must not be a folder, its folder must be writable
     (:func:`check_folder`), and an existing file is replaced only when ``force`` or when ``ours(path)`` says
     this tool wrote it (an earlier run's output); otherwise a UserError starting with ``where``."""
@@ -138,8 +142,10 @@ def check_output(path: str | Path, where: str, *, ours: Callable[[Path], bool] |
         raise UserError(f"{where}: {path}: is a folder; name the {what} to write")
     check_folder(path.parent, where)
     if exists and not force and not (ours is not None and _safely(ours, path)):
-        raise UserError(f"{where}: {path}: already exists and is not a {what} this tool wrote; choose another "
-                        "name, remove it, or pass --force to replace it")
+        raise UserError(
+            f"{where}: {path}: already exists and is not a {what} this tool wrote; choose another "
+            "name, remove it, or pass --force to replace it"
+        )
     return path
 
 
@@ -168,13 +174,16 @@ def described_by(sidecar: Path, *keys: str) -> Callable[[Path], bool]:
         for key in nesting:
             info = info.get(key) if isinstance(info, dict) else None
         return isinstance(info, dict) and info.get(last) == sha256(path)
+
     return test
 
 
 def json_with(*keys: str) -> Callable[[Path], bool]:
     """An ``ours`` test for :func:`check_output`: the file is a JSON object with all of ``keys`` (a report
     this tool wrote)."""
+
     def test(path: Path) -> bool:
         obj = json.loads(path.read_text())
         return isinstance(obj, dict) and all(k in obj for k in keys)
+
     return test

@@ -31,7 +31,7 @@ Nothing here is persistent state: the state dict (and the checkpoint layout) is 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,10 @@ WEIGHT_SCHEMES = ("per_tensor", "per_channel")
 EPS = torch.finfo(torch.float32).eps  # the smallest scale, as MinMaxObserver
 
 UNCALIBRATED, CALIBRATING, QUANTIZED = "uncalibrated", "calibrating", "quantized"
-NOT_CALIBRATED = ("PyTorchINT8 model used before calibration: run myrtle_vision.int8.calibrate(model, batches) "
-                  "on at least one batch first")
+NOT_CALIBRATED = (
+    "PyTorchINT8 model used before calibration: run myrtle_vision.int8.calibrate(model, batches) "
+    "on at least one batch first"
+)
 
 
 def activation_qparams(min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +170,9 @@ def points(model: nn.Module) -> dict[str, FakeQuant]:
 
 def qparams(model: nn.Module) -> dict[str, tuple[float, int]]:
     """(scale, zero point) of every calibrated point, by module name."""
-    return {name: (p.scale.item(), int(p.zero_point.item())) for name, p in points(model).items()
-            if p.phase == QUANTIZED}
+    return {
+        name: (p.scale.item(), int(p.zero_point.item())) for name, p in points(model).items() if p.phase == QUANTIZED
+    }
 
 
 @torch.no_grad()

@@ -39,8 +39,9 @@ class WeightedCrossEntropy(nn.Module):
 
 
 class DistillationLoss(nn.Module):
-    def __init__(self, base_criterion: nn.Module, distillation_type: str = "soft", alpha: float = 0.5,
-                 temperature: float = 3.0):
+    def __init__(
+        self, base_criterion: nn.Module, distillation_type: str = "soft", alpha: float = 0.5, temperature: float = 3.0
+    ):
         super().__init__()
         if distillation_type not in ("soft", "hard"):
             raise ValueError(f"distillation_type must be 'soft' or 'hard', not {distillation_type!r}")
@@ -52,10 +53,15 @@ class DistillationLoss(nn.Module):
         if self.distillation_type == "hard":
             return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
         T = self.temperature
-        return F.kl_div(F.log_softmax(dist_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
-                        reduction="batchmean", log_target=True) * (T * T)
+        return F.kl_div(
+            F.log_softmax(dist_logits / T, dim=1),
+            F.log_softmax(teacher_logits / T, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (T * T)
 
-    def forward(self, class_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, class_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         base = self.base_criterion(class_logits, targets)
         return self.alpha * base + (1 - self.alpha) * self.distillation_term(dist_logits, teacher_logits)

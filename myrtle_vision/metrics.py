@@ -33,7 +33,7 @@ class Accumulator:
         topk = logits.topk(self.k, dim=1).indices
         self.top5_correct += (topk == targets[:, None]).any(dim=1).sum().item()
         pairs = (targets * self.num_classes + topk[:, 0]).cpu()
-        self.confusion += torch.bincount(pairs, minlength=self.num_classes ** 2).view(self.num_classes, -1)
+        self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
         self.count += targets.numel()
 
     @property
@@ -54,11 +54,18 @@ class Accumulator:
         tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
         precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
         recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
-        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12),
-                         torch.zeros_like(tp))
-        return {name: {"precision": 100 * precision[i].item(), "recall": 100 * recall[i].item(),
-                       "f1": 100 * f1[i].item(), "support": int(actual[i].item())}
-                for i, name in enumerate(names)}
+        f1 = torch.where(
+            precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp)
+        )
+        return {
+            name: {
+                "precision": 100 * precision[i].item(),
+                "recall": 100 * recall[i].item(),
+                "f1": 100 * f1[i].item(),
+                "support": int(actual[i].item()),
+            }
+            for i, name in enumerate(names)
+        }
 
 
 def format_report(acc: Accumulator, names: list[str]) -> str:
@@ -81,11 +88,18 @@ def format_side_by_side(accs: list[Accumulator], labels: list[str], names: list[
         return f"{first:<{width}}" + "".join(f"  {c:>{group}}" for c in cells) + (f"  {last:>7}" if last else "")
 
     tables = [acc.per_class(names) for acc in accs]
-    lines = [row("", [f"{label:^{group}}" for label in labels]),
-             row("class", [f"{'recall':>6} {'prec':>6} {'f1':>6}"] * len(accs), "support")]
+    lines = [
+        row("", [f"{label:^{group}}" for label in labels]),
+        row("class", [f"{'recall':>6} {'prec':>6} {'f1':>6}"] * len(accs), "support"),
+    ]
     for name in names:
-        lines.append(row(name, [f"{t[name]['recall']:6.2f} {t[name]['precision']:6.2f} {t[name]['f1']:6.2f}"
-                                for t in tables], str(tables[0][name]["support"])))
+        lines.append(
+            row(
+                name,
+                [f"{t[name]['recall']:6.2f} {t[name]['precision']:6.2f} {t[name]['f1']:6.2f}" for t in tables],
+                str(tables[0][name]["support"]),
+            )
+        )
     lines.append(row("top-1", [f"{a.top1:.2f}%" for a in accs]))
     lines.append(row(f"top-{accs[0].k}", [f"{a.top5:.2f}%" for a in accs]))
     return "\n".join(lines)

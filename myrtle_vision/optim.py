@@ -11,8 +11,9 @@ from torch import nn
 from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
-                 decay_tokens: bool = False) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None = None, decay_tokens: bool = False
+) -> list[dict]:
     """Matrices decay; biases and norms (every parameter of one dimension) do not. Tokens and position
     embeddings (the model's ``no_weight_decay()``) do not either, unless ``decay_tokens``, as in the
     earlier release, whose model exempted nothing else.
@@ -31,14 +32,29 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
         layer = layer_of(name) if layer_decay is not None else depth + 1
         groups.setdefault((layer, decays), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
-             **({"lr_scale": layer_decay ** (depth + 1 - layer)} if layer_decay is not None else {})}
-            for (layer, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decays else 0.0,
+            **({"lr_scale": layer_decay ** (depth + 1 - layer)} if layer_decay is not None else {}),
+        }
+        for (layer, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    ]
 
 
-def build_optimizer(model: nn.Module, *, kind: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    betas: tuple[float, float] | None = None, eps: float = 1e-8, layer_decay: float | None = None,
-                    decay_tokens: bool = False, fused: bool | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    *,
+    kind: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] | None = None,
+    eps: float = 1e-8,
+    layer_decay: float | None = None,
+    decay_tokens: bool = False,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
     """``kind`` (sgd, adam or adamw) over :func:`param_groups`; SGD with Nesterov momentum when ``momentum``."""
     groups = param_groups(model, weight_decay, layer_decay, decay_tokens)
     if kind == "sgd":
@@ -49,9 +65,18 @@ def build_optimizer(model: nn.Module, *, kind: str, lr: float, weight_decay: flo
 
 def optimizer_for(model: nn.Module, tc: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
     """The optimizer a train config describes, at its peak learning rate."""
-    return build_optimizer(model, kind=tc.optimizer, lr=tc.peak_lr, weight_decay=tc.weight_decay, momentum=tc.momentum,
-                           betas=tc.opt_betas, eps=tc.opt_eps, layer_decay=tc.layer_decay,
-                           decay_tokens=tc.weight_decay_tokens, fused=fused)
+    return build_optimizer(
+        model,
+        kind=tc.optimizer,
+        lr=tc.peak_lr,
+        weight_decay=tc.weight_decay,
+        momentum=tc.momentum,
+        betas=tc.opt_betas,
+        eps=tc.opt_eps,
+        layer_decay=tc.layer_decay,
+        decay_tokens=tc.weight_decay_tokens,
+        fused=fused,
+    )
 
 
 @dataclass(frozen=True)
@@ -73,11 +98,18 @@ class LRSchedule:
     decay_rate: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, updates_per_epoch: int) -> "LRSchedule":
+    def from_config(cls, cfg: TrainConfig, updates_per_epoch: int) -> LRSchedule:
         u = updates_per_epoch
-        return cls(kind=cfg.scheduler, lr=cfg.peak_lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                   warmup=round(cfg.warmup_epochs * u), total=cfg.epochs * u,
-                   decay=max(1, round(cfg.decay_epochs * u)), decay_rate=cfg.decay_rate)
+        return cls(
+            kind=cfg.scheduler,
+            lr=cfg.peak_lr,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            warmup=round(cfg.warmup_epochs * u),
+            total=cfg.epochs * u,
+            decay=max(1, round(cfg.decay_epochs * u)),
+            decay_rate=cfg.decay_rate,
+        )
 
     def __call__(self, update: int) -> float:
         if update < self.warmup:
@@ -99,7 +131,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: schedule(update) / base)
 
 
-def start_schedule_at(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, update: int) -> None:
+def start_schedule_at(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, update: int
+) -> None:
     """Move a fresh scheduler from :func:`build_scheduler` (and its optimizer's learning rates) to ``update``,
     for a run resumed from a checkpoint that holds no scheduler state of ours."""
     lrs = [base * fn(update) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

@@ -36,8 +36,11 @@ def collect_inputs(inputs: list[str]) -> list[str]:
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            paths += [str(p) for p in sorted(path.rglob("*"))
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            paths += [
+                str(p)
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             try:
                 lines = path.read_text().splitlines()
@@ -72,16 +75,28 @@ def columns(k: int, q_format: str | None) -> list[str]:
 
 
 @torch.no_grad()
-def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, procs: Processes = Processes(), *,
-            topk: int = 5, q_format: str | None = None, q_rounding: str | None = None,
-            batch_size: int | None = None, num_workers: int | None = None, force: bool = False) -> dict:
+def predict(
+    cfg: Config,
+    checkpoint: Path,
+    inputs: list[str],
+    output: Path,
+    procs: Processes = Processes(),
+    *,
+    topk: int = 5,
+    q_format: str | None = None,
+    q_rounding: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    force: bool = False,
+) -> dict:
     """Write ``output`` (CSV, one row per input file, in the order given, UTF-8; see :func:`printable`) and
     return a summary. With several processes each predicts its share; rank 0 writes. An existing ``output`` is
     replaced only when it is an earlier predictions CSV, or with ``force``."""
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    procs.on_main(lambda: check_output(output, "--output", ours=earlier_predictions, force=force,
-                                       what="predictions CSV"))
+    procs.on_main(
+        lambda: check_output(output, "--output", ours=earlier_predictions, force=force, what="predictions CSV")
+    )
     ckpt = ckpt_io.load(checkpoint)
     names = class_names(read_label_map(cfg.data_config))
     k = min(topk, len(names))
@@ -90,9 +105,11 @@ def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, proc
     formats, rounding = ["FP32"], None
     if q_format:
         if q_format not in Q_FORMATS or q_format == "FP32":
-            raise UserError(f"--q_format {q_format!r}: predict.py compares FP32 with one of "
-                            f"{', '.join(f for f in Q_FORMATS if f != 'FP32')} (INT8 needs calibration: "
-                            "test_quantize.py)")
+            raise UserError(
+                f"--q_format {q_format!r}: predict.py compares FP32 with one of "
+                f"{', '.join(f for f in Q_FORMATS if f != 'FP32')} (INT8 needs calibration: "
+                "test_quantize.py)"
+            )
         trained = ckpt_io.trained_format(ckpt, checkpoint)
         rounding = q_rounding or (trained[1] if trained[0] != "FP32" else cfg.vit_config.q_rounding)
         if rounding not in ROUNDINGS:
@@ -108,10 +125,19 @@ def predict(cfg: Config, checkpoint: Path, inputs: list[str], output: Path, proc
     pipeline = pipeline_for(dc.transform_ops_val, dc.augment_on, procs.device)
     dataset = ImageFiles(paths, pipeline, cfg.vit_config.image_size, f"{cfg.data_config_path}: transform_ops_val")
     tc = cfg.train_config
-    workers = num_workers if num_workers is not None else (tc.num_workers if tc.num_workers is not None
-                                                           else default_workers())
-    loader = eval_loader(dataset, batch_size or tc.local_batch_size, workers, device=procs.device,
-                         rank=procs.rank, world_size=procs.world_size)
+    workers = (
+        num_workers
+        if num_workers is not None
+        else (tc.num_workers if tc.num_workers is not None else default_workers())
+    )
+    loader = eval_loader(
+        dataset,
+        batch_size or tc.local_batch_size,
+        workers,
+        device=procs.device,
+        rank=procs.rank,
+        world_size=procs.world_size,
+    )
     rows: dict[int, dict] = {}
     reporter = Reporter(enabled=procs.is_main)  # no TensorBoard: a progress bar only
     bar = reporter.progress(len(loader), 0, "predicting")

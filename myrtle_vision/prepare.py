@@ -19,8 +19,12 @@ import numpy as np
 from .errors import UserError, reason
 from .files import fsync_dir, write_atomic
 
-SPLIT_FILES = {"train": "train_imagepaths.txt", "val": "val_imagepaths.txt", "test": "test_imagepaths.txt",
-               "extra": "extra_imagepaths.txt"}  # extra: training images left out of train (Fashion-MNIST only)
+SPLIT_FILES = {
+    "train": "train_imagepaths.txt",
+    "val": "val_imagepaths.txt",
+    "test": "test_imagepaths.txt",
+    "extra": "extra_imagepaths.txt",
+}  # extra: training images left out of train (Fashion-MNIST only)
 
 RESISC45_CLASSES = (
     "airplane airport baseball_diamond basketball_court beach bridge chaparral church circular_farmland cloud "
@@ -31,10 +35,24 @@ RESISC45_CLASSES = (
 ).split()
 RESISC45_SPLIT = (489, 71, 140)  # per class, by sorted file name: train, validation, test
 
-FASHION_MNIST_CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                         "ankle_boot"]
-FASHION_MNIST_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-                       "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+FASHION_MNIST_CLASSES = [
+    "t-shirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+]
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -92,13 +110,18 @@ def _find_classes(root: Path, images: Path) -> dict[str, Path]:
     both = sorted(set(top) & set(under))
     if both:
         more = f" (and {len(both) - 1} more)" if len(both) > 1 else ""
-        raise UserError(f"{root}: class {both[0]!r} is both at the top and under images/{more}; keep one copy of "
-                        "each class, then run again")
+        raise UserError(
+            f"{root}: class {both[0]!r} is both at the top and under images/{more}; keep one copy of "
+            "each class, then run again"
+        )
     missing = sorted(set(RESISC45_CLASSES) - set(top) - set(under))
     if missing:
         source = root if top else images
-        raise UserError(f"{source}: incomplete: no folder for {len(missing)} classes ({', '.join(missing[:3])}, ...)"
-                        if len(missing) > 3 else f"{source}: incomplete: no folder for {', '.join(missing)}")
+        raise UserError(
+            f"{source}: incomplete: no folder for {len(missing)} classes ({', '.join(missing[:3])}, ...)"
+            if len(missing) > 3
+            else f"{source}: incomplete: no folder for {', '.join(missing)}"
+        )
     return {**under, **top}
 
 
@@ -133,9 +156,11 @@ def _move_back(images: Path, moved: list[Path], made: bool, problem: str) -> Non
             os.rename(images / done.name, done)
         except OSError as e:
             under = sum(p.is_dir() for p in images.iterdir())
-            raise UserError(f"{problem}, and moving {done.name} back failed too ({reason(e)}): {under} of the 45 "
-                            "class folders are under images/ and the others at the top; once the cause is fixed, "
-                            "run prepare_resisc45.py again: it finishes the move") from None
+            raise UserError(
+                f"{problem}, and moving {done.name} back failed too ({reason(e)}): {under} of the 45 "
+                "class folders are under images/ and the others at the top; once the cause is fixed, "
+                "run prepare_resisc45.py again: it finishes the move"
+            ) from None
     if made:
         try:
             images.rmdir()
@@ -171,10 +196,9 @@ def prepare_resisc45(root: str | Path) -> dict[str, int]:
     for cls in sorted(files):
         paths = [f"images/{cls}/{name}" for name in files[cls]]
         splits["train"] += paths[:n_train]
-        splits["val"] += paths[n_train:n_train + n_val]
-        splits["test"] += paths[n_train + n_val:]
-    index = {name: text for name, text in index_files(list(files), splits).items()
-             if not _unchanged(root / name, text)}
+        splits["val"] += paths[n_train : n_train + n_val]
+        splits["test"] += paths[n_train + n_val :]
+    index = {name: text for name, text in index_files(list(files), splits).items() if not _unchanged(root / name, text)}
     to_move = [folders[cls] for cls in sorted(folders) if folders[cls].parent == root]
     # Everything checked: now the folders this will change must be writable (a directory moved to another
     # folder needs write permission itself, for its ".." entry), or nothing is touched.
@@ -213,12 +237,15 @@ def _find_idx(src: Path, name: str) -> Path:
     for candidate in (src / name, src / f"{name}.gz"):
         if candidate.is_file():
             return candidate
-    raise UserError(f"{src}: {name}[.gz] not found (install the Debian package dataset-fashion-mnist, "
-                    "or pass a folder holding the four Fashion-MNIST IDX files)")
+    raise UserError(
+        f"{src}: {name}[.gz] not found (install the Debian package dataset-fashion-mnist, "
+        "or pass a folder holding the four Fashion-MNIST IDX files)"
+    )
 
 
-def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int = 500,
-                          train_per_class: int | None = None) -> dict[str, int]:
+def prepare_fashion_mnist(
+    src: str | Path, out: str | Path, val_per_class: int = 500, train_per_class: int | None = None
+) -> dict[str, int]:
     """Write Fashion-MNIST as PNG files in the Resisc45 layout.
 
     Validation is the last ``val_per_class`` training images of each class (held out of
@@ -262,8 +289,10 @@ def prepare_fashion_mnist(src: str | Path, out: str | Path, val_per_class: int =
         if not splits["extra"]:
             (out / SPLIT_FILES["extra"]).unlink(missing_ok=True)  # from an earlier run with --train-per-class
     except OSError as e:
-        raise UserError(f"{out}: cannot write the dataset there ({reason(e)}); the images written so far are "
-                        "whole, and running again finishes the job") from None
+        raise UserError(
+            f"{out}: cannot write the dataset there ({reason(e)}); the images written so far are "
+            "whole, and running again finishes the job"
+        ) from None
     for split in splits:
         splits[split].sort()
     if not splits["extra"]:

@@ -39,8 +39,8 @@ its quantization points where the floating-point formats round, one point (and o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,8 @@ def round_nearest_even(x: torch.Tensor, fmt: FloatingPoint) -> torch.Tensor:
         # Subnormals are multiples of 2^(emin - man). Adding 1.5 * 2^(emin - man + 23) makes FP32's
         # own (ties-to-even) addition round there; subtracting it again is exact.
         magic = 1.5 * 2.0 ** (emin - fmt.man + 23)
-        out = torch.where(mag < 2.0 ** emin, torch.copysign((mag + magic) - magic, x), out)
-        largest = (2 - 2.0 ** -fmt.man) * 2.0 ** emax
+        out = torch.where(mag < 2.0**emin, torch.copysign((mag + magic) - magic, x), out)
+        largest = (2 - 2.0**-fmt.man) * 2.0**emax
         out = torch.where(out.abs() > largest, torch.copysign(torch.full_like(out, float("inf")), x), out)
     return torch.where(torch.isnan(x), x, out)
 
@@ -183,8 +183,9 @@ class QLayerNorm(nn.LayerNorm, _RoundsParameters):
         self.round_in_out(operand, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._out(F.layer_norm(self._in(x), self.normalized_shape, self.rounded("weight"),
-                                      self.rounded("bias"), self.eps))
+        return self._out(
+            F.layer_norm(self._in(x), self.normalized_shape, self.rounded("weight"), self.rounded("bias"), self.eps)
+        )
 
 
 @dataclass(frozen=True)
@@ -275,8 +276,13 @@ def arithmetic(q_format: str = "FP32", rounding: str = "nearest_even", int8_weig
         if int8_weights not in WEIGHT_SCHEMES:
             raise ValueError(f"int8_weights {int8_weights!r} is not one of {', '.join(WEIGHT_SCHEMES)}")
         return Int8Arithmetic(q_format, rounding, weights=int8_weights)
-    formats = {"FP32": (None, None), "FP16_16": (FP16, FP16), "FP16_32": (FP16, None), "TF32": (TF32, None),
-               "BF16_32": (BF16, None)}
+    formats = {
+        "FP32": (None, None),
+        "FP16_16": (FP16, FP16),
+        "FP16_32": (FP16, None),
+        "TF32": (TF32, None),
+        "BF16_32": (BF16, None),
+    }
     if q_format not in formats:
         raise ValueError(f"q_format {q_format!r} is not one of {', '.join(Q_FORMATS + POST_TRAINING_FORMATS)}")
     return Arithmetic(q_format, rounding, *formats[q_format])

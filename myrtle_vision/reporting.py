@@ -69,7 +69,7 @@ class Reporter:
 
             self.writer.add_image(tag, np.asarray(pil_image), step, dataformats="HWC")
 
-    def progress(self, total: int, initial: int, desc: str) -> "Progress":
+    def progress(self, total: int, initial: int, desc: str) -> Progress:
         self.close_bar()
         self.bar = Progress(total, initial, desc) if self.enabled else _NoProgress()
         return self.bar

@@ -16,7 +16,8 @@ written here, drawing their parameters as torchvision's own do.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
@@ -62,7 +63,9 @@ def _kwargs(name: str, v: dict, allowed: dict[str, Callable[[str, Any], Any]]) -
     out = {}
     for key, value in v.items():
         if key not in allowed:
-            raise OpError(f"{name}.{key}", "unknown argument" + did_you_mean(key, allowed, f"; valid: {sorted(allowed)}"))
+            raise OpError(
+                f"{name}.{key}", "unknown argument" + did_you_mean(key, allowed, f"; valid: {sorted(allowed)}")
+            )
         out[key] = allowed[key](f"{name}.{key}", value)
     return out
 
@@ -97,8 +100,11 @@ def _jitter(name, v):
 
 def _parse_resized_crop(name, v):
     if isinstance(v, dict):
-        kw = _kwargs(name, v, {"size": _size, "scale": lambda n, x: _pair(n, x, 0.0, 1.0),
-                               "ratio": lambda n, x: _pair(n, x, 1e-3, 1e3)})
+        kw = _kwargs(
+            name,
+            v,
+            {"size": _size, "scale": lambda n, x: _pair(n, x, 0.0, 1.0), "ratio": lambda n, x: _pair(n, x, 1e-3, 1e3)},
+        )
         if "size" not in kw:
             raise OpError(f"{name}.size", "missing")
         return kw
@@ -215,8 +221,17 @@ OPS: dict[str, tuple[Callable[[str, Any], dict], Callable[..., Any]]] = {
 
 # Ops that a batch can go through at once on its device (see myrtle_vision.data.augment); the others
 # (RandAugment, ColorJitter) act on pixel values image by image and run per image in the loader workers.
-BATCHABLE = ("Resize", "RandomResizedCrop", "CenterCrop", "RandomCrop", "RandomHorizontalFlip", "RandomVerticalFlip",
-             "RandomRotation90", "RandomTranspose", "Normalize")
+BATCHABLE = (
+    "Resize",
+    "RandomResizedCrop",
+    "CenterCrop",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "RandomVerticalFlip",
+    "RandomRotation90",
+    "RandomTranspose",
+    "Normalize",
+)
 
 
 def per_image_only(parsed: list[tuple[str, dict]]) -> list[str]:
@@ -261,7 +276,8 @@ class Normalizer:
             if images.device not in self._constants:
                 self._constants[images.device] = tuple(
                     torch.tensor(v, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-                    for v in (self.mean, self.std))
+                    for v in (self.mean, self.std)
+                )
             mean, std = self._constants[images.device]
             x.sub_(mean).div_(std)
         return x

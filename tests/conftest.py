@@ -35,8 +35,9 @@ import myrtle_pickle_guard  # noqa: E402
 
 # one log per pytest process (each xdist worker has its own cache folder): a test's reports are its own
 os.environ[myrtle_pickle_guard.LOG_VARIABLE] = os.path.join(os.environ["XDG_CACHE_HOME"], "pickle_guard.jsonl")
-os.environ["PYTHONPATH"] = os.pathsep.join([str(GUARD), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                          if p and p != str(GUARD))])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(GUARD), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(GUARD))]
+)
 myrtle_pickle_guard.install(os.environ[myrtle_pickle_guard.LOG_VARIABLE])
 
 NORMALIZE = {"Mean": [0.5, 0.5, 0.5], "Std": [0.25, 0.25, 0.25]}
@@ -49,9 +50,9 @@ def class_image(cls: int, i: int, size: int = 32) -> Image.Image:
     arr[:, :, cls % 3] += 100
     band = size // 4
     if cls % 2 == 0:
-        arr[(cls // 2) * band % size:(cls // 2) * band % size + band, :, cls % 3] = 230
+        arr[(cls // 2) * band % size : (cls // 2) * band % size + band, :, cls % 3] = 230
     else:
-        arr[:, (cls // 2) * band % size:(cls // 2) * band % size + band, (cls + 1) % 3] = 230
+        arr[:, (cls // 2) * band % size : (cls // 2) * band % size + band, (cls + 1) % 3] = 230
     return Image.fromarray(arr)
 
 
@@ -76,21 +77,54 @@ def make_dataset(root: Path, classes: list[str], counts=(8, 4, 5), size: int = 3
 
 
 def data_config(path: Path, dataset: Path, num_classes: int, train_ops=None, val_ops=None, **extra) -> Path:
-    cfg = {"dataset_path": str(dataset), "train_files": "train_imagepaths.txt", "valid_files": "val_imagepaths.txt",
-           "test_files": "test_imagepaths.txt", "label_map": "label_map.json", "number_of_classes": num_classes,
-           "transform_ops_train": train_ops if train_ops is not None else {"RandomHorizontalFlip": None, "Normalize": NORMALIZE},
-           "transform_ops_val": val_ops if val_ops is not None else {"Normalize": NORMALIZE}, **extra}
+    cfg = {
+        "dataset_path": str(dataset),
+        "train_files": "train_imagepaths.txt",
+        "valid_files": "val_imagepaths.txt",
+        "test_files": "test_imagepaths.txt",
+        "label_map": "label_map.json",
+        "number_of_classes": num_classes,
+        "transform_ops_train": train_ops
+        if train_ops is not None
+        else {"RandomHorizontalFlip": None, "Normalize": NORMALIZE},
+        "transform_ops_val": val_ops if val_ops is not None else {"Normalize": NORMALIZE},
+        **extra,
+    }
     path.write_text(json.dumps(cfg, indent=2))
     return path
 
 
 def train_config(path: Path, data_cfg: Path, out: Path, train=None, vit=None, **sections) -> Path:
-    tc = {"output_directory": str(out), "checkpoint_path": "", "epochs": 3, "local_batch_size": 4,
-          "global_batch_size": 8, "iters_per_checkpoint": 1000, "iters_per_val": 1000, "seed": 7, "lr": 3e-3,
-          "warmup_lr": 1e-4, "min_lr": 1e-4, "warmup_epochs": 1, "weight_decay": 0.01, "num_workers": 0,
-          "label_smoothing": 0.0, "lr_base_size": None, "weight_decay_tokens": False}
-    vc = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64,
-          "dropout": 0.0, "emb_dropout": 0.0, "q_format": "FP32"}
+    tc = {
+        "output_directory": str(out),
+        "checkpoint_path": "",
+        "epochs": 3,
+        "local_batch_size": 4,
+        "global_batch_size": 8,
+        "iters_per_checkpoint": 1000,
+        "iters_per_val": 1000,
+        "seed": 7,
+        "lr": 3e-3,
+        "warmup_lr": 1e-4,
+        "min_lr": 1e-4,
+        "warmup_epochs": 1,
+        "weight_decay": 0.01,
+        "num_workers": 0,
+        "label_smoothing": 0.0,
+        "lr_base_size": None,
+        "weight_decay_tokens": False,
+    }
+    vc = {
+        "image_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "heads": 2,
+        "mlp_dim": 64,
+        "dropout": 0.0,
+        "emb_dropout": 0.0,
+        "q_format": "FP32",
+    }
     tc.update(train or {})
     vc.update(vit or {})
     cfg = {"train_config": tc, "data_config_path": str(data_cfg), "vit_config": vc, **sections}
@@ -107,8 +141,9 @@ def script_env(device: str = "cpu", **extra: str) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
     # the pickle guard's folder first, whatever PYTHONPATH a test gives (its own sitecustomize runs after ours)
-    env["PYTHONPATH"] = os.pathsep.join([str(GUARD), *(p for p in env["PYTHONPATH"].split(os.pathsep)
-                                                       if p and p != str(GUARD))])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(GUARD), *(p for p in env["PYTHONPATH"].split(os.pathsep) if p and p != str(GUARD))]
+    )
     env[myrtle_pickle_guard.LOG_VARIABLE] = os.environ[myrtle_pickle_guard.LOG_VARIABLE]
     return env
 
@@ -118,14 +153,30 @@ def script_env(device: str = "cpu", **extra: str) -> dict:
 UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
 
 
-def run_script(script: str, *args, cwd: Path | None = None, timeout: float = 600, check: bool = False,
-               env: dict | None = None, device: str = "cpu", unprivileged: bool = False) -> subprocess.CompletedProcess:
+def run_script(
+    script: str,
+    *args,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    check: bool = False,
+    env: dict | None = None,
+    device: str = "cpu",
+    unprivileged: bool = False,
+) -> subprocess.CompletedProcess:
     """``python script args`` as a user runs it (``unprivileged``: with file permissions binding even as root)."""
     env = script_env(device, **(env or {}))
-    proc = subprocess.run([*(UNPRIVILEGED if unprivileged else []), sys.executable, str(REPO / script),
-                           *map(str, args)], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [*(UNPRIVILEGED if unprivileged else []), sys.executable, str(REPO / script), *map(str, args)],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -177,14 +228,19 @@ class GuardReports:
 def pickle_guard_problems(reports: GuardReports, allowlist: set) -> list[str]:
     """The guard's reports not taken yet, and a change of torch's weights-only allowlist from ``allowlist`` (which
     is then put back), each as a line."""
-    problems = [f"pid {r['pid']} {' '.join(r['argv'])}: {r['event']} {r['what']} called from {r['caller']} "
-                f"(stack: {' < '.join(r['stack'][:6])})" for r in reports.take()]
+    problems = [
+        f"pid {r['pid']} {' '.join(r['argv'])}: {r['event']} {r['what']} called from {r['caller']} "
+        f"(stack: {' < '.join(r['stack'][:6])})"
+        for r in reports.take()
+    ]
     now = set(torch.serialization.get_safe_globals())
     allowlist = allowlist | myrtle_pickle_guard.allowed_additions  # torch's own, as its modules are imported
     if now != allowlist:
         name = myrtle_pickle_guard.global_name
-        problems.append(f"torch's weights-only allowlist changed: added {sorted(map(name, now - allowlist))}, "
-                        f"removed {sorted(map(name, allowlist - now))}")
+        problems.append(
+            f"torch's weights-only allowlist changed: added {sorted(map(name, now - allowlist))}, "
+            f"removed {sorted(map(name, allowlist - now))}"
+        )
         import torch._weights_only_unpickler as wou
 
         wou._marked_safe_globals_set = set(allowlist)  # put back (add_safe_globals itself is refused by the guard)
@@ -200,8 +256,11 @@ def pickle_guard():
     yield reports
     problems = pickle_guard_problems(reports, allowlist)
     if problems:
-        pytest.fail("the pickle guard: something unpickled other than through torch.load(weights_only=True):\n  "
-                    + "\n  ".join(problems), pytrace=False)
+        pytest.fail(
+            "the pickle guard: something unpickled other than through torch.load(weights_only=True):\n  "
+            + "\n  ".join(problems),
+            pytrace=False,
+        )
 
 
 CLASSES = ["cat", "dog", "fox"]
@@ -252,12 +311,18 @@ def round_tf32(t: torch.Tensor) -> torch.Tensor:
     return ((bits + keep) & ~0x1FFF).view(torch.float32)
 
 
-REFERENCE_ROUNDING = {"FP32": None, "FP16_32": lambda t: t.half().float(), "BF16_32": lambda t: t.bfloat16().float(),
-                      "TF32": round_tf32, "FP16_16": lambda t: t.half().float()}
+REFERENCE_ROUNDING = {
+    "FP32": None,
+    "FP16_32": lambda t: t.half().float(),
+    "BF16_32": lambda t: t.bfloat16().float(),
+    "TF32": round_tf32,
+    "FP16_16": lambda t: t.half().float(),
+}
 
 
-def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int, head_dim_scale: int = 64,
-                      q_format: str = "FP32") -> torch.Tensor:
+def reference_forward(
+    sd: dict, img: torch.Tensor, heads: int, patch: int, head_dim_scale: int = 64, q_format: str = "FP32"
+) -> torch.Tensor:
     """The deploy layout's semantics, written from its description, straight off the tensors (attention scores
     divided by sqrt(head_dim_scale): 64, the head size of every shipped model; our ViT divides by its own head size).
     An independent reference: it uses nothing of the package. ``q_format``, as the README's quantization table
@@ -275,7 +340,11 @@ def reference_forward(sd: dict, img: torch.Tensor, heads: int, patch: int, head_
         return a(F.layer_norm(r(x), (x.shape[-1],), r(sd[f"{name}.weight"]), r(sd[f"{name}.bias"]), eps=1e-5))
 
     B, C, H, W = img.shape
-    x = img.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(B, -1, patch * patch * C)
+    x = (
+        img.reshape(B, C, H // patch, patch, W // patch, patch)
+        .permute(0, 2, 4, 3, 5, 1)
+        .reshape(B, -1, patch * patch * C)
+    )
     x = linear(x, "patch_to_embedding")
     x = a(torch.cat([a(sd["cls_token"]).expand(B, -1, -1), x], 1) + a(sd["pos_embedding"]))
     dim = x.shape[-1]
@@ -302,16 +371,23 @@ def near_tie_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def reference_logits(cfg_path, ckpt_path, q_format: str = "FP32", split: str = "test"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logits(
+    cfg_path, ckpt_path, q_format: str = "FP32", split: str = "test"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A checkpoint's logits on a split (the test split) of a config, and the labels, without the package: the
     images read and normalized by hand, the checkpoint's deploy entry read with torch.load, and the ViT computed
     from its layout in ``q_format`` (conftest.reference_forward)."""
     images, labels = reference_images(cfg_path, split)
     vit = json.loads(cfg_path.read_text())["vit_config"]
     weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
-    logits = reference_forward(weights, images, vit["heads"], vit["patch_size"],
-                               head_dim_scale=vit["embed_dim"] // vit["heads"], q_format=q_format)
+    logits = reference_forward(
+        weights,
+        images,
+        vit["heads"],
+        vit["patch_size"],
+        head_dim_scale=vit["embed_dim"] // vit["heads"],
+        q_format=q_format,
+    )
     return logits, torch.tensor(labels)
 
 

@@ -46,8 +46,12 @@ def pristine(tmp_path_factory):
     """A dataset, a checkpoint of a short run and a teacher file, copied for each case to break."""
     root = tmp_path_factory.mktemp("pristine")
     make_dataset(root / "ds", CLASSES, counts=(8, 2, 3))
-    cfg = train_config(root / "t.json", data_config(root / "d.json", root / "ds", 3), root / "out",
-                       train={"epochs": 1, "global_batch_size": 8})
+    cfg = train_config(
+        root / "t.json",
+        data_config(root / "d.json", root / "ds", 3),
+        root / "out",
+        train={"epochs": 1, "global_batch_size": 8},
+    )
     code, out, err = run("train.py", "-c", cfg)
     assert code == 0, out + err
     shutil.copy(next((root / "out").glob("*/last.pt")), root / "ckpt.pt")
@@ -64,16 +68,23 @@ class Case:
         for name in ("ckpt.pt", "teacher.pth"):
             shutil.copy(pristine / name, root / name)
         self.root, self.ds = root, root / "ds"
-        self.data = {"dataset_path": str(self.ds), "train_files": "train_imagepaths.txt",
-                     "valid_files": "val_imagepaths.txt", "test_files": "test_imagepaths.txt",
-                     "label_map": "label_map.json", "number_of_classes": 3,
-                     "transform_ops_train": {"RandomHorizontalFlip": None,
-                                             "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}},
-                     "transform_ops_val": {"Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}}
+        self.data = {
+            "dataset_path": str(self.ds),
+            "train_files": "train_imagepaths.txt",
+            "valid_files": "val_imagepaths.txt",
+            "test_files": "test_imagepaths.txt",
+            "label_map": "label_map.json",
+            "number_of_classes": 3,
+            "transform_ops_train": {"RandomHorizontalFlip": None, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}},
+            "transform_ops_val": {"Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}},
+        }
         self.data_path = root / "data.json"
         self.cfg_path = root / "train.json"
-        self.cfg = json.loads(train_config(self.cfg_path, self.data_path, root / "out",
-                                           train={"epochs": 1, "global_batch_size": 8}).read_text())
+        self.cfg = json.loads(
+            train_config(
+                self.cfg_path, self.data_path, root / "out", train={"epochs": 1, "global_batch_size": 8}
+            ).read_text()
+        )
 
     def write(self) -> Path:
         """Write the data config, and the train config unless a case replaced or removed its file."""
@@ -111,6 +122,7 @@ def _raw_cfg(text, *needles):
         c.cfg_path.write_text(text(c.cfg_path.read_text()) if callable(text) else text)
         c.cfg = None
         return [], ["{cfg}", *needles]
+
     return f
 
 
@@ -118,6 +130,7 @@ def _cfg(dotted: str, value, *needles):
     def f(c: Case):
         _set(c.cfg, dotted, value)
         return [], ["{cfg}", dotted.split(".", 1)[1] if "." in dotted else dotted, *needles]
+
     return f
 
 
@@ -125,6 +138,7 @@ def _cfg_del(dotted: str, *needles):
     def f(c: Case):
         _del(c.cfg, dotted)
         return [], ["{cfg}", dotted.split(".")[-1], "missing", *needles]
+
     return f
 
 
@@ -132,6 +146,7 @@ def _data(key: str, value, *needles):
     def f(c: Case):
         _set(c.data, key, value)
         return [], ["{data}", key.split(".")[0], *needles]
+
     return f
 
 
@@ -139,6 +154,7 @@ def _file(action, *needles):
     def f(c: Case):
         needle = action(c)
         return [], [*needles, *([needle] if needle else [])]
+
     return f
 
 
@@ -146,6 +162,7 @@ def _spoil(data: bytes, n: int = 3):
     def f(c: Case) -> str:
         _image(c, n).write_bytes(data)
         return _image(c, n).name
+
     return f
 
 
@@ -156,6 +173,7 @@ def _ckpt(script: str, action, *needles):
             c.cfg["train_config"]["checkpoint_path"] = str(path)
             return [], [str(path), *needles]
         return ["--checkpoint", path], [str(path), *needles]
+
     f.script = script
     return f
 
@@ -165,12 +183,13 @@ def _teacher(action, *needles):
         path = action(c)
         c.cfg["distiller_config"] = {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(path)}
         return [], ["teacher_weights_path", str(path), *needles]
+
     return f
 
 
 def _truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
     return path
 
 
@@ -195,17 +214,20 @@ def _append_line(line: str):
         with open(c.ds / "train_imagepaths.txt", "a") as fh:
             fh.write(line + "\n")
         return str(c.ds / "train_imagepaths.txt")
+
     return f
 
 
 def _edited(**entries):
     """The pristine checkpoint with ``entries`` replaced (None: removed)."""
+
     def f(c: Case) -> Path:
         ckpt = torch.load(c.root / "ckpt.pt", weights_only=True)
         for key, value in entries.items():
             ckpt.pop(key) if value is None else ckpt.__setitem__(key, value)
         torch.save(ckpt, c.root / "edited.pt")
         return c.root / "edited.pt"
+
     return f
 
 
@@ -213,18 +235,23 @@ def _mobilenet(classes: int, name="mobilenet_v3_small"):
     def f(c: Case):
         torch.save(torchvision.models.get_model(name, num_classes=classes).state_dict(), c.root / "t2.pth")
         return c.root / "t2.pth"
+
     return f
 
 
 CASES = {
     # the train config's JSON
     "malformed JSON": _raw_cfg('{"train_config": {', "not valid JSON", "line 1"),
-    "truncated JSON": _raw_cfg(lambda text: text[:len(text) // 2], "not valid JSON"),
+    "truncated JSON": _raw_cfg(lambda text: text[: len(text) // 2], "not valid JSON"),
     "empty config file": _raw_cfg("", "not valid JSON"),
     "config is a list": _raw_cfg("[1, 2]", "expected an object"),
     "config nested 100,000 deep": _raw_cfg('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
-    "binary config file": lambda c: (c.write(), c.cfg_path.write_bytes(b"\x80\x04\x95 pickle"),
-                                     setattr(c, "cfg", None), ([], ["{cfg}", "not UTF-8"]))[3],
+    "binary config file": lambda c: (
+        c.write(),
+        c.cfg_path.write_bytes(b"\x80\x04\x95 pickle"),
+        setattr(c, "cfg", None),
+        ([], ["{cfg}", "not UTF-8"]),
+    )[3],
     "config not found": lambda c: (c.cfg_path.unlink(), setattr(c, "cfg", None), ([], ["{cfg}", "not found"]))[2],
     "missing section": _cfg_del("vit_config"),
     "missing field": _cfg_del("train_config.lr"),
@@ -246,25 +273,33 @@ CASES = {
     "unknown precision": _cfg("train_config.precision", "fp8", "not one of"),
     "dropout of 1.5": _cfg("vit_config.dropout", 1.5, "[0, 1)"),
     "infinite learning rate": _cfg("train_config.lr", float("inf"), "finite"),
-    "a model too large to build": _cfg("vit_config.embed_dim", 10 ** 7, "parameters"),
+    "a model too large to build": _cfg("vit_config.embed_dim", 10**7, "parameters"),
     "data config not found": _cfg("data_config_path", "nowhere.json", "nowhere.json: file not found"),
-    "seed out of range": _cfg("train_config.seed", 2 ** 70, "seed"),
+    "seed out of range": _cfg("train_config.seed", 2**70, "seed"),
     "lr_base_size of 0": _cfg("train_config.lr_base_size", 0, "train_config.lr_base_size", "[1, 2^31]"),
-    "global batch too large to scale lr": _cfg("train_config.global_batch_size", 10 ** 400, "at most 2^31"),
+    "global batch too large to scale lr": _cfg("train_config.global_batch_size", 10**400, "at most 2^31"),
     "weight_decay_tokens not a boolean": _cfg("train_config.weight_decay_tokens", "yes", "expected true/false"),
     # the data config
     "one class": _data("number_of_classes", 1, "at least 2"),
     "unknown transform op": _data("transform_ops_train", {"RandomCropp": 32}, "RandomCropp"),
-    "Normalize not last": _data("transform_ops_val", {"Normalize": {"Mean": [0.5] * 3, "Std": [0.2] * 3},
-                                                      "CenterCrop": 32}, "last"),
-    "Normalize with two channels": _data("transform_ops_val", {"Normalize": {"Mean": [0.5] * 2, "Std": [0.2] * 2}},
-                                         "Normalize"),
+    "Normalize not last": _data(
+        "transform_ops_val", {"Normalize": {"Mean": [0.5] * 3, "Std": [0.2] * 3}, "CenterCrop": 32}, "last"
+    ),
+    "Normalize with two channels": _data(
+        "transform_ops_val", {"Normalize": {"Mean": [0.5] * 2, "Std": [0.2] * 2}}, "Normalize"
+    ),
     "data config unknown field": _data("label_mapp", "x", "unknown field"),
-    "Resize shorter_side not a size": _data("transform_ops_val", {"Resize": {"shorter_side": [3, 4]}},
-                                            "transform_ops_val.Resize.shorter_side", "positive integer"),
+    "Resize shorter_side not a size": _data(
+        "transform_ops_val",
+        {"Resize": {"shorter_side": [3, 4]}},
+        "transform_ops_val.Resize.shorter_side",
+        "positive integer",
+    ),
     "string class count": _data("number_of_classes", "three", "expected an integer"),
-    "class count disagrees with the label map": lambda c: (_set(c.data, "number_of_classes", 4), ([], [
-        str(c.ds / "label_map.json"), "3 classes", "number_of_classes is 4"]))[1],
+    "class count disagrees with the label map": lambda c: (
+        _set(c.data, "number_of_classes", 4),
+        ([], [str(c.ds / "label_map.json"), "3 classes", "number_of_classes is 4"]),
+    )[1],
     # the dataset on disk
     "dataset folder missing": _file(lambda c: shutil.rmtree(c.ds), "{ds}", "dataset_path"),
     "split file missing": _file(lambda c: (c.ds / "val_imagepaths.txt").unlink(), "val_imagepaths.txt", "not found"),
@@ -273,47 +308,67 @@ CASES = {
     "zero-byte image": _file(_spoil(b""), "cannot read image"),
     "truncated image": _file(lambda c: _truncate(_image(c)).name, "cannot read image"),
     "corrupt first image": _file(_spoil(b"not an image", 0), "cannot read image"),
-    "label map malformed": _file(lambda c: (c.ds / "label_map.json").write_text("{cat: 0") and "label_map.json",
-                                 "cannot read the label map"),
-    "label map nested 100,000 deep": _file(lambda c: (c.ds / "label_map.json").write_text("[" * 100_000 + "]" * 100_000)
-                                           and "label_map.json", "nested too deeply"),
+    "label map malformed": _file(
+        lambda c: (c.ds / "label_map.json").write_text("{cat: 0") and "label_map.json", "cannot read the label map"
+    ),
+    "label map nested 100,000 deep": _file(
+        lambda c: (c.ds / "label_map.json").write_text("[" * 100_000 + "]" * 100_000) and "label_map.json",
+        "nested too deeply",
+    ),
     "label map missing": _file(lambda c: (c.ds / "label_map.json").unlink() or "label_map.json", "not found"),
-    "class folder not in the label map": _file(lambda c: (c.ds / "images" / "wolf").mkdir() or "wolf",
-                                               "not in the label map"),
-    "empty split": _file(lambda c: (c.ds / "val_imagepaths.txt").write_text("") or "val_imagepaths.txt",
-                         "no images"),
+    "class folder not in the label map": _file(
+        lambda c: (c.ds / "images" / "wolf").mkdir() or "wolf", "not in the label map"
+    ),
+    "empty split": _file(lambda c: (c.ds / "val_imagepaths.txt").write_text("") or "val_imagepaths.txt", "no images"),
     "path escaping with ..": _file(_append_line("../outside.png"), "outside the dataset folder"),
     "absolute path": _file(_append_line("/etc/hostname"), "outside the dataset folder"),
     "symlink pointing outside": _file(lambda c: _symlink_out(c) or "link.png", "outside the dataset folder"),
     # a split line that is no path (named by line number), an image a RandomCrop cannot crop (at start-up, or met
     # during training: per image in this process, in loader workers, on the device)
-    "NUL byte in a split line": _file(lambda c: f"{_append_line('images/cat/a' + chr(0) + 'b.png')(c)}:"
-                                                f"{len((c.ds / 'train_imagepaths.txt').read_text().splitlines())}",
-                                      "NUL byte"),
-    "split line of 5,000 characters": _file(lambda c: f"{_append_line('images/cat/' + 'a' * 4985 + '.png')(c)}:"
-                                                      f"{len((c.ds / 'train_imagepaths.txt').read_text().splitlines())}",
-                                            "cannot use the line (5000 characters) as an image path"),
+    "NUL byte in a split line": _file(
+        lambda c: (
+            f"{_append_line('images/cat/a' + chr(0) + 'b.png')(c)}:"
+            f"{len((c.ds / 'train_imagepaths.txt').read_text().splitlines())}"
+        ),
+        "NUL byte",
+    ),
+    "split line of 5,000 characters": _file(
+        lambda c: (
+            f"{_append_line('images/cat/' + 'a' * 4985 + '.png')(c)}:"
+            f"{len((c.ds / 'train_imagepaths.txt').read_text().splitlines())}"
+        ),
+        "cannot use the line (5000 characters) as an image path",
+    ),
     "RandomCrop larger than the images": lambda c: (
         _set(c.data, "transform_ops_train", {"RandomCrop": 64, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}),
-        ([], ["{data}", "transform_ops_train.RandomCrop", _image(c, 0).name, "32x32, smaller than the crop 64x64"]))[1],
+        ([], ["{data}", "transform_ops_train.RandomCrop", _image(c, 0).name, "32x32, smaller than the crop 64x64"]),
+    )[1],
     "an image smaller than RandomCrop": lambda c: (
         _set(c.data, "transform_ops_train", {"RandomCrop": 32, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}),
         _image(c).write_bytes(b"P6 3 2 255\n" + bytes(range(18))),  # a binary PPM, 3 wide and 2 high
-        ([], ["{data}", "transform_ops_train.RandomCrop", _image(c).name, "2x3, smaller than the crop 32x32"]))[2],
+        ([], ["{data}", "transform_ops_train.RandomCrop", _image(c).name, "2x3, smaller than the crop 32x32"]),
+    )[2],
     "an image smaller than RandomCrop, in loader workers": lambda c: (
-        _set(c.cfg, "train_config.num_workers", 2), CASES["an image smaller than RandomCrop"](c))[1],
+        _set(c.cfg, "train_config.num_workers", 2),
+        CASES["an image smaller than RandomCrop"](c),
+    )[1],
     "an image smaller than RandomCrop, on the device": lambda c: (
-        _set(c.data, "augment_on", "device"), CASES["an image smaller than RandomCrop"](c))[1],
+        _set(c.data, "augment_on", "device"),
+        CASES["an image smaller than RandomCrop"](c),
+    )[1],
     # checkpoints
-    "checkpoint missing": _ckpt("train.py", lambda c: c.root / "nope.pt", "{cfg}", "train_config.checkpoint_path",
-                                "not found"),
-    "checkpoint_path a folder": _ckpt("train.py", lambda c: c.root, "{cfg}", "train_config.checkpoint_path",
-                                      "is a folder"),
+    "checkpoint missing": _ckpt(
+        "train.py", lambda c: c.root / "nope.pt", "{cfg}", "train_config.checkpoint_path", "not found"
+    ),
+    "checkpoint_path a folder": _ckpt(
+        "train.py", lambda c: c.root, "{cfg}", "train_config.checkpoint_path", "is a folder"
+    ),
     "truncated checkpoint": _ckpt("train.py", lambda c: _truncate(c.root / "ckpt.pt"), "not a readable checkpoint"),
     "zero-byte checkpoint": _ckpt("test.py", lambda c: _truncate(c.root / "ckpt.pt", 0), "not a readable checkpoint"),
     "checkpoint of another architecture": _ckpt("test.py", _other_architecture, "depth"),
-    "a tensor, not a checkpoint": _ckpt("test_quantize.py", lambda c: torch.save(torch.ones(3), c.root / "t.pt")
-                                        or c.root / "t.pt", "not a checkpoint"),
+    "a tensor, not a checkpoint": _ckpt(
+        "test_quantize.py", lambda c: torch.save(torch.ones(3), c.root / "t.pt") or c.root / "t.pt", "not a checkpoint"
+    ),
     # teacher files
     "teacher file missing": _teacher(lambda c: c.root / "none.pth", "not found"),
     "teacher of another class count": _teacher(_mobilenet(7), "7-class"),
@@ -326,11 +381,17 @@ CASES = {
     "best_val_top1 not a number": _ckpt("train.py", _edited(best_val_top1="high"), "'best_val_top1' is 'high'"),
     "no optimizer state": _ckpt("train.py", _edited(optimizer=None), "no 'optimizer' entry"),
     "no learning-rate schedule": _ckpt("train.py", _edited(lr_scheduler=None), "no 'lr_scheduler' entry"),
-    "unknown q_rounding, test_quantize": _ckpt("test_quantize.py", _edited(quantization={"q_format": "FP16_32",
-                                                                                        "q_rounding": "x"}),
-                                               "'quantization.q_rounding' is 'x'", "nearest_even"),
-    "unknown q_format, train": _ckpt("train.py", _edited(quantization={"q_format": "FP7", "q_rounding": "qtorch"}),
-                                     "'quantization.q_format' is 'FP7'"),
+    "unknown q_rounding, test_quantize": _ckpt(
+        "test_quantize.py",
+        _edited(quantization={"q_format": "FP16_32", "q_rounding": "x"}),
+        "'quantization.q_rounding' is 'x'",
+        "nearest_even",
+    ),
+    "unknown q_format, train": _ckpt(
+        "train.py",
+        _edited(quantization={"q_format": "FP7", "q_rounding": "qtorch"}),
+        "'quantization.q_format' is 'FP7'",
+    ),
     "quantization not a mapping": _ckpt("test_quantize.py", _edited(quantization=[1]), "'quantization' is [1]"),
 }
 SCRIPTS = {name: getattr(f, "script", "train.py") for name, f in CASES.items()}
@@ -357,11 +418,15 @@ def test_bad_input_is_one_line_naming_file_and_field(name, pristine, tmp_path):
 # --- random mutations of a valid config -----------------------------------------------------------
 
 JSON_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-3, max_value=300),
-    st.sampled_from([10 ** 6, 10 ** 12, 2 ** 63, -(2 ** 63), 10 ** 400]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-3, max_value=300),
+    st.sampled_from([10**6, 10**12, 2**63, -(2**63), 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
     st.lists(st.one_of(st.integers(-2, 300), st.floats(-2, 2)), max_size=3),
-    st.dictionaries(st.text(max_size=4), st.integers(-2, 5), max_size=2))
+    st.dictionaries(st.text(max_size=4), st.integers(-2, 5), max_size=2),
+)
 
 
 def _leaves(tree: dict, prefix=()) -> list[tuple]:
@@ -426,8 +491,12 @@ def mutation_case(pristine, tmp_path_factory):
     return c
 
 
-@settings(max_examples=int(os.environ.get("MUTATION_EXAMPLES", "400")), deadline=None, derandomize="MUTATION_EXAMPLES" not in os.environ,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("MUTATION_EXAMPLES", "400")),
+    deadline=None,
+    derandomize="MUTATION_EXAMPLES" not in os.environ,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_random_config_mutations_never_end_in_a_traceback(mutation_case, data):
     c = mutation_case
@@ -461,7 +530,7 @@ def test_mutation_setup_really_builds_a_valid_config(mutation_case):
 
 def test_running_out_of_memory_is_one_line_not_a_traceback(capsys):
     def allocate_a_petabyte():
-        torch.empty(2 ** 50, dtype=torch.uint8)
+        torch.empty(2**50, dtype=torch.uint8)
 
     with pytest.raises(SystemExit) as exit_:
         main_guard(allocate_a_petabyte)
@@ -480,15 +549,33 @@ def test_train_py_out_of_memory_is_one_line_and_exit_3(tmp_path, data_cfg):
 
     env = script_env()
     # what the interpreter, torch and the package take before any model exists, on this machine
-    baseline = subprocess.run([sys.executable, "-c", "import torch, myrtle_vision.training; x = torch.randn(512, 512) @ "
-                               "torch.randn(512, 512); print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])"],
-                              capture_output=True, text=True, env=env, check=True)
+    baseline = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import torch, myrtle_vision.training; x = torch.randn(512, 512) @ "
+            "torch.randn(512, 512); print(open('/proc/self/status').read().split('VmPeak:')[1].split()[0])",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     limit = int(baseline.stdout) * 1024 + (3 << 30)  # 3 GiB more; the model's weights alone are 6.4 GB
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                       vit={"embed_dim": 4096, "heads": 64, "mlp_dim": 16384, "depth": 8})
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-c", str(cfg), "--device", "cpu"], env=env,
-                          capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_cfg,
+        tmp_path / "out",
+        vit={"embed_dim": 4096, "heads": 64, "mlp_dim": 16384, "depth": 8},
+    )
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-c", str(cfg), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
     assert proc.returncode == 3, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "local_batch_size" in lines[0], lines
@@ -504,6 +591,7 @@ def test_other_runtime_errors_keep_their_traceback():
 
 
 # --- where the scripts write: checked before the work, written atomically, never over a user's file -----------
+
 
 def _case(pristine, tmp_path) -> Case:
     c = Case(pristine, tmp_path)
@@ -526,9 +614,11 @@ def test_report_paths_that_are_not_writable_are_refused_before_the_evaluation(sc
     (tmp_path / "a_file").write_text("mine")
     (tmp_path / "report.json").write_text('{"mine": true}')
     args = ["-c", c.cfg_path, "--checkpoint", c.root / "ckpt.pt"]
-    for extra, needles in ((["--json", tmp_path / "a_folder.json"], ["--json", "is a folder"]),
-                           (["--output-dir", tmp_path / "a_file"], ["--output-dir", "is a file, not a folder"]),
-                           (["--json", tmp_path / "report.json"], ["--json", "already exists", "--force"])):
+    for extra, needles in (
+        (["--json", tmp_path / "a_folder.json"], ["--json", "is a folder"]),
+        (["--output-dir", tmp_path / "a_file"], ["--output-dir", "is a file, not a folder"]),
+        (["--json", tmp_path / "report.json"], ["--json", "already exists", "--force"]),
+    ):
         code, out, err = run(script, *args, *extra)
         _one_line(code, out, err, 2, str(extra[1]), *needles)
         assert "top-1" not in out  # refused before the evaluation
@@ -560,14 +650,28 @@ def test_a_report_that_cannot_be_written_leaves_the_earlier_one_whole(pristine, 
     from conftest import script_env
 
     c = _case(pristine, tmp_path)
-    args = [sys.executable, str(REPO / "test.py"), "-c", str(c.cfg_path), "--checkpoint", str(c.root / "ckpt.pt"),
-            "--output-dir", str(tmp_path / "report")]
+    args = [
+        sys.executable,
+        str(REPO / "test.py"),
+        "-c",
+        str(c.cfg_path),
+        "--checkpoint",
+        str(c.root / "ckpt.pt"),
+        "--output-dir",
+        str(tmp_path / "report"),
+    ]
     subprocess.run(args, env=script_env(), check=True, capture_output=True)  # the earlier report (and the cache)
     picture = tmp_path / "report" / "confusion_matrix.png"
     before = picture.read_bytes()
     assert len(before) > 2048
-    proc = subprocess.run(args, env=script_env(), capture_output=True, text=True, timeout=600,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)))
+    proc = subprocess.run(
+        args,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)),
+    )
     line = _one_line(proc.returncode, proc.stdout, proc.stderr, 3, str(picture), "cannot write the picture")
     assert "File too large" in line and picture.read_bytes() == before
     assert not list(picture.parent.glob(".*.tmp*"))
@@ -591,8 +695,17 @@ def test_predict_writes_its_csv_atomically_and_as_utf8_whatever_the_file_names(p
     c = _case(pristine, tmp_path)
     folder = _images_with_a_name_that_is_not_utf8(c, tmp_path)
     out = tmp_path / "predictions.csv"
-    args = [sys.executable, str(REPO / "predict.py"), "-c", str(c.cfg_path), "--checkpoint", str(c.root / "ckpt.pt"),
-            "--output", str(out), str(folder)]
+    args = [
+        sys.executable,
+        str(REPO / "predict.py"),
+        "-c",
+        str(c.cfg_path),
+        "--checkpoint",
+        str(c.root / "ckpt.pt"),
+        "--output",
+        str(out),
+        str(folder),
+    ]
     for _ in range(2):  # the second run replaces the first's CSV
         proc = subprocess.run(args, env=script_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
@@ -633,8 +746,16 @@ def test_train_refuses_an_output_directory_it_cannot_write_before_opening_the_da
     c.cfg["train_config"]["output_directory"] = str(locked / "runs")
     c.write()
     proc = run_script_read_only(locked, "train.py", "-c", c.cfg_path)
-    _one_line(proc.returncode, proc.stdout, proc.stderr, 2, str(c.cfg_path), "train_config.output_directory",
-              str(locked / "runs"), "cannot write there")
+    _one_line(
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+        2,
+        str(c.cfg_path),
+        "train_config.output_directory",
+        str(locked / "runs"),
+        "cannot write there",
+    )
     assert "decoding" not in proc.stdout and list(locked.iterdir()) == []
     # resuming in the checkpoint's own run directory, which is read-only now
     run_dir = next((pristine / "out").glob("*/last.pt")).parent
@@ -642,11 +763,17 @@ def test_train_refuses_an_output_directory_it_cannot_write_before_opening_the_da
     c.cfg["train_config"].update(checkpoint_path=str(tmp_path / "run" / "last.pt"), epochs=2)
     c.write()
     proc = run_script_read_only(tmp_path / "run", "train.py", "-c", c.cfg_path)
-    _one_line(proc.returncode, proc.stdout, proc.stderr, 2, "train_config.checkpoint_path (its run directory)",
-              "cannot write there")
+    _one_line(
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+        2,
+        "train_config.checkpoint_path (its run directory)",
+        "cannot write there",
+    )
 
 
-READ_ONLY_AFTER = '''
+READ_ONLY_AFTER = """
 import os
 import torch
 _save, _calls = torch.save, [0]
@@ -656,7 +783,7 @@ def _save_then_lock(obj, f, *args, **kwargs):
     if _calls[0] == int(os.environ["LOCK_AFTER_SAVES"]):  # the run's folder is made read-only under it
         os.chmod(os.path.dirname(f.name), 0o555)
 torch.save = _save_then_lock
-'''
+"""
 
 
 @pytest.mark.parametrize("saves", [1, 2])
@@ -672,15 +799,28 @@ def test_a_run_folder_made_read_only_mid_run_stops_with_exit_3_and_keeps_its_che
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(READ_ONLY_AFTER)
-    proc = run_script("train.py", "-c", c.cfg_path, unprivileged=True,
-                      env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "LOCK_AFTER_SAVES": str(saves)})
-    line = _one_line(proc.returncode, proc.stdout, proc.stderr, 3, f"checkpoint_{saves:07d}.pt: cannot write the "
-                     "checkpoint (Permission denied); the previous checkpoints are intact")
+    proc = run_script(
+        "train.py",
+        "-c",
+        c.cfg_path,
+        unprivileged=True,
+        env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "LOCK_AFTER_SAVES": str(saves)},
+    )
+    line = _one_line(
+        proc.returncode,
+        proc.stdout,
+        proc.stderr,
+        3,
+        f"checkpoint_{saves:07d}.pt: cannot write the "
+        "checkpoint (Permission denied); the previous checkpoints are intact",
+    )
     run_dir = Path(line.split(": ")[1]).parent
     run_dir.chmod(0o755)
     from myrtle_vision import checkpoint as ckpt_io
 
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == [f"checkpoint_{i:07d}.pt" for i in range(1, saves)]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == [
+        f"checkpoint_{i:07d}.pt" for i in range(1, saves)
+    ]
     if saves > 1:
         assert ckpt_io.load(run_dir / "last.pt")["iteration"] == saves - 1
     # the temporary file could not be removed from the read-only folder: a hidden name, which no one takes for a

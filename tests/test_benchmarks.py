@@ -15,8 +15,9 @@ RUN = {"epochs": 1, "local_batch_size": 4, "global_batch_size": 4, "num_workers"
 
 
 def _run(*args) -> str:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=script_env())
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600, env=script_env()
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -26,12 +27,33 @@ def _ratios(table: str) -> list[float]:
 
 
 def test_vs_timm_measures_ours_and_timm_end_to_end_and_the_loader():
-    out = _run("benchmarks/vs_timm.py", "--models", "tiny", "--settings", "fp32", "bf16", "--image-size", "32",
-               "--batch-size", "4", "--images-per-class", "2", "--e2e-epochs", "2", "--warmup", "1", "--repeats", "1",
-               "--no-write")
+    out = _run(
+        "benchmarks/vs_timm.py",
+        "--models",
+        "tiny",
+        "--settings",
+        "fp32",
+        "bf16",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--images-per-class",
+        "2",
+        "--e2e-epochs",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--no-write",
+    )
     assert re.search(r"Measured matmul rates: fp32 \*\*\d+ GFLOP/s\*\*, bf16 \*\*\d+ GFLOP/s\*\*", out)
-    rows = {tuple(c.strip() for c in line.split("|")[2:4]): line for line in out.splitlines()
-            if line.startswith("| ViT-Tiny |") and line.count("|") == 9}
+    rows = {
+        tuple(c.strip() for c in line.split("|")[2:4]): line
+        for line in out.splitlines()
+        if line.startswith("| ViT-Tiny |") and line.count("|") == 9
+    }
     assert set(rows) == {("fp32", "training"), ("fp32", "inference"), ("bf16", "training")}
     # the shares of the matmul rate (of the setting's precision) are percentages of real FLOP counts
     assert all(re.search(r"\| \d+% \| \d+% \|$", row) for row in rows.values())
@@ -47,8 +69,13 @@ def test_vs_timm_measures_ours_and_timm_end_to_end_and_the_loader():
 
 def test_quantized_eval_reports_every_format(tmp_path):
     dataset = make_dataset(tmp_path / "data", ["a", "b"], counts=(4, 2, 6))
-    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", dataset, 2), tmp_path / "out", train=RUN,
-                       vit={"image_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32})
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_config(tmp_path / "d.json", dataset, 2),
+        tmp_path / "out",
+        train=RUN,
+        vit={"image_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32},
+    )
     out = _run("benchmarks/quantized_eval.py", "-c", cfg, "--repeats", "1", "--no-write")
     assert "12 images" in out
     for fmt in ("FP32", "FP16_32", "BF16_32", "TF32", "FP16_16"):
@@ -57,7 +84,9 @@ def test_quantized_eval_reports_every_format(tmp_path):
 
 
 def test_einops_layouts_times_both_variants_of_the_same_model():
-    out = _run("benchmarks/einops_layouts.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1", "--no-write")
+    out = _run(
+        "benchmarks/einops_layouts.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1", "--no-write"
+    )
     assert re.search(r"^\| ViT-Tiny \| training step \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
     assert re.search(r"^\| ViT-Tiny \| inference \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
 
@@ -65,8 +94,21 @@ def test_einops_layouts_times_both_variants_of_the_same_model():
 def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
     data = data_config(tmp_path / "d.json", make_dataset(tmp_path / "data", ["a", "b", "c"]), 3)
     base = train_config(tmp_path / "vit.json", data, tmp_path / "out", train=RUN)
-    out = _run("benchmarks/recipe_ablation.py", "--models", "vit", "--vit-config", base, "--seeds", "2",
-               "--variants", "without", "no_mixup", "--out", tmp_path / "runs", "--no-write")
+    out = _run(
+        "benchmarks/recipe_ablation.py",
+        "--models",
+        "vit",
+        "--vit-config",
+        base,
+        "--seeds",
+        "2",
+        "--variants",
+        "without",
+        "no_mixup",
+        "--out",
+        tmp_path / "runs",
+        "--no-write",
+    )
     rows = [line for line in out.splitlines() if line.startswith("| vit |")]
     assert [row.split("|")[2].strip() for row in rows[:2]] == ["without", "no_mixup"]
     for variant in ("without", "no_mixup"):  # test.py's figure of each run, as its JSON has it
@@ -86,16 +128,45 @@ def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
     stale = json.loads(measured.read_text())
     stale["config"]["train_config"]["cutmix"] = 0.5  # as if measured with another recipe
     measured.write_text(json.dumps(stale))
-    again = _run("benchmarks/recipe_ablation.py", "--models", "vit", "--vit-config", base, "--seeds", "2",
-                 "--variants", "without", "no_mixup", "--out", tmp_path / "runs", "--no-write", "--resume")
+    again = _run(
+        "benchmarks/recipe_ablation.py",
+        "--models",
+        "vit",
+        "--vit-config",
+        base,
+        "--seeds",
+        "2",
+        "--variants",
+        "without",
+        "no_mixup",
+        "--out",
+        tmp_path / "runs",
+        "--no-write",
+        "--resume",
+    )
     assert "vit_without_2: measured before" in again and "vit_no_mixup_2: measured before" not in again
     after = runs()
     assert len(after) == 3 and set(before) < set(after)
     top1 = json.loads((tmp_path / "runs" / "vit_without_2.result.json").read_text())["top1"]
     assert f"| vit | without | {top1:.2f} (seed 2) | {top1:.2f}% |" in again
     # --report runs nothing: the rows list the seeds measured so far
-    report = _run("benchmarks/recipe_ablation.py", "--models", "vit", "--vit-config", base, "--seeds", "2", "3",
-                  "--variants", "without", "with", "--out", tmp_path / "runs", "--no-write", "--report")
+    report = _run(
+        "benchmarks/recipe_ablation.py",
+        "--models",
+        "vit",
+        "--vit-config",
+        base,
+        "--seeds",
+        "2",
+        "3",
+        "--variants",
+        "without",
+        "with",
+        "--out",
+        tmp_path / "runs",
+        "--no-write",
+        "--report",
+    )
     assert runs() == after and f"| vit | without | {top1:.2f} (seed 2) | {top1:.2f}% |" in report
     assert "| vit | with |" not in report
 
@@ -108,8 +179,13 @@ def test_recipe_ablation_s_without_turns_off_what_the_base_config_switches_on(tm
     base.write_text(json.dumps({"train_config": {"epochs": 2, **RECIPE_TRAIN}, "vit_config": {"drop_path": 0.1}}))
     cfg = json.loads(variant_config(base, "vit", "without", 4, tmp_path).read_text())
     tc = cfg["train_config"]
-    assert (tc["mixup"], tc["cutmix"], tc["random_erasing"], tc["repeated_augmentation"], tc["ema_decay"]) == \
-        (0, 0, 0, 1, None)
+    assert (tc["mixup"], tc["cutmix"], tc["random_erasing"], tc["repeated_augmentation"], tc["ema_decay"]) == (
+        0,
+        0,
+        0,
+        1,
+        None,
+    )
     assert cfg["vit_config"]["drop_path"] == 0 and tc["epochs"] == 2 and tc["seed"] == 4
 
 
@@ -125,10 +201,19 @@ def test_recipe_ablation_reuses_a_run_whose_config_means_the_same(tmp_path):
     cfg = variant_config(plain, "vit", "without", 1, tmp_path / "runs")
     measured = cfg.with_suffix(".measured.json")
     measured.write_text(json.dumps({"top1": 50.0, "config": json.loads(cfg.read_text())}))
-    spelled = train_config(tmp_path / "spelled.json", data, tmp_path / "out",
-                           train={"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.25, "ema_decay": 0.995,
-                                  "epochs_per_val": 5},  # validating less often trains the same weights
-                           vit={"drop_path": 0.1})
+    spelled = train_config(
+        tmp_path / "spelled.json",
+        data,
+        tmp_path / "out",
+        train={
+            "mixup": 0.8,
+            "cutmix": 1.0,
+            "random_erasing": 0.25,
+            "ema_decay": 0.995,
+            "epochs_per_val": 5,
+        },  # validating less often trains the same weights
+        vit={"drop_path": 0.1},
+    )
     again = variant_config(spelled, "vit", "without", 1, tmp_path / "runs")
     assert again == cfg and json.loads(again.read_text()) != json.loads(measured.read_text())["config"]
     assert measured_before(again)["top1"] == 50.0

@@ -47,6 +47,7 @@ def test_demo_configs_train_the_recipe_the_ablation_measured_best(tmp_path):
     """The demo trains DeiT's recipe without repeated augmentation, the variant benchmarks/recipe_ablation.py
     measured best on the demo data (README, "DeiT's data-efficient recipe"): the same run, seed and folder aside."""
     import sys
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     from recipe_ablation import resolved, variant_config
 
@@ -68,7 +69,9 @@ def test_shipped_configs_keep_the_users_values(name):
     for section in ("train_config", "vit_config", "distiller_config", "dist_config"):
         for key, value in theirs.get(section, {}).items():
             assert ours[section][key] == value, f"{section}.{key}"
-    assert load_config(REPO / "train_configs" / f"{name}.json").vit_config.embed_dim == theirs["vit_config"]["embed_dim"]
+    assert (
+        load_config(REPO / "train_configs" / f"{name}.json").vit_config.embed_dim == theirs["vit_config"]["embed_dim"]
+    )
 
 
 def test_q_config_is_accepted_as_the_readmes_name_for_q_format(tmp_path, data_cfg):
@@ -89,46 +92,94 @@ def _broken(tmp_path, data_cfg, edit):
 
 
 BAD_TRAIN_CONFIGS = {
-    "typo": (lambda r: r["train_config"].update(warmup_lrr=1e-6), "train_config.warmup_lrr", "did you mean 'warmup_lr'"),
+    "typo": (
+        lambda r: r["train_config"].update(warmup_lrr=1e-6),
+        "train_config.warmup_lrr",
+        "did you mean 'warmup_lr'",
+    ),
     "wrong type": (lambda r: r["train_config"].update(epochs="10"), "train_config.epochs", "integer"),
     "missing": (lambda r: r["train_config"].pop("lr"), "train_config.lr", "missing"),
     "patch": (lambda r: r["vit_config"].update(image_size=30), "vit_config.image_size", "patch_size"),
-    "batch": (lambda r: r["train_config"].update(global_batch_size=10, local_batch_size=4),
-              "train_config.global_batch_size", "local_batch_size"),
+    "batch": (
+        lambda r: r["train_config"].update(global_batch_size=10, local_batch_size=4),
+        "train_config.global_batch_size",
+        "local_batch_size",
+    ),
     "negative lr": (lambda r: r["train_config"].update(lr=-0.1), "train_config.lr", "negative"),
     "optimizer": (lambda r: r["train_config"].update(optimizer="adamww"), "train_config.optimizer", "adamw"),
     "section typo": (lambda r: r.update(vit_confg=r.pop("vit_config")), "vit_confg", "did you mean 'vit_config'"),
     "heads": (lambda r: r["vit_config"].update(heads=5), "vit_config.embed_dim", "heads"),
-    "teacher model": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_model": "resnet5"}),
-                      "distiller_config.teacher_model", "did you mean 'resnet50'"),
-    "distillation type": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth",
-                                                               "distillation_type": "hrad"}),
-                          "distiller_config.distillation_type", "did you mean 'hard'"),
-    "alpha": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "alpha": 1.5}),
-              "distiller_config.alpha", "[0, 1]"),
-    "teacher size": (lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_image_size": 4}),
-                     "distiller_config.teacher_image_size", "[8, 4096]"),
-    "repeats": (lambda r: r["train_config"].update(repeated_augmentation=0), "train_config.repeated_augmentation",
-                "[1, 2^31]"),
-    "class weights name": (lambda r: r["train_config"].update(class_weights="balance"), "train_config.class_weights",
-                           "did you mean 'balanced'"),
-    "class weights type": (lambda r: r["train_config"].update(class_weights=2), "train_config.class_weights",
-                           "a string or a list of finite numbers or null"),
-    "negative class weight": (lambda r: r["train_config"].update(class_weights=[1, -0.5, 1]),
-                              "train_config.class_weights", "non-negative"),
-    "class weights all 0": (lambda r: r["train_config"].update(class_weights=[0, 0, 0]), "train_config.class_weights",
-                            "not all 0"),
+    "teacher model": (
+        lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_model": "resnet5"}),
+        "distiller_config.teacher_model",
+        "did you mean 'resnet50'",
+    ),
+    "distillation type": (
+        lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "distillation_type": "hrad"}),
+        "distiller_config.distillation_type",
+        "did you mean 'hard'",
+    ),
+    "alpha": (
+        lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "alpha": 1.5}),
+        "distiller_config.alpha",
+        "[0, 1]",
+    ),
+    "teacher size": (
+        lambda r: r.update(distiller_config={"teacher_weights_path": "t.pth", "teacher_image_size": 4}),
+        "distiller_config.teacher_image_size",
+        "[8, 4096]",
+    ),
+    "repeats": (
+        lambda r: r["train_config"].update(repeated_augmentation=0),
+        "train_config.repeated_augmentation",
+        "[1, 2^31]",
+    ),
+    "class weights name": (
+        lambda r: r["train_config"].update(class_weights="balance"),
+        "train_config.class_weights",
+        "did you mean 'balanced'",
+    ),
+    "class weights type": (
+        lambda r: r["train_config"].update(class_weights=2),
+        "train_config.class_weights",
+        "a string or a list of finite numbers or null",
+    ),
+    "negative class weight": (
+        lambda r: r["train_config"].update(class_weights=[1, -0.5, 1]),
+        "train_config.class_weights",
+        "non-negative",
+    ),
+    "class weights all 0": (
+        lambda r: r["train_config"].update(class_weights=[0, 0, 0]),
+        "train_config.class_weights",
+        "not all 0",
+    ),
     # one weight per class of the data config (3 classes)
-    "class weights count": (lambda r: r["train_config"].update(class_weights=[1, 2]), "train_config.class_weights",
-                            "2 weights, but"),
-    "sampler type": (lambda r: r["train_config"].update(class_balanced_sampler=1), "train_config.class_balanced_sampler",
-                     "true/false"),
-    "dist url": (lambda r: r.update(dist_config={"dist_url": "localhost:54321"}), "dist_config.dist_url",
-                 '"localhost:54321" is not a torch.distributed init URL (env://, tcp://HOST:PORT or file://PATH)'),
-    "dist url scheme": (lambda r: r.update(dist_config={"dist_url": "http://localhost:54321"}), "dist_config.dist_url",
-                        "not a torch.distributed init URL"),
-    "dist url type": (lambda r: r.update(dist_config={"dist_url": 54321}), "dist_config.dist_url",
-                      "expected a string, got 54321"),
+    "class weights count": (
+        lambda r: r["train_config"].update(class_weights=[1, 2]),
+        "train_config.class_weights",
+        "2 weights, but",
+    ),
+    "sampler type": (
+        lambda r: r["train_config"].update(class_balanced_sampler=1),
+        "train_config.class_balanced_sampler",
+        "true/false",
+    ),
+    "dist url": (
+        lambda r: r.update(dist_config={"dist_url": "localhost:54321"}),
+        "dist_config.dist_url",
+        '"localhost:54321" is not a torch.distributed init URL (env://, tcp://HOST:PORT or file://PATH)',
+    ),
+    "dist url scheme": (
+        lambda r: r.update(dist_config={"dist_url": "http://localhost:54321"}),
+        "dist_config.dist_url",
+        "not a torch.distributed init URL",
+    ),
+    "dist url type": (
+        lambda r: r.update(dist_config={"dist_url": 54321}),
+        "dist_config.dist_url",
+        "expected a string, got 54321",
+    ),
 }
 
 
@@ -141,7 +192,9 @@ def test_bad_train_config_in_process(case, tmp_path, data_cfg):
     assert e.value.field == field and hint in str(e.value) and str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("case", ["typo", "wrong type", "missing", "patch", "batch", "negative lr", "class weights count"])
+@pytest.mark.parametrize(
+    "case", ["typo", "wrong type", "missing", "patch", "batch", "negative lr", "class weights count"]
+)
 @pytest.mark.parametrize("script", ["train.py", "test.py"])
 def test_bad_train_config_through_the_scripts(case, script, tmp_path, data_cfg):
     edit, field, hint = BAD_TRAIN_CONFIGS[case]
@@ -160,16 +213,24 @@ def test_dist_url_accepts_what_torch_distributed_takes_and_does_not_use_it(url, 
 def test_a_bad_dist_url_stops_train_py_with_one_line(tmp_path, data_cfg):
     path = _broken(tmp_path, data_cfg, BAD_TRAIN_CONFIGS["dist url"][0])
     line = assert_user_error(run_script("train.py", "-c", path), str(path), "dist_config.dist_url", "localhost:54321")
-    assert line == (f'error: {path}: dist_config.dist_url: "localhost:54321" is not a torch.distributed init URL '
-                    "(env://, tcp://HOST:PORT or file://PATH); it is not used (torchrun's rendezvous gives the "
-                    "address), so the default env:// will do")
+    assert line == (
+        f'error: {path}: dist_config.dist_url: "localhost:54321" is not a torch.distributed init URL '
+        "(env://, tcp://HOST:PORT or file://PATH); it is not used (torchrun's rendezvous gives the "
+        "address), so the default env:// will do"
+    )
 
 
 BAD_DATA_CONFIGS = {
-    "unknown op": ({"transform_ops_train": {"RandomResizedCop": 32}}, "transform_ops_train.RandomResizedCop",
-                   "RandomResizedCrop"),
-    "bad op argument": ({"transform_ops_val": {"Normalize": {"Mean": [0.5], "Std": [1, 1, 1]}}},
-                        "transform_ops_val.Normalize.Mean", "3 numbers"),
+    "unknown op": (
+        {"transform_ops_train": {"RandomResizedCop": 32}},
+        "transform_ops_train.RandomResizedCop",
+        "RandomResizedCrop",
+    ),
+    "bad op argument": (
+        {"transform_ops_val": {"Normalize": {"Mean": [0.5], "Std": [1, 1, 1]}}},
+        "transform_ops_val.Normalize.Mean",
+        "3 numbers",
+    ),
     "classes type": ({"number_of_classes": "three"}, "number_of_classes", "integer"),
     "unknown field": ({"dataset_pth": "x"}, "dataset_pth", "dataset_path"),
 }

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 from conftest import REPO, run_dir_of, run_script, scalars, script_env, train_config
-
-from myrtle_vision.distributed import Processes
-from myrtle_vision.config import load_config
-from myrtle_vision.training import Trainer
 from test_pipeline import CHAINS, _images
+
+from myrtle_vision.config import load_config
+from myrtle_vision.distributed import Processes
+from myrtle_vision.training import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -24,9 +24,14 @@ CUDA = torch.device("cuda")
 
 def test_the_step_does_not_synchronize_inside_the_micro_batch_loop(tmp_path, data_cfg):
     """torch's sync debug mode raises on any host synchronisation, until the update's one reading."""
-    cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                                   train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": 0.5,
-                                          "precision": "bf16"}))
+    cfg = load_config(
+        train_config(
+            tmp_path / "t.json",
+            data_cfg,
+            tmp_path / "out",
+            train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": 0.5, "precision": "bf16"},
+        )
+    )
     trainer = Trainer(cfg, Processes(device=CUDA))
     batches = iter(trainer.train_loader)
     trainer.train_update(batches, 0)
@@ -56,8 +61,11 @@ def test_a_batch_transformed_on_the_gpu_gives_torchvision_s_images(chain):
     from myrtle_vision.transforms import parse_ops
 
     ops = CHAINS[chain]
-    sizes = [(24, 24), (26, 25), (30, 28), (24, 31), (27, 27), (25, 24)] if "RandomCrop" in ops else \
-        [(32, 32), (30, 36), (33, 31), (32, 40), (36, 30), (32, 32)]
+    sizes = (
+        [(24, 24), (26, 25), (30, 28), (24, 31), (27, 27), (25, 24)]
+        if "RandomCrop" in ops
+        else [(32, 32), (30, 36), (33, 31), (32, 40), (36, 30), (32, 32)]
+    )
     images, seeds = _images(sizes), [11, 22, 33, 44, 55, 66]
     parsed = parse_ops(ops)
     on_device, per_image = OnDevice(parsed), PerImage(parsed)
@@ -73,11 +81,18 @@ def test_a_batch_transformed_on_the_gpu_gives_torchvision_s_images(chain):
 def test_train_py_learns_on_cuda_with_the_batch_transformed_on_the_gpu(tmp_path, dataset):
     from conftest import data_config
 
-    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.6, 1.0]}, "RandomHorizontalFlip": None,
-           "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    ops = {
+        "RandomResizedCrop": {"size": 32, "scale": [0.6, 1.0]},
+        "RandomHorizontalFlip": None,
+        "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3},
+    }
     data = data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)  # augment_on auto: on the GPU
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
-                       train={"epochs": 6, "precision": "bf16", "num_workers": 2, "clip_grad": 1.0})
+    cfg = train_config(
+        tmp_path / "t.json",
+        data,
+        tmp_path / "out",
+        train={"epochs": 6, "precision": "bf16", "num_workers": 2, "clip_grad": 1.0},
+    )
     proc = run_script("train.py", "-c", cfg, "--device", "cuda", check=True, device="cuda")
     assert "training on cuda" in proc.stdout
     losses = [v for _, v in scalars(run_dir_of(proc), "train/loss")]
@@ -87,17 +102,30 @@ def test_train_py_learns_on_cuda_with_the_batch_transformed_on_the_gpu(tmp_path,
 def test_fp16_trains_with_the_gradient_scaler_and_resumes_it(tmp_path, data_cfg):
     """fp16 needs CUDA (refused on the CPU: see test_training): the loss is scaled, the scaler's state is saved
     with each checkpoint and a resumed run continues from it."""
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                       train={"epochs": 6, "precision": "fp16", "iters_per_checkpoint": 6, "keep_checkpoints": None})
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_cfg,
+        tmp_path / "out",
+        train={"epochs": 6, "precision": "fp16", "iters_per_checkpoint": 6, "keep_checkpoints": None},
+    )
     proc = run_script("train.py", "-c", cfg, "--device", "cuda", check=True, device="cuda")
     run_dir = run_dir_of(proc)
     losses = [v for _, v in scalars(run_dir, "train/loss")]
     assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
     mid = torch.load(run_dir / "checkpoint_0000006.pt", map_location="cpu", weights_only=True)
     assert mid["grad_scaler"]["scale"] > 0
-    resumed = train_config(tmp_path / "r.json", data_cfg, tmp_path / "out",
-                           train={"epochs": 6, "precision": "fp16", "iters_per_checkpoint": 6, "keep_checkpoints": None,
-                                  "checkpoint_path": str(run_dir / "checkpoint_0000006.pt")})
+    resumed = train_config(
+        tmp_path / "r.json",
+        data_cfg,
+        tmp_path / "out",
+        train={
+            "epochs": 6,
+            "precision": "fp16",
+            "iters_per_checkpoint": 6,
+            "keep_checkpoints": None,
+            "checkpoint_path": str(run_dir / "checkpoint_0000006.pt"),
+        },
+    )
     again = run_script("train.py", "-c", resumed, "--device", "cuda", check=True, device="cuda")
     assert "resuming from" in again.stdout and "at iteration 6" in again.stdout
 
@@ -115,10 +143,15 @@ def test_cuda_out_of_memory_is_one_line_and_exit_3(tmp_path, data_cfg):
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text("import torch\ntorch.cuda.set_per_process_memory_fraction(5e-5)\n")
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                       vit={"embed_dim": 1024, "heads": 16, "mlp_dim": 4096, "depth": 8})
-    proc = run_script("train.py", "-c", cfg, "--device", "cuda", device="cuda",
-                      env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}"})
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_cfg,
+        tmp_path / "out",
+        vit={"embed_dim": 1024, "heads": 16, "mlp_dim": 4096, "depth": 8},
+    )
+    proc = run_script(
+        "train.py", "-c", cfg, "--device", "cuda", device="cuda", env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}"}
+    )
     assert proc.returncode == 3, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and "local_batch_size" in lines[0], lines
@@ -129,9 +162,23 @@ def test_two_processes_on_two_gpus_with_nccl(tmp_path, data_cfg):
     from test_distributed import RUN
 
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RUN)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=script_env("cuda"),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train.py"),
+            "-c",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env=script_env("cuda"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "training on cuda:0 in 2 processes" in proc.stdout
     assert (run_dir_of(proc) / "last.pt").is_file()
@@ -153,8 +200,22 @@ def test_predict_py_on_cuda_with_the_batch_transformed_there_agrees_with_the_cpu
     (folder / "broken.png").write_bytes(b"not a png")
     rows = {}
     for device in ("cpu", "cuda"):
-        run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, folder, "--q_format", "FP16_32", "--device", device,
-                   "--output", tmp_path / f"{device}.csv", check=True, device=device)
+        run_script(
+            "predict.py",
+            "-c",
+            cfg,
+            "--checkpoint",
+            ckpt,
+            folder,
+            "--q_format",
+            "FP16_32",
+            "--device",
+            device,
+            "--output",
+            tmp_path / f"{device}.csv",
+            check=True,
+            device=device,
+        )
         rows[device] = list(csv.DictReader(open(tmp_path / f"{device}.csv", newline="")))
     assert [r["path"] for r in rows["cpu"]] == [r["path"] for r in rows["cuda"]]
     for a, b in zip(rows["cpu"], rows["cuda"]):

@@ -10,10 +10,18 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    CLASSES,
+    NORMALIZE,
+    assert_user_error,
+    class_image,
+    data_config,
+    make_dataset,
+    run_script,
+    train_config,
+)
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
-from conftest import (CLASSES, NORMALIZE, assert_user_error, class_image, data_config, make_dataset, run_script,
-                      train_config)
 
 from myrtle_vision.config import load_data_config
 from myrtle_vision.data import TrainPlan, eval_loader, open_split, read_label_map, stop_workers, train_loader
@@ -75,8 +83,9 @@ def _dataset_of(tmp_path, images: dict[str, bytes]) -> tuple:
     for name, data in images.items():
         (ds / "images" / "cat" / name).write_bytes(data)
     (ds / "train_imagepaths.txt").write_text("".join(f"images/cat/{name}\n" for name in images))
-    split = open_split(load_data_config(data_config(tmp_path / "d.json", ds, 3, cache_dir=str(tmp_path / "cache"))),
-                       "train")
+    split = open_split(
+        load_data_config(data_config(tmp_path / "d.json", ds, 3, cache_dir=str(tmp_path / "cache"))), "train"
+    )
     assert split.decoded is not None
     return ds, split
 
@@ -110,13 +119,22 @@ def test_transparent_pixels_are_composited_on_black(tmp_path):
     key = tuple(int(v) for v in rgb[1, 1])
     cases = {  # file -> (bytes, the mode PIL opens it in, the RGB image expected)
         "rgba.png": (_saved(Image.fromarray(np.dstack([rgb, alpha]), "RGBA")), "RGBA", _composited(rgb, alpha)),
-        "la.png": (_saved(Image.fromarray(np.dstack([grey, alpha]), "LA")), "LA",
-                   _composited(np.dstack([grey] * 3), alpha)),
+        "la.png": (
+            _saved(Image.fromarray(np.dstack([grey, alpha]), "LA")),
+            "LA",
+            _composited(np.dstack([grey] * 3), alpha),
+        ),
         "index.png": (paletted(2), "P", np.where((index == 2)[..., None], 0, palette[index]).astype(np.uint8)),
-        "entries.png": (paletted(bytes([255, 128, 0, 37])), "P",
-                        _composited(palette[index], np.array([255, 128, 0, 37], dtype=np.uint8)[index])),
-        "colour.png": (_saved(Image.fromarray(rgb), transparency=key), "RGB",
-                       np.where((rgb == key).all(-1)[..., None], 0, rgb).astype(np.uint8)),
+        "entries.png": (
+            paletted(bytes([255, 128, 0, 37])),
+            "P",
+            _composited(palette[index], np.array([255, 128, 0, 37], dtype=np.uint8)[index]),
+        ),
+        "colour.png": (
+            _saved(Image.fromarray(rgb), transparency=key),
+            "RGB",
+            np.where((rgb == key).all(-1)[..., None], 0, rgb).astype(np.uint8),
+        ),
     }
     for name, (data, mode, _) in cases.items():
         with Image.open(io.BytesIO(data)) as img:  # the files are what they claim to be
@@ -132,21 +150,34 @@ def test_transparent_pixels_are_composited_on_black(tmp_path):
 
 def _png_rgb16(levels: np.ndarray) -> bytes:
     """A 16-bit RGB PNG (colour type 2, depth 16) with R = G = B = ``levels``, written by hand: PIL cannot."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     height, width = levels.shape
     rows = b"".join(b"\0" + np.repeat(levels[y].astype(">u2")[:, None], 3, 1).tobytes() for y in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     """A 16-bit grey image keeps the high byte of each level (v >> 8): what Pillow itself does with 16-bit RGB,
     RGBA and grey-with-alpha PNGs, so a grey picture saved as 16-bit RGB gives the same pixels; and an 8-bit image
     widened to 16 bits (v * 257) comes back exactly. Not clipped: the earlier reading made a ramp nearly white."""
-    levels = np.concatenate([[0, 1, 255, 256, 257, 32767, 32768, 65279, 65280, 65534, 65535, 128 * 257],
-                             np.random.default_rng(3).integers(0, 65536, 36)]).astype(np.uint16).reshape(6, 8)
+    levels = (
+        np.concatenate(
+            [
+                [0, 1, 255, 256, 257, 32767, 32768, 65279, 65280, 65534, 65535, 128 * 257],
+                np.random.default_rng(3).integers(0, 65536, 36),
+            ]
+        )
+        .astype(np.uint16)
+        .reshape(6, 8)
+    )
     expected = np.repeat((levels >> 8).astype(np.uint8)[..., None], 3, -1)
     pgm = b"P5\n8 6\n65535\n" + levels.astype(">u2").tobytes()
     cases = {  # file -> (bytes, the mode PIL opens it in)
@@ -162,14 +193,21 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     for i, name in enumerate(cases):
         assert np.array_equal(split.image(i).permute(1, 2, 0).numpy(), expected), name
     widened = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257
-    assert np.array_equal(np.asarray(read_rgb(io.BytesIO(_saved(Image.fromarray(widened)))))[..., 0],
-                          np.arange(256, dtype=np.uint8).reshape(16, 16))
+    assert np.array_equal(
+        np.asarray(read_rgb(io.BytesIO(_saved(Image.fromarray(widened)))))[..., 0],
+        np.arange(256, dtype=np.uint8).reshape(16, 16),
+    )
     ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1)))
     assert 126 < np.asarray(read_rgb(io.BytesIO(_saved(ramp)))).mean() < 129
 
 
-@pytest.mark.parametrize("mode, values, kind", [("I", np.array([[0, 70000, -5]], dtype=np.int32), "32-bit integer"),
-                                                ("F", np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "floating-point")])
+@pytest.mark.parametrize(
+    "mode, values, kind",
+    [
+        ("I", np.array([[0, 70000, -5]], dtype=np.int32), "32-bit integer"),
+        ("F", np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "floating-point"),
+    ],
+)
 def test_32_bit_integer_and_float_images_are_refused_naming_the_file(tmp_path, mode, values, kind):
     image = _saved(Image.fromarray(values), "TIFF")
     assert Image.open(io.BytesIO(image)).mode == mode
@@ -177,19 +215,27 @@ def test_32_bit_integer_and_float_images_are_refused_naming_the_file(tmp_path, m
     victim = sorted(ds.glob("images/dog/*.png"))[2]
     victim.write_bytes(image)
     cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
-    assert_user_error(run_script("train.py", "-c", cfg), str(victim), "cannot read image",
-                      f"{kind} pixels (mode {mode})", "8 or 16 bits")
+    assert_user_error(
+        run_script("train.py", "-c", cfg),
+        str(victim),
+        "cannot read image",
+        f"{kind} pixels (mode {mode})",
+        "8 or 16 bits",
+    )
 
 
-@pytest.mark.parametrize("ops", [{"RandomCrop": 16}, {"RandomCrop": {"size": 16, "padding": 6}},
-                                 {"RandomCrop": 16, "ColorJitter": 0.2}])
+@pytest.mark.parametrize(
+    "ops", [{"RandomCrop": 16}, {"RandomCrop": {"size": 16, "padding": 6}}, {"RandomCrop": 16, "ColorJitter": 0.2}]
+)
 def test_an_image_smaller_than_a_random_crop_is_named_wherever_the_crop_runs(tmp_path, ops):
     """Per image in the workers (the lean path, or torchvision's pipeline with ColorJitter), on the device, and
     predicting: the same problem, naming the op, the image and its size."""
     padding = ops["RandomCrop"]["padding"] if isinstance(ops["RandomCrop"], dict) else 0
     small = _saved(Image.fromarray(np.zeros((2, 3, 3), dtype=np.uint8)))
-    problem = (f"the image is 2x3{f' ({2 + 2 * padding}x{3 + 2 * padding} with its padding)' if padding else ''}, "
-               "smaller than the crop 16x16")
+    problem = (
+        f"the image is 2x3{f' ({2 + 2 * padding}x{3 + 2 * padding} with its padding)' if padding else ''}, "
+        "smaller than the crop 16x16"
+    )
     ds = make_dataset(tmp_path / "ds", CLASSES)
     victim = ds / "images" / "cat" / "cat_003.png"
     victim.write_bytes(small)
@@ -199,27 +245,50 @@ def test_an_image_smaller_than_a_random_crop_is_named_wherever_the_crop_runs(tmp
         assert split[(0, 1)][0] is not None  # a 32 x 32 image crops
         with pytest.raises(UserError) as e:
             split[(3, 1)]
-        assert str(e.value) == (f"{cfg}: transform_ops_train.RandomCrop: {victim}: {problem}; add padding, or a "
-                                "Resize before it")
-    files = ImageFiles([str(victim), str(ds / "images" / "cat" / "cat_000.png")], pipeline_for(ops, "workers", CPU), 16,
-                       "transform_ops_train")
+        assert str(e.value) == (
+            f"{cfg}: transform_ops_train.RandomCrop: {victim}: {problem}; add padding, or a Resize before it"
+        )
+    files = ImageFiles(
+        [str(victim), str(ds / "images" / "cat" / "cat_000.png")],
+        pipeline_for(ops, "workers", CPU),
+        16,
+        "transform_ops_train",
+    )
     assert files[0][1:] == (0, f"transform_ops_train.RandomCrop: {problem}; add padding, or a Resize before it")
     assert files[1][2] is None and files[1][0].shape == (3, 16, 16)
 
 
 def test_every_transform_op_builds_and_gives_the_asked_size():
-    ops = {"Resize": 40, "RandomResizedCrop": {"size": 24, "scale": [0.3, 1.0], "ratio": [0.8, 1.25]},
-           "RandomCrop": {"size": 20, "padding": 2}, "RandomHorizontalFlip": 0.5, "RandomVerticalFlip": None,
-           "RandomRotation90": None, "RandomTranspose": 0.25, "RandAugment": {"num_ops": 2, "magnitude": 9},
-           "ColorJitter": {"brightness": 0.4, "hue": 0.1},
-           "CenterCrop": 16, "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.2, 0.2, 0.2]}}
+    ops = {
+        "Resize": 40,
+        "RandomResizedCrop": {"size": 24, "scale": [0.3, 1.0], "ratio": [0.8, 1.25]},
+        "RandomCrop": {"size": 20, "padding": 2},
+        "RandomHorizontalFlip": 0.5,
+        "RandomVerticalFlip": None,
+        "RandomRotation90": None,
+        "RandomTranspose": 0.25,
+        "RandAugment": {"num_ops": 2, "magnitude": 9},
+        "ColorJitter": {"brightness": 0.4, "hue": 0.1},
+        "CenterCrop": 16,
+        "Normalize": {"Mean": [0.5, 0.5, 0.5], "Std": [0.2, 0.2, 0.2]},
+    }
     per_image, collate = build_transform(parse_ops(ops))
     out = per_image(class_image(1, 2, 48))
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
     names = [type(s).__name__ for s in per_image.transforms]
-    assert names == ["ToImage", "Resize", "RandomResizedCrop", "RandomCrop", "RandomHorizontalFlip",
-                     "RandomVerticalFlip", "RandomRotation90", "RandomTranspose", "RandAugment", "ColorJitter",
-                     "CenterCrop"]
+    assert names == [
+        "ToImage",
+        "Resize",
+        "RandomResizedCrop",
+        "RandomCrop",
+        "RandomHorizontalFlip",
+        "RandomVerticalFlip",
+        "RandomRotation90",
+        "RandomTranspose",
+        "RandAugment",
+        "ColorJitter",
+        "CenterCrop",
+    ]
     assert per_image.transforms[7].p == 0.25
     images = collate(torch.stack([out, out]))
     assert images.dtype == torch.float32 and collate.std == [0.2, 0.2, 0.2]
@@ -229,12 +298,15 @@ def test_every_transform_op_builds_and_gives_the_asked_size():
 
 
 @pytest.mark.parametrize("field", ["transform_ops_train", "transform_ops_val"])
-@pytest.mark.parametrize("op, value, hint", [
-    ("RandomRotation90", 2, "expected null (a rotation by k quarter turns, k uniform in 0..3), got 2"),
-    ("RandomRotation90", {"p": 0.5}, "expected null"),
-    ("RandomTranspose", 1.5, "expected null or a probability in [0, 1], got 1.5"),
-    ("RandomTranspose", True, "got True"),
-])
+@pytest.mark.parametrize(
+    "op, value, hint",
+    [
+        ("RandomRotation90", 2, "expected null (a rotation by k quarter turns, k uniform in 0..3), got 2"),
+        ("RandomRotation90", {"p": 0.5}, "expected null"),
+        ("RandomTranspose", 1.5, "expected null or a probability in [0, 1], got 1.5"),
+        ("RandomTranspose", True, "got True"),
+    ],
+)
 def test_a_bad_rotation_or_transpose_is_one_line_naming_the_file_and_field(tmp_path, dataset, field, op, value, hint):
     """Like every op's, in either list (validation takes the random ops too, as it takes the flips)."""
     ops = {"CenterCrop": 32, op: value, "Normalize": NORMALIZE}
@@ -274,6 +346,7 @@ def test_train_plan_covers_each_sample_once_per_epoch_and_depends_only_on_the_se
 
 # --- every problem found when a split is opened: one line, exit 2, naming the file ---------------
 
+
 def _break(ds, case):
     if case == "count":
         return "number_of_classes", 4
@@ -301,8 +374,9 @@ def _break(ds, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["count", "missing file", "escape", "empty split", "label map ids", "extra folder",
-                                  "unlisted class"])
+@pytest.mark.parametrize(
+    "case", ["count", "missing file", "escape", "empty split", "label map ids", "extra folder", "unlisted class"]
+)
 def test_dataset_problems_are_one_line_errors(tmp_path, case):
     ds = make_dataset(tmp_path / "ds", CLASSES)
     needle, classes = _break(ds, case)
@@ -320,7 +394,9 @@ def test_label_map_disagreeing_with_number_of_classes(tmp_path):
 
 
 def test_split_smaller_than_a_global_batch(tmp_path, data_cfg):
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"global_batch_size": 32, "local_batch_size": 8})
+    cfg = train_config(
+        tmp_path / "t.json", data_cfg, tmp_path / "out", train={"global_batch_size": 32, "local_batch_size": 8}
+    )
     assert_user_error(run_script("train.py", "-c", cfg), "fewer than one global batch")
 
 
@@ -370,6 +446,7 @@ def test_persistent_training_workers_serve_each_epoch_its_own_plan():
 
 # --- train_config.repeated_augmentation and class_balanced_sampler: the plan ---------------------
 
+
 def _seed(*parts: int) -> int:
     """The sample-seed derivation, written out (what derive_seed does)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
@@ -401,14 +478,15 @@ def test_without_the_switches_the_plan_is_the_earlier_one():
     made them (the formula written out here), so existing configs train exactly as before."""
     n, g, local, seed, world = 50, 12, 3, 11, 2
     for rank in range(world):
-        plan = TrainPlan(n, global_batch=g, local_batch=local, seed=seed, drop_last=False, rank=rank,
-                         world_size=world, repeats=1)
+        plan = TrainPlan(
+            n, global_batch=g, local_batch=local, seed=seed, drop_last=False, rank=rank, world_size=world, repeats=1
+        )
         for epoch in range(3):
             order = _permutation(seed, epoch, n)
             expected = []
             for u in range(plan.updates_per_epoch):
-                mine = [(int(i), _seed(seed, 1, epoch, int(i))) for i in order[u * g:(u + 1) * g][rank::world]]
-                expected += [mine[s:s + local] for s in range(0, len(mine), local)]
+                mine = [(int(i), _seed(seed, 1, epoch, int(i))) for i in order[u * g : (u + 1) * g][rank::world]]
+                expected += [mine[s : s + local] for s in range(0, len(mine), local)]
             assert list(plan.batches(epoch)) == expected
 
 
@@ -417,8 +495,9 @@ def test_repeated_augmentation_repeats_each_image_on_different_processes():
     n, k, world, seed = 51, 3, 3, 5
 
     def make_plan(rank):
-        return TrainPlan(n, global_batch=12, local_batch=2, seed=seed, drop_last=False, rank=rank, world_size=world,
-                         repeats=k)
+        return TrainPlan(
+            n, global_batch=12, local_batch=2, seed=seed, drop_last=False, rank=rank, world_size=world, repeats=k
+        )
 
     assert make_plan(0).updates_per_epoch == 5  # the epoch is still n images long: 4 full updates and one of 3
     for epoch in range(2):
@@ -426,7 +505,7 @@ def test_repeated_augmentation_repeats_each_image_on_different_processes():
         indices = [i for i, _, _ in stream]
         # the epoch's permutation, each image k times in a row, cut to the n positions: 17 images, 3 times each
         assert indices == np.repeat(_permutation(seed, epoch, n), k)[:n].tolist()
-        groups = [stream[j:j + k] for j in range(0, n, k)]
+        groups = [stream[j : j + k] for j in range(0, n, k)]
         assert len({g[0][0] for g in groups}) == len(groups) == 17
         for group in groups:
             assert len({i for i, _, _ in group}) == 1
@@ -435,7 +514,11 @@ def test_repeated_augmentation_repeats_each_image_on_different_processes():
 
 
 def test_repeated_copies_are_augmented_differently_through_the_loader(tmp_path, dataset):
-    ops = {"RandomResizedCrop": {"size": 32, "scale": [0.3, 1.0]}, "ColorJitter": 0.4, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
+    ops = {
+        "RandomResizedCrop": {"size": 32, "scale": [0.3, 1.0]},
+        "ColorJitter": 0.4,
+        "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3},
+    }
     split = open_split(load_data_config(data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)), "train")
     plan = TrainPlan(len(split), global_batch=6, local_batch=6, seed=3, drop_last=True, repeats=3)
     images, labels = next(iter(train_loader(split, plan, epoch=0, num_workers=0)))

@@ -9,24 +9,38 @@ import sys
 import pytest
 import torch
 import torchvision
+from conftest import (
+    CLASSES,
+    REPO,
+    assert_user_error,
+    data_config,
+    reference_images,
+    run_dir_of,
+    run_script,
+    script_env,
+    train_config,
+)
 from torch import nn
-from conftest import (CLASSES, REPO, assert_user_error, data_config, run_dir_of, run_script, script_env,
-                      reference_images, train_config)
 
-from myrtle_vision.distributed import Processes
 from myrtle_vision import checkpoint as ckpt_io
-from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
+from myrtle_vision.distributed import Processes
 from myrtle_vision.evaluation import split_accuracy
 from myrtle_vision.losses import DistillationLoss
 from myrtle_vision.models import build_model
+from myrtle_vision.weights import deploy
 
 # The loss, on fixed logits
 
+
 def _logits():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3,
-            torch.randn(6, 5, generator=g) * 3, torch.tensor([0, 1, 2, 3, 4, 0]))
+    return (
+        torch.randn(6, 5, generator=g) * 3,
+        torch.randn(6, 5, generator=g) * 3,
+        torch.randn(6, 5, generator=g) * 3,
+        torch.tensor([0, 1, 2, 3, 4, 0]),
+    )
 
 
 def _log_softmax(row, T):
@@ -105,16 +119,45 @@ def _execute_notebook(folder, parameters: str) -> subprocess.CompletedProcess:
     params[0].source = parameters
     nbformat.write(nb, folder / "teacher.ipynb")
     env = script_env()
-    return subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-                           "--ExecutePreprocessor.timeout=600", str(folder / "teacher.ipynb"), "--output",
-                           "executed.ipynb"], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--ExecutePreprocessor.timeout=600",
+            str(folder / "teacher.ipynb"),
+            "--output",
+            "executed.ipynb",
+        ],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _parameters(data_cfg, output, epochs=3):
-    return "\n".join([
-        f"data_config = {str(data_cfg)!r}", f"model = {TEACHER!r}", "weights = None", "image_size = None",
-        f"epochs = {epochs}", "batch_size = 8", "lr = 0.01", f"output_path = {str(output)!r}",
-        "optimizer = 'adamw'", "weight_decay = 0.01", "num_workers = 0", "device = 'cpu'"])
+    return "\n".join(
+        [
+            f"data_config = {str(data_cfg)!r}",
+            f"model = {TEACHER!r}",
+            "weights = None",
+            "image_size = None",
+            f"epochs = {epochs}",
+            "batch_size = 8",
+            "lr = 0.01",
+            f"output_path = {str(output)!r}",
+            "optimizer = 'adamw'",
+            "weight_decay = 0.01",
+            "num_workers = 0",
+            "device = 'cpu'",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +200,13 @@ def test_notebook_finetunes_plots_and_reports_test_accuracy(notebook_run):
 def deit_run(tmp_path_factory, dataset, notebook_run):
     tmp = tmp_path_factory.mktemp("deit")
     data_cfg = data_config(tmp / "data.json", dataset, 3)
-    cfg = train_config(tmp / "deit.json", data_cfg, tmp / "out", train={"epochs": 8, "iters_per_checkpoint": 3},
-                       **_distiller(notebook_run[2], distillation_type="soft", temperature=2.0))
+    cfg = train_config(
+        tmp / "deit.json",
+        data_cfg,
+        tmp / "out",
+        train={"epochs": 8, "iters_per_checkpoint": 3},
+        **_distiller(notebook_run[2], distillation_type="soft", temperature=2.0),
+    )
     proc = run_script("train.py", "-c", cfg, "--device", "cpu", check=True)
     return tmp, cfg, proc, run_dir_of(proc)
 
@@ -167,7 +215,10 @@ def test_deit_run_learns_with_the_notebooks_teacher(deit_run):
     from conftest import scalars
 
     _, _, proc, run_dir = deit_run
-    assert f"distilling from {TEACHER}" in proc.stdout and "soft, loss = 0.5 x cross entropy to the labels + 0.5 x distillation term" in proc.stdout
+    assert (
+        f"distilling from {TEACHER}" in proc.stdout
+        and "soft, loss = 0.5 x cross entropy to the labels + 0.5 x distillation term" in proc.stdout
+    )
     losses = [v for _, v in scalars(run_dir, "train/loss")]
     assert len(losses) == 8 * 3
     assert sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
@@ -236,8 +287,9 @@ def test_test_script_tests_the_configs_teacher(deit_run, notebook_run, tmp_path,
 
 def test_export_of_a_deit_checkpoint_is_the_class_head_s_plain_vit(deit_run, tmp_path):
     _, cfg, _, run_dir = deit_run
-    run_script("export.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--output", tmp_path / "deit.pt",
-               check=True)
+    run_script(
+        "export.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--output", tmp_path / "deit.pt", check=True
+    )
     exported = torch.load(tmp_path / "deit.pt", weights_only=True)
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     assert set(exported) == {"model"} and list(exported["model"]) == list(ckpt["model"])
@@ -255,8 +307,9 @@ def test_a_plain_vit_config_tests_a_deit_checkpoint_too(deit_run, tmp_path, data
 
 def test_resuming_a_deit_run_without_its_distiller_config_is_an_error(deit_run, tmp_path, data_cfg):
     _, _, _, run_dir = deit_run
-    cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out",
-                       train={"checkpoint_path": str(run_dir / "last.pt")})
+    cfg = train_config(
+        tmp_path / "vit.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(run_dir / "last.pt")}
+    )
     assert_user_error(run_script("train.py", "-c", cfg), str(run_dir / "last.pt"), "no distiller_config")
 
 
@@ -267,25 +320,33 @@ def _bad_teacher_files(tmp_path):
     torch.save(torchvision.models.get_model("resnet18", num_classes=3).state_dict(), wrong_arch)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a weights file")
-    return {"missing": (tmp_path / "nowhere.pth", "file not found"),
-            "garbage": (garbage, "not a readable weights file"),
-            "classes": (wrong_classes, f"does not fit teacher_model '{TEACHER}' with 3 classes (it holds a 45-class"),
-            "architecture": (wrong_arch, f"it is not a {TEACHER}")}
+    return {
+        "missing": (tmp_path / "nowhere.pth", "file not found"),
+        "garbage": (garbage, "not a readable weights file"),
+        "classes": (wrong_classes, f"does not fit teacher_model '{TEACHER}' with 3 classes (it holds a 45-class"),
+        "architecture": (wrong_arch, f"it is not a {TEACHER}"),
+    }
 
 
 @pytest.mark.parametrize("case", ["missing", "garbage", "classes", "architecture"])
 def test_bad_teacher_file_is_a_one_line_error(case, tmp_path, data_cfg):
     path, message = _bad_teacher_files(tmp_path)[case]
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(path))
-    assert_user_error(run_script("train.py", "-c", cfg), str(tmp_path / "t.json"), "teacher_weights_path", str(path),
-                      message)
+    assert_user_error(
+        run_script("train.py", "-c", cfg), str(tmp_path / "t.json"), "teacher_weights_path", str(path), message
+    )
 
 
 def test_deit_config_cannot_resume_a_vit_checkpoint(tmp_path, data_cfg, notebook_run):
     vit_cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out", train={"epochs": 1})
     last = run_dir_of(run_script("train.py", "-c", vit_cfg, check=True)) / "last.pt"
-    cfg = train_config(tmp_path / "deit.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(last)},
-                       **_distiller(notebook_run[2]))
+    cfg = train_config(
+        tmp_path / "deit.json",
+        data_cfg,
+        tmp_path / "out",
+        train={"checkpoint_path": str(last)},
+        **_distiller(notebook_run[2]),
+    )
     assert_user_error(run_script("train.py", "-c", cfg), str(last), "trained without a teacher")
 
 
@@ -294,7 +355,9 @@ def test_the_teacher_sees_the_batches_at_teacher_image_size(size, tmp_path, data
     """A teacher finetuned at another image_size (the notebook's parameter) is fed batches resized to it."""
     from myrtle_vision.training import Trainer
 
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(notebook_run[2], teacher_image_size=size))
+    cfg = train_config(
+        tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(notebook_run[2], teacher_image_size=size)
+    )
     trainer = Trainer(load_config(cfg))
     seen = []
     trainer.teacher.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))

@@ -12,28 +12,61 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (CLASSES, REPO, data_config, make_dataset, near_tie_checkpoint, run_dir_of, run_script, scalars,
-                      script_env, train_config)
+from conftest import (
+    CLASSES,
+    REPO,
+    data_config,
+    make_dataset,
+    near_tie_checkpoint,
+    run_dir_of,
+    run_script,
+    scalars,
+    script_env,
+    train_config,
+)
 
 from myrtle_vision import checkpoint as ckpt_io
-from myrtle_vision.weights.deploy import load_model_weights
 from myrtle_vision.config import load_config
 from myrtle_vision.data import eval_loader, open_split
 from myrtle_vision.evaluation import evaluate
 from myrtle_vision.models import build_model
+from myrtle_vision.weights.deploy import load_model_weights
 
 # 24 training images, 8 per update: 3 updates per epoch. 15 validation images: 8 and 7 per process.
-RUN = {"epochs": 3, "local_batch_size": 4, "global_batch_size": 8, "iters_per_checkpoint": 2, "iters_per_val": 4,
-       "keep_checkpoints": None, "distributed": True, "num_workers": 1}
+RUN = {
+    "epochs": 3,
+    "local_batch_size": 4,
+    "global_batch_size": 8,
+    "iters_per_checkpoint": 2,
+    "iters_per_val": 4,
+    "keep_checkpoints": None,
+    "distributed": True,
+    "num_workers": 1,
+}
 
 
-def torchrun(*args, script: str = "train.py", nproc: int = 2, timeout: float = 600,
-             env: dict | None = None, launcher: tuple = ()) -> subprocess.CompletedProcess:
+def torchrun(
+    *args, script: str = "train.py", nproc: int = 2, timeout: float = 600, env: dict | None = None, launcher: tuple = ()
+) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=nproc [launcher...] script args...``"""
     env = script_env(OMP_NUM_THREADS="1", **(env or {}))  # Gloo on the CPU, on any machine
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           *map(str, launcher), str(REPO / script), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *map(str, launcher),
+            str(REPO / script),
+            *map(str, args),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +117,9 @@ def test_validation_counts_every_image_once(runs):
 def test_rank_zero_alone_writes(runs):
     tmp, _, _, (_, run_dir, proc) = runs
     assert [p.name for p in (tmp / "two").iterdir()] == [run_dir.name]  # one run directory, not one per process
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == [f"checkpoint_{i:07d}.pt" for i in (2, 4, 6, 8, 9)]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*.pt")) == [
+        f"checkpoint_{i:07d}.pt" for i in (2, 4, 6, 8, 9)
+    ]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
     assert proc.stdout.count("run directory:") == 1 and proc.stdout.count("val loss") == 3 + 2
     assert "training on cpu in 2 processes" in proc.stdout
@@ -96,8 +131,9 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     copy = tmp_path / "mid"  # resume outside the run's folder, which must stay as it is for the other tests
     copy.mkdir()
     (copy / "mid.pt").write_bytes(mid.read_bytes())
-    cfg = train_config(tmp_path / "resume.json", data_cfg, tmp_path / "out",
-                       train=dict(RUN, checkpoint_path=str(copy / "mid.pt")))
+    cfg = train_config(
+        tmp_path / "resume.json", data_cfg, tmp_path / "out", train=dict(RUN, checkpoint_path=str(copy / "mid.pt"))
+    )
     proc = run_script("train.py", "-c", cfg, check=True)
     assert "resuming from" in proc.stdout
     _assert_close(ckpt_io.load(run_dir_of(proc) / "last.pt")["model"], ckpt_io.load(two_dir / "last.pt")["model"])
@@ -121,11 +157,21 @@ def test_deit_trains_in_two_processes_as_in_one(runs, tmp_path):
     torch.manual_seed(0)
     teacher = tmp_path / "teacher.pth"
     torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=len(CLASSES)).state_dict(), teacher)
-    deit = {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher),
-                                 "distillation_type": "hard", "alpha": 0.5}}
+    deit = {
+        "distiller_config": {
+            "teacher_model": "mobilenet_v3_small",
+            "teacher_weights_path": str(teacher),
+            "distillation_type": "hard",
+            "alpha": 0.5,
+        }
+    }
     train = dict(RUN, epochs=1)
-    one = run_script("train.py", "-c", train_config(tmp_path / "one.json", data_cfg, tmp_path / "one", train=train, **deit),
-                     check=True)
+    one = run_script(
+        "train.py",
+        "-c",
+        train_config(tmp_path / "one.json", data_cfg, tmp_path / "one", train=train, **deit),
+        check=True,
+    )
     proc = torchrun("-c", train_config(tmp_path / "two.json", data_cfg, tmp_path / "two", train=train, **deit))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     a, b = ckpt_io.load(run_dir_of(one) / "last.pt"), ckpt_io.load(run_dir_of(proc) / "last.pt")
@@ -160,7 +206,9 @@ def test_predict_py_in_two_processes_writes_what_one_does(runs, tmp_path):
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout.count("images predicted") == 1  # rank 0 alone writes and says so
     one, both = ([row for row in csv.DictReader(open(tmp_path / f"{n}.csv", newline=""))] for n in ("one", "two"))
-    assert len(one) == len(both) == len(list(folder.rglob("*.png"))) and [r["path"] for r in one] == [r["path"] for r in both]
+    assert len(one) == len(both) == len(list(folder.rglob("*.png"))) and [r["path"] for r in one] == [
+        r["path"] for r in both
+    ]
     for r, s in zip(one, both):
         assert (r["top1"], r["FP16_32_top1"], r["error"]) == (s["top1"], s["FP16_32_top1"], s["error"])
         if not r["error"]:
@@ -208,23 +256,31 @@ def test_a_checkpoint_write_failing_on_rank_zero_stops_every_process(runs, tmp_p
     (inject / "sitecustomize.py").write_text(INJECT)
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=RUN)
     logs = tmp_path / "logs"
-    proc = torchrun("-c", cfg, timeout=300, env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}",
-                                                 "FAIL_SAVE_FROM": "1", "FAIL_KIND": "full"},
-                    launcher=("--monitor-interval", 5, "--redirects", 3, "--log-dir", logs))
+    proc = torchrun(
+        "-c",
+        cfg,
+        timeout=300,
+        env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "FAIL_SAVE_FROM": "1", "FAIL_KIND": "full"},
+        launcher=("--monitor-interval", 5, "--redirects", 3, "--log-dir", logs),
+    )
     assert proc.returncode != 0
     stderr_of = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
     assert sorted(stderr_of) == [0, 1], proc.stderr
     for rank, err in stderr_of.items():
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and "Traceback" not in err, (rank, err)
-        assert re.fullmatch(r"error: \S+/checkpoint_0000002\.pt: cannot write the checkpoint \(No space left on "
-                            r"device\); the previous checkpoints are intact", lines[0]), (rank, lines[0])
+        assert re.fullmatch(
+            r"error: \S+/checkpoint_0000002\.pt: cannot write the checkpoint \(No space left on "
+            r"device\); the previous checkpoints are intact",
+            lines[0],
+        ), (rank, lines[0])
     # torchrun's report: both processes exited with status 3 (none was stopped by a signal)
     report = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", proc.stderr)
     assert sorted(report) == [("0", "3"), ("1", "3")], proc.stderr
 
 
 # --- train.py starts the processes itself, as the earlier release did -------------------------------------
+
 
 def _cfg(distributed: bool):
     from types import SimpleNamespace
@@ -244,8 +300,10 @@ def test_how_many_processes_train_py_starts(monkeypatch):
     assert processes_to_start(_cfg(True), cpu, gpu_count=4) == 1  # the CPU counts as one device
     assert processes_to_start(_cfg(True), cuda, requested=2, gpu_count=4) == 2
     assert processes_to_start(_cfg(True), cpu, requested=3, gpu_count=0) == 3  # Gloo on CPU, on request
-    for kwargs, message in (({"requested": 5, "gpu_count": 4}, "this machine has 4 GPU"),
-                            ({"requested": 0, "gpu_count": 4}, "must be at least 1")):
+    for kwargs, message in (
+        ({"requested": 5, "gpu_count": 4}, "this machine has 4 GPU"),
+        ({"requested": 0, "gpu_count": 4}, "must be at least 1"),
+    ):
         with pytest.raises(UserError, match=message):
             processes_to_start(_cfg(True), cuda, **kwargs)
     with pytest.raises(UserError, match="c.json: train_config.distributed is false; set it to true"):
@@ -260,9 +318,14 @@ def test_train_py_starts_its_processes_as_torchrun_does(runs):
     """``train.py --nproc_per_node 2`` (on GPUs: one per visible GPU by default) goes through PyTorch's launcher
     and trains exactly what ``torchrun --standalone --nproc_per_node=2`` trains."""
     _, _, _, (two_cfg, two_dir, _) = runs
-    proc = run_script("train.py", "-c", two_cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"})
+    proc = run_script(
+        "train.py", "-c", two_cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "starting 2 processes on cpu with PyTorch's launcher (as torchrun --standalone --nproc_per_node=2)" in proc.stdout
+    assert (
+        "starting 2 processes on cpu with PyTorch's launcher (as torchrun --standalone --nproc_per_node=2)"
+        in proc.stdout
+    )
     assert "training on cpu in 2 processes" in proc.stdout
     mine, theirs = ckpt_io.load(run_dir_of(proc) / "last.pt"), ckpt_io.load(two_dir / "last.pt")
     assert mine["iteration"] == theirs["iteration"] == 9
@@ -272,7 +335,9 @@ def test_train_py_starts_its_processes_as_torchrun_does(runs):
 
 def test_a_user_error_in_the_started_processes_is_their_exit_status(runs, tmp_path):
     _, data_cfg, _, _ = runs
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(RUN, checkpoint_path=str(tmp_path / "gone.pt")))
+    cfg = train_config(
+        tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(RUN, checkpoint_path=str(tmp_path / "gone.pt"))
+    )
     proc = run_script("train.py", "-c", cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert f"error: {cfg}: train_config.checkpoint_path: {tmp_path / 'gone.pt'}: checkpoint not found" in proc.stderr

@@ -5,8 +5,16 @@ import json
 
 import pytest
 import torch
-from conftest import (CLASSES, assert_user_error, data_config, reference_logits, run_dir_of, run_script,
-                      reference_images, train_config)
+from conftest import (
+    CLASSES,
+    assert_user_error,
+    data_config,
+    reference_images,
+    reference_logits,
+    run_dir_of,
+    run_script,
+    train_config,
+)
 from PIL import Image
 
 from myrtle_vision import checkpoint as ckpt_io
@@ -46,8 +54,18 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
 
 def test_split_val_evaluates_the_validation_images(run):
     tmp, cfg, run_dir = run
-    proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--split", "val",
-                      "--json", tmp / "val.json", check=True)
+    proc = run_script(
+        "test.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        run_dir / "last.pt",
+        "--split",
+        "val",
+        "--json",
+        tmp / "val.json",
+        check=True,
+    )
     result = json.loads((tmp / "val.json").read_text())
     assert (result["split"], result["num_images"]) == ("val", 12)  # 4 validation images of each of 3 classes
     assert all(c["support"] == 4 for c in result["per_class"].values())
@@ -70,8 +88,18 @@ def test_the_training_split_is_evaluated_with_the_evaluation_transforms(run):
     images = torch.cat([x for x, _ in loader])
     expected, _ = reference_images(cfg, "train")
     assert images.shape == (24, 3, 32, 32) and torch.allclose(images, expected, atol=1e-6)
-    run_script("test.py", "-c", cfg, "--checkpoint", run[2] / "last.pt", "--split", "train",
-               "--json", tmp / "train_split.json", check=True)
+    run_script(
+        "test.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        run[2] / "last.pt",
+        "--split",
+        "train",
+        "--json",
+        tmp / "train_split.json",
+        check=True,
+    )
     assert json.loads((tmp / "train_split.json").read_text())["num_images"] == 24
 
 
@@ -96,13 +124,22 @@ def test_no_checkpoint_anywhere(run):
     assert_user_error(run_script("test.py", "-c", cfg), str(cfg), "checkpoint_path", "--checkpoint")
 
 
-@pytest.mark.parametrize("vit, needle", [({"depth": 3}, "depth 2 (the config's model has 3)"),
-                                         ({"embed_dim": 64, "mlp_dim": 64}, "pos_embedding has shape (1, 17, 32)")])
+@pytest.mark.parametrize(
+    "vit, needle",
+    [
+        ({"depth": 3}, "depth 2 (the config's model has 3)"),
+        ({"embed_dim": 64, "mlp_dim": 64}, "pos_embedding has shape (1, 17, 32)"),
+    ],
+)
 def test_checkpoint_that_does_not_fit_the_config(run, tmp_path, vit, needle):
     tmp, _, run_dir = run
     other = train_config(tmp_path / "other.json", tmp / "data.json", tmp_path / "out", vit=vit)
-    assert_user_error(run_script("test.py", "-c", other, "--checkpoint", run_dir / "last.pt"),
-                      str(run_dir / "last.pt"), "does not fit", needle)
+    assert_user_error(
+        run_script("test.py", "-c", other, "--checkpoint", run_dir / "last.pt"),
+        str(run_dir / "last.pt"),
+        "does not fit",
+        needle,
+    )
 
 
 def test_unreadable_and_missing_checkpoints(run, tmp_path):

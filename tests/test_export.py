@@ -9,12 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (CLASSES, assert_user_error, data_config, reference_forward, reference_images, run_dir_of,
-                      run_script, train_config)
+from conftest import (
+    CLASSES,
+    assert_user_error,
+    data_config,
+    reference_forward,
+    reference_images,
+    run_dir_of,
+    run_script,
+    train_config,
+)
 
+from myrtle_vision.config import load_config
 from myrtle_vision.distributed import Processes
 from myrtle_vision.evaluation import split_loader
-from myrtle_vision.config import load_config
 from myrtle_vision.models import build_model
 from myrtle_vision.weights.deploy import from_deploy
 
@@ -31,8 +39,13 @@ def _logits(cfg, weights: dict) -> torch.Tensor:
     """The independent forward pass of the deploy layout on the hand-read test images."""
     vit = json.loads(cfg.read_text())["vit_config"]
     images, _ = reference_images(cfg)
-    return reference_forward({k: v.float() for k, v in weights.items()}, images, vit["heads"], vit["patch_size"],
-                             head_dim_scale=vit["embed_dim"] // vit["heads"])
+    return reference_forward(
+        {k: v.float() for k, v in weights.items()},
+        images,
+        vit["heads"],
+        vit["patch_size"],
+        head_dim_scale=vit["embed_dim"] // vit["heads"],
+    )
 
 
 def test_fp32_deploy_file_is_the_checkpoint_s_model_alone(run, tmp_path):
@@ -43,8 +56,10 @@ def test_fp32_deploy_file_is_the_checkpoint_s_model_alone(run, tmp_path):
     ckpt = torch.load(ckpt_path, weights_only=True)
     assert set(exported) == {"model"}
     assert list(exported["model"]) == list(ckpt["model"])  # the layout's names, in the checkpoint's order
-    assert all(torch.equal(exported["model"][k], v) and exported["model"][k].dtype == torch.float32
-               for k, v in ckpt["model"].items())
+    assert all(
+        torch.equal(exported["model"][k], v) and exported["model"][k].dtype == torch.float32
+        for k, v in ckpt["model"].items()
+    )
     assert torch.equal(_logits(cfg, exported["model"]), _logits(cfg, ckpt["model"]))  # exactly
     # and the package's own ViT from the checkpoint computes the same (up to summation order)
     c = load_config(cfg)
@@ -57,8 +72,12 @@ def test_fp32_deploy_file_is_the_checkpoint_s_model_alone(run, tmp_path):
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert info["source_sha256"] == hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
-    assert (info["format"], info["class_names"], info["image_size"], info["source_checkpoint"]) == \
-        ("FP32", sorted(CLASSES), 32, str(ckpt_path))
+    assert (info["format"], info["class_names"], info["image_size"], info["source_checkpoint"]) == (
+        "FP32",
+        sorted(CLASSES),
+        32,
+        str(ckpt_path),
+    )
     assert info["check"] == {"images": 15, "max_logit_diff": 0.0}  # 64 asked, the split has 15
     given = json.loads(cfg.read_text())["vit_config"]  # the saved config has every field, defaults included
     assert {k: info["config"]["vit_config"][k] for k in given} == given and info["weights"] == "raw"
@@ -71,8 +90,21 @@ def test_fp32_deploy_file_is_the_checkpoint_s_model_alone(run, tmp_path):
 def test_fp16_deploy_file_holds_the_ieee_rounding_and_onnx_agrees(run, tmp_path):
     _, cfg, ckpt_path = run
     out, onnx_path = tmp_path / "vit16.pt", tmp_path / "vit16.onnx"
-    proc = run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--fp16",
-                      "--onnx", onnx_path, "--check-images", 8, check=True)
+    proc = run_script(
+        "export.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt_path,
+        "--output",
+        out,
+        "--fp16",
+        "--onnx",
+        onnx_path,
+        "--check-images",
+        8,
+        check=True,
+    )
     exported = torch.load(out, weights_only=True)["model"]
     ckpt = torch.load(ckpt_path, weights_only=True)["model"]
     for name, value in ckpt.items():  # numpy's float16 cast: IEEE round to nearest, ties to even
@@ -95,15 +127,23 @@ def test_fp16_deploy_file_holds_the_ieee_rounding_and_onnx_agrees(run, tmp_path)
 
 def test_mistakes_are_one_line(run, tmp_path):
     _, cfg, ckpt_path = run
-    assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", ckpt_path),
-                      "is the checkpoint itself")
-    assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--check-images", 0,
-                                 "--output", tmp_path / "x.pt"), "--check-images 0")
+    assert_user_error(
+        run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", ckpt_path), "is the checkpoint itself"
+    )
+    assert_user_error(
+        run_script(
+            "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--check-images", 0, "--output", tmp_path / "x.pt"
+        ),
+        "--check-images 0",
+    )
     assert not (tmp_path / "x.pt").exists()  # refused before anything is written
-    other = train_config(tmp_path / "deeper.json", Path(json.loads(cfg.read_text())["data_config_path"]),
-                         tmp_path / "out", vit={"depth": 3})
-    assert_user_error(run_script("export.py", "-c", other, "--checkpoint", ckpt_path), str(ckpt_path),
-                      "does not fit")
+    other = train_config(
+        tmp_path / "deeper.json",
+        Path(json.loads(cfg.read_text())["data_config_path"]),
+        tmp_path / "out",
+        vit={"depth": 3},
+    )
+    assert_user_error(run_script("export.py", "-c", other, "--checkpoint", ckpt_path), str(ckpt_path), "does not fit")
 
 
 def _export_in_process(cfg, ckpt_path, out, **kwargs):
@@ -159,23 +199,52 @@ def test_an_existing_file_is_replaced_only_when_it_is_an_earlier_export_or_with_
     for path in (out, out.with_suffix(".json"), onnx_path):
         path.write_bytes(mine)
         args = ["--output", out] + (["--onnx", onnx_path] if path == onnx_path else [])
-        line = assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, *args), str(path),
-                                 "already exists", "--force")
+        line = assert_user_error(
+            run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, *args), str(path), "already exists", "--force"
+        )
         assert "previous checkpoints" not in line
         assert path.read_bytes() == mine and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
         path.unlink()
     # an earlier export of this tool (its JSON's sha256 matches) is replaced without asking
-    run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--onnx", onnx_path,
-               "--check-images", 4, check=True)
-    run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--onnx", onnx_path, "--fp16",
-               "--check-images", 4, check=True)
+    run_script(
+        "export.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt_path,
+        "--output",
+        out,
+        "--onnx",
+        onnx_path,
+        "--check-images",
+        4,
+        check=True,
+    )
+    run_script(
+        "export.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt_path,
+        "--output",
+        out,
+        "--onnx",
+        onnx_path,
+        "--fp16",
+        "--check-images",
+        4,
+        check=True,
+    )
     assert json.loads(out.with_suffix(".json").read_text())["format"] == "FP16"
     # an earlier export changed since (its sha256 no longer matches) is the user's now
     out.write_bytes(mine)
-    assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out), str(out),
-                      "already exists")
+    assert_user_error(
+        run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out), str(out), "already exists"
+    )
     run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", out, "--force", check=True)
-    assert torch.load(out, weights_only=True)["model"].keys() == torch.load(ckpt_path, weights_only=True)["model"].keys()
+    assert (
+        torch.load(out, weights_only=True)["model"].keys() == torch.load(ckpt_path, weights_only=True)["model"].keys()
+    )
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(run, tmp_path):
@@ -184,17 +253,32 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(run, tmp_pa
     _, cfg, ckpt_path = run
     folder = tmp_path / "a_folder.pt"
     folder.mkdir()
-    line = assert_user_error(run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", folder),
-                             "--output", str(folder), "is a folder")
+    line = assert_user_error(
+        run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", folder),
+        "--output",
+        str(folder),
+        "is a folder",
+    )
     assert "checkpoint" not in line.split("is a folder")[1]
     locked = tmp_path / "locked"
     locked.mkdir()
-    proc = run_script_read_only(locked, "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output",
-                                locked / "vit.pt")
+    proc = run_script_read_only(
+        locked, "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", locked / "vit.pt"
+    )
     assert_user_error(proc, "--output", str(locked), "cannot write there")
     assert "read back" not in proc.stdout and list(locked.iterdir()) == []
-    onnx_locked = run_script_read_only(locked, "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output",
-                                       tmp_path / "vit.pt", "--onnx", locked / "vit.onnx")
+    onnx_locked = run_script_read_only(
+        locked,
+        "export.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt_path,
+        "--output",
+        tmp_path / "vit.pt",
+        "--onnx",
+        locked / "vit.onnx",
+    )
     assert_user_error(onnx_locked, "--onnx", str(locked), "cannot write there")
     assert not (tmp_path / "vit.pt").exists()
 
@@ -208,7 +292,17 @@ def test_onnx_without_its_packages_is_one_line_before_any_work(run, tmp_path):
         (stubs / name / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
     from conftest import REPO
 
-    proc = run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", tmp_path / "vit.pt", "--onnx",
-                      tmp_path / "vit.onnx", env={"PYTHONPATH": f"{stubs}:{REPO}"})
+    proc = run_script(
+        "export.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt_path,
+        "--output",
+        tmp_path / "vit.pt",
+        "--onnx",
+        tmp_path / "vit.onnx",
+        env={"PYTHONPATH": f"{stubs}:{REPO}"},
+    )
     assert_user_error(proc, "--onnx needs the onnx and onnxruntime packages", "requirements-onnx.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["uninstalled"]

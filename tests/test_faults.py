@@ -26,8 +26,15 @@ INTERVAL = 3
 # 24 training images in updates of 8 (2 micro-batches of 4): 3 updates per epoch, 90 in all. A
 # validation after every update prints the iteration reached; a model big enough that writing a
 # checkpoint (about 5 MB with the optimizer state) takes a few milliseconds, so that kills land in it.
-RUN = {"epochs": 30, "local_batch_size": 4, "global_batch_size": 8, "iters_per_checkpoint": INTERVAL,
-       "iters_per_val": 1, "keep_checkpoints": 3, "num_workers": 1}
+RUN = {
+    "epochs": 30,
+    "local_batch_size": 4,
+    "global_batch_size": 8,
+    "iters_per_checkpoint": INTERVAL,
+    "iters_per_val": 1,
+    "keep_checkpoints": 3,
+    "num_workers": 1,
+}
 VIT = {"embed_dim": 96, "depth": 4, "heads": 2, "mlp_dim": 384}
 REACHED = re.compile(r"^iteration (\d+) \(epoch")
 
@@ -43,13 +50,21 @@ class _Run:
 
     def __init__(self, cfg: Path):
         env = script_env()
-        self.proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), "-c", str(cfg)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self.errors: list[str] = []
         # Daemon readers: a killed run's data-loader worker keeps the pipes open for a few seconds more.
-        self.readers = [threading.Thread(target=lambda f=f, out=out: out.extend(iter(f.readline, "")), daemon=True)
-                        for f, out in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors))]
+        self.readers = [
+            threading.Thread(target=lambda f=f, out=out: out.extend(iter(f.readline, "")), daemon=True)
+            for f, out in ((self.proc.stdout, self.lines), (self.proc.stderr, self.errors))
+        ]
         for r in self.readers:
             r.start()
 
@@ -82,8 +97,9 @@ def _check_run_dir(run_dir: Path) -> int:
 
 
 def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_path):
-    reference = run_script("train.py", "-c", train_config(tmp_path / "ref.json", data, tmp_path / "ref", train=RUN,
-                                                         vit=VIT), check=True)
+    reference = run_script(
+        "train.py", "-c", train_config(tmp_path / "ref.json", data, tmp_path / "ref", train=RUN, vit=VIT), check=True
+    )
     out = tmp_path / "killed"
     rng = random.Random(0)
     kills, kills_in_writes, kills_at_start, at_iterations = 0, 0, 0, []
@@ -93,8 +109,7 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
         run = _Run(train_config(tmp_path / f"run{kills}.json", data, out, train=train, vit=VIT))
         # Where to kill: while starting up, after a random number of updates (and a random moment
         # within the next one), or as soon as a checkpoint write is under way; the last run finishes.
-        mode = ("finish" if kills >= 12 else "write" if kills % 4 == 3 else "start" if kills in (1, 5)
-                else "update")
+        mode = "finish" if kills >= 12 else "write" if kills % 4 == 3 else "start" if kills in (1, 5) else "update"
         updates, delay = rng.randint(0, 5), rng.uniform(0.0, 0.06)
         started, seen_at = time.monotonic(), None
         killed = False
@@ -147,8 +162,15 @@ def test_a_run_killed_outright_leaves_no_process_behind(data, tmp_path):
     """SIGKILL gives train.py no chance to stop its loader workers (nor the fork server that started them):
     they must notice and go by themselves, and not linger holding memory and the dataset."""
     cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT, train=dict(RUN, num_workers=2))
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=script_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "-c", str(cfg)],
+        cwd=REPO,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:
         if REACHED.match(line):  # a validation done: the training and validation workers are running
             break
@@ -164,8 +186,11 @@ def test_a_run_killed_outright_leaves_no_process_behind(data, tmp_path):
         except ProcessLookupError:
             return  # every process of the run is gone
         time.sleep(0.2)
-    left = [(p.name, (p / "cmdline").read_bytes()[:80]) for p in Path("/proc").iterdir()
-            if p.name.isdigit() and _pgid(p) == group]
+    left = [
+        (p.name, (p / "cmdline").read_bytes()[:80])
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _pgid(p) == group
+    ]
     os.killpg(group, signal.SIGKILL)
     raise AssertionError(f"still running 30 s after the kill: {left}")
 
@@ -179,7 +204,7 @@ def _pgid(proc_dir: Path) -> int | None:
 
 # --- disk trouble: torch.save fails as a full disk or a refused permission would ------------------
 
-INJECT = '''
+INJECT = """
 import errno, os
 import torch
 _save, _calls = torch.save, [0]
@@ -191,10 +216,10 @@ def _failing_save(obj, f, *args, **kwargs):
         raise OSError(code, os.strerror(code))
     return _save(obj, f, *args, **kwargs)
 torch.save = _failing_save
-'''
+"""
 
 
-LIMIT_AFTER = '''
+LIMIT_AFTER = """
 import os, resource, signal
 import torch
 _save, _calls = torch.save, [0]
@@ -206,21 +231,30 @@ def _save_then_limit(obj, f, *args, **kwargs):
         limit = int(os.environ["FILE_SIZE_LIMIT"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 torch.save = _save_then_limit
-'''
+"""
 
 
 def test_a_real_write_failure_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp_path):
     """Not simulated: after two checkpoints, a file-size limit makes the kernel refuse the third write (EFBIG)
     inside torch's own writer. The two before it stay as they were written."""
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT,
-                       train=dict(RUN, epochs=2, iters_per_val=1000, iters_per_checkpoint=1, keep_checkpoints=None))
+    cfg = train_config(
+        tmp_path / "t.json",
+        data,
+        tmp_path / "out",
+        vit=VIT,
+        train=dict(RUN, epochs=2, iters_per_val=1000, iters_per_checkpoint=1, keep_checkpoints=None),
+    )
     reference = run_dir_of(run_script("train.py", "-c", cfg, check=True))  # the same run, not stopped
     size = (reference / "last.pt").stat().st_size
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(LIMIT_AFTER)
-    proc = run_script("train.py", "-c", cfg, env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "LIMIT_AFTER_SAVES": "2",
-                                                   "FILE_SIZE_LIMIT": str(size // 2)})
+    proc = run_script(
+        "train.py",
+        "-c",
+        cfg,
+        env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "LIMIT_AFTER_SAVES": "2", "FILE_SIZE_LIMIT": str(size // 2)},
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -240,32 +274,49 @@ def test_a_failing_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpo
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(INJECT)
     # saves: checkpoint at 3, best.pt at most once per validation... so fail from the 4th save on, whatever it is
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT,
-                       train=dict(RUN, epochs=4, iters_per_val=1000))
-    proc = run_script("train.py", "-c", cfg, env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "FAIL_SAVE_FROM": "3",
-                                                   "FAIL_KIND": kind})
+    cfg = train_config(
+        tmp_path / "t.json", data, tmp_path / "out", vit=VIT, train=dict(RUN, epochs=4, iters_per_val=1000)
+    )
+    proc = run_script(
+        "train.py",
+        "-c",
+        cfg,
+        env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "FAIL_SAVE_FROM": "3", "FAIL_KIND": kind},
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     run_dir = run_dir_of(proc)
-    assert re.fullmatch(rf"error: {re.escape(str(run_dir))}/\S+\.pt: cannot write the checkpoint \({reason}\); "
-                        "the previous checkpoints are intact", lines[0]), lines[0]
+    assert re.fullmatch(
+        rf"error: {re.escape(str(run_dir))}/\S+\.pt: cannot write the checkpoint \({reason}\); "
+        "the previous checkpoints are intact",
+        lines[0],
+    ), lines[0]
     assert _check_run_dir(run_dir) > 0  # the earlier checkpoints load, last.pt points at the newest
     assert not list(run_dir.glob(".*.tmp*"))
 
 
 # --- numerical trouble ----------------------------------------------------------------------------
 
+
 def test_a_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing(data, tmp_path):
     # an absurd learning rate: the first update sends the weights to 1e30, the second loss overflows
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT,
-                       train=dict(RUN, lr=1e30, warmup_epochs=0, iters_per_checkpoint=1, iters_per_val=1000))
+    cfg = train_config(
+        tmp_path / "t.json",
+        data,
+        tmp_path / "out",
+        vit=VIT,
+        train=dict(RUN, lr=1e30, warmup_epochs=0, iters_per_checkpoint=1, iters_per_val=1000),
+    )
     proc = run_script("train.py", "-c", cfg)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    m = re.fullmatch(r"error: iteration (\d+) \(epoch 1\): the training loss is (nan|inf); stopped without saving: "
-                     r"the last checkpoint, (\S+), is untouched\. .*nonfinite_loss to skip", lines[0])
+    m = re.fullmatch(
+        r"error: iteration (\d+) \(epoch 1\): the training loss is (nan|inf); stopped without saving: "
+        r"the last checkpoint, (\S+), is untouched\. .*nonfinite_loss to skip",
+        lines[0],
+    )
     assert m, lines[0]
     stopped_at, run_dir = int(m.group(1)), run_dir_of(proc)
     assert stopped_at >= 2 and Path(m.group(3)) == run_dir / f"checkpoint_{stopped_at - 1:07d}.pt"
@@ -303,6 +354,7 @@ def _recording(update, trainer, out):
         result = update(batches, u, *rest)
         out.append((result.loss, {k: v.clone() for k, v in trainer.model.state_dict().items()}))
         return result
+
     return wrapped
 
 
@@ -361,9 +413,20 @@ def test_the_count_of_skipped_updates_starts_again_on_resume(data, tmp_path):
     _poison_gradients(first, set(range(3, 12)))
     last = first.fit()
     assert first.skipped_in_a_row == 9 and ckpt_io.load(last)["iteration"] == 12
-    cfg = train_config(tmp_path / "r.json", data, tmp_path / "out",
-                       train=dict(RUN, num_workers=0, nonfinite_loss="skip", epochs=8, iters_per_val=1000,
-                                  iters_per_checkpoint=12, checkpoint_path=str(last)))
+    cfg = train_config(
+        tmp_path / "r.json",
+        data,
+        tmp_path / "out",
+        train=dict(
+            RUN,
+            num_workers=0,
+            nonfinite_loss="skip",
+            epochs=8,
+            iters_per_val=1000,
+            iters_per_checkpoint=12,
+            checkpoint_path=str(last),
+        ),
+    )
     resumed = Trainer(load_config(cfg))
     assert resumed.progress.iteration == 12 and resumed.skipped_in_a_row == 0
     _poison_gradients(resumed, set(range(12, 21)))
@@ -371,7 +434,7 @@ def test_the_count_of_skipped_updates_starts_again_on_resume(data, tmp_path):
     assert resumed.progress.iteration == 24
 
 
-GRADIENTS_POISONED = '''
+GRADIENTS_POISONED = """
 import os
 import torch
 _backward, _calls = torch.Tensor.backward, [0]
@@ -379,24 +442,31 @@ def _poisoned(self, *args, **kwargs):  # the loss stays finite; its gradients be
     _calls[0] += 1
     return _backward(self * float("inf") if _calls[0] == int(os.environ["POISON_BACKWARD"]) else self, *args, **kwargs)
 torch.Tensor.backward = _poisoned
-'''
+"""
 
 
 def test_train_py_with_nonfinite_gradients_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp_path):
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(GRADIENTS_POISONED)
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", vit=VIT,
-                       train=dict(RUN, epochs=2, iters_per_checkpoint=1, iters_per_val=1000))
+    cfg = train_config(
+        tmp_path / "t.json",
+        data,
+        tmp_path / "out",
+        vit=VIT,
+        train=dict(RUN, epochs=2, iters_per_checkpoint=1, iters_per_val=1000),
+    )
     # two micro-batches per update: the third backward pass is the second update's first
     proc = run_script("train.py", "-c", cfg, env={"PYTHONPATH": f"{inject}{os.pathsep}{REPO}", "POISON_BACKWARD": "3"})
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     run_dir = run_dir_of(proc)
-    assert lines[0] == (f"error: iteration 2 (epoch 1): the gradients are not finite; stopped without saving: the last "
-                        f"checkpoint, {run_dir / 'checkpoint_0000001.pt'}, is untouched. Lower the learning rate, set "
-                        "clip_grad, or set train_config.nonfinite_loss to skip")
+    assert lines[0] == (
+        f"error: iteration 2 (epoch 1): the gradients are not finite; stopped without saving: the last "
+        f"checkpoint, {run_dir / 'checkpoint_0000001.pt'}, is untouched. Lower the learning rate, set "
+        "clip_grad, or set train_config.nonfinite_loss to skip"
+    )
     assert [p.name for p in run_dir.glob("checkpoint_*.pt")] == ["checkpoint_0000001.pt"]
     assert _iteration(run_dir / "checkpoint_0000001.pt") == _iteration(run_dir / "last.pt") == 1
 
@@ -423,7 +493,7 @@ def test_nonfinite_gradients_with_a_finite_loss_stop_the_run_too(data, tmp_path,
 
 # --- a second Ctrl-C ------------------------------------------------------------------------------
 
-SECOND_CTRL_C = '''
+SECOND_CTRL_C = """
 import io, os, signal, time
 import torch
 
@@ -467,7 +537,7 @@ def _slow_save(obj, f, *args, **kwargs):
     time.sleep(3)  # a slow disk: the second signal reaches the handler in here
     f.write(data[len(data) // 2:])
 torch.save = _slow_save
-'''
+"""
 
 
 @pytest.mark.parametrize("slow", ["update", "write"])
@@ -480,16 +550,28 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_every_checkpoint_whole(data, t
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(SECOND_CTRL_C)
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
-                       train=dict(RUN, local_batch_size=8, iters_per_checkpoint=1, iters_per_val=1000,
-                                  keep_checkpoints=None))
+    cfg = train_config(
+        tmp_path / "t.json",
+        data,
+        tmp_path / "out",
+        train=dict(RUN, local_batch_size=8, iters_per_checkpoint=1, iters_per_val=1000, keep_checkpoints=None),
+    )
     env = script_env(PYTHONPATH=f"{inject}{os.pathsep}{REPO}", SLOW=slow)
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-c", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "-c", str(cfg)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     errors: list[str] = []
-    readers = [threading.Thread(target=lambda f=f, out=out: out.extend(iter(f.readline, "")), daemon=True)
-               for f, out in ((proc.stdout, lines), (proc.stderr, errors))]
+    readers = [
+        threading.Thread(target=lambda f=f, out=out: out.extend(iter(f.readline, "")), daemon=True)
+        for f, out in ((proc.stdout, lines), (proc.stderr, errors))
+    ]
     for r in readers:
         r.start()
 
@@ -523,11 +605,16 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_every_checkpoint_whole(data, t
     assert "checkpoint saved to" not in stdout  # the first signal's save-and-stop did not happen
     run_dir = run_dir_of(subprocess.CompletedProcess([], 0, stdout, stderr))
     # update: the two checkpoints before the interrupted update; write: the one being written, whole
-    expected = ["checkpoint_0000001.pt", "checkpoint_0000002.pt"] + (["checkpoint_0000003.pt"] if slow == "write" else [])
+    expected = ["checkpoint_0000001.pt", "checkpoint_0000002.pt"] + (
+        ["checkpoint_0000003.pt"] if slow == "write" else []
+    )
     assert sorted(p.name for p in run_dir.glob("*.pt")) == sorted(expected + ["last.pt"])
     for path in run_dir.glob("*.pt"):
         torch.load(path, map_location="cpu", weights_only=True)  # whole: a partial file does not load
     assert torch.load(run_dir / "last.pt", weights_only=True)["iteration"] == len(expected)
-    left = sorted(p.name for p in run_dir.iterdir() if p.name not in expected + ["last.pt", "config.json"]
-                  and not p.name.startswith("events.out.tfevents."))
+    left = sorted(
+        p.name
+        for p in run_dir.iterdir()
+        if p.name not in expected + ["last.pt", "config.json"] and not p.name.startswith("events.out.tfevents.")
+    )
     assert left == []  # no temporary file, nothing half-written

@@ -15,18 +15,24 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_user_error, data_config, reference_images, reference_logits, run_dir_of, run_script,
-                      train_config)
+from conftest import (
+    assert_user_error,
+    data_config,
+    reference_images,
+    reference_logits,
+    run_dir_of,
+    run_script,
+    train_config,
+)
 from test_distributed import torchrun
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from myrtle_vision.distributed import Processes
 from myrtle_vision import int8
-from myrtle_vision.weights import deploy
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import split_loader
-from myrtle_vision.evaluation import calibrate_on_validation
-from myrtle_vision.models.vit import ViTArgs, VisionTransformer
+from myrtle_vision.distributed import Processes
+from myrtle_vision.evaluation import calibrate_on_validation, split_loader
+from myrtle_vision.models.vit import VisionTransformer, ViTArgs
+from myrtle_vision.weights import deploy
 
 EPS = torch.finfo(torch.float32).eps
 SCHEMES = ["per_tensor", "per_channel"]
@@ -119,8 +125,9 @@ class Int8Reference:
 
 def tiny_args(**kw) -> ViTArgs:
     """The conftest configs' model (32x32 images, 3 classes), with biases on q, k and v."""
-    defaults = dict(image_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, heads=2, mlp_dim=64,
-                    qkv_bias=True)
+    defaults = dict(
+        image_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=2, heads=2, mlp_dim=64, qkv_bias=True
+    )
     return ViTArgs(**{**defaults, **kw})
 
 
@@ -152,10 +159,28 @@ def splits(tmp_path, data_cfg):
 
 def expected_points(depth: int) -> set[str]:
     """The earlier release's quantization points in our module names."""
-    per_block = ["norm1.output", "attn.qkv.output", "attn.round_out", "attn.proj.output", "round_add1",
-                 "norm2.output", "mlp.fc1.output", "mlp.round_act", "mlp.fc2.output", "round_add2"]
-    return {"patch_embed.round_in", "patch_embed.proj.output", "round_cls", "round_cat", "round_pos", "round_pos_add",
-            "round_head", "head.output"} | {f"blocks.{i}.{p}" for i in range(depth) for p in per_block}
+    per_block = [
+        "norm1.output",
+        "attn.qkv.output",
+        "attn.round_out",
+        "attn.proj.output",
+        "round_add1",
+        "norm2.output",
+        "mlp.fc1.output",
+        "mlp.round_act",
+        "mlp.fc2.output",
+        "round_add2",
+    ]
+    return {
+        "patch_embed.round_in",
+        "patch_embed.proj.output",
+        "round_cls",
+        "round_cat",
+        "round_pos",
+        "round_pos_add",
+        "round_head",
+        "head.output",
+    } | {f"blocks.{i}.{p}" for i in range(depth) for p in per_block}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -191,15 +216,21 @@ def test_scales_are_the_earlier_release_observers_and_its_quantized_tensors():
     """torch's MinMaxObserver (uint8 affine activations, int8 symmetric weights, reduce_range off) and
     torch.quantize_per_tensor / per_channel: what the earlier release calibrated and converted with."""
     g = torch.Generator().manual_seed(1)
-    cases = [torch.randn(500, generator=g) * 3 + 1, torch.rand(300, generator=g) + 2, -torch.rand(300, generator=g) - 1,
-             torch.zeros(10), torch.full((5,), 1e-9), torch.randn(4, 100, generator=g) * 1e3]
+    cases = [
+        torch.randn(500, generator=g) * 3 + 1,
+        torch.rand(300, generator=g) + 2,
+        -torch.rand(300, generator=g) - 1,
+        torch.zeros(10),
+        torch.full((5,), 1e-9),
+        torch.randn(4, 100, generator=g) * 1e3,
+    ]
     for x in cases:
         observer = MinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
-        observer(x[: len(x) // 2]), observer(x[len(x) // 2:])  # the range over two batches
+        observer(x[: len(x) // 2]), observer(x[len(x) // 2 :])  # the range over two batches
         scale, zero_point = observer.calculate_qparams()
         point = int8.FakeQuant()
         point.start_calibration()
-        point(x[: len(x) // 2]), point(x[len(x) // 2:])
+        point(x[: len(x) // 2]), point(x[len(x) // 2 :])
         point.freeze()
         assert point.scale.item() == scale.item() and point.zero_point.item() == zero_point.item()
         real = torch.quantize_per_tensor(x, scale.item(), int(zero_point), torch.quint8).dequantize()
@@ -209,15 +240,20 @@ def test_scales_are_the_earlier_release_observers_and_its_quantized_tensors():
     observer(w)
     scale, zero_point = observer.calculate_qparams()
     assert int8.weight_scale(w, per_channel=False).item() == scale.item() and zero_point.item() == 0
-    assert torch.equal(int8.fake_quantize_weight(w, per_channel=False),
-                       torch.quantize_per_tensor(w, scale.item(), 0, torch.qint8).dequantize())
-    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                        reduce_range=False)
+    assert torch.equal(
+        int8.fake_quantize_weight(w, per_channel=False),
+        torch.quantize_per_tensor(w, scale.item(), 0, torch.qint8).dequantize(),
+    )
+    observer = PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, reduce_range=False
+    )
     observer(w)
     scales, zero_points = observer.calculate_qparams()
     assert torch.equal(int8.weight_scale(w, per_channel=True), scales) and not zero_points.any()
-    assert torch.equal(int8.fake_quantize_weight(w, per_channel=True),
-                       torch.quantize_per_channel(w, scales.double(), zero_points, 0, torch.qint8).dequantize())
+    assert torch.equal(
+        int8.fake_quantize_weight(w, per_channel=True),
+        torch.quantize_per_channel(w, scales.double(), zero_points, 0, torch.qint8).dequantize(),
+    )
 
 
 def test_calibration_uses_exactly_the_first_batches_of_the_validation_split(splits, capsys):
@@ -289,7 +325,8 @@ def runs(tmp_path_factory, dataset):
 # The deploy layout's names in our modules' (the README's table, "Checkpoint contents"), written out here
 # again so that the reference below reads a checkpoint without the package.
 _DEPLOY_TO_OURS = [
-    (r"pos_embedding", "pos_embed"), (r"cls_token", "cls_token"),
+    (r"pos_embedding", "pos_embed"),
+    (r"cls_token", "cls_token"),
     (r"patch_to_embedding\.(weight|bias)", r"patch_embed.proj.\1"),
     (r"transformer\.layers\.(\d+)\.0\.fn\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
     (r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
@@ -297,7 +334,8 @@ _DEPLOY_TO_OURS = [
     (r"transformer\.layers\.(\d+)\.1\.fn\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
     (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
     (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"mlp_head\.0\.(weight|bias)", r"norm.\1"), (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
+    (r"mlp_head\.0\.(weight|bias)", r"norm.\1"),
+    (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
 ]
 
 
@@ -315,11 +353,15 @@ def _int8_reference_logits(cfg_path, ckpt_path, calib_steps: int, per_channel: b
     cfg = json.loads(Path(cfg_path).read_text())
     vit, batch = cfg["vit_config"], cfg["train_config"]["local_batch_size"]
     weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
-    args = SimpleNamespace(patch_size=vit["patch_size"], depth=vit["depth"], heads=vit["heads"],
-                           layer_norm_eps=vit.get("layer_norm_eps", 1e-5))
+    args = SimpleNamespace(
+        patch_size=vit["patch_size"],
+        depth=vit["depth"],
+        heads=vit["heads"],
+        layer_norm_eps=vit.get("layer_norm_eps", 1e-5),
+    )
     reference = Int8Reference({_ours(k): v for k, v in weights.items()}, args, per_channel)
     val, _ = reference_images(cfg_path, "val")
-    reference.calibrate(val[i:i + batch] for i in range(0, min(len(val), calib_steps * batch), batch))
+    reference.calibrate(val[i : i + batch] for i in range(0, min(len(val), calib_steps * batch), batch))
     test, _ = reference_images(cfg_path)
     return reference(test)
 
@@ -337,16 +379,39 @@ def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
     _, _, out = runs
     cfg, run_dir, _ = out["FP32"]
     ckpt = run_dir / "last.pt"
-    run_script("test.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", "--output-dir",
-               tmp_path / "t", check=True)
+    run_script(
+        "test.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--json",
+        tmp_path / "t.json",
+        "--output-dir",
+        tmp_path / "t",
+        check=True,
+    )
     tested = json.loads((tmp_path / "t.json").read_text())
     fp32, targets = reference_logits(cfg, ckpt, "FP32")
     diffs = set()
     for steps, scheme in ((1, "per_tensor"), (2, "per_tensor"), (2, "per_channel")):
         path = tmp_path / f"{steps}_{scheme}.json"
         flags = ["--per_channel"] if scheme == "per_channel" else []
-        proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", "PyTorchINT8",
-                          "--calib_steps", steps, *flags, "--json", path, check=True)
+        proc = run_script(
+            "test_quantize.py",
+            "-c",
+            cfg,
+            "--checkpoint",
+            ckpt,
+            "--q_format",
+            "PyTorchINT8",
+            "--calib_steps",
+            steps,
+            *flags,
+            "--json",
+            path,
+            check=True,
+        )
         result = json.loads(path.read_text())
         assert result["q_format"] == "PyTorchINT8" and result["q_rounding"] is None and not result["quantized_ckpt"]
         assert (result["calib_steps"], result["calib_images"], result["int8_weights"]) == (steps, 4 * steps, scheme)
@@ -354,9 +419,13 @@ def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
         _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, steps, scheme == "per_channel"), targets)
         assert 0 < result["max_logit_diff"] < 1
         diffs.add(result["max_logit_diff"])
-        for needle in (f"testing in PyTorchINT8 ({scheme.replace('_', '-')} int8 weights",
-                       f"calibrating on the first {steps} validation batches ({4 * steps} images", "PyTorchINT8",
-                       "predictions unchanged", "largest logit difference"):
+        for needle in (
+            f"testing in PyTorchINT8 ({scheme.replace('_', '-')} int8 weights",
+            f"calibrating on the first {steps} validation batches ({4 * steps} images",
+            "PyTorchINT8",
+            "predictions unchanged",
+            "largest logit difference",
+        ):
             assert needle in proc.stdout
     assert len(diffs) == 3  # the calibration batches and the weight scheme each change the result
 
@@ -373,8 +442,18 @@ def test_a_pytorch_int8_config_quantizes_with_no_flag_and_test_py_says_it_is_fp3
     assert "calibrating on all 3 validation batches (12 images" in proc.stdout and "--calib_steps 10" in proc.stdout
     fp32, targets = reference_logits(cfg, ckpt, "FP32")
     _check_int8_figures(result, fp32, _int8_reference_logits(cfg, ckpt, 3), targets)
-    proc = run_script("test.py", "-c", cfg, "--checkpoint", ckpt, "--json", tmp_path / "t.json", "--output-dir",
-                      tmp_path / "t", check=True)
+    proc = run_script(
+        "test.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--json",
+        tmp_path / "t.json",
+        "--output-dir",
+        tmp_path / "t",
+        check=True,
+    )
     assert "evaluating in FP32" in proc.stdout and f"test_quantize.py -c {cfg}" in proc.stdout
     assert json.loads((tmp_path / "t.json").read_text())["top1"] == result["fp32"]["top1"]
 
@@ -384,19 +463,27 @@ def test_int8_flag_errors(runs, tmp_path):
     cfg, run_dir, _ = out["FP32"]
     ckpt = run_dir / "last.pt"
     args = ("test_quantize.py", "-c", cfg, "--checkpoint", ckpt)
-    assert_user_error(run_script(*args, "--q_format", "PyTorchINT8", "--calib_steps", "0"), "--calib_steps 0",
-                      "at least 1")
+    assert_user_error(
+        run_script(*args, "--q_format", "PyTorchINT8", "--calib_steps", "0"), "--calib_steps 0", "at least 1"
+    )
     # with an FP32 config the format is FP16_32, which has nothing to calibrate: the earlier release's
     # --calib_steps is accepted, and said to be unused, naming the format tested
     proc = run_script(*args, "--calib_steps", "10", "--per_channel", "--json", tmp_path / "fp16.json", check=True)
     assert "--calib_steps and --per_channel unused: testing FP16_32" in proc.stdout
     assert json.loads((tmp_path / "fp16.json").read_text())["q_format"] == "FP16_32"
-    assert_user_error(run_script(*args, "--q_format", "PyTorchINT8", "--q_rounding", "qtorch"), "--q_rounding qtorch",
-                      "not to PyTorchINT8")
+    assert_user_error(
+        run_script(*args, "--q_format", "PyTorchINT8", "--q_rounding", "qtorch"),
+        "--q_rounding qtorch",
+        "not to PyTorchINT8",
+    )
     int8_cfg = train_config(tmp_path / "int8.json", data_cfg, tmp_path / "out", vit={"q_format": "PyTorchINT8"})
-    assert_user_error(run_script("test_quantize.py", "-c", int8_cfg, "--checkpoint", ckpt, "--quantized_ckpt"),
-                      str(ckpt), "FP32 checkpoint", "drop --quantized_ckpt",
-                      "PyTorchINT8 is post-training quantization")
+    assert_user_error(
+        run_script("test_quantize.py", "-c", int8_cfg, "--checkpoint", ckpt, "--quantized_ckpt"),
+        str(ckpt),
+        "FP32 checkpoint",
+        "drop --quantized_ckpt",
+        "PyTorchINT8 is post-training quantization",
+    )
 
 
 def test_int8_in_two_processes_calibrates_as_one(runs, tmp_path):
@@ -404,8 +491,13 @@ def test_int8_in_two_processes_calibrates_as_one(runs, tmp_path):
     quantize with the same scales, and the figures are one process's."""
     _, data_cfg, out = runs
     _, run_dir, _ = out["FP32"]
-    cfg = train_config(tmp_path / "d.json", data_cfg, tmp_path / "out", train=dict(TRAIN, distributed=True),
-                       vit={"q_format": "PyTorchINT8"})
+    cfg = train_config(
+        tmp_path / "d.json",
+        data_cfg,
+        tmp_path / "out",
+        train=dict(TRAIN, distributed=True),
+        vit={"q_format": "PyTorchINT8"},
+    )
     args = ("-c", cfg, "--checkpoint", run_dir / "last.pt", "--calib_steps", 2, "--device", "cpu")
     run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", check=True)
     two = torchrun(*args, "--json", tmp_path / "two.json", script="test_quantize.py")
@@ -413,5 +505,7 @@ def test_int8_in_two_processes_calibrates_as_one(runs, tmp_path):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert (b["calib_steps"], b["calib_images"], b["num_images"]) == (2, 8, 15)
     assert b["max_logit_diff"] == pytest.approx(a["max_logit_diff"], rel=1e-5)
-    assert {k: v for k, v in a.items() if k != "max_logit_diff"} == {k: v for k, v in b.items() if k != "max_logit_diff"}
+    assert {k: v for k, v in a.items() if k != "max_logit_diff"} == {
+        k: v for k, v in b.items() if k != "max_logit_diff"
+    }
     assert two.stdout.count("calibrating on the first 2 validation batches") == 1  # rank 0 alone prints

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import FIXTURES, reference_forward
 
-from myrtle_vision.weights import deploy
-from myrtle_vision.models.vit import ViTArgs, VisionTransformer
+from myrtle_vision.models.vit import VisionTransformer, ViTArgs
 from myrtle_vision.optim import param_groups
+from myrtle_vision.weights import deploy
 
 TINY_45 = ViTArgs(image_size=224, patch_size=16, num_classes=45, embed_dim=192, depth=12, heads=3, mlp_dim=768)
 
@@ -21,7 +21,9 @@ def test_deploy_layout_matches_the_accelerators_vit_tiny_exactly():
 
 
 def test_round_trip_both_ways_keeps_every_tensor():
-    model = VisionTransformer(ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, heads=2, mlp_dim=48))
+    model = VisionTransformer(
+        ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, heads=2, mlp_dim=48)
+    )
     sd = model.state_dict()
     back = deploy.from_deploy(deploy.to_deploy(sd))
     assert list(back) == list(sd)
@@ -40,7 +42,9 @@ def test_model_computes_what_the_deploy_layout_means():
         p.data.normal_(0, 0.2)
     img = torch.randn(3, 3, 32, 32)
     named = deploy.to_deploy(model.state_dict())
-    torch.testing.assert_close(model(img), reference_forward(named, img, args.heads, args.patch_size), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model(img), reference_forward(named, img, args.heads, args.patch_size), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_timm_style_init_and_weight_decay_groups():
@@ -52,7 +56,14 @@ def test_timm_style_init_and_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.norm1.weight", "blocks.0.attn.proj.bias"} <= no_decay_names
+    assert {
+        "cls_token",
+        "pos_embed",
+        "norm.weight",
+        "head.bias",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.proj.bias",
+    } <= no_decay_names
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"])
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
 
@@ -65,7 +76,9 @@ def test_mismatch_description_names_what_differs(change):
     found = deploy.to_deploy(VisionTransformer(ViTArgs(**other)).state_dict())
     message = deploy.describe_mismatch(expected, found)
     assert message is not None
-    assert {"depth": "depth 3", "embed_dim": "(1, 17, 64)", "classes": "mlp_head.1.weight has shape (4, 32)"}[change] in message
+    assert {"depth": "depth 3", "embed_dim": "(1, 17, 64)", "classes": "mlp_head.1.weight has shape (4, 32)"}[
+        change
+    ] in message
     assert deploy.describe_mismatch(expected, expected) is None
 
 
@@ -73,7 +86,9 @@ def test_deit_student_class_head_is_the_deployed_plain_vit():
     """The distillation token never reaches the class path, so the accelerator runs what was trained."""
     from myrtle_vision.weights.deploy import model_entries
 
-    args = ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=128, depth=3, heads=2, mlp_dim=48, distilled=True)
+    args = ViTArgs(
+        image_size=32, patch_size=8, num_classes=5, embed_dim=128, depth=3, heads=2, mlp_dim=48, distilled=True
+    )
     torch.manual_seed(0)
     student = VisionTransformer(args).eval()
     for p in student.parameters():  # make every tensor matter (init zeroes biases)
@@ -95,7 +110,9 @@ def test_deit_student_class_head_is_the_deployed_plain_vit():
 
 
 def test_deit_student_trains_its_distillation_token_and_head():
-    args = ViTArgs(image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, heads=2, mlp_dim=48, distilled=True)
+    args = ViTArgs(
+        image_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, heads=2, mlp_dim=48, distilled=True
+    )
     student = VisionTransformer(args)
     class_logits, dist_logits = student.forward_heads(torch.randn(2, 3, 32, 32))
     (class_logits.sum() + dist_logits.sum()).backward()

@@ -26,14 +26,15 @@ import myrtle_vision
 from myrtle_vision.config import load_config, load_data_config
 from myrtle_vision.data import ImageListDataset, cache, eval_loader, open_split
 from myrtle_vision.data.augment import InWorkers, OnDevice, PerImage, pipeline_for
-from myrtle_vision.training import Trainer
 from myrtle_vision.errors import UserError
+from myrtle_vision.training import Trainer
 from myrtle_vision.transforms import parse_ops
 
 CPU = torch.device("cpu")
 
 
 # --- the decoded-image cache ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def varied(tmp_path):
@@ -86,11 +87,12 @@ def test_a_cache_missing_its_pixels_or_with_a_broken_index_is_built_again(varied
     cfg = load_data_config(varied[1])
     split = open_split(cfg, "train")
     expected = _decoded(split)
-    for spoil, why in ((lambda: split.decoded.pixels_path.unlink(), "its pixels file is missing"),
-                       (lambda: split.decoded.pixels_path.write_bytes(b"short"), "its pixels file is incomplete"),
-                       (lambda: split.decoded.index_path.write_text("{"), "its index cannot be read"),
-                       (lambda: split.decoded.index_path.write_text("{}"),
-                        "made by another version of myrtle_vision or Pillow")):
+    for spoil, why in (
+        (lambda: split.decoded.pixels_path.unlink(), "its pixels file is missing"),
+        (lambda: split.decoded.pixels_path.write_bytes(b"short"), "its pixels file is incomplete"),
+        (lambda: split.decoded.index_path.write_text("{"), "its index cannot be read"),
+        (lambda: split.decoded.index_path.write_text("{}"), "made by another version of myrtle_vision or Pillow"),
+    ):
         spoil()
         capsys.readouterr()
         again = open_split(cfg, "train")
@@ -122,10 +124,19 @@ def test_without_the_cache_images_are_decoded_as_they_are_read(varied, tmp_path)
 
 # --- what the cache promises (see the docstring of myrtle_vision.data.cache) -----------------------
 
+
 def _stat(**changed) -> SimpleNamespace:
     """An image file's stat result (the fields cache.stamp may read), with ``changed`` fields changed."""
-    fields = dict(st_size=1234, st_mtime_ns=1_700_000_000_123_456_789, st_ctime_ns=1_700_000_000_223_456_789,
-                  st_ino=98765, st_atime_ns=1_700_000_500_000_000_000, st_nlink=1, st_mode=0o100644, st_dev=2049)
+    fields = dict(
+        st_size=1234,
+        st_mtime_ns=1_700_000_000_123_456_789,
+        st_ctime_ns=1_700_000_000_223_456_789,
+        st_ino=98765,
+        st_atime_ns=1_700_000_500_000_000_000,
+        st_nlink=1,
+        st_mode=0o100644,
+        st_dev=2049,
+    )
     return SimpleNamespace(**{**fields, **changed})
 
 
@@ -136,7 +147,7 @@ def test_each_part_of_an_image_s_stamp_alone_changes_it(field):
 
 def test_reading_an_image_does_not_change_its_stamp():
     """Reading a file changes its access time: that must not make the cache decode it again."""
-    assert cache.stamp(_stat(st_atime_ns=_stat().st_atime_ns + 10 ** 9)) == cache.stamp(_stat())
+    assert cache.stamp(_stat(st_atime_ns=_stat().st_atime_ns + 10**9)) == cache.stamp(_stat())
 
 
 def _png(value: int, shape=(9, 11)) -> bytes:
@@ -263,7 +274,7 @@ def test_a_racy_image_is_checked_by_the_hash_of_the_bytes_decoded(varied, capsys
     only the hash of the bytes decoded sees it."""
     frozen = time.time_ns()
     monkeypatch.setattr(cache, "stamp", lambda st: [st.st_size, frozen, frozen, st.st_ino])
-    monkeypatch.setattr(cache, "RACY_NS", 3600 * 10 ** 9)  # (however slow this machine is today)
+    monkeypatch.setattr(cache, "RACY_NS", 3600 * 10**9)  # (however slow this machine is today)
     cfg, victim = _cached_victim(varied, capsys)
     index_path = open_split(cfg, "train").decoded.index_path
     assert capsys.readouterr().out == ""  # racy, unchanged: reused (after hashing)
@@ -307,14 +318,24 @@ def test_processes_started_together_decode_the_images_once(varied, tmp_path):
     """Three processes open the same split at the same moment: one decodes each image once, the others wait
     for it, and all read the pixels PIL gives (counted and checked outside the package)."""
     ds, cfg_path = varied
-    expected = hashlib.sha256(b"".join(
-        np.asarray(Image.open(ds / line).convert("RGB")).transpose(2, 0, 1).tobytes()
-        for line in (ds / "train_imagepaths.txt").read_text().split())).hexdigest()
+    expected = hashlib.sha256(
+        b"".join(
+            np.asarray(Image.open(ds / line).convert("RGB")).transpose(2, 0, 1).tobytes()
+            for line in (ds / "train_imagepaths.txt").read_text().split()
+        )
+    ).hexdigest()
     go = tmp_path / "go"
     ready = [tmp_path / f"ready{k}" for k in range(3)]
-    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_THE_SPLIT, str(r), str(go), str(cfg_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
-             for r in ready]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_THE_SPLIT, str(r), str(go), str(cfg_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=script_env(),
+        )
+        for r in ready
+    ]
     try:
         deadline = time.monotonic() + 300
         while not all(r.exists() for r in ready):
@@ -341,22 +362,37 @@ CHAINS = {
     "shorter side, vertical flip": {"Resize": {"shorter_side": 26}, "CenterCrop": 22, "RandomVerticalFlip": 0.5},
     "padded random crop": {"RandomCrop": {"size": 24, "padding": 3}, "RandomHorizontalFlip": 0.3},
     "crop larger than the image": {"CenterCrop": 40},
-    "two resizes": {"Resize": [20, 30], "RandomResizedCrop": {"size": [12, 14], "scale": [0.2, 1.0], "ratio": [0.5, 2.0]}},
+    "two resizes": {
+        "Resize": [20, 30],
+        "RandomResizedCrop": {"size": [12, 14], "scale": [0.2, 1.0], "ratio": [0.5, 2.0]},
+    },
     "shrinking a lot": {"RandomResizedCrop": {"size": 8, "scale": [0.5, 1.0]}},
     # quarter turns and transposes: on the device a transposed image's rows come from its decoded columns
-    "aerial training: quarter turns and a flip": {"RandomResizedCrop": 24, "RandomRotation90": None,
-                                                  "RandomHorizontalFlip": None},
-    "all eight symmetries, non-square before the crop": {"Resize": {"shorter_side": 26}, "RandomTranspose": None,
-                                                         "RandomRotation90": None, "RandomVerticalFlip": 0.5,
-                                                         "CenterCrop": 22},
+    "aerial training: quarter turns and a flip": {
+        "RandomResizedCrop": 24,
+        "RandomRotation90": None,
+        "RandomHorizontalFlip": None,
+    },
+    "all eight symmetries, non-square before the crop": {
+        "Resize": {"shorter_side": 26},
+        "RandomTranspose": None,
+        "RandomRotation90": None,
+        "RandomVerticalFlip": 0.5,
+        "CenterCrop": 22,
+    },
     "quarter turns, then a non-square resize": {"RandomRotation90": None, "Resize": [20, 30], "CenterCrop": [18, 26]},
-    "transpose, then a padded non-square random crop": {"RandomTranspose": 0.5,
-                                                        "RandomCrop": {"size": [20, 26], "padding": 2},
-                                                        "RandomVerticalFlip": 0.5},
+    "transpose, then a padded non-square random crop": {
+        "RandomTranspose": 0.5,
+        "RandomCrop": {"size": [20, 26], "padding": 2},
+        "RandomVerticalFlip": 0.5,
+    },
     "quarter turns between crops": {"CenterCrop": [20, 24], "RandomRotation90": None, "RandomCrop": 18},
     "transpose, then a non-square crop": {"RandomTranspose": 0.5, "CenterCrop": [20, 26]},
-    "symmetries last": {"RandomResizedCrop": {"size": 16, "scale": [0.3, 1.0]}, "RandomTranspose": 0.7,
-                        "RandomRotation90": None},
+    "symmetries last": {
+        "RandomResizedCrop": {"size": 16, "scale": [0.3, 1.0]},
+        "RandomTranspose": 0.7,
+        "RandomRotation90": None,
+    },
 }
 
 
@@ -382,8 +418,13 @@ def _reference(ops):
     """torchvision's per-image pipeline for ``ops``, as a function of (image, seed): torchvision's transforms
     by name, and the two torchvision lacks written here, none of them the package's."""
     written_here = {"RandomRotation90": _QuarterTurns, "RandomTranspose": _Transpose}
-    compose = T.Compose([T.ToImage()] + [(written_here[name] if name in written_here else getattr(T, name))(**kwargs)
-                                         for name, kwargs in parse_ops(ops)])
+    compose = T.Compose(
+        [T.ToImage()]
+        + [
+            (written_here[name] if name in written_here else getattr(T, name))(**kwargs)
+            for name, kwargs in parse_ops(ops)
+        ]
+    )
 
     def sample(image, seed):
         torch.manual_seed(seed)
@@ -433,7 +474,9 @@ def test_the_lean_per_image_path_is_exactly_torchvision_s_pipeline(chain):
     skipping their per-call overhead: the same images, bit for bit, as torchvision's Compose (and the
     package's per-image pipeline is that Compose)."""
     ops = CHAINS[chain]
-    sizes = [(24, 24), (26, 25), (30, 28), (24, 31)] if "RandomCrop" in ops else [(32, 32), (30, 36), (33, 31), (40, 32)]
+    sizes = (
+        [(24, 24), (26, 25), (30, 28), (24, 31)] if "RandomCrop" in ops else [(32, 32), (30, 36), (33, 31), (40, 32)]
+    )
     parsed = parse_ops(ops)
     lean, per_image, reference = InWorkers(parsed), PerImage(parsed), _reference(ops)
     for image, seed in zip(_images(sizes * 2), range(7, 15)):
@@ -466,8 +509,9 @@ def test_resampling_matrices_are_torch_s_antialiased_interpolation():
     for n_in, n_out in ((37, 11), (11, 37), (64, 64), (256, 224), (57, 224)):
         x = torch.randn(1, 1, n_in, 5, dtype=torch.float64)
         w = resample_weights(torch.tensor([n_in]), torch.tensor([n_out]), n_out, n_in).double()
-        expected = torch.nn.functional.interpolate(x, size=(n_out, 5), mode="bilinear", antialias=True,
-                                                   align_corners=False)
+        expected = torch.nn.functional.interpolate(
+            x, size=(n_out, 5), mode="bilinear", antialias=True, align_corners=False
+        )
         torch.testing.assert_close(torch.matmul(w[0], x[0, 0]), expected[0, 0], rtol=1e-5, atol=1e-5)
 
 
@@ -478,7 +522,7 @@ def test_parameters_are_drawn_as_torchvision_draws_them():
     on_device = OnDevice(parse_ops(ops))
     image = torch.zeros(3, 40, 60, dtype=torch.uint8)
     ours = np.array([on_device.sample(image, seed)[1] for seed in range(4000)])
-    crop, flip = T.RandomResizedCrop(24, scale=(0.08, 1.0)), T.RandomHorizontalFlip(0.3)
+    crop = T.RandomResizedCrop(24, scale=(0.08, 1.0))
     torch.manual_seed(12345)  # torchvision's own draws, from other random numbers
     theirs = []
     for _ in range(4000):
@@ -526,8 +570,9 @@ def test_augment_on_errors_name_the_field(tmp_path, dataset):
     from myrtle_vision.errors import ConfigError
 
     jitter = data_config(tmp_path / "j.json", dataset, 3, train_ops={"ColorJitter": 0.4}, augment_on="device")
-    with pytest.raises(ConfigError, match="augment_on: device: transform_ops_train has ColorJitter, which runs per "
-                                          "image only"):
+    with pytest.raises(
+        ConfigError, match="augment_on: device: transform_ops_train has ColorJitter, which runs per image only"
+    ):
         load_data_config(jitter)
     with pytest.raises(ConfigError, match="augment_on: 'gpu' is not one of auto, device, workers"):
         load_data_config(data_config(tmp_path / "g.json", dataset, 3, augment_on="gpu"))
@@ -539,8 +584,11 @@ def test_device_augmentation_with_workers_feeds_the_same_batches(varied, tmp_pat
     ops = {"Resize": [20, 20], "CenterCrop": 16, "Normalize": {"Mean": [0.5] * 3, "Std": [0.25] * 3}}
     results = {}
     for where in ("device", "workers"):
-        cfg = load_data_config(data_config(tmp_path / f"{where}.json", ds, 3, val_ops=ops, augment_on=where,
-                                           cache_dir=str(tmp_path / "cache")))
+        cfg = load_data_config(
+            data_config(
+                tmp_path / f"{where}.json", ds, 3, val_ops=ops, augment_on=where, cache_dir=str(tmp_path / "cache")
+            )
+        )
         loader = eval_loader(open_split(cfg, "val"), 4, num_workers=2)
         # workers come from a fork server, never from forking this (threaded) process: see loaders._worker_context
         assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
@@ -551,14 +599,21 @@ def test_device_augmentation_with_workers_feeds_the_same_batches(varied, tmp_pat
 
 # --- the training step ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("clip_grad", [None, 0.5])
 def test_the_step_reads_the_device_once_per_update(tmp_path, data_cfg, monkeypatch, clip_grad):
     """Four micro-batches per update, and one reading of a tensor's value by the host, after them. On the
     CPU this is counted by wrapping every way a tensor's value reaches Python: no read at all happens
     before the update's statistics are read, and the package reads nothing else (after it, the optimizer
     reads its own step counts, which live on the CPU on every device)."""
-    cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                                   train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": clip_grad}))
+    cfg = load_config(
+        train_config(
+            tmp_path / "t.json",
+            data_cfg,
+            tmp_path / "out",
+            train={"global_batch_size": 8, "local_batch_size": 2, "clip_grad": clip_grad},
+        )
+    )
     trainer = Trainer(cfg)
     batches = iter(trainer.train_loader)
     trainer.train_update(batches, 0)  # warm-up (lazy initialisations)
@@ -579,5 +634,3 @@ def test_the_step_reads_the_device_once_per_update(tmp_path, data_cfg, monkeypat
     assert reads[0] == ("tolist", True), reads  # the first read of all: the statistics, after the micro-batches
     assert [r for r in reads if r[1]] == [("tolist", True)], reads  # and the package's only one
     assert result.images == 8 and math.isfinite(result.loss)
-
-

@@ -7,8 +7,17 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import (CLASSES, assert_user_error, class_image, data_config, near_tie_checkpoint, reference_logits,
-                      run_dir_of, run_script, train_config)
+from conftest import (
+    CLASSES,
+    assert_user_error,
+    class_image,
+    data_config,
+    near_tie_checkpoint,
+    reference_logits,
+    run_dir_of,
+    run_script,
+    train_config,
+)
 from PIL import Image
 
 
@@ -39,16 +48,38 @@ def test_a_folder_with_nested_folders_a_corrupt_file_and_a_non_image(run, tmp_pa
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "wrong_size.png")  # no Resize in the ops
     single = tmp_path / "single.png"
     class_image(1, 5).save(single)
-    proc = run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, folder, single, "--topk", "2",
-                      "--output", tmp_path / "p.csv", check=True)
+    proc = run_script(
+        "predict.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        folder,
+        single,
+        "--topk",
+        "2",
+        "--output",
+        tmp_path / "p.csv",
+        check=True,
+    )
     rows = _rows(tmp_path / "p.csv")
-    expected = [folder / "a" / "b" / "deep.png", folder / "a" / "broken.png", folder / "a" / "middle.jpg",
-                folder / "a" / "notes.txt", folder / "wrong_size.png", folder / "z_top.png", single]
+    expected = [
+        folder / "a" / "b" / "deep.png",
+        folder / "a" / "broken.png",
+        folder / "a" / "middle.jpg",
+        folder / "a" / "notes.txt",
+        folder / "wrong_size.png",
+        folder / "z_top.png",
+        single,
+    ]
     assert [r["path"] for r in rows] == [str(p) for p in expected]
     assert list(rows[0]) == ["path", "top1", "prob1", "top2", "prob2", "error"]
     errors = {r["path"]: r["error"] for r in rows if r["error"]}
-    assert set(errors) == {str(folder / "a" / "broken.png"), str(folder / "a" / "notes.txt"),
-                           str(folder / "wrong_size.png")}
+    assert set(errors) == {
+        str(folder / "a" / "broken.png"),
+        str(folder / "a" / "notes.txt"),
+        str(folder / "wrong_size.png"),
+    }
     assert "cannot read image" in errors[str(folder / "a" / "notes.txt")]
     assert "makes it 40x40, the model takes 32x32" in errors[str(folder / "wrong_size.png")]
     for row in rows:
@@ -71,8 +102,20 @@ def test_probabilities_are_the_independent_logits_softmaxed(run, tmp_path, q_for
     if q_format:
         ckpt = near_tie_checkpoint(ckpt, tmp_path / "near_tie.pt")
     flags = ["--q_format", q_format] if q_format else []
-    run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, listed, "--topk", "3", *flags, "--output",
-               tmp_path / "p.csv", check=True)
+    run_script(
+        "predict.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        listed,
+        "--topk",
+        "3",
+        *flags,
+        "--output",
+        tmp_path / "p.csv",
+        check=True,
+    )
     rows = _rows(tmp_path / "p.csv")
     assert [r["path"] for r in rows] == [str(tmp_path / line) for line in listed.read_text().split()]
     names = sorted(CLASSES)
@@ -95,10 +138,17 @@ def test_probabilities_are_the_independent_logits_softmaxed(run, tmp_path, q_for
 def test_bad_input_is_one_line(run, tmp_path):
     _, cfg, ckpt, _ = run
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path / "empty"),
-                      str(tmp_path / "empty"), "no files")
-    assert_user_error(run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path, "--q_format", "PyTorchINT8"),
-                      "--q_format", "test_quantize.py")
-    missing = run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path / "gone.png",
-                         "--output", tmp_path / "p.csv", check=True)
+    assert_user_error(
+        run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path / "empty"),
+        str(tmp_path / "empty"),
+        "no files",
+    )
+    assert_user_error(
+        run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path, "--q_format", "PyTorchINT8"),
+        "--q_format",
+        "test_quantize.py",
+    )
+    missing = run_script(
+        "predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path / "gone.png", "--output", tmp_path / "p.csv", check=True
+    )
     assert "1 files could not be used" in missing.stdout and "No such file" in _rows(tmp_path / "p.csv")[0]["error"]

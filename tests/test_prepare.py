@@ -20,8 +20,10 @@ from myrtle_vision.prepare import FASHION_MNIST_CLASSES, RESISC45_CLASSES
 
 
 def _snapshot(root):
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,13 @@ def test_lays_out_splits_labels_and_is_idempotent(resisc_tree, tmp_path):
     _copy(resisc_tree, root)
     proc = run_script("prepare_resisc45.py", root, check=True)
     assert "22005 train, 3195 validation, 6300 test" in proc.stdout
-    assert sorted(p.name for p in root.iterdir()) == ["images", "label_map.json", "test_imagepaths.txt",
-                                                     "train_imagepaths.txt", "val_imagepaths.txt"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "images",
+        "label_map.json",
+        "test_imagepaths.txt",
+        "train_imagepaths.txt",
+        "val_imagepaths.txt",
+    ]
     label_map = json.loads((root / "label_map.json").read_text())
     assert list(label_map) == sorted(RESISC45_CLASSES) and list(label_map.values()) == list(range(45))
     assert label_map["airplane"] == 0 and label_map["wetland"] == 44
@@ -100,11 +107,14 @@ def test_missing_folder(tmp_path):
 
 # --- a folder that cannot be written, a move that fails or was stopped part-way ------------------------
 
+
 def _layout(root):
     """Where every file is and what it holds (folders' times left out: moving a folder away and back
     changes its parent's)."""
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else "folder"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) if p.is_file() else "folder"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def _prepare_as_a_user(root):
@@ -155,8 +165,13 @@ def _failing_rename(monkeypatch, fail: dict):
 
 
 def _assert_prepared(root, stdout=None):
-    assert sorted(p.name for p in root.iterdir()) == ["images", "label_map.json", "test_imagepaths.txt",
-                                                     "train_imagepaths.txt", "val_imagepaths.txt"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "images",
+        "label_map.json",
+        "test_imagepaths.txt",
+        "train_imagepaths.txt",
+        "val_imagepaths.txt",
+    ]
     assert sorted(p.name for p in (root / "images").iterdir()) == sorted(RESISC45_CLASSES)
     assert all(len(list((root / "images" / cls).iterdir())) == 700 for cls in RESISC45_CLASSES)
     assert list(json.loads((root / "label_map.json").read_text())) == sorted(RESISC45_CLASSES)
@@ -177,8 +192,9 @@ def test_a_class_folder_that_cannot_be_moved_moves_nothing(resisc_tree, tmp_path
     _failing_rename(monkeypatch, {str(root / "lake"): errno.EBUSY})
     with pytest.raises(UserError) as e:
         prepare.prepare_resisc45(root)
-    assert str(e.value) == (f"{root / 'lake'}: cannot move it to {root / 'images'}/ (Device or resource busy); "
-                            "nothing was changed")
+    assert str(e.value) == (
+        f"{root / 'lake'}: cannot move it to {root / 'images'}/ (Device or resource busy); nothing was changed"
+    )
     assert _layout(root) == before
     monkeypatch.undo()
     _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
@@ -189,10 +205,12 @@ def test_a_move_back_that_fails_too_leaves_a_layout_that_a_second_run_finishes(r
     _failing_rename(monkeypatch, {str(root / "lake"): errno.EBUSY, str(root / "images" / "beach"): errno.EIO})
     with pytest.raises(UserError) as e:
         prepare.prepare_resisc45(root)
-    assert str(e.value) == (f"{root / 'lake'}: cannot move it to {root / 'images'}/ (Device or resource busy), and "
-                            "moving beach back failed too (Input/output error): 5 of the 45 class folders are under "
-                            "images/ and the others at the top; once the cause is fixed, run prepare_resisc45.py "
-                            "again: it finishes the move")
+    assert str(e.value) == (
+        f"{root / 'lake'}: cannot move it to {root / 'images'}/ (Device or resource busy), and "
+        "moving beach back failed too (Input/output error): 5 of the 45 class folders are under "
+        "images/ and the others at the top; once the cause is fixed, run prepare_resisc45.py "
+        "again: it finishes the move"
+    )
     moved = sorted(RESISC45_CLASSES)[:5]  # airplane ... beach: moved back newest first, until beach failed
     assert sorted(p.name for p in (root / "images").iterdir()) == moved
     assert sorted(p.name for p in root.iterdir() if p.name != "images") == sorted(set(RESISC45_CLASSES) - set(moved))
@@ -260,15 +278,24 @@ def test_the_index_files_are_written_atomically(tmp_path, monkeypatch):
     folder, pid = str(tmp_path), os.getpid()
     assert events == [
         ("fsync", f"{folder}/.label_map.json.tmp{pid}"),
-        ("replace", f".label_map.json.tmp{pid}", "label_map.json", label_map), ("fsync", folder),
+        ("replace", f".label_map.json.tmp{pid}", "label_map.json", label_map),
+        ("fsync", folder),
         ("fsync", f"{folder}/.train_imagepaths.txt.tmp{pid}"),
-        ("replace", f".train_imagepaths.txt.tmp{pid}", "train_imagepaths.txt", "images/a/1.jpg\n"), ("fsync", folder),
+        ("replace", f".train_imagepaths.txt.tmp{pid}", "train_imagepaths.txt", "images/a/1.jpg\n"),
+        ("fsync", folder),
         ("fsync", f"{folder}/.val_imagepaths.txt.tmp{pid}"),
-        ("replace", f".val_imagepaths.txt.tmp{pid}", "val_imagepaths.txt", ""), ("fsync", folder),
+        ("replace", f".val_imagepaths.txt.tmp{pid}", "val_imagepaths.txt", ""),
+        ("fsync", folder),
         ("fsync", f"{folder}/.test_imagepaths.txt.tmp{pid}"),
-        ("replace", f".test_imagepaths.txt.tmp{pid}", "test_imagepaths.txt", "images/b/2.jpg\n"), ("fsync", folder)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["label_map.json", "test_imagepaths.txt",
-                                                         "train_imagepaths.txt", "val_imagepaths.txt"]
+        ("replace", f".test_imagepaths.txt.tmp{pid}", "test_imagepaths.txt", "images/b/2.jpg\n"),
+        ("fsync", folder),
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "label_map.json",
+        "test_imagepaths.txt",
+        "train_imagepaths.txt",
+        "val_imagepaths.txt",
+    ]
     # a second write of the same text writes nothing; a failing rename keeps the file there
     events.clear()
     prepare.write_index(tmp_path, ["b", "a"], {"train": ["images/a/1.jpg"]})
@@ -278,8 +305,11 @@ def test_the_index_files_are_written_atomically(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(files.os, "replace", failing_replace)
-    with pytest.raises(UserError, match=rf"^{tmp_path}/label_map.json: cannot write the index file \(No space left "
-                                        r"on device\); nothing was written over label_map.json$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{tmp_path}/label_map.json: cannot write the index file \(No space left "
+        r"on device\); nothing was written over label_map.json$",
+    ):
         prepare.write_index(tmp_path, ["c"], {})
     assert (tmp_path / "label_map.json").read_text() == label_map
     assert not list(tmp_path.glob(".*"))
@@ -320,8 +350,18 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     assert _snapshot(out) == before
     # a smaller training set: the first N training images of each class, the same validation images
     small = tmp_path / "small"
-    proc = run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--val-per-class", 1,
-                      "--train-per-class", 2, check=True)
+    proc = run_script(
+        "prepare_fashion_mnist.py",
+        "--idx-dir",
+        src,
+        "--out",
+        small,
+        "--val-per-class",
+        1,
+        "--train-per-class",
+        2,
+        check=True,
+    )
     assert "20 train, 10 validation, 20 test images, 10 extra" in proc.stdout
     small_train = (small / "train_imagepaths.txt").read_text().split()
     extra = (small / "extra_imagepaths.txt").read_text().split()
@@ -336,8 +376,10 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--val-per-class", 1, check=True)
     assert not (small / "extra_imagepaths.txt").exists()  # all training images train again: no extra list
     assert (small / "train_imagepaths.txt").read_text().split() == train
-    assert_user_error(run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--train-per-class", 0),
-                      "--train-per-class")
+    assert_user_error(
+        run_script("prepare_fashion_mnist.py", "--idx-dir", src, "--out", small, "--train-per-class", 0),
+        "--train-per-class",
+    )
 
 
 def test_fashion_mnist_into_a_read_only_folder_is_one_line(tmp_path):
@@ -345,17 +387,23 @@ def test_fashion_mnist_into_a_read_only_folder_is_one_line(tmp_path):
 
     src = tmp_path / "idx"
     src.mkdir()
-    for name, shape in (("train-images-idx3-ubyte.gz", (10, 28, 28)), ("train-labels-idx1-ubyte.gz", (10,)),
-                        ("t10k-images-idx3-ubyte.gz", (10, 28, 28)), ("t10k-labels-idx1-ubyte.gz", (10,))):
+    for name, shape in (
+        ("train-images-idx3-ubyte.gz", (10, 28, 28)),
+        ("train-labels-idx1-ubyte.gz", (10,)),
+        ("t10k-images-idx3-ubyte.gz", (10, 28, 28)),
+        ("t10k-labels-idx1-ubyte.gz", (10,)),
+    ):
         _idx(src / name, np.arange(10).reshape(-1, *[1] * (len(shape) - 1)) * np.ones(shape))
     locked = tmp_path / "locked"
     locked.mkdir()
-    proc = run_script_read_only(locked, "prepare_fashion_mnist.py", "--idx-dir", src, "--out", locked / "fm",
-                                "--val-per-class", 0)
+    proc = run_script_read_only(
+        locked, "prepare_fashion_mnist.py", "--idx-dir", src, "--out", locked / "fm", "--val-per-class", 0
+    )
     assert_user_error(proc, str(locked / "fm"), "cannot write the dataset there")
     assert list(locked.iterdir()) == []
 
 
 def test_fashion_mnist_without_the_files(tmp_path):
-    assert_user_error(run_script("prepare_fashion_mnist.py", "--idx-dir", tmp_path), str(tmp_path),
-                      "dataset-fashion-mnist")
+    assert_user_error(
+        run_script("prepare_fashion_mnist.py", "--idx-dir", tmp_path), str(tmp_path), "dataset-fashion-mnist"
+    )

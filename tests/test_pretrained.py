@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
-import torchvision
 from conftest import CLASSES, assert_user_error, run_dir_of, run_script, train_config
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
-from myrtle_vision.models import ViTArgs, VisionTransformer
+from myrtle_vision.models import VisionTransformer, ViTArgs
+from myrtle_vision.weights import deploy
 from myrtle_vision.weights.foreign import load_pretrained
 
 SIZES = {"tiny": (192, 3), "small": (384, 6)}
@@ -23,8 +21,18 @@ SIZES = {"tiny": (192, 3), "small": (384, 6)}
 
 def _ours(image_size, patch, dim, heads, depth, mlp, classes, **kw) -> VisionTransformer:
     torch.manual_seed(1)
-    args = ViTArgs(image_size=image_size, patch_size=patch, embed_dim=dim, heads=heads, depth=depth, mlp_dim=mlp,
-                   num_classes=classes, qkv_bias=True, layer_norm_eps=1e-6, **kw)
+    args = ViTArgs(
+        image_size=image_size,
+        patch_size=patch,
+        embed_dim=dim,
+        heads=heads,
+        depth=depth,
+        mlp_dim=mlp,
+        num_classes=classes,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        **kw,
+    )
     return VisionTransformer(args).eval()
 
 
@@ -62,8 +70,9 @@ def test_a_torchvision_vit_converted_gives_torchvision_logits(image_size, tmp_pa
     from torchvision.models.vision_transformer import interpolate_embeddings
 
     def torchvision_vit(size):
-        return TorchvisionViT(image_size=size, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                              num_classes=3)
+        return TorchvisionViT(
+            image_size=size, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3
+        )
 
     torch.manual_seed(0)
     source = torchvision_vit(32)
@@ -109,11 +118,22 @@ def test_another_class_count_replaces_the_classifier(tmp_path):
 
 
 def _finetune_config(tmp_path, data_cfg, weights, fmt="timm", **vit):
-    vit = {"image_size": 32, "patch_size": 16, "embed_dim": 32, "heads": 2, "depth": 1, "mlp_dim": 128,
-           "qkv_bias": True, "layer_norm_eps": 1e-6, "pretrained_weights": str(weights), "pretrained_format": fmt,
-           **vit}
-    return train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", vit=vit,
-                        train={"epochs": 2, "layer_decay": 0.75, "lr": 1e-3})
+    vit = {
+        "image_size": 32,
+        "patch_size": 16,
+        "embed_dim": 32,
+        "heads": 2,
+        "depth": 1,
+        "mlp_dim": 128,
+        "qkv_bias": True,
+        "layer_norm_eps": 1e-6,
+        "pretrained_weights": str(weights),
+        "pretrained_format": fmt,
+        **vit,
+    }
+    return train_config(
+        tmp_path / "t.json", data_cfg, tmp_path / "out", vit=vit, train={"epochs": 2, "layer_decay": 0.75, "lr": 1e-3}
+    )
 
 
 def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path, data_cfg):
@@ -125,8 +145,10 @@ def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path
     names = set(ckpt["model"])
     assert "transformer.layers.0.0.fn.fn.to_qkv.bias" in names  # qkv biases: the layout gains these entries
     assert names - {"transformer.layers.0.0.fn.fn.to_qkv.bias"} == set(
-        deploy.to_deploy({k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items()
-                          if k != "blocks.0.attn.qkv.bias"}))
+        deploy.to_deploy(
+            {k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items() if k != "blocks.0.attn.qkv.bias"}
+        )
+    )
     start = deploy.to_deploy({k: v for k, v in _ours(32, 16, 32, 2, 1, 128, 3).state_dict().items()})
     assert set(start) == names
     # it started from the file: after 2 epochs at a small lr the blocks are still close to it
@@ -137,8 +159,20 @@ def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path
     assert (w1 - w0).norm() < 0.5 * w0.norm()
 
 
-@pytest.mark.parametrize("case", ["missing", "wrong format", "wrong size", "qkv bias off", "no class token",
-                                  "layer scale", "no class position", "flat position embedding", "corrupt safetensors"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "wrong format",
+        "wrong size",
+        "qkv bias off",
+        "no class token",
+        "layer scale",
+        "no class position",
+        "flat position embedding",
+        "corrupt safetensors",
+    ],
+)
 def test_bad_pretrained_files_are_one_line_errors(case, tmp_path, data_cfg):
     state = _random_timm(32, 32, 2, depth=1, classes=3).state_dict()
     torch.save(state, tmp_path / "timm.pth")
@@ -163,7 +197,10 @@ def test_bad_pretrained_files_are_one_line_errors(case, tmp_path, data_cfg):
     if case == "missing":
         weights, needles = tmp_path / "none.pth", ["file not found"]
     elif case == "wrong format":
-        vit, needles = {"pretrained_format": "torchvision"}, ["not a torchvision ViT state dict: no conv_proj.weight", "set pretrained_format to 'timm' or 'deit'"]
+        vit, needles = (
+            {"pretrained_format": "torchvision"},
+            ["not a torchvision ViT state dict: no conv_proj.weight", "set pretrained_format to 'timm' or 'deit'"],
+        )
     elif case == "wrong size":
         vit, needles = {"embed_dim": 64, "heads": 2}, ["patch embedding is (32, 3, 16, 16)", "embed_dim 64"]
     elif case == "qkv bias off":
@@ -188,8 +225,15 @@ def test_layer_decay_scales_each_layer_s_learning_rate_through_the_schedule(tmp_
     from myrtle_vision.config import load_config
     from myrtle_vision.optim import LRSchedule, build_scheduler, optimizer_for
 
-    cfg = load_config(train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", vit={"depth": 2},
-                                   train={"layer_decay": 0.5, "lr": 1e-3, "warmup_epochs": 0}))
+    cfg = load_config(
+        train_config(
+            tmp_path / "t.json",
+            data_cfg,
+            tmp_path / "out",
+            vit={"depth": 2},
+            train={"layer_decay": 0.5, "lr": 1e-3, "warmup_epochs": 0},
+        )
+    )
     model = VisionTransformer(ViTArgs.from_config(cfg.vit_config, 3))
     opt = optimizer_for(model, cfg.train_config)
     sched = build_scheduler(opt, LRSchedule.from_config(cfg.train_config, 10))
@@ -233,8 +277,9 @@ def test_a_checkpoint_and_a_config_that_disagree_on_qkv_bias_is_a_one_line_error
     raw = json.loads(cfg.read_text())
     raw["vit_config"]["qkv_bias"] = False
     cfg.write_text(json.dumps(raw))
-    assert_user_error(run_script("test.py", "-c", cfg, "--checkpoint", ckpt), str(ckpt), "unexpected",
-                      "to_qkv.bias", "set it to true")
+    assert_user_error(
+        run_script("test.py", "-c", cfg, "--checkpoint", ckpt), str(ckpt), "unexpected", "to_qkv.bias", "set it to true"
+    )
     raw["vit_config"]["qkv_bias"] = True
     raw["train_config"].update(checkpoint_path=str(ckpt), layer_decay=0.5, epochs=3)
     cfg.write_text(json.dumps(raw))

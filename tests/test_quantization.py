@@ -11,26 +11,46 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (CLASSES, assert_user_error, data_config, near_tie_checkpoint, reference_forward, reference_logits,
-                      run_dir_of, run_script, scalars, train_config)
+from conftest import (
+    CLASSES,
+    assert_user_error,
+    data_config,
+    near_tie_checkpoint,
+    reference_forward,
+    reference_logits,
+    run_dir_of,
+    run_script,
+    scalars,
+    train_config,
+)
 from PIL import Image
 from qtorch.quant import float_quantize
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.config import load_config
 from myrtle_vision.models import build_model
-from myrtle_vision.models.vit import ViTArgs, VisionTransformer
+from myrtle_vision.models.vit import VisionTransformer, ViTArgs
+from myrtle_vision.quantization import (
+    BF16,
+    FP16,
+    Q_FORMATS,
+    TF32,
+    QLayerNorm,
+    QLinear,
+    Round,
+    arithmetic,
+    round_nearest_even,
+    round_qtorch,
+)
 from myrtle_vision.weights import deploy
 from myrtle_vision.weights.io import save_atomic
-from myrtle_vision.quantization import (BF16, FP16, Q_FORMATS, TF32, QLayerNorm, QLinear, Round, arithmetic,
-                                        round_nearest_even, round_qtorch)
 
 DTYPES = {"FP16": (FP16, torch.float16), "BF16": (BF16, torch.bfloat16)}
 
 
 def representable(dtype) -> torch.Tensor:
     """Every finite value of a 16-bit float dtype, sorted, as FP32."""
-    values = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
     return values[torch.isfinite(values)].unique()
 
 
@@ -44,18 +64,40 @@ def test_native_cast_equals_the_bitwise_simulation_bit_for_bit(name):
     values = representable(dtype)
     ties = ((values[1:].double() + values[:-1].double()) / 2).float()
     up, down = torch.full_like(ties, float("inf")), torch.full_like(ties, -float("inf"))
-    random_bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (1_000_000,), generator=torch.Generator().manual_seed(0),
-                                dtype=torch.int64).to(torch.int32).view(torch.float32)  # every exponent, inf and NaN
-    x = torch.cat([values, ties, torch.nextafter(ties, up), torch.nextafter(ties, down), random_bits,
-                   torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 65519.99, 65520.0, 3.4e38])])
+    random_bits = (
+        torch.randint(-(2**31), 2**31 - 1, (1_000_000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+        .to(torch.int32)
+        .view(torch.float32)
+    )  # every exponent, inf and NaN
+    x = torch.cat(
+        [
+            values,
+            ties,
+            torch.nextafter(ties, up),
+            torch.nextafter(ties, down),
+            random_bits,
+            torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 65519.99, 65520.0, 3.4e38]),
+        ]
+    )
     assert same_bits(round_nearest_even(x, fmt), x.to(dtype).float()).all()
 
 
 def test_tf32_simulation_keeps_ten_mantissa_bits_and_rounds_ties_to_even():
     big = torch.finfo(torch.float32).max
-    x = torch.tensor([1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -11 + 2 ** -20, -(1 + 2 ** -11),  # ties, not a tie
-                      2 ** -130, 2 ** -140, 3 * 2 ** -137, big, -0.0])  # subnormals, overflow
-    expected = torch.tensor([1.0, 1 + 2 ** -9, 1 + 2 ** -10, -1.0, 2 ** -130, 0.0, 2 ** -135, float("inf"), -0.0])
+    x = torch.tensor(
+        [
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+            1 + 2**-11 + 2**-20,
+            -(1 + 2**-11),  # ties, not a tie
+            2**-130,
+            2**-140,
+            3 * 2**-137,
+            big,
+            -0.0,
+        ]
+    )  # subnormals, overflow
+    expected = torch.tensor([1.0, 1 + 2**-9, 1 + 2**-10, -1.0, 2**-130, 0.0, 2**-135, float("inf"), -0.0])
     assert same_bits(round_nearest_even(x, TF32), expected).all()
     # away from ties it is qtorch's nearest rounding, on values of every magnitude
     y = torch.randn(100_000, generator=torch.Generator().manual_seed(1)) * torch.logspace(-30, 30, 100_000)
@@ -78,7 +120,7 @@ def test_nearest_even_and_qtorch_rounding_differ_exactly_on_ties_and_overflow(na
     # On a tie, ties-to-even and ties-away pick the same neighbour when the one away from zero is even.
     away = torch.where(ties > 0, values[1:], values[:-1])
     tie_to_odd = torch.zeros(len(x), dtype=torch.bool)
-    tie_to_odd[len(values):len(values) + len(ties)] = (away.to(dtype).view(torch.int16) & 1).bool()
+    tie_to_odd[len(values) : len(values) + len(ties)] = (away.to(dtype).view(torch.int16) & 1).bool()
     overflow = torch.isinf(rne)  # IEEE: overflow to infinity
     assert overflow.sum() > 1000 and tie_to_odd.sum() > 1000
     if name == "FP16":
@@ -100,8 +142,13 @@ def direct(x: torch.Tensor, fmt, rounding: str) -> torch.Tensor:
     return x.to(native).float() if native else round_nearest_even(x, fmt)
 
 
-FORMS = {"FP32": (None, None), "FP16_16": (FP16, FP16), "FP16_32": (FP16, None), "TF32": (TF32, None),
-         "BF16_32": (BF16, None)}
+FORMS = {
+    "FP32": (None, None),
+    "FP16_16": (FP16, FP16),
+    "FP16_32": (FP16, None),
+    "TF32": (TF32, None),
+    "BF16_32": (BF16, None),
+}
 
 
 @pytest.mark.parametrize("rounding", ["nearest_even", "qtorch"])
@@ -138,11 +185,13 @@ def test_rounded_weights_are_recomputed_when_the_weights_change():
         first = linear(x)
         linear.weight.add_(1.0)
         assert not torch.equal(linear(x), first)
-        assert torch.equal(linear(x), F.linear(x.half().float(), linear.weight.half().float(), linear.bias.half().float()))
+        assert torch.equal(
+            linear(x), F.linear(x.half().float(), linear.weight.half().float(), linear.bias.half().float())
+        )
 
 
 def test_gradients_pass_straight_through_the_rounding():
-    x = torch.tensor([1 + 2 ** -11, 70000.0, -3.3], requires_grad=True)
+    x = torch.tensor([1 + 2**-11, 70000.0, -3.3], requires_grad=True)
     w = torch.tensor([2.0, 3.0, 5.0])
     (Round(FP16, "nearest_even")(x) * w).sum().backward()
     assert torch.equal(x.grad, w)  # even where rounding changed the value or overflowed
@@ -151,8 +200,19 @@ def test_gradients_pass_straight_through_the_rounding():
 @pytest.mark.parametrize("q_format", ["FP16_16", "FP16_32", "BF16_32", "TF32"])
 def test_every_parameter_of_a_quantized_vit_gets_a_gradient(q_format):
     torch.manual_seed(0)
-    model = VisionTransformer(ViTArgs(image_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, heads=2,
-                                      mlp_dim=64, distilled=True, q_format=q_format))
+    model = VisionTransformer(
+        ViTArgs(
+            image_size=16,
+            patch_size=4,
+            num_classes=5,
+            embed_dim=32,
+            depth=2,
+            heads=2,
+            mlp_dim=64,
+            distilled=True,
+            q_format=q_format,
+        )
+    )
     class_logits, dist_logits = model.forward_heads(torch.randn(3, 3, 16, 16))
     (class_logits.logsumexp(-1) + dist_logits.logsumexp(-1)).sum().backward()
     for name, p in model.named_parameters():
@@ -181,8 +241,11 @@ def test_quantized_model_keeps_the_state_dict_and_the_class_path(q_format):
 
 def test_fp16_16_rounds_every_activation_to_fp16():
     torch.manual_seed(0)
-    model = VisionTransformer(ViTArgs(image_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, heads=2,
-                                      mlp_dim=64, q_format="FP16_16"))
+    model = VisionTransformer(
+        ViTArgs(
+            image_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, heads=2, mlp_dim=64, q_format="FP16_16"
+        )
+    )
     seen = []
     for module in model.modules():
         if not isinstance(module, torch.nn.GELU):  # its output goes straight to its own rounding
@@ -209,8 +272,9 @@ def test_a_quantized_vit_computes_what_the_independent_reference_computes_in_its
     and the rest differ by far less than the format's own effect."""
     torch.manual_seed(0)
     # head_dim 64, as in every shipped size, so the reference's fixed 1/sqrt(64) applies
-    args = ViTArgs(image_size=32, patch_size=8, num_classes=7, embed_dim=128, depth=2, heads=2, mlp_dim=96,
-                   q_format=q_format)
+    args = ViTArgs(
+        image_size=32, patch_size=8, num_classes=7, embed_dim=128, depth=2, heads=2, mlp_dim=96, q_format=q_format
+    )
     model = VisionTransformer(args).eval()
     for p in model.parameters():  # make every tensor matter (init zeroes biases)
         p.data.normal_(0, 0.2)
@@ -260,8 +324,15 @@ def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
     changed = (ref.argmax(1) != q.argmax(1)).sum().item()
     assert result["changed_predictions"] == changed
     assert result["unchanged_predictions"] == pytest.approx(100.0 * (15 - changed) / 15)
-    for needle in ("FP32", "FP16_32", "top-1", "top-3", "predictions unchanged", "largest logit difference",
-                   "quantized after training"):
+    for needle in (
+        "FP32",
+        "FP16_32",
+        "top-1",
+        "top-3",
+        "predictions unchanged",
+        "largest logit difference",
+        "quantized after training",
+    ):
         assert needle in proc.stdout
 
 
@@ -269,8 +340,9 @@ def test_split_val_quantizes_over_the_validation_images(runs, tmp_path):
     _, _, out = runs
     cfg, run_dir, _ = out["FP32"]
     ckpt = run_dir / "last.pt"
-    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--split", "val", "--json",
-                      tmp_path / "q.json", check=True)
+    proc = run_script(
+        "test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--split", "val", "--json", tmp_path / "q.json", check=True
+    )
     result = json.loads((tmp_path / "q.json").read_text())
     assert (result["split"], result["num_images"]) == ("val", 12)
     ref, targets = reference_logits(cfg, ckpt, "FP32", split="val")
@@ -287,8 +359,22 @@ def test_what_fp16_changes_per_class_and_image_by_image(runs, tmp_path):
     _, _, out = runs
     cfg, run_dir, _ = out["FP32"]
     ckpt = near_tie_checkpoint(run_dir / "last.pt", tmp_path / "near_tie.pt")
-    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", "FP16_16", "--split", "train",
-                      "--output-dir", tmp_path / "out", "--json", tmp_path / "q.json", check=True)
+    proc = run_script(
+        "test_quantize.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--q_format",
+        "FP16_16",
+        "--split",
+        "train",
+        "--output-dir",
+        tmp_path / "out",
+        "--json",
+        tmp_path / "q.json",
+        check=True,
+    )
     result = json.loads((tmp_path / "q.json").read_text())
     ref, targets = reference_logits(cfg, ckpt, "FP32", split="train")
     q, _ = reference_logits(cfg, ckpt, "FP16_16", split="train")
@@ -301,8 +387,11 @@ def test_what_fp16_changes_per_class_and_image_by_image(runs, tmp_path):
     rows = json.loads((tmp_path / "out" / "changed_predictions.json").read_text())
     assert [r["path"] for r in rows] == [paths[i] for i in changed]
     for row, i in zip(rows, changed):
-        assert (row["true_class"], row["fp32_prediction"], row["quantized_prediction"]) == \
-            (names[targets[i]], names[ref[i].argmax()], names[q[i].argmax()])
+        assert (row["true_class"], row["fp32_prediction"], row["quantized_prediction"]) == (
+            names[targets[i]],
+            names[ref[i].argmax()],
+            names[q[i].argmax()],
+        )
         for model, logits in (("fp32", ref), ("quantized", q)):
             top2 = logits[i].topk(2).values
             assert row[f"{model}_margin"] == pytest.approx((top2[0] - top2[1]).item(), abs=1e-4)
@@ -329,8 +418,20 @@ def test_other_formats_and_qtorch_rounding(runs, tmp_path, q_format):
     ckpt = run_dir / "last.pt"
     results = {}
     for rounding in ("nearest_even", "qtorch"):
-        run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", q_format, "--q_rounding", rounding,
-                   "--json", tmp_path / f"{rounding}.json", check=True)
+        run_script(
+            "test_quantize.py",
+            "-c",
+            cfg,
+            "--checkpoint",
+            ckpt,
+            "--q_format",
+            q_format,
+            "--q_rounding",
+            rounding,
+            "--json",
+            tmp_path / f"{rounding}.json",
+            check=True,
+        )
         results[rounding] = json.loads((tmp_path / f"{rounding}.json").read_text())
         assert results[rounding]["q_format"] == q_format and results[rounding]["q_rounding"] == rounding
         assert results[rounding]["max_logit_diff"] > 0
@@ -359,13 +460,29 @@ def test_qat_checkpoint_needs_quantized_ckpt_and_tests_in_its_format(runs, tmp_p
     qat_cfg, qat_dir, _ = out["FP16_32"]
     fp32_cfg, fp32_dir, _ = out["FP32"]
     ckpt = qat_dir / "last.pt"
-    assert_user_error(run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", ckpt), str(ckpt),
-                      "quantization-aware training (q_format FP16_32)", "add --quantized_ckpt")
-    assert_user_error(run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", fp32_dir / "last.pt",
-                                 "--quantized_ckpt"), "FP32 checkpoint", "drop --quantized_ckpt")
+    assert_user_error(
+        run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", ckpt),
+        str(ckpt),
+        "quantization-aware training (q_format FP16_32)",
+        "add --quantized_ckpt",
+    )
+    assert_user_error(
+        run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", fp32_dir / "last.pt", "--quantized_ckpt"),
+        "FP32 checkpoint",
+        "drop --quantized_ckpt",
+    )
     # with an FP32 config the format comes from the checkpoint
-    run_script("test_quantize.py", "-c", fp32_cfg, "--checkpoint", ckpt, "--quantized_ckpt", "--json",
-               tmp_path / "q.json", check=True)
+    run_script(
+        "test_quantize.py",
+        "-c",
+        fp32_cfg,
+        "--checkpoint",
+        ckpt,
+        "--quantized_ckpt",
+        "--json",
+        tmp_path / "q.json",
+        check=True,
+    )
     result = json.loads((tmp_path / "q.json").read_text())
     assert result["q_format"] == "FP16_32" and result["quantized_ckpt"]
     q, targets = reference_logits(qat_cfg, ckpt, "FP16_32")
@@ -381,8 +498,11 @@ def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
     run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
     ckpt = ckpt_io.load(run_dir / "last.pt")
-    ckpt["distillation"] = {"dist_token": torch.randn(1, 1, 32), "head_dist.weight": torch.randn(3, 32),
-                            "head_dist.bias": torch.randn(3)}
+    ckpt["distillation"] = {
+        "dist_token": torch.randn(1, 1, 32),
+        "head_dist.weight": torch.randn(3, 32),
+        "head_dist.bias": torch.randn(3),
+    }
     deit = tmp_path / "deit.pt"
     save_atomic(ckpt, deit)
     plain, deit_out = tmp_path / "plain.json", tmp_path / "deit.json"
@@ -396,11 +516,16 @@ def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
 def test_unknown_formats_are_one_line_errors(runs, tmp_path):
     _, data_cfg, out = runs
     cfg, run_dir, _ = out["FP32"]
-    line = assert_user_error(run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt",
-                                        "--q_format", "FP8"), "--q_format 'FP8'")
+    line = assert_user_error(
+        run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--q_format", "FP8"),
+        "--q_format 'FP8'",
+    )
     assert "FP32, FP16_16, FP16_32, TF32, BF16_32, PyTorchINT8" in line
-    assert_user_error(run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt",
-                                 "--q_rounding", "stochastic"), "--q_rounding 'stochastic'", "nearest_even, qtorch")
+    assert_user_error(
+        run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--q_rounding", "stochastic"),
+        "--q_rounding 'stochastic'",
+        "nearest_even, qtorch",
+    )
     bad = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", vit={"q_format": "FP16"})
     line = assert_user_error(run_script("train.py", "-c", bad), str(bad), "q_format", "did you mean")
     assert "FP16_16" in line and "BF16_32" in line

@@ -17,7 +17,7 @@ from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.config import load_config
 from myrtle_vision.data.batch_augment import BatchAugment
 from myrtle_vision.errors import ConfigError
-from myrtle_vision.models.vit import ViTArgs, VisionTransformer
+from myrtle_vision.models.vit import VisionTransformer, ViTArgs
 from myrtle_vision.training import Trainer
 from myrtle_vision.weights import deploy
 
@@ -112,7 +112,7 @@ def test_random_erasing_fills_one_box_of_noise_per_erased_image():
                 continue
             erased += 1
             rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
-            box = changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            box = changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
             assert box.all() and changed.sum() == box.numel()  # one solid rectangle, the same in every channel
             assert (img[:, ~changed] == 7.0).all()
             fractions.append(box.numel() / changed.numel())
@@ -143,9 +143,22 @@ def test_stochastic_depth_is_the_identity_in_evaluation_and_rises_linearly_over_
 
 
 def _ema_run(tmp_path, data_cfg, **train):
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(
-        {"epochs": 2, "iters_per_checkpoint": 1, "iters_per_val": 3, "keep_checkpoints": None, "ema_decay": 0.75,
-         "lr": 1e-2}, **train))
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_cfg,
+        tmp_path / "out",
+        train=dict(
+            {
+                "epochs": 2,
+                "iters_per_checkpoint": 1,
+                "iters_per_val": 3,
+                "keep_checkpoints": None,
+                "ema_decay": 0.75,
+                "lr": 1e-2,
+            },
+            **train,
+        ),
+    )
     proc = run_script("train.py", "-c", cfg, check=True)
     run_dir = run_dir_of(proc)
     return cfg, run_dir, proc, [ckpt_io.load(run_dir / f"checkpoint_{i:07d}.pt") for i in range(1, 7)]
@@ -182,9 +195,21 @@ def test_validating_every_few_epochs_trains_the_same_weights(tmp_path, data_cfg)
     of the recipe drawing random numbers, the weights and their average end bit-identical."""
     runs = {}
     for every in (1, 2):
-        cfg = train_config(tmp_path / f"t{every}.json", data_cfg, tmp_path / f"out{every}", train={
-            "epochs": 3, "iters_per_val": 1000, "epochs_per_val": every, "mixup": 0.8, "cutmix": 1.0,
-            "random_erasing": 0.25, "ema_decay": 0.9}, vit={"drop_path": 0.2})
+        cfg = train_config(
+            tmp_path / f"t{every}.json",
+            data_cfg,
+            tmp_path / f"out{every}",
+            train={
+                "epochs": 3,
+                "iters_per_val": 1000,
+                "epochs_per_val": every,
+                "mixup": 0.8,
+                "cutmix": 1.0,
+                "random_erasing": 0.25,
+                "ema_decay": 0.9,
+            },
+            vit={"drop_path": 0.2},
+        )
         run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
         runs[every] = ckpt_io.load(run_dir / "last.pt"), [step for step, _ in scalars(run_dir, "val_ema/top1")]
     (every_epoch, at_1), (every_other, at_2) = runs[1], runs[2]
@@ -211,18 +236,24 @@ def test_best_pt_follows_the_deployed_weights_and_test_py_says_which(tmp_path, d
     for k, v in ckpts[best["iteration"] - 1]["model"].items():
         assert torch.equal(best["model"][k], v)
     # the deploy entry keeps the accelerator's layout: the same names and shapes as a run without the average
-    assert {k: v.shape for k, v in best["model"].items()} == {k: v.shape for k, v in
-                                                              _raw_and_average(ckpts[0])[0].items()}
-    out = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "best.pt", "--json", tmp_path / "r.json",
-                     check=True)
+    assert {k: v.shape for k, v in best["model"].items()} == {
+        k: v.shape for k, v in _raw_and_average(ckpts[0])[0].items()
+    }
+    out = run_script(
+        "test.py", "-c", cfg, "--checkpoint", run_dir / "best.pt", "--json", tmp_path / "r.json", check=True
+    )
     assert "testing the weight average (EMA decay 0.95" in out.stdout
     assert json.loads((tmp_path / "r.json").read_text())["weights"] == "ema"
     out = run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "best.pt", check=True)
     assert "testing the weight average" in out.stdout
     # resuming with another ema_decay setting is refused, naming both files
     # resuming without the average is refused, naming the checkpoint and the field
-    other = train_config(tmp_path / "o.json", data_cfg, tmp_path / "out", train={
-        "ema_decay": None, "checkpoint_path": str(run_dir / "last.pt")})
+    other = train_config(
+        tmp_path / "o.json",
+        data_cfg,
+        tmp_path / "out",
+        train={"ema_decay": None, "checkpoint_path": str(run_dir / "last.pt")},
+    )
     assert_user_error(run_script("train.py", "-c", other), str(run_dir / "last.pt"), "ema_decay null")
 
 
@@ -232,10 +263,17 @@ def test_with_distillation_the_teacher_sees_the_mixed_images(tmp_path, data_cfg)
     teacher = tmp_path / "teacher.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.get_model("mobilenet_v3_small", num_classes=len(CLASSES)).state_dict(), teacher)
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                       train={"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.5, "local_batch_size": 8},
-                       distiller_config={"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher),
-                                         "distillation_type": "hard"})
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_cfg,
+        tmp_path / "out",
+        train={"mixup": 0.8, "cutmix": 1.0, "random_erasing": 0.5, "local_batch_size": 8},
+        distiller_config={
+            "teacher_model": "mobilenet_v3_small",
+            "teacher_weights_path": str(teacher),
+            "distillation_type": "hard",
+        },
+    )
     trainer = Trainer(load_config(cfg))
     seen, student_saw = [], []
     teacher_module = trainer.teacher
@@ -249,8 +287,7 @@ def test_with_distillation_the_teacher_sees_the_mixed_images(tmp_path, data_cfg)
     assert not torch.equal(seen[0], images)  # mixed (and erased)
 
 
-def test_the_users_configs_keep_every_switch_off_and_bad_values_are_one_line_errors(tmp_path, data_cfg,
-                                                                                     monkeypatch):
+def test_the_users_configs_keep_every_switch_off_and_bad_values_are_one_line_errors(tmp_path, data_cfg, monkeypatch):
     from conftest import FIXTURES
 
     monkeypatch.chdir(FIXTURES / "v1-configs")  # their data_config_path is relative to the working directory
@@ -261,11 +298,13 @@ def test_the_users_configs_keep_every_switch_off_and_bad_values_are_one_line_err
         tc = cfg.train_config
         assert cfg.vit_config.drop_path == 0, path
         assert (tc.mixup, tc.cutmix, tc.random_erasing, tc.ema_decay) == (0, 0, 0, None), path
-    bad = [({"mixup": -1}, "train_config.mixup", "must be in [0, 100]"),
-           ({"random_erasing": 1.5}, "train_config.random_erasing", "probability"),
-           ({"mixup_switch_prob": -0.1}, "train_config.mixup_switch_prob", "probability"),
-           ({"ema_decay": 1.0}, "train_config.ema_decay", "(0, 1)"),
-           ({"ema_every": 0}, "train_config.ema_every", "at least 1")]
+    bad = [
+        ({"mixup": -1}, "train_config.mixup", "must be in [0, 100]"),
+        ({"random_erasing": 1.5}, "train_config.random_erasing", "probability"),
+        ({"mixup_switch_prob": -0.1}, "train_config.mixup_switch_prob", "probability"),
+        ({"ema_decay": 1.0}, "train_config.ema_decay", "(0, 1)"),
+        ({"ema_every": 0}, "train_config.ema_every", "at least 1"),
+    ]
     for train, field, needle in bad:
         path = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", train=train)
         with pytest.raises(ConfigError) as e:

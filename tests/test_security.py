@@ -12,8 +12,18 @@ from pathlib import Path
 import myrtle_pickle_guard
 import pytest
 import torch
-from conftest import (CLASSES, REPO, assert_user_error, class_image, data_config, make_dataset, pickle_guard_problems,
-                      run_script, script_env, train_config)
+from conftest import (
+    CLASSES,
+    REPO,
+    assert_user_error,
+    class_image,
+    data_config,
+    make_dataset,
+    pickle_guard_problems,
+    run_script,
+    script_env,
+    train_config,
+)
 
 
 class _RunsCode:
@@ -54,8 +64,10 @@ def malicious(tmp_path_factory):
     files = {"torch.save": folder / "gift.pt", "pickle": folder / "gift.pkl"}
     torch.save({"model": {"pos_embed": torch.zeros(1)}, "exploit": _RunsCode(marker)}, files["torch.save"])
     files["pickle"].write_bytes(pickle.dumps({"model": {"pos_embed": [0.0]}, "exploit": _RunsCode(marker)}, protocol=5))
-    for load in (f"import torch; torch.load({str(files['torch.save'])!r}, weights_only=False)",
-                 f"import pickle; pickle.load(open({str(files['pickle'])!r}, 'rb'))"):
+    for load in (
+        f"import torch; torch.load({str(files['torch.save'])!r}, weights_only=False)",
+        f"import pickle; pickle.load(open({str(files['pickle'])!r}, 'rb'))",
+    ):
         subprocess.run([sys.executable, "-c", load], env=unguarded_env(), check=True, timeout=300)
         assert marker.exists(), load
         marker.unlink()
@@ -66,9 +78,23 @@ def _deit_section(teacher):
     return {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
 
 
-@pytest.mark.parametrize("entry,crafted", [(e, "torch.save") for e in (
-    "train.py resume", "test.py", "test_quantize.py", "predict.py", "export.py", "test.py --teacher", "teacher file",
-    "pretrained file")] + [("test.py", "pickle"), ("teacher file", "pickle")])
+@pytest.mark.parametrize(
+    "entry,crafted",
+    [
+        (e, "torch.save")
+        for e in (
+            "train.py resume",
+            "test.py",
+            "test_quantize.py",
+            "predict.py",
+            "export.py",
+            "test.py --teacher",
+            "teacher file",
+            "pretrained file",
+        )
+    ]
+    + [("test.py", "pickle"), ("teacher file", "pickle")],
+)
 def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, crafted, malicious, tmp_path, data_cfg):
     files, marker = malicious
     path = files[crafted]
@@ -91,8 +117,14 @@ def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, crafted, 
     assert_user_error(proc, str(path), "refused", "it names posix.system, which a weights file does not hold")
     assert len(proc.stderr.splitlines()) == 1, proc.stderr  # no warning, no blank line: the one line
     # never the advice to load it another way (torch's: retry with weights_only=False, or allowlist the global)
-    for advice in ("weights_only", "WeightsUnpickler", "Weights only load failed", "safe_globals", "trusted source",
-                   "\x1b["):
+    for advice in (
+        "weights_only",
+        "WeightsUnpickler",
+        "Weights only load failed",
+        "safe_globals",
+        "trusted source",
+        "\x1b[",
+    ):
         assert advice not in proc.stdout + proc.stderr, (advice, proc.stdout, proc.stderr)
     assert not marker.exists()
 
@@ -100,21 +132,60 @@ def test_a_file_crafted_to_run_code_is_refused_and_runs_nothing(entry, crafted, 
 # --- the static scan: no file of ours can unpickle except through torch.load(weights_only=True) ----------
 
 # Modules that unpickle (or, marshal, build code objects): any reference to one, under any name, is a finding.
-UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "marshal", "dill", "cloudpickle", "joblib", "shelve",
-                      "pandas.io.pickle", "multiprocessing.reduction", "multiprocessing.connection",
-                      "multiprocessing.managers", "torch._weights_only_unpickler", "torch.package"}
+UNPICKLING_MODULES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "marshal",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "shelve",
+    "pandas.io.pickle",
+    "multiprocessing.reduction",
+    "multiprocessing.connection",
+    "multiprocessing.managers",
+    "torch._weights_only_unpickler",
+    "torch.package",
+}
 # Functions that unpickle, or widen what torch's weights-only reader accepts. torch.load and
 # torch.serialization.load are allowed in one form only: called, with weights_only=True.
-UNPICKLERS = {"torch.load", "torch.serialization.load", "torch.serialization._load", "torch.serialization._legacy_load",
-              "torch.serialization.add_safe_globals", "torch.serialization.safe_globals", "torch.hub.load",
-              "torch.hub.load_state_dict_from_url", "torch.utils.model_zoo.load_url", "pandas.read_pickle",
-              "numpy.load", "torch.jit.load"}  # torch.jit.load: TorchScript's own unpickler, and code to run
+UNPICKLERS = {
+    "torch.load",
+    "torch.serialization.load",
+    "torch.serialization._load",
+    "torch.serialization._legacy_load",
+    "torch.serialization.add_safe_globals",
+    "torch.serialization.safe_globals",
+    "torch.hub.load",
+    "torch.hub.load_state_dict_from_url",
+    "torch.utils.model_zoo.load_url",
+    "pandas.read_pickle",
+    "numpy.load",
+    "torch.jit.load",
+}  # torch.jit.load: TorchScript's own unpickler, and code to run
 WEIGHTS_ONLY_CALLS = {"torch.load", "torch.serialization.load", "torch.hub.load_state_dict_from_url"}
 # Names that mean unpickling whatever they are reached through (an alias the scan cannot follow, a module's
 # re-export such as torch.serialization.pickle).
-UNPICKLING_NAMES = {"pickle", "_pickle", "cPickle", "marshal", "dill", "cloudpickle", "joblib", "shelve",
-                    "Unpickler", "_Unpickler", "ForkingPickler", "read_pickle", "add_safe_globals", "safe_globals",
-                    "_add_safe_globals", "_marked_safe_globals_set", "_weights_only_unpickler"}
+UNPICKLING_NAMES = {
+    "pickle",
+    "_pickle",
+    "cPickle",
+    "marshal",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "shelve",
+    "Unpickler",
+    "_Unpickler",
+    "ForkingPickler",
+    "read_pickle",
+    "add_safe_globals",
+    "safe_globals",
+    "_add_safe_globals",
+    "_marked_safe_globals_set",
+    "_weights_only_unpickler",
+}
 DYNAMIC_IMPORTS = {"importlib.import_module", "__import__", "builtins.__import__", "importlib.__import__"}
 # getattr(m, <not a literal>) of these may reach an unpickler the scan cannot name
 SENSITIVE_MODULES = {"torch", "numpy", "pandas", "importlib", "builtins", "sys", "multiprocessing"}
@@ -170,8 +241,7 @@ def unsafe_loads(text: str) -> list[str]:
         if not name:
             return False
         parts = name.split(".")
-        return (any(".".join(parts[:i]) in UNPICKLING_MODULES for i in range(1, len(parts) + 1))
-                or name in UNPICKLERS)
+        return any(".".join(parts[:i]) in UNPICKLING_MODULES for i in range(1, len(parts) + 1)) or name in UNPICKLERS
 
     for node in ast.walk(tree):  # the names things are known by
         if isinstance(node, ast.Import):
@@ -205,7 +275,9 @@ def unsafe_loads(text: str) -> list[str]:
         if name == "getattr" and len(node.args) > 1:
             attr = literal(node.args[1])
             base = qualified(node.args[0]) or ""
-            if attr in ("load", "loads") or (attr is None and base.split(".")[0] in SENSITIVE_MODULES | UNPICKLING_MODULES):
+            if attr in ("load", "loads") or (
+                attr is None and base.split(".")[0] in SENSITIVE_MODULES | UNPICKLING_MODULES
+            ):
                 found.append(ast.unparse(node))
         if name in ("exec", "eval", "builtins.exec", "builtins.eval") and node.args:
             code = literal(node.args[0])
@@ -215,8 +287,9 @@ def unsafe_loads(text: str) -> list[str]:
                 found.extend(unsafe_loads(code))
         if "allow_pickle" in kw and kw["allow_pickle"] != "False":
             found.append(ast.unparse(node))
-        if name == "numpy.load" and (None in kw or len(node.args) > 2
-                                     or any(isinstance(a, ast.Starred) for a in node.args)):
+        if name == "numpy.load" and (
+            None in kw or len(node.args) > 2 or any(isinstance(a, ast.Starred) for a in node.args)
+        ):
             found.append(ast.unparse(node))
     for node in ast.walk(tree):
         if isinstance(node, ast.Subscript) and qualified(node.value) == "sys.modules" and literal(node.slice) is None:
@@ -231,8 +304,9 @@ def unsafe_loads(text: str) -> list[str]:
             found.append(ast.unparse(node))
         elif unsafe_name(name):
             found.append(ast.unparse(node))
-        elif (isinstance(node, ast.Attribute) and node.attr in UNPICKLING_NAMES) or \
-                (isinstance(node, ast.Name) and node.id in UNPICKLING_NAMES):
+        elif (isinstance(node, ast.Attribute) and node.attr in UNPICKLING_NAMES) or (
+            isinstance(node, ast.Name) and node.id in UNPICKLING_NAMES
+        ):
             found.append(ast.unparse(node))
     return found
 
@@ -249,7 +323,9 @@ SPELLINGS = {
     "_pickle.loads": "import _pickle\n_pickle.loads(data)",
     "importlib.import_module": "import importlib\nimportlib.import_module('pickle').loads(data)",
     "__import__": "__import__('pickle').loads(data)",
-    "import_module of a computed name": "import importlib\nimportlib.import_module(''.join(['pic', 'kle'])).loads(data)",
+    "import_module of a computed name": (
+        "import importlib\nimportlib.import_module(''.join(['pic', 'kle'])).loads(data)"
+    ),
     "sys.modules": "import pickle, sys\nsys.modules['pickle'].loads(data)",
     "torch.serialization.pickle": "import torch.serialization\ntorch.serialization.pickle.loads(data)",
     "ForkingPickler": "from multiprocessing.reduction import ForkingPickler\nForkingPickler.loads(data)",
@@ -259,52 +335,91 @@ SPELLINGS = {
     "torch.load aliased": "import torch\nt = torch\nt.load(pt, weights_only=False)",
     "marshal.loads": "import marshal\nexec(marshal.loads(code))",
     "safe_globals": "import shutil, torch\nwith torch.serialization.safe_globals([shutil.copyfile]):\n"
-                    "    torch.load(pt_call, weights_only=True)",
+    "    torch.load(pt_call, weights_only=True)",
     "add_safe_globals": "import shutil, torch\ntorch.serialization.add_safe_globals([shutil.copyfile])\n"
-                        "torch.load(pt_call, weights_only=True)",
+    "torch.load(pt_call, weights_only=True)",
 }
 
 
 def test_the_scan_finds_loads_however_they_are_spelled():
     # the 11 spellings the scan has always found
-    for text in ("import torch\ntorch.load(p)", "import torch\ntorch.load(p, weights_only=False)",
-                 "import torch as t\nt.load(p)", "from torch import load\nload(p)", "from torch import load as L\nL(p)",
-                 "import pickle as p\np.loads(b)", "from pickle import Unpickler\nUnpickler(f).load()",
-                 "import torch\nf = torch.load\nf(p)", "import torch\ngetattr(torch, 'load')(p)",
-                 "import torch.serialization\ntorch.serialization.load(p)", "import numpy as np\nnp.load(p, allow_pickle=True)"):
+    for text in (
+        "import torch\ntorch.load(p)",
+        "import torch\ntorch.load(p, weights_only=False)",
+        "import torch as t\nt.load(p)",
+        "from torch import load\nload(p)",
+        "from torch import load as L\nL(p)",
+        "import pickle as p\np.loads(b)",
+        "from pickle import Unpickler\nUnpickler(f).load()",
+        "import torch\nf = torch.load\nf(p)",
+        "import torch\ngetattr(torch, 'load')(p)",
+        "import torch.serialization\ntorch.serialization.load(p)",
+        "import numpy as np\nnp.load(p, allow_pickle=True)",
+    ):
         assert unsafe_loads(text), text
     # the audit's (issue 24), and the other unpickling modules, and ways around a list of names
-    for text in [*SPELLINGS.values(),
-                 "import pickle", "import _pickle as fast", "import cPickle", "import dill\ndill.loads(b)",
-                 "import cloudpickle\ncloudpickle.load(f)", "import joblib\njoblib.load(p)", "import shelve\nshelve.open(p)",
-                 "import marshal\nmarshal.load(f)", "from pickle import _Unpickler as U\nU(f).load()",
-                 "import pandas as pd\npd.read_pickle(p)", "from pandas import read_pickle\nread_pickle(p)",
-                 "import pandas\npandas.io.pickle.read_pickle(p)", "df.read_pickle(p)",
-                 "from torch.serialization import add_safe_globals\nadd_safe_globals([C])",
-                 "import torch\nwith torch.serialization.safe_globals([C]):\n    torch.load(p, weights_only=True)",
-                 "import torch as t\nt.serialization._weights_only_unpickler._marked_safe_globals_set.add(C)",
-                 "import importlib\nm = importlib.import_module(name)", "m = __import__(name)",
-                 "import builtins\nbuiltins.__import__('pickle')", "import sys\nsys.modules[name].loads(b)",
-                 "import sys\nsys.modules.get('pickle').loads(b)", "import importlib\nimportlib.import_module('torch').load(p)",
-                 "import torch\ngetattr(torch, name)(p)", "import torch\ngetattr(torch.serialization, 'lo' + 'ad')(p)",
-                 "exec('import pickle')", "exec(source)", "eval(expr)",
-                 "import numpy as np\nnp.load(p, None, True)", "import numpy as np\nnp.load(*args)",
-                 "import numpy as np\nkw = {'allow_pickle': True}\nnp.load(p, **kw)",
-                 "import numpy, functools\nfunctools.partial(numpy.load, allow_pickle=True)",
-                 "import numpy as np\nloader = np.load", "x.allow(p, allow_pickle=flag)",
-                 "import torch\nfunctools.partial(torch.load, weights_only=True)",
-                 "import torch.hub\ntorch.hub.load_state_dict_from_url(u)", "import torch\ntorch.package.PackageImporter(p)",
-                 "from multiprocessing.connection import Client\nClient(address).recv()", "import torch\ntorch.jit.load(p)"]:
+    for text in [
+        *SPELLINGS.values(),
+        "import pickle",
+        "import _pickle as fast",
+        "import cPickle",
+        "import dill\ndill.loads(b)",
+        "import cloudpickle\ncloudpickle.load(f)",
+        "import joblib\njoblib.load(p)",
+        "import shelve\nshelve.open(p)",
+        "import marshal\nmarshal.load(f)",
+        "from pickle import _Unpickler as U\nU(f).load()",
+        "import pandas as pd\npd.read_pickle(p)",
+        "from pandas import read_pickle\nread_pickle(p)",
+        "import pandas\npandas.io.pickle.read_pickle(p)",
+        "df.read_pickle(p)",
+        "from torch.serialization import add_safe_globals\nadd_safe_globals([C])",
+        "import torch\nwith torch.serialization.safe_globals([C]):\n    torch.load(p, weights_only=True)",
+        "import torch as t\nt.serialization._weights_only_unpickler._marked_safe_globals_set.add(C)",
+        "import importlib\nm = importlib.import_module(name)",
+        "m = __import__(name)",
+        "import builtins\nbuiltins.__import__('pickle')",
+        "import sys\nsys.modules[name].loads(b)",
+        "import sys\nsys.modules.get('pickle').loads(b)",
+        "import importlib\nimportlib.import_module('torch').load(p)",
+        "import torch\ngetattr(torch, name)(p)",
+        "import torch\ngetattr(torch.serialization, 'lo' + 'ad')(p)",
+        "exec('import pickle')",
+        "exec(source)",
+        "eval(expr)",
+        "import numpy as np\nnp.load(p, None, True)",
+        "import numpy as np\nnp.load(*args)",
+        "import numpy as np\nkw = {'allow_pickle': True}\nnp.load(p, **kw)",
+        "import numpy, functools\nfunctools.partial(numpy.load, allow_pickle=True)",
+        "import numpy as np\nloader = np.load",
+        "x.allow(p, allow_pickle=flag)",
+        "import torch\nfunctools.partial(torch.load, weights_only=True)",
+        "import torch.hub\ntorch.hub.load_state_dict_from_url(u)",
+        "import torch\ntorch.package.PackageImporter(p)",
+        "from multiprocessing.connection import Client\nClient(address).recv()",
+        "import torch\ntorch.jit.load(p)",
+    ]:
         assert unsafe_loads(text), text
     # harmless code is not flagged
-    for text in ("import torch\ntorch.load(p, map_location='cpu', weights_only=True)", "import numpy as np\nnp.load(p)",
-                 "import json\njson.loads(s)", "import numpy as np\nnp.load(p, allow_pickle=False)",
-                 "import numpy as np\nnp.load(p, mmap_mode='r')", "import importlib\nimportlib.import_module('json').loads(s)",
-                 "__import__('os').path.join('a', 'b')", "import torch\ngetattr(torch, 'float16')",
-                 "getattr(model, name)", "model.eval()", "exec('x = 1')", "import torch\ntorch.save(x, p)",
-                 "df.to_pickle(p)", "import pickletools\npickletools.dis(b)", "import sys\nsys.modules['json'].loads(s)",
-                 "import torch\nwith torch.no_grad():\n    y = m(x)",
-                 "import torch.hub\ntorch.hub.load_state_dict_from_url(u, weights_only=True)"):
+    for text in (
+        "import torch\ntorch.load(p, map_location='cpu', weights_only=True)",
+        "import numpy as np\nnp.load(p)",
+        "import json\njson.loads(s)",
+        "import numpy as np\nnp.load(p, allow_pickle=False)",
+        "import numpy as np\nnp.load(p, mmap_mode='r')",
+        "import importlib\nimportlib.import_module('json').loads(s)",
+        "__import__('os').path.join('a', 'b')",
+        "import torch\ngetattr(torch, 'float16')",
+        "getattr(model, name)",
+        "model.eval()",
+        "exec('x = 1')",
+        "import torch\ntorch.save(x, p)",
+        "df.to_pickle(p)",
+        "import pickletools\npickletools.dis(b)",
+        "import sys\nsys.modules['json'].loads(s)",
+        "import torch\nwith torch.no_grad():\n    y = m(x)",
+        "import torch.hub\ntorch.hub.load_state_dict_from_url(u, weights_only=True)",
+    ):
         assert not unsafe_loads(text), (text, unsafe_loads(text))
 
 
@@ -315,8 +430,10 @@ def test_every_load_in_the_package_the_scripts_and_the_notebook_uses_weights_onl
 
     from conftest import REPO
 
-    sources = {p: p.read_text() for p in [*REPO.glob("*.py"), *(REPO / "myrtle_vision").rglob("*.py"),
-                                          *(REPO / "benchmarks").glob("*.py")]}
+    sources = {
+        p: p.read_text()
+        for p in [*REPO.glob("*.py"), *(REPO / "myrtle_vision").rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    }
     for nb in REPO.glob("*.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
         sources[nb] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
@@ -327,6 +444,7 @@ def test_every_load_in_the_package_the_scripts_and_the_notebook_uses_weights_onl
 
 # --- the run-time guard (tests/guard): any unpickling but torch's weights-only one, in any process, fails a test --
 
+
 def _payloads(folder: Path) -> dict:
     """The crafted inputs SPELLINGS read, each of which runs code (touches ``marker``) when unpickled or run."""
     import marshal
@@ -335,8 +453,14 @@ def _payloads(folder: Path) -> dict:
 
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "code_ran"
-    names = {"marker": str(marker), "pkl": str(folder / "gift.pkl"), "npy": str(folder / "gift.npy"),
-             "pt": str(folder / "gift.pt"), "pt_call": str(folder / "call.pt"), "marshalled": str(folder / "code.bin")}
+    names = {
+        "marker": str(marker),
+        "pkl": str(folder / "gift.pkl"),
+        "npy": str(folder / "gift.npy"),
+        "pt": str(folder / "gift.pt"),
+        "pt_call": str(folder / "call.pt"),
+        "marshalled": str(folder / "code.bin"),
+    }
     Path(names["pkl"]).write_bytes(pickle.dumps(_RunsCode(marker)))
     np.save(names["npy"], np.array([_RunsCode(marker)], dtype=object), allow_pickle=True)
     torch.save({"exploit": _RunsCode(marker)}, names["pt"])
@@ -346,8 +470,12 @@ def _payloads(folder: Path) -> dict:
 
 
 def _namespace(names: dict) -> dict:
-    return {"__name__": "crafted", **names, "data": Path(names["pkl"]).read_bytes(),
-            "code": Path(names["marshalled"]).read_bytes()}
+    return {
+        "__name__": "crafted",
+        **names,
+        "data": Path(names["pkl"]).read_bytes(),
+        "code": Path(names["marshalled"]).read_bytes(),
+    }
 
 
 def _expected(spelling: str) -> tuple[str, str | None]:
@@ -409,8 +537,14 @@ def test_the_guard_stops_and_reports_each_spelling_in_a_script(tmp_path, pickle_
     _assert_reported(reports, list(SPELLINGS))
     assert {r["pid"] for r in reports} != {os.getpid()} and all(r["argv"][0].endswith("demo.py") for r in reports)
 
-    unguarded = subprocess.run([sys.executable, str(tmp_path / "demo.py"), str(tmp_path / "cases.json")],
-                               env=unguarded_env(), capture_output=True, text=True, timeout=300, check=True)
+    unguarded = subprocess.run(
+        [sys.executable, str(tmp_path / "demo.py"), str(tmp_path / "cases.json")],
+        env=unguarded_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert unguarded.stdout.splitlines() == [f"{name} ran" for name in SPELLINGS], unguarded.stdout
     assert all(Path(names["marker"]).exists() for _, names in cases.values())
     assert pickle_guard.take() == []
@@ -422,13 +556,19 @@ def test_the_guard_stops_and_reports_unpickling_in_dataloader_workers(start, tmp
     that unpickles a file is stopped and reported."""
     from torch.utils.data import DataLoader
 
-    clean = DataLoader([torch.full((2,), float(i)) for i in range(4)], batch_size=2, num_workers=2,
-                       multiprocessing_context=start)
+    clean = DataLoader(
+        [torch.full((2,), float(i)) for i in range(4)], batch_size=2, num_workers=2, multiprocessing_context=start
+    )
     assert [b[:, 0].tolist() for b in clean] == [[0.0, 1.0], [2.0, 3.0]]
     assert pickle_guard.take() == []
     names = _payloads(tmp_path)
-    crafted = DataLoader([Path(names["pkl"]).read_bytes()], batch_size=None, num_workers=1, collate_fn=pickle._loads,
-                         multiprocessing_context=start)
+    crafted = DataLoader(
+        [Path(names["pkl"]).read_bytes()],
+        batch_size=None,
+        num_workers=1,
+        collate_fn=pickle._loads,
+        multiprocessing_context=start,
+    )
     with pytest.raises(myrtle_pickle_guard.UnpicklingRefused):
         next(iter(crafted))
     assert not Path(names["marker"]).exists()
@@ -456,8 +596,13 @@ def test_torch_weights_only_loads_and_the_allowed_traffic_raise_no_report(tmp_pa
     import collections
     import importlib
 
-    state = {"model": collections.OrderedDict(w=torch.nn.Parameter(torch.ones(2))), "step": 3, "name": "x",
-             "shape": torch.Size([2]), "dtype": torch.float16}
+    state = {
+        "model": collections.OrderedDict(w=torch.nn.Parameter(torch.ones(2))),
+        "step": 3,
+        "name": "x",
+        "shape": torch.Size([2]),
+        "dtype": torch.float16,
+    }
     torch.save(state, tmp_path / "ckpt.pt")
     loaded = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
     assert loaded["step"] == 3 and torch.equal(loaded["model"]["w"], torch.ones(2))
@@ -478,14 +623,16 @@ def test_a_widened_allowlist_fails_the_test_and_the_script(tmp_path, pickle_guar
     problems = pickle_guard_problems(pickle_guard, before)  # what the autouse check does at the end of a test
     assert len(problems) == 1 and "subprocess.call" in problems[0] and "allowlist changed" in problems[0], problems
     assert set(torch.serialization.get_safe_globals()) == before  # and it put the allowlist back
-    (tmp_path / "widen.py").write_text("import subprocess, torch._weights_only_unpickler as w\n"
-                                       "w._marked_safe_globals_set = w._marked_safe_globals_set | {subprocess.call}\n")
+    (tmp_path / "widen.py").write_text(
+        "import subprocess, torch._weights_only_unpickler as w\n"
+        "w._marked_safe_globals_set = w._marked_safe_globals_set | {subprocess.call}\n"
+    )
     run_script(tmp_path / "widen.py", check=True)
     reports = pickle_guard.take()
     assert [(r["event"], r["what"]) for r in reports] == [("torch safe globals changed", "subprocess.call")], reports
 
 
-NESTED = '''
+NESTED = """
 import os, pickle, subprocess, sys
 import torch
 from conftest import script_env
@@ -516,7 +663,7 @@ def test_widens_the_allowlist():
 def test_loads_weights_only(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "w.pt")
     assert torch.load(tmp_path / "w.pt", weights_only=True)["w"].sum() == 2
-'''
+"""
 
 
 def test_the_guard_fails_the_test_during_which_something_unpickled(tmp_path, pickle_guard):
@@ -526,15 +673,26 @@ def test_the_guard_fails_the_test_during_which_something_unpickled(tmp_path, pic
     (tmp_path / "test_nested.py").write_text(NESTED)
     env = {k: v for k, v in os.environ.items() if k != myrtle_pickle_guard.LOG_VARIABLE}  # a log of its own
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-rA", "-q",
-                           "test_nested.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider", "-rA", "-q", "test_nested.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     import re
 
     errors = dict(re.findall(r"_+ ERROR at teardown of (\w+) _+\n(.*?)(?=\n_{3,} |\n={3,} )", proc.stdout, re.S))
-    assert errors.keys() == {"test_unpickles_and_swallows_the_refusal", "test_a_script_it_runs_unpickles",
-                             "test_widens_the_allowlist"}, proc.stdout + proc.stderr
-    assert "pickle.find_class posix.getcwd called from test_nested:test_unpickles_and_swallows_the_refusal" in \
-        errors["test_unpickles_and_swallows_the_refusal"]
+    assert errors.keys() == {
+        "test_unpickles_and_swallows_the_refusal",
+        "test_a_script_it_runs_unpickles",
+        "test_widens_the_allowlist",
+    }, proc.stdout + proc.stderr
+    assert (
+        "pickle.find_class posix.getcwd called from test_nested:test_unpickles_and_swallows_the_refusal"
+        in errors["test_unpickles_and_swallows_the_refusal"]
+    )
     assert "pickle.find_class posix.getcwd called from __main__:<module>" in errors["test_a_script_it_runs_unpickles"]
     assert "allowlist changed: added ['posix.getcwd']" in errors["test_widens_the_allowlist"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("4 passed, 3 errors"), proc.stdout
@@ -543,6 +701,7 @@ def test_the_guard_fails_the_test_during_which_something_unpickled(tmp_path, pic
 
 
 # --- split files cannot escape the dataset folder ----------------------------------------------------
+
 
 def _escape(ds, tmp_path, how: str) -> str:
     outside = tmp_path / "outside"
@@ -571,7 +730,9 @@ def test_split_paths_cannot_escape_the_dataset_folder(how, tmp_path):
     line = _escape(ds, tmp_path, how)
     cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
     n = len((ds / "train_imagepaths.txt").read_text().splitlines())
-    assert_user_error(run_script("train.py", "-c", cfg), f"train_imagepaths.txt:{n}", line, "outside the dataset folder")
+    assert_user_error(
+        run_script("train.py", "-c", cfg), f"train_imagepaths.txt:{n}", line, "outside the dataset folder"
+    )
 
 
 def test_a_symlink_that_stays_inside_the_dataset_is_allowed(tmp_path):
@@ -579,8 +740,9 @@ def test_a_symlink_that_stays_inside_the_dataset_is_allowed(tmp_path):
     (ds / "images" / "cat" / "again.png").symlink_to(ds / "images" / "cat" / "cat_000.png")
     with open(ds / "train_imagepaths.txt", "a") as f:
         f.write("images/cat/again.png\n")
-    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out",
-                       train={"epochs": 1})
+    cfg = train_config(
+        tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out", train={"epochs": 1}
+    )
     run_script("train.py", "-c", cfg, check=True)
 
 

@@ -39,11 +39,15 @@ def test_teacher_from_a_training_checkpoint_or_safetensors(tmp_path):
     img = torch.randn(2, 3, 32, 32)
     for name in ("checkpoint.pth", "teacher.safetensors"):
         with torch.no_grad():
-            torch.testing.assert_close(load_teacher("resnet18", 10, tmp_path / name)(img), original(img), rtol=0, atol=0)
+            torch.testing.assert_close(
+                load_teacher("resnet18", 10, tmp_path / name)(img), original(img), rtol=0, atol=0
+            )
 
 
 def test_unknown_architecture_suggests_a_name(tmp_path):
-    with pytest.raises(UserError, match="'resnet19' is not a torchvision classification model.*did you mean 'resnet18'"):
+    with pytest.raises(
+        UserError, match="'resnet19' is not a torchvision classification model.*did you mean 'resnet18'"
+    ):
         load_teacher("resnet19", 3, tmp_path / "x.pth")
 
 
@@ -81,9 +85,32 @@ def test_a_finetuned_file_can_be_the_starting_point(tmp_path):
 def test_cli_finetunes_and_keeps_the_best_validation_weights(tmp_path, dataset):
     data_cfg = data_config(tmp_path / "data.json", dataset, 3)
     out = tmp_path / "t" / "teacher.pth"
-    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--model", "resnet18", "--weights", "none",
-                      "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--optimizer", "adamw", "--image-size", "48",
-                      "--num-workers", "0", "--device", "cpu", "--output-path", out, check=True)
+    proc = run_script(
+        "finetune_teacher.py",
+        "--data-config",
+        data_cfg,
+        "--model",
+        "resnet18",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--optimizer",
+        "adamw",
+        "--image-size",
+        "48",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output-path",
+        out,
+        check=True,
+    )
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["parameters"]["image_size"] == 48 and len(info["history"]) == 2
     assert f"saved to {out}" in proc.stdout and "test top-1" in proc.stdout
@@ -109,12 +136,27 @@ def test_output_path_is_checked_before_finetuning_and_never_replaces_a_users_fil
     from conftest import run_script_read_only
 
     data_cfg = data_config(tmp_path / "data.json", dataset, 3)
-    args = ["--data-config", data_cfg, "--model", "mobilenet_v3_small", "--weights", "none", "--epochs", "1",
-            "--batch-size", "8", "--num-workers", "0", "--device", "cpu"]
+    args = [
+        "--data-config",
+        data_cfg,
+        "--model",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     folder = tmp_path / "a_folder.pth"
     folder.mkdir()
-    line = assert_user_error(run_script("finetune_teacher.py", *args, "--output-path", folder), "output_path",
-                             str(folder), "is a folder")
+    line = assert_user_error(
+        run_script("finetune_teacher.py", *args, "--output-path", folder), "output_path", str(folder), "is a folder"
+    )
     assert "checkpoints" not in line
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -123,8 +165,9 @@ def test_output_path_is_checked_before_finetuning_and_never_replaces_a_users_fil
     assert "finetuning" not in proc.stdout and list(locked.iterdir()) == []
     mine = tmp_path / "mine.pth"
     mine.write_bytes(b"the user's own weights")
-    assert_user_error(run_script("finetune_teacher.py", *args, "--output-path", mine), str(mine), "already exists",
-                      "--force")
+    assert_user_error(
+        run_script("finetune_teacher.py", *args, "--output-path", mine), str(mine), "already exists", "--force"
+    )
     assert mine.read_bytes() == b"the user's own weights" and not mine.with_suffix(".json").exists()
     # an earlier finetuning's output (its JSON's sha256 matches) is replaced; the user's only with --force
     out = tmp_path / "teacher.pth"

@@ -21,8 +21,12 @@ def trained(tmp_path_factory, dataset):
 
     tmp = tmp_path_factory.mktemp("trained")
     data_cfg = data_config(tmp / "data.json", dataset, 3)
-    cfg = train_config(tmp / "train.json", data_cfg, tmp / "out",
-                       train={"epochs": 10, "iters_per_checkpoint": 2, "iters_per_val": 4, "keep_checkpoints": 3})
+    cfg = train_config(
+        tmp / "train.json",
+        data_cfg,
+        tmp / "out",
+        train={"epochs": 10, "iters_per_checkpoint": 2, "iters_per_val": 4, "keep_checkpoints": 3},
+    )
     proc = run_script("train.py", "-c", cfg, "--device", "cpu", check=True)
     return proc, run_dir_of(proc), cfg
 
@@ -84,18 +88,36 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cfg):
     """global 12 as 6 micro-batches of 2 gives the weights of one batch of 12 (dropout off)."""
     runs = {}
     for local in (2, 12):
-        cfg = train_config(tmp_path / f"t{local}.json", data_cfg, tmp_path / f"out{local}",
-                           train={"epochs": 2, "local_batch_size": local, "global_batch_size": 12})
+        cfg = train_config(
+            tmp_path / f"t{local}.json",
+            data_cfg,
+            tmp_path / f"out{local}",
+            train={"epochs": 2, "local_batch_size": local, "global_batch_size": 12},
+        )
         runs[local] = _final_weights(run_dir_of(run_script("train.py", "-c", cfg, check=True)))
     for k in runs[2]:
         torch.testing.assert_close(runs[2][k], runs[12][k], rtol=1e-4, atol=1e-5)
 
 
 def test_sgd_step_scheduler_and_no_drop_last_take_effect(tmp_path, data_cfg):
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                       train={"optimizer": "sgd", "momentum": 0.8, "scheduler": "step", "decay_epochs": 1,
-                              "decay_rate": 0.5, "warmup_epochs": 0, "epochs": 3, "global_batch_size": 16,
-                              "local_batch_size": 8, "drop_last_batch": False, "min_lr": 0.0})
+    cfg = train_config(
+        tmp_path / "t.json",
+        data_cfg,
+        tmp_path / "out",
+        train={
+            "optimizer": "sgd",
+            "momentum": 0.8,
+            "scheduler": "step",
+            "decay_epochs": 1,
+            "decay_rate": 0.5,
+            "warmup_epochs": 0,
+            "epochs": 3,
+            "global_batch_size": 16,
+            "local_batch_size": 8,
+            "drop_last_batch": False,
+            "min_lr": 0.0,
+        },
+    )
     run_dir = run_dir_of(run_script("train.py", "-c", cfg, check=True))
     last = load(run_dir / "last.pt")
     group = last["optimizer"]["param_groups"][0]
@@ -153,7 +175,9 @@ def test_an_error_mid_run_keeps_the_last_completed_update(tmp_path):
     victim = ds / listed[TrainPlan(24, global_batch=8, local_batch=4, seed=7, drop_last=True).update(0, 1)[0][0][0]]
     victim.write_bytes(b"not an image at all")
     # decoded as it is read (no cache, which would find the image at start): the error comes mid-run
-    cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3, decode_cache=False), tmp_path / "out")
+    cfg = train_config(
+        tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3, decode_cache=False), tmp_path / "out"
+    )
     proc = run_script("train.py", "-c", cfg)
     assert_user_error(proc, str(victim), "cannot read image")
     assert "stopped by an error; iteration 1 saved to" in proc.stdout
@@ -168,8 +192,9 @@ RUN = {"epochs": 6, "iters_per_checkpoint": 3}
 def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path, data_cfg):
     runs = {}
     for precision in ("fp32", "bf16"):
-        cfg = train_config(tmp_path / f"{precision}.json", data_cfg, tmp_path / precision,
-                           train=dict(RUN, precision=precision))
+        cfg = train_config(
+            tmp_path / f"{precision}.json", data_cfg, tmp_path / precision, train=dict(RUN, precision=precision)
+        )
         runs[precision] = run_dir_of(run_script("train.py", "-c", cfg, check=True))
     losses = [v for _, v in scalars(runs["bf16"], "train/loss")]
     assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
@@ -182,8 +207,9 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path, data_cfg):
 def test_fp16_without_cuda_and_precision_with_qat_are_refused(tmp_path, data_cfg):
     cfg = train_config(tmp_path / "fp16.json", data_cfg, tmp_path / "out", train={"precision": "fp16"})
     assert_user_error(run_script("train.py", "-c", cfg, "--device", "cpu"), str(cfg), "precision fp16 needs CUDA")
-    cfg = train_config(tmp_path / "qat.json", data_cfg, tmp_path / "out", train={"precision": "bf16"},
-                       vit={"q_format": "FP16_32"})
+    cfg = train_config(
+        tmp_path / "qat.json", data_cfg, tmp_path / "out", train={"precision": "bf16"}, vit={"q_format": "FP16_32"}
+    )
     assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "train_config.precision: bf16", "q_format FP16_32")
     cfg = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", train={"precision": "half"})
     assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "precision", "fp32, bf16, fp16")
@@ -192,8 +218,12 @@ def test_fp16_without_cuda_and_precision_with_qat_are_refused(tmp_path, data_cfg
 def test_compiled_training_learns_what_eager_training_does(tmp_path, data_cfg):
     runs = {}
     for compiled in (False, True):
-        cfg = train_config(tmp_path / f"{compiled}.json", data_cfg, tmp_path / str(compiled),
-                           train=dict(RUN, epochs=3, compile=compiled))
+        cfg = train_config(
+            tmp_path / f"{compiled}.json",
+            data_cfg,
+            tmp_path / str(compiled),
+            train=dict(RUN, epochs=3, compile=compiled),
+        )
         runs[compiled] = run_dir_of(run_script("train.py", "-c", cfg, check=True))
     eager, compiled = (ckpt_io.load(runs[c] / "last.pt")["model"] for c in (False, True))
     worst = max((eager[k] - compiled[k]).abs().max().item() for k in eager)
@@ -203,6 +233,7 @@ def test_compiled_training_learns_what_eager_training_does(tmp_path, data_cfg):
 
 
 # train_config.class_weights
+
 
 def _imbalanced(tmp_path, keep: dict[str, int]):
     """A data config whose training split keeps the first ``keep[class]`` images of each class."""
@@ -238,16 +269,33 @@ def test_balanced_class_weights_weight_the_class_heads_cross_entropy(tmp_path, c
     from myrtle_vision.training import Trainer
 
     data = _imbalanced(tmp_path, {"cat": 8, "dog": 4, "fox": 2})
-    sections = {"distiller_config": {"teacher_model": "mobilenet_v3_small", "alpha": 0.3,
-                                     "teacher_weights_path": str(teacher)}} if deit else {}
-    cfg = train_config(tmp_path / "t.json", data, tmp_path / "out",
-                       train={"class_weights": "balanced", "label_smoothing": 0.1}, **sections)
+    sections = (
+        {
+            "distiller_config": {
+                "teacher_model": "mobilenet_v3_small",
+                "alpha": 0.3,
+                "teacher_weights_path": str(teacher),
+            }
+        }
+        if deit
+        else {}
+    )
+    cfg = train_config(
+        tmp_path / "t.json",
+        data,
+        tmp_path / "out",
+        train={"class_weights": "balanced", "label_smoothing": 0.1},
+        **sections,
+    )
     trainer = Trainer(load_config(cfg))
     # scikit-learn's "balanced": N / (classes x count), counted here on the split file
     names = [line.split("/")[1] for line in (tmp_path / "ds" / "train_imagepaths.txt").read_text().split()]
     expected = torch.tensor([len(names) / (3 * names.count(c)) for c in ("cat", "dog", "fox")])
     torch.testing.assert_close(trainer.class_weights, expected)
-    assert 'class weights (train_config.class_weights "balanced"): cat 0.5833, dog 1.167, fox 2.333' in capsys.readouterr().out
+    assert (
+        'class weights (train_config.class_weights "balanced"): cat 0.5833, dog 1.167, fox 2.333'
+        in capsys.readouterr().out
+    )
     torch.manual_seed(1)
     logits, dist, teacher_logits = torch.randn(3, 6, 3).unbind(0)
     targets = torch.tensor([0, 1, 2, 2, 1, 0])
@@ -265,8 +313,9 @@ def test_balanced_class_weights_weight_the_class_heads_cross_entropy(tmp_path, c
 def test_a_class_of_weight_0_is_never_learned(tmp_path, data_cfg):
     from conftest import reference_logits
 
-    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out",
-                       train={"epochs": 6, "class_weights": [1, 1.5, 0]})
+    cfg = train_config(
+        tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 6, "class_weights": [1, 1.5, 0]}
+    )
     proc = run_script("train.py", "-c", cfg, check=True)
     assert "class weights (train_config.class_weights [1, 1.5, 0]): cat 1, dog 1.5, fox 0" in proc.stdout
     # the last weights' predictions on the test split, computed without the package
@@ -279,5 +328,6 @@ def test_a_class_of_weight_0_is_never_learned(tmp_path, data_cfg):
 def test_balanced_weights_need_every_class_in_the_training_split(tmp_path):
     data = _imbalanced(tmp_path, {"cat": 8, "dog": 8})
     cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", train={"class_weights": "balanced"})
-    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "train_config.class_weights", "'fox'",
-                      "train_imagepaths.txt")
+    assert_user_error(
+        run_script("train.py", "-c", cfg), str(cfg), "train_config.class_weights", "'fox'", "train_imagepaths.txt"
+    )

@@ -19,23 +19,25 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from myrtle_vision.weights import deploy
 from myrtle_vision.checkpoint import load
 from myrtle_vision.config import load_config
 from myrtle_vision.data import open_split
-from myrtle_vision.training import Trainer
 from myrtle_vision.errors import UserError
 from myrtle_vision.optim import LRSchedule
 from myrtle_vision.prepare import RESISC45_CLASSES
+from myrtle_vision.training import Trainer
+from myrtle_vision.weights import deploy
 
 V1 = FIXTURES / "v1-configs"
 CPU = torch.device("cpu")
 SMALL_VIT = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64}
 _NORMALIZE = {"Mean": [0.485, 0.456, 0.406], "Std": [0.229, 0.224, 0.225]}
 # the user's data config for the 3-class test dataset: the same ops, sized 32 instead of 224
-SMALL_DATA = {"number_of_classes": 3,
-              "transform_ops_train": {"RandomResizedCrop": 32, "RandomHorizontalFlip": None, "Normalize": _NORMALIZE},
-              "transform_ops_val": {"Resize": 32, "CenterCrop": 32, "Normalize": _NORMALIZE}}
+SMALL_DATA = {
+    "number_of_classes": 3,
+    "transform_ops_train": {"RandomResizedCrop": 32, "RandomHorizontalFlip": None, "Normalize": _NORMALIZE},
+    "transform_ops_val": {"Resize": 32, "CenterCrop": 32, "Normalize": _NORMALIZE},
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,9 @@ def v1_teacher(tmp_path_factory):
     return path
 
 
-def users_config(folder, name: str, dataset, teacher=None, train=None, vit=None, data=None, distiller=None,
-                 relative: bool = False):
+def users_config(
+    folder, name: str, dataset, teacher=None, train=None, vit=None, data=None, distiller=None, relative: bool = False
+):
     """The user's ``train_configs/<name>.json`` and ``data_configs/data_config.json`` under ``folder``, with
     only the given fields changed (paths, sizes); returns the train config's path relative to ``folder``.
     Unless ``relative``, the data config and output paths are made absolute (for runs in this process)."""
@@ -83,10 +86,20 @@ def users_config(folder, name: str, dataset, teacher=None, train=None, vit=None,
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base"])
 def test_v1_config_trains_a_few_steps_at_the_earlier_release_s_learning_rate(name, resisc_like, v1_teacher, tmp_path):
     # sizes changed for the test machine: 64x64 images (the generated ones' size), 16 patches of 16x16
-    small_ops = {"transform_ops_train": {"RandomResizedCrop": 64, "RandomHorizontalFlip": None, "Normalize": _NORMALIZE},
-                 "transform_ops_val": {"Resize": 64, "CenterCrop": 64, "Normalize": _NORMALIZE}}
-    cfg_path = users_config(tmp_path, name, resisc_like, v1_teacher, vit={"image_size": 64}, data=small_ops,
-                            train={"epochs": 1, "local_batch_size": 1, "global_batch_size": 2}, relative=True)
+    small_ops = {
+        "transform_ops_train": {"RandomResizedCrop": 64, "RandomHorizontalFlip": None, "Normalize": _NORMALIZE},
+        "transform_ops_val": {"Resize": 64, "CenterCrop": 64, "Normalize": _NORMALIZE},
+    }
+    cfg_path = users_config(
+        tmp_path,
+        name,
+        resisc_like,
+        v1_teacher,
+        vit={"image_size": 64},
+        data=small_ops,
+        train={"epochs": 1, "local_batch_size": 1, "global_batch_size": 2},
+        relative=True,
+    )
     # run from the folder that holds data_configs/, as users do with their relative paths
     proc = run_script("train.py", "-c", cfg_path, cwd=tmp_path, check=True)
     run_dir = tmp_path / run_dir_of(proc)
@@ -96,19 +109,26 @@ def test_v1_config_trains_a_few_steps_at_the_earlier_release_s_learning_rate(nam
     last = load(run_dir / "last.pt")
     assert last["iteration"] == 2
     dim = cfg["vit_config"]["embed_dim"]
-    assert last["model"]["pos_embedding"].shape == (1, 17, dim) and last["model"]["mlp_head.1.weight"].shape == (45, dim)
+    assert last["model"]["pos_embedding"].shape == (1, 17, dim) and last["model"]["mlp_head.1.weight"].shape == (
+        45,
+        dim,
+    )
     # the earlier release's rule: the optimizer peaks at lr * global_batch_size / 512, after a linear warmup
     peak = tc["lr"] * 2 / 512
-    assert f"peak learning rate {peak:.4g} = train_config.lr {tc['lr']:g} x global_batch_size 2 / lr_base_size 512" \
+    assert (
+        f"peak learning rate {peak:.4g} = train_config.lr {tc['lr']:g} x global_batch_size 2 / lr_base_size 512"
         in proc.stdout
+    )
     assert scalars(run_dir, "train/peak_lr")[0][1] == pytest.approx(peak)
     warmup = round(tc["warmup_epochs"] * 2)  # 2 updates per epoch
     expected = [tc["warmup_lr"] + (peak - tc["warmup_lr"]) * k / warmup for k in range(2)]
     assert [v for _, v in scalars(run_dir, "train/lr")] == pytest.approx(expected, rel=1e-6)
     assert all(g["initial_lr"] == pytest.approx(peak) for g in last["optimizer"]["param_groups"])
     if name.startswith("deit"):
-        assert ("distilling from resnet50 resnet50_resisc45_pyt_finetuned_weights.pth (soft, loss = 0.5 x cross "
-                "entropy to the labels + 0.5 x distillation term (alpha weights the labels)") in proc.stdout
+        assert (
+            "distilling from resnet50 resnet50_resisc45_pyt_finetuned_weights.pth (soft, loss = 0.5 x cross "
+            "entropy to the labels + 0.5 x distillation term (alpha weights the labels)"
+        ) in proc.stdout
         assert last["distillation"]["head_dist.weight"].shape == (45, dim)
     else:
         assert "distillation" not in last
@@ -145,8 +165,14 @@ def test_no_label_smoothing_unless_the_config_sets_it(tmp_path, dataset):
 def test_alpha_weights_the_label_term(tmp_path, dataset):
     teacher = tmp_path / "t.pth"
     torch.save(torchvision.models.resnet50(num_classes=3).state_dict(), teacher)
-    trainer = _trainer(tmp_path, "deit_tiny", dataset, **_small(), distiller={"alpha": 0.2, "teacher_weights_path": str(teacher)},
-                       data=SMALL_DATA)
+    trainer = _trainer(
+        tmp_path,
+        "deit_tiny",
+        dataset,
+        **_small(),
+        distiller={"alpha": 0.2, "teacher_weights_path": str(teacher)},
+        data=SMALL_DATA,
+    )
     cls, y = _logits(classes=3, seed=1)
     dist, _ = _logits(classes=3, seed=2)
     teacher_logits, _ = _logits(classes=3, seed=3)
@@ -189,10 +215,16 @@ def _timm_weight_decay_groups(model: nn.Module, weight_decay: float) -> tuple[se
 def test_weight_decay_reaches_the_tokens_and_position_embedding_as_before(name, tmp_path, dataset):
     teacher = tmp_path / "t.pth"
     torch.save(torchvision.models.resnet50(num_classes=3).state_dict(), teacher)
-    trainer = _trainer(tmp_path, name, dataset, **_small(), distiller={"teacher_weights_path": str(teacher)},
-                       data=SMALL_DATA)
-    wd = {n: g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]
-          for n, q in trainer.model.named_parameters() if p is q}
+    trainer = _trainer(
+        tmp_path, name, dataset, **_small(), distiller={"teacher_weights_path": str(teacher)}, data=SMALL_DATA
+    )
+    wd = {
+        n: g["weight_decay"]
+        for g in trainer.optimizer.param_groups
+        for p in g["params"]
+        for n, q in trainer.model.named_parameters()
+        if p is q
+    }
     no_decay, decay = _timm_weight_decay_groups(trainer.model, 0.05)
     assert {n for n, w in wd.items() if w == 0.05} == decay and {n for n, w in wd.items() if w == 0} == no_decay
     assert {"pos_embed", "cls_token"} <= decay and (name == "vit_tiny" or "dist_token" in decay)
@@ -206,7 +238,9 @@ def test_cosine_spans_every_epoch_whatever_cooldown_epochs_says(tmp_path, datase
     total, warmup = 300 * upe, 5 * upe
     for update in (warmup, total // 2, total - 5 * upe, total - 1, total):
         t = (update - warmup) / (total - warmup)
-        assert schedule(update) == pytest.approx(tc.min_lr + 0.5 * (tc.peak_lr - tc.min_lr) * (1 + math.cos(math.pi * t)))
+        assert schedule(update) == pytest.approx(
+            tc.min_lr + 0.5 * (tc.peak_lr - tc.min_lr) * (1 + math.cos(math.pi * t))
+        )
     assert schedule(total - 5 * upe) > tc.min_lr * 1.001  # not yet at the floor 5 epochs before the end
 
 
@@ -216,15 +250,30 @@ def test_a_pytorch_int8_config_trains_in_fp32_and_test_quantize_calibrates_int8(
     from conftest import reference_logits
     from test_int8 import _check_int8_figures, _int8_reference_logits
 
-    cfg = tmp_path / users_config(tmp_path, "vit_tiny", dataset, vit={**SMALL_VIT, "q_format": "PyTorchINT8"},
-                                  train={"local_batch_size": 4, "global_batch_size": 8, "num_workers": 0, "epochs": 2},
-                                  data=SMALL_DATA)
+    cfg = tmp_path / users_config(
+        tmp_path,
+        "vit_tiny",
+        dataset,
+        vit={**SMALL_VIT, "q_format": "PyTorchINT8"},
+        train={"local_batch_size": 4, "global_batch_size": 8, "num_workers": 0, "epochs": 2},
+        data=SMALL_DATA,
+    )
     proc = run_script("train.py", "-c", cfg, check=True)
     assert "vit_config.q_format PyTorchINT8 is post-training quantization: training runs in FP32" in proc.stdout
     ckpt = tmp_path / run_dir_of(proc) / "last.pt"
     assert load(ckpt)["quantization"]["q_format"] == "FP32"
-    proc = run_script("test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--calib_steps", 2, "--json",
-                      tmp_path / "q.json", check=True)
+    proc = run_script(
+        "test_quantize.py",
+        "-c",
+        cfg,
+        "--checkpoint",
+        ckpt,
+        "--calib_steps",
+        2,
+        "--json",
+        tmp_path / "q.json",
+        check=True,
+    )
     result = json.loads((tmp_path / "q.json").read_text())
     assert (result["q_format"], result["calib_steps"], result["calib_images"]) == ("PyTorchINT8", 2, 8)
     fp32, targets = reference_logits(cfg, ckpt, "FP32")
@@ -234,6 +283,7 @@ def test_a_pytorch_int8_config_trains_in_fp32_and_test_quantize_calibrates_int8(
 # --- resuming an earlier-release checkpoint -----------------------------------------------------------
 # The earlier release's modules, as its vit_pytorch/vit_pytorch.py and distill.py declare them
 # (parameter-free stubs left out): the optimizer numbered its parameters in their named_parameters() order.
+
 
 class _Residual(nn.Module):
     def __init__(self, fn):
@@ -259,15 +309,21 @@ class _Attention(nn.Module):
 class _FeedForward(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0)
+        )
 
 
 class _Transformer(nn.Module):
     def __init__(self, dim, depth, heads, mlp_dim, dim_head):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Sequential(_Residual(_PreNorm(dim, _Attention(dim, heads, dim_head))),
-                                                  _Residual(_PreNorm(dim, _FeedForward(dim, mlp_dim))))
-                                    for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                _Residual(_PreNorm(dim, _Attention(dim, heads, dim_head))),
+                _Residual(_PreNorm(dim, _FeedForward(dim, mlp_dim))),
+            )
+            for _ in range(depth)
+        )
 
 
 class V1ViT(nn.Module):
@@ -275,7 +331,7 @@ class V1ViT(nn.Module):
         super().__init__()
         n = (image_size // patch_size) ** 2
         self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, dim))
-        self.patch_to_embedding = nn.Linear(3 * patch_size ** 2, dim)
+        self.patch_to_embedding = nn.Linear(3 * patch_size**2, dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.dropout = nn.Dropout(0.0)
         self.transformer = _Transformer(dim, depth, heads, mlp_dim, dim_head)
@@ -308,8 +364,11 @@ def v1_checkpoint(path, distilled: bool, steps: int = 3, int_step: bool = True, 
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     no_decay = [p for n, p in named if p.ndim == 1 or n.endswith(".bias")]
     decay = [p for n, p in named if not (p.ndim == 1 or n.endswith(".bias"))]
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}] \
-        if weight_decay else [{"params": [p for _, p in named]}]
+    groups = (
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        if weight_decay
+        else [{"params": [p for _, p in named]}]
+    )
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)  # timm: each group says its own
     for _ in range(steps):
         for _, p in named:
@@ -319,8 +378,9 @@ def v1_checkpoint(path, distilled: bool, steps: int = 3, int_step: bool = True, 
     if int_step:  # torch 1.11, which the earlier release pinned, kept "step" as an int
         for state in sd["state"].values():
             state["step"] = int(state["step"])
-    torch.save({"model": vit.state_dict(), "optimizer": sd, "lr_scheduler": {"t_initial": 300}, "iteration": steps},
-               path)
+    torch.save(
+        {"model": vit.state_dict(), "optimizer": sd, "lr_scheduler": {"t_initial": 300}, "iteration": steps}, path
+    )
     prefix = "student." if distilled else ""
     return path, {n.removeprefix(prefix): (p.detach().clone(), opt.state[p]) for n, p in named}
 
@@ -332,10 +392,21 @@ def test_earlier_release_checkpoint_resumes_with_its_moments(distilled, weight_d
     teacher = tmp_path / "t.pth"
     torch.save(torchvision.models.resnet50(num_classes=3).state_dict(), teacher)
     name = "deit_tiny" if distilled else "vit_tiny"
-    trainer = _trainer(tmp_path, name, dataset, vit=SMALL_VIT, distiller={"teacher_weights_path": str(teacher)},
-                       train={"local_batch_size": 4, "global_batch_size": 8, "num_workers": 0,
-                              "weight_decay": weight_decay, "checkpoint_path": str(ckpt)},
-                       data=SMALL_DATA)
+    trainer = _trainer(
+        tmp_path,
+        name,
+        dataset,
+        vit=SMALL_VIT,
+        distiller={"teacher_weights_path": str(teacher)},
+        train={
+            "local_batch_size": 4,
+            "global_batch_size": 8,
+            "num_workers": 0,
+            "weight_decay": weight_decay,
+            "checkpoint_path": str(ckpt),
+        },
+        data=SMALL_DATA,
+    )
     assert trainer.progress.iteration == 3
     upe = trainer.plan.updates_per_epoch  # 24 images in updates of 8
     assert (trainer.progress.epoch, trainer.progress.update_in_epoch) == (3 // upe, 3 % upe)
@@ -359,10 +430,21 @@ def test_earlier_release_resume_runs_to_the_end_and_says_what_it_could_not_resto
     ckpt, _ = v1_checkpoint(tmp_path / "vit_000003", distilled=True)
     teacher = tmp_path / "t.pth"
     torch.save(torchvision.models.resnet50(num_classes=3).state_dict(), teacher)
-    cfg_path = users_config(tmp_path, "deit_tiny", dataset, vit=SMALL_VIT, distiller={"teacher_weights_path": str(teacher)},
-                            train={"local_batch_size": 4, "global_batch_size": 8, "num_workers": 0, "epochs": 2,
-                                   "checkpoint_path": str(ckpt)},
-                            data=SMALL_DATA)
+    cfg_path = users_config(
+        tmp_path,
+        "deit_tiny",
+        dataset,
+        vit=SMALL_VIT,
+        distiller={"teacher_weights_path": str(teacher)},
+        train={
+            "local_batch_size": 4,
+            "global_batch_size": 8,
+            "num_workers": 0,
+            "epochs": 2,
+            "checkpoint_path": str(ckpt),
+        },
+        data=SMALL_DATA,
+    )
     proc = run_script("train.py", "-c", cfg_path, cwd=tmp_path, check=True)
     assert "checkpoint of the earlier release: resuming at iteration 3 (epoch 2, update 0 of 3)" in proc.stdout
     assert "the adamw state of its 30 ViT parameters" in proc.stdout  # 4 + 2 blocks x 11 + 4
@@ -376,12 +458,27 @@ def test_earlier_release_optimizer_that_does_not_fit_is_one_line(tmp_path, datas
     bad = torch.load(ckpt, weights_only=True)
     bad["optimizer"]["param_groups"][0]["params"].pop()  # one parameter short
     torch.save(bad, tmp_path / "short.pt")
-    with pytest.raises(UserError, match="the optimizer holds 29 parameters; the earlier release's ViT of depth 2 has 30"):
-        _trainer(tmp_path, "vit_tiny", dataset, vit=SMALL_VIT,
-                 train={"local_batch_size": 4, "global_batch_size": 8, "checkpoint_path": str(tmp_path / "short.pt")},
-                 data=SMALL_DATA)
-    with pytest.raises(UserError, match=r"holds \['exp_avg', 'exp_avg_sq', 'step'\], not the \['momentum_buffer'\] of "
-                                         "train_config.optimizer 'sgd'"):
-        _trainer(tmp_path, "vit_tiny", dataset, vit=SMALL_VIT,
-                 train={"local_batch_size": 4, "global_batch_size": 8, "checkpoint_path": str(ckpt), "optimizer": "sgd"},
-                 data=SMALL_DATA)
+    with pytest.raises(
+        UserError, match="the optimizer holds 29 parameters; the earlier release's ViT of depth 2 has 30"
+    ):
+        _trainer(
+            tmp_path,
+            "vit_tiny",
+            dataset,
+            vit=SMALL_VIT,
+            train={"local_batch_size": 4, "global_batch_size": 8, "checkpoint_path": str(tmp_path / "short.pt")},
+            data=SMALL_DATA,
+        )
+    with pytest.raises(
+        UserError,
+        match=r"holds \['exp_avg', 'exp_avg_sq', 'step'\], not the \['momentum_buffer'\] of "
+        "train_config.optimizer 'sgd'",
+    ):
+        _trainer(
+            tmp_path,
+            "vit_tiny",
+            dataset,
+            vit=SMALL_VIT,
+            train={"local_batch_size": 4, "global_batch_size": 8, "checkpoint_path": str(ckpt), "optimizer": "sgd"},
+            data=SMALL_DATA,
+        )

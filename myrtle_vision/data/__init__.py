@@ -6,5 +6,18 @@ from .images import SPLITS, ImageListDataset, class_names, open_split, read_labe
 from .loaders import Loader, default_workers, eval_loader, stop_workers, train_loader
 from .plan import EpochBatches, TrainPlan, derive_seed
 
-__all__ = ["SPLITS", "EpochBatches", "ImageListDataset", "Loader", "TrainPlan", "class_names", "default_workers",
-           "derive_seed", "eval_loader", "open_split", "read_label_map", "stop_workers", "train_loader"]
+__all__ = [
+    "SPLITS",
+    "EpochBatches",
+    "ImageListDataset",
+    "Loader",
+    "TrainPlan",
+    "class_names",
+    "default_workers",
+    "derive_seed",
+    "eval_loader",
+    "open_split",
+    "read_label_map",
+    "stop_workers",
+    "train_loader",
+]

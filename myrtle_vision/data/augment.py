@@ -64,8 +64,11 @@ def _check_crop(kwargs: dict, height: int, width: int) -> None:
     pad = kwargs.get("padding") or 0
     if crop_h > height + 2 * pad or crop_w > width + 2 * pad:
         padded = f" ({height + 2 * pad}x{width + 2 * pad} with its padding)" if pad else ""
-        raise TransformFailed("RandomCrop", f"the image is {height}x{width}{padded}, smaller than the crop "
-                                            f"{crop_h}x{crop_w}; add padding, or a Resize before it")
+        raise TransformFailed(
+            "RandomCrop",
+            f"the image is {height}x{width}{padded}, smaller than the crop "
+            f"{crop_h}x{crop_w}; add padding, or a Resize before it",
+        )
 
 
 class Pipeline:
@@ -95,8 +98,9 @@ class PerImage(Pipeline):
     def __init__(self, parsed: list[tuple[str, dict]]):
         self.transform, self.normalize = build_transform(parsed)
         # each step of the Compose, with its op's name and arguments (ToImage first, Normalize left for the batch)
-        self.steps = list(zip([("ToImage", {})] + [(n, k) for n, k in parsed if n != "Normalize"],
-                              self.transform.transforms))
+        self.steps = list(
+            zip([("ToImage", {})] + [(n, k) for n, k in parsed if n != "Normalize"], self.transform.transforms)
+        )
 
     def collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         return stack(samples)
@@ -104,8 +108,10 @@ class PerImage(Pipeline):
     def finish(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         blocking = device.type != "cuda"
-        return (self.normalize(images.to(device, non_blocking=not blocking)),
-                labels.to(device, non_blocking=not blocking))
+        return (
+            self.normalize(images.to(device, non_blocking=not blocking)),
+            labels.to(device, non_blocking=not blocking),
+        )
 
     def sample(self, image: torch.Tensor, seed: int | None) -> torch.Tensor:
         if seed is not None:
@@ -130,9 +136,10 @@ class RawBatch:
     params: torch.Tensor
     labels: torch.Tensor
 
-    def pin_memory(self) -> "RawBatch":  # the DataLoader pins batches of this type too
-        return RawBatch(self.images.pin_memory(), self.sizes.pin_memory(), self.params.pin_memory(),
-                        self.labels.pin_memory())
+    def pin_memory(self) -> RawBatch:  # the DataLoader pins batches of this type too
+        return RawBatch(
+            self.images.pin_memory(), self.sizes.pin_memory(), self.params.pin_memory(), self.labels.pin_memory()
+        )
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -316,8 +323,11 @@ class _Geometric(Pipeline):
 
 
 # The ops applied or not by a coin of probability p, and their kernels
-COINS = {"RandomHorizontalFlip": TF.horizontal_flip, "RandomVerticalFlip": TF.vertical_flip,
-         "RandomTranspose": transpose}
+COINS = {
+    "RandomHorizontalFlip": TF.horizontal_flip,
+    "RandomVerticalFlip": TF.vertical_flip,
+    "RandomTranspose": transpose,
+}
 
 
 class InWorkers(_Geometric):
@@ -327,11 +337,12 @@ class InWorkers(_Geometric):
 
     def sample(self, image: torch.Tensor, seed: int | None) -> torch.Tensor:
         params, k = self._params(image, seed)[0], 0
-        for name, kwargs, op in self.ops:
+        for name, _, op in self.ops:
             if name == "RandomResizedCrop":
-                top, left, height, width = (int(v) for v in params[k:k + 4])
-                image = TF.resized_crop(image, top, left, height, width, op.size, interpolation=op.interpolation,
-                                        antialias=op.antialias)
+                top, left, height, width = (int(v) for v in params[k : k + 4])
+                image = TF.resized_crop(
+                    image, top, left, height, width, op.size, interpolation=op.interpolation, antialias=op.antialias
+                )
                 k += 4
             elif name == "RandomCrop":  # a crop reaching outside the image pads with zeros, as RandomCrop's padding
                 image = TF.crop(image, int(params[k]), int(params[k + 1]), *op.size)
@@ -339,8 +350,9 @@ class InWorkers(_Geometric):
             elif name == "CenterCrop":
                 image = TF.center_crop(image, op.size)
             elif name == "Resize":
-                image = TF.resize(image, op.size, interpolation=op.interpolation, max_size=op.max_size,
-                                  antialias=op.antialias)
+                image = TF.resize(
+                    image, op.size, interpolation=op.interpolation, max_size=op.max_size, antialias=op.antialias
+                )
             elif name in COINS:
                 if params[k]:
                     image = COINS[name](image)
@@ -368,7 +380,7 @@ class OnDevice(_Geometric):
         height, width = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
         batch = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
         for b, img in enumerate(images):
-            batch[b, :, :img.shape[-2], :img.shape[-1]] = img
+            batch[b, :, : img.shape[-2], : img.shape[-1]] = img
         sizes = torch.tensor([list(i.shape[-2:]) for i in images], dtype=torch.int64)
         params = torch.tensor([p for (_, p), _ in samples], dtype=torch.float64).reshape(len(images), -1)
         return RawBatch(batch, sizes, params, torch.tensor([label for _, label in samples], dtype=torch.int64))
@@ -381,8 +393,10 @@ class OnDevice(_Geometric):
         maps = self.maps(batch.sizes, batch.params, device)
         height, width = maps.height(), maps.width()
         if int(height.min()) != int(height.max()) or int(width.min()) != int(width.max()):
-            raise UserError("the transform ops give images of different sizes in one batch; end them with a crop "
-                            "or a Resize to [height, width]")
+            raise UserError(
+                "the transform ops give images of different sizes in one batch; end them with a crop "
+                "or a Resize to [height, width]"
+            )
         rows, cols = maps.rows, maps.cols
         x = batch.images.to(device, non_blocking=True).float()
         if rows.dense is None:  # crops and flips only: pick the pixels
@@ -413,8 +427,9 @@ class OnDevice(_Geometric):
                 k += 2
             elif name == "CenterCrop":
                 crop_h, crop_w = _pair(kwargs["size"])
-                maps.crop(_center_crop_start(maps.height(), crop_h), _center_crop_start(maps.width(), crop_w),
-                          crop_h, crop_w)
+                maps.crop(
+                    _center_crop_start(maps.height(), crop_h), _center_crop_start(maps.width(), crop_w), crop_h, crop_w
+                )
             elif name == "Resize":
                 maps.resize(*resized_size(maps.height(), maps.width(), kwargs["size"]), device)
             elif name in COINS:
@@ -452,8 +467,9 @@ def resized_size(h, w, size):
     if isinstance(h, torch.Tensor):
         short, long = torch.minimum(h, w), torch.maximum(h, w)
         new_long = (size * long.double() / short.double()).floor().long()  # int() of a positive float
-        return torch.where(h <= w, torch.full_like(h, size), new_long), torch.where(h <= w, new_long,
-                                                                                   torch.full_like(w, size))
+        return torch.where(h <= w, torch.full_like(h, size), new_long), torch.where(
+            h <= w, new_long, torch.full_like(w, size)
+        )
     short, long = min(h, w), max(h, w)
     new_long = int(size * long / short)
     return (size, new_long) if h <= w else (new_long, size)
@@ -468,4 +484,3 @@ def pipeline_for(ops: dict, augment_on: str, device: torch.device) -> Pipeline:
         return PerImage(parsed)
     on_device = augment_on == "device" or (augment_on == "auto" and device.type == "cuda")
     return OnDevice(parsed) if on_device else InWorkers(parsed)
-

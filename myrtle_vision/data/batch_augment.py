@@ -25,8 +25,16 @@ class BatchAugment:
     Beta distributions' alphas (0: off). With either on, the targets come back as class probabilities
     (one-hot for a batch left unmixed), which ``nn.CrossEntropyLoss`` takes as they are."""
 
-    def __init__(self, num_classes: int, *, mixup: float = 0.0, cutmix: float = 0.0, switch_prob: float = 0.5,
-                 mix_prob: float = 1.0, erase_prob: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        switch_prob: float = 0.5,
+        mix_prob: float = 1.0,
+        erase_prob: float = 0.0,
+    ):
         self.num_classes, self.switch_prob, self.mix_prob = num_classes, switch_prob, mix_prob
         self.mixup = v2.MixUp(alpha=mixup, num_classes=num_classes) if mixup > 0 else None
         self.cutmix = v2.CutMix(alpha=cutmix, num_classes=num_classes) if cutmix > 0 else None
@@ -34,9 +42,15 @@ class BatchAugment:
         self.eraser = v2.RandomErasing(p=erase_prob, value=0) if erase_prob > 0 else None
 
     @classmethod
-    def from_config(cls, tc, num_classes: int) -> "BatchAugment":
-        return cls(num_classes, mixup=tc.mixup, cutmix=tc.cutmix, switch_prob=tc.mixup_switch_prob,
-                   mix_prob=tc.mixup_prob, erase_prob=tc.random_erasing)
+    def from_config(cls, tc, num_classes: int) -> BatchAugment:
+        return cls(
+            num_classes,
+            mixup=tc.mixup,
+            cutmix=tc.cutmix,
+            switch_prob=tc.mixup_switch_prob,
+            mix_prob=tc.mixup_prob,
+            erase_prob=tc.random_erasing,
+        )
 
     @property
     def enabled(self) -> bool:

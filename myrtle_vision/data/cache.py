@@ -56,9 +56,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import PIL
@@ -100,8 +100,16 @@ class DecodedImages:
     so that the hash of a racy image is the hash of exactly what was decoded): uint8 (height, width, 3).
     ``list_bytes`` are the bytes of the split file that ``paths`` were read from."""
 
-    def __init__(self, list_path: Path, paths: list[str], decode: Callable[[int, bytes], "np.ndarray"],
-                 cache_dir: Path, where: str, announce: bool = True, list_bytes: bytes | None = None):
+    def __init__(
+        self,
+        list_path: Path,
+        paths: list[str],
+        decode: Callable[[int, bytes], np.ndarray],
+        cache_dir: Path,
+        where: str,
+        announce: bool = True,
+        list_bytes: bytes | None = None,
+    ):
         self.paths = paths
         list_bytes = list_bytes if list_bytes is not None else list_path.read_bytes()
         self._list_sha256 = _sha256(list_bytes)
@@ -120,8 +128,10 @@ class DecodedImages:
                 # (and renames a new file over this one) while this one and its loader workers read it.
                 self._file = open(self.pixels_path, "rb")
         except OSError as e:
-            raise UserError(f"{cache_dir}: cannot write the decoded-image cache ({reason(e)}); set {where} to a "
-                            "writable folder, or decode_cache to false") from None
+            raise UserError(
+                f"{cache_dir}: cannot write the decoded-image cache ({reason(e)}); set {where} to a "
+                "writable folder, or decode_cache to false"
+            ) from None
         self.offsets = np.asarray(index["offsets"], dtype=np.int64)
         self.shapes = np.asarray(index["shapes"], dtype=np.int64).reshape(-1, 2)
         st = os.fstat(self._file.fileno())
@@ -195,8 +205,9 @@ class DecodedImages:
         tmp_index.write_text(json.dumps(index))
         os.replace(tmp_index, self.index_path)
 
-    def _build(self, list_path: Path, decode: Callable[[int, bytes], np.ndarray], announce: bool,
-               why: str | None) -> dict:
+    def _build(
+        self, list_path: Path, decode: Callable[[int, bytes], np.ndarray], announce: bool, why: str | None
+    ) -> dict:
         if announce:
             again = f"its decoded images cannot be reused ({why}); decoding again" if why else "decoding"
             print(f"{list_path}: {again} its {len(self.paths)} images once, into {self.pixels_path}", flush=True)
@@ -228,8 +239,14 @@ class DecodedImages:
                 # Pillow decodes with the GIL released: threads decode in parallel, in order.
                 decoded = pool.map(load, range(len(self.paths)))
                 # a bar on a terminal; in logs, the lines before and after
-                for arr in tqdm(decoded, total=len(self.paths), desc="decoding", unit="img", mininterval=1.0,
-                                disable=not (announce and sys.stderr.isatty())):
+                for arr in tqdm(
+                    decoded,
+                    total=len(self.paths),
+                    desc="decoding",
+                    unit="img",
+                    mininterval=1.0,
+                    disable=not (announce and sys.stderr.isatty()),
+                ):
                     out.write(arr.tobytes())
                     offsets.append(offset)
                     shapes.append(arr.shape[:2])
@@ -239,14 +256,25 @@ class DecodedImages:
             os.replace(tmp, self.pixels_path)
         finally:
             tmp.unlink(missing_ok=True)
-        index = {"version": VERSION, "pillow": PIL.__version__, "list": str(list_path),
-                 "list_sha256": self._list_sha256, "paths": self.paths, "stamps": stamps,
-                 "hashes": dict(sorted(hashes.items(), key=lambda kv: int(kv[0]))), "bytes": offset,
-                 "offsets": offsets, "shapes": [int(x) for s in shapes for x in s]}
+        index = {
+            "version": VERSION,
+            "pillow": PIL.__version__,
+            "list": str(list_path),
+            "list_sha256": self._list_sha256,
+            "paths": self.paths,
+            "stamps": stamps,
+            "hashes": dict(sorted(hashes.items(), key=lambda kv: int(kv[0]))),
+            "bytes": offset,
+            "offsets": offsets,
+            "shapes": [int(x) for s in shapes for x in s],
+        }
         self._write_index(index)
         if announce:
-            print(f"{list_path}: decoded {len(self.paths)} images ({offset / 1e6:.1f} MB) in "
-                  f"{time.perf_counter() - started:.1f} s", flush=True)
+            print(
+                f"{list_path}: decoded {len(self.paths)} images ({offset / 1e6:.1f} MB) in "
+                f"{time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
         return index
 
     def _open_pixels(self):
@@ -263,8 +291,10 @@ class DecodedImages:
             if (st.st_dev, st.st_ino) == self._file_id:
                 return f
             f.close()
-        raise UserError(f"{self.pixels_path}: decoded again by another process (its split file or images changed) "
-                        "while this one was reading it; run this one again")
+        raise UserError(
+            f"{self.pixels_path}: decoded again by another process (its split file or images changed) "
+            "while this one was reading it; run this one again"
+        )
 
     def _pixels(self) -> np.memmap:
         if self._map is None or self._pid != os.getpid():  # each loader worker maps it for itself
@@ -286,7 +316,7 @@ class DecodedImages:
         """Image ``index`` as a uint8 (3, height, width) tensor (a copy, so the map stays read-only)."""
         h, w = self.shapes[index]
         start = self.offsets[index]
-        hwc = np.array(self._pixels()[start:start + h * w * 3]).reshape(h, w, 3)
+        hwc = np.array(self._pixels()[start : start + h * w * 3]).reshape(h, w, 3)
         return torch.from_numpy(hwc).permute(2, 0, 1)
 
     def __getstate__(self):  # a worker maps the file again rather than pickling the map

@@ -48,10 +48,14 @@ def read_label_map(cfg: DataConfig) -> dict[str, int]:
         raise UserError(f"{field}: cannot read the label map: {reason(e)}") from None
     except RecursionError:
         raise UserError(f"{field}: cannot read the label map: nested too deeply") from None
-    if not isinstance(label_map, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
+    if not isinstance(label_map, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()
+    ):
         raise UserError(f"{field}: expected an object mapping class folder names to integer ids")
     if len(label_map) != cfg.number_of_classes:
-        raise UserError(f"{path}: has {len(label_map)} classes but {cfg.path}: number_of_classes is {cfg.number_of_classes}")
+        raise UserError(
+            f"{path}: has {len(label_map)} classes but {cfg.path}: number_of_classes is {cfg.number_of_classes}"
+        )
     if sorted(label_map.values()) != list(range(len(label_map))):
         raise UserError(f"{field}: class ids must be 0..{len(label_map) - 1}, each used once")
     return label_map
@@ -90,8 +94,10 @@ def read_rgb(path: str | Path, data: bytes | None = None) -> Image.Image:
                 return Image.fromarray((levels >> 8).astype(np.uint8)).convert("RGB")
             if img.mode in ("I", "F"):
                 kind = "32-bit integer" if img.mode == "I" else "floating-point"
-                raise UserError(f"{path}: cannot read image: {kind} pixels (mode {img.mode}) have no standard range "
-                                "to scale to 8 bits; save it with 8 or 16 bits per channel")
+                raise UserError(
+                    f"{path}: cannot read image: {kind} pixels (mode {img.mode}) have no standard range "
+                    "to scale to 8 bits; save it with 8 or 16 bits per channel"
+                )
             if img.mode in ALPHA or "transparency" in img.info:
                 img = img.convert("RGBA")  # a palette's or a colour's transparency becomes alpha first
                 background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -109,17 +115,27 @@ class ImageListDataset(Dataset):
     decoded whenever it is read.
     """
 
-    def __init__(self, root: str | Path, list_file: str, label_map: dict[str, int], pipeline: Pipeline | None = None,
-                 cache_dir: Path | None = None, cache_field: str = "cache_dir", source: str = "the data config",
-                 ops_field: str = "the transform ops"):
+    def __init__(
+        self,
+        root: str | Path,
+        list_file: str,
+        label_map: dict[str, int],
+        pipeline: Pipeline | None = None,
+        cache_dir: Path | None = None,
+        cache_field: str = "cache_dir",
+        source: str = "the data config",
+        ops_field: str = "the transform ops",
+    ):
         self.root, self.source = Path(root), source  # source: which config (and field) named this split file
         self.ops_field = ops_field  # which config field holds the pipeline's ops, for its errors
         self.list_path = self.root / list_file
         self.pipeline = pipeline
         self.paths, self.labels = self._read_list(label_map)
-        self.decoded = (DecodedImages(self.list_path, self.paths, self.decode, cache_dir, cache_field,
-                                      list_bytes=self._list_bytes)
-                        if cache_dir is not None else None)
+        self.decoded = (
+            DecodedImages(self.list_path, self.paths, self.decode, cache_dir, cache_field, list_bytes=self._list_bytes)
+            if cache_dir is not None
+            else None
+        )
 
     @property
     def collate(self):
@@ -152,8 +168,9 @@ class ImageListDataset(Dataset):
                 if not full.is_file():
                     raise UserError(f"{where}: {_shown(rel)} does not exist")
             except (OSError, ValueError) as e:  # a name too long for the file system, say
-                raise UserError(f"{where}: cannot use the line ({len(rel)} characters) as an image path: "
-                                f"{reason(e)}") from None
+                raise UserError(
+                    f"{where}: cannot use the line ({len(rel)} characters) as an image path: {reason(e)}"
+                ) from None
             cls = full.parent.name
             if cls not in label_map:
                 raise UserError(f"{where}: class folder {cls!r} of {_shown(rel)} is not in the label map")
@@ -166,8 +183,15 @@ class ImageListDataset(Dataset):
             on_disk = {d.name for d in parent.iterdir() if d.is_dir() and not d.name.startswith(".")}
             extra, missing = sorted(on_disk - set(label_map)), sorted(set(label_map) - on_disk)
             if extra or missing:
-                detail = "; ".join(filter(None, [extra and f"not in the label map: {', '.join(extra[:5])}",
-                                                  missing and f"no folder for: {', '.join(missing[:5])}"]))
+                detail = "; ".join(
+                    filter(
+                        None,
+                        [
+                            extra and f"not in the label map: {', '.join(extra[:5])}",
+                            missing and f"no folder for: {', '.join(missing[:5])}",
+                        ],
+                    )
+                )
                 raise UserError(f"{parent}: class folders disagree with the label map ({detail})")
         return paths, labels
 
@@ -218,8 +242,14 @@ class ImageListDataset(Dataset):
         return img, self.labels[index]
 
 
-def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = None,
-               device: torch.device | None = None, *, evaluation: bool = False) -> ImageListDataset:
+def open_split(
+    cfg: DataConfig,
+    split: str,
+    label_map: dict[str, int] | None = None,
+    device: torch.device | None = None,
+    *,
+    evaluation: bool = False,
+) -> ImageListDataset:
     """Open the ``train``, ``val`` or ``test`` split with its transforms, for batches used on ``device``
     (where the transforms run depends on it and ``augment_on``; None: as for the CPU). The training split
     has the training transforms unless ``evaluation`` (then every split has ``transform_ops_val``)."""
@@ -229,9 +259,16 @@ def open_split(cfg: DataConfig, split: str, label_map: dict[str, int] | None = N
     cache = None
     if cfg.decode_cache:
         cache = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else default_cache_dir()
-    return ImageListDataset(cfg.dataset_path, getattr(cfg, SPLITS[split]), label_map, pipeline=pipeline,
-                            cache_dir=cache, cache_field=f"{cfg.path}: cache_dir",
-                            source=f"{cfg.path}: {SPLITS[split]}", ops_field=f"{cfg.path}: {field}")
+    return ImageListDataset(
+        cfg.dataset_path,
+        getattr(cfg, SPLITS[split]),
+        label_map,
+        pipeline=pipeline,
+        cache_dir=cache,
+        cache_field=f"{cfg.path}: cache_dir",
+        source=f"{cfg.path}: {SPLITS[split]}",
+        ops_field=f"{cfg.path}: {field}",
+    )
 
 
 class ImageFiles(Dataset):
@@ -261,8 +298,14 @@ class ImageFiles(Dataset):
             with torch.random.fork_rng(devices=[]):
                 height, width = inner.output_size(img)
             if (height, width) != (self.size, self.size):
-                return None, index, (f"{self.ops_field} makes it {height}x{width}, the model takes "
-                                     f"{self.size}x{self.size} (add a Resize or CenterCrop)")
+                return (
+                    None,
+                    index,
+                    (
+                        f"{self.ops_field} makes it {height}x{width}, the model takes "
+                        f"{self.size}x{self.size} (add a Resize or CenterCrop)"
+                    ),
+                )
             return inner.sample(img, None), index, None
         except TransformFailed as e:
             return None, index, f"{self.ops_field}.{e.op}: {e.problem}"

@@ -116,10 +116,15 @@ class Loader:
 
 
 def _loader_kwargs(dataset, num_workers: int, device: torch.device, persistent: bool) -> dict:
-    return dict(num_workers=num_workers, pin_memory=device.type == "cuda",
-                multiprocessing_context=_worker_context() if num_workers else None,
-                worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers else None, prefetch_factor=4 if num_workers else None,
-                persistent_workers=persistent and num_workers > 0, collate_fn=getattr(dataset, "collate", None))
+    return dict(
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        multiprocessing_context=_worker_context() if num_workers else None,
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=persistent and num_workers > 0,
+        collate_fn=getattr(dataset, "collate", None),
+    )
 
 
 def _finish_of(dataset):
@@ -127,17 +132,36 @@ def _finish_of(dataset):
     return pipeline.finish if pipeline is not None else None
 
 
-def train_loader(dataset: Dataset, plan: TrainPlan, *, epoch: int, start_update: int = 0, num_workers: int,
-                 device: torch.device = torch.device("cpu"), persistent: bool = False) -> Loader:
+def train_loader(
+    dataset: Dataset,
+    plan: TrainPlan,
+    *,
+    epoch: int,
+    start_update: int = 0,
+    num_workers: int,
+    device: torch.device = torch.device("cpu"),
+    persistent: bool = False,
+) -> Loader:
     """The micro-batches of ``plan`` from ``(epoch, start_update)``. With ``persistent`` workers, move it to
     another epoch with ``loader.batch_sampler.set_epoch(...)`` before iterating it again."""
-    loader = DataLoader(dataset, batch_sampler=EpochBatches(plan, epoch, start_update),
-                        **_loader_kwargs(dataset, num_workers, device, persistent))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=EpochBatches(plan, epoch, start_update),
+        **_loader_kwargs(dataset, num_workers, device, persistent),
+    )
     return Loader(loader, device, _finish_of(dataset))
 
 
-def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, *, device: torch.device = torch.device("cpu"),
-                rank: int = 0, world_size: int = 1, persistent: bool = False) -> Loader:
+def eval_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    *,
+    device: torch.device = torch.device("cpu"),
+    rank: int = 0,
+    world_size: int = 1,
+    persistent: bool = False,
+) -> Loader:
     """Every sample once, in order, no batch dropped; with ``world_size`` processes, this process's
     share (samples ``rank``, ``rank + world_size``, ...), so that the shares cover the split exactly once."""
     kwargs = _loader_kwargs(dataset, num_workers, device, persistent)

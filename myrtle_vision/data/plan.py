@@ -6,7 +6,7 @@ The random streams (the second number given to :func:`derive_seed`): 0, each epo
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -46,8 +46,19 @@ class TrainPlan:
       processes, each with its own augmentation (the copy number is in its sample seed).
     """
 
-    def __init__(self, num_samples: int, *, global_batch: int, local_batch: int, seed: int, drop_last: bool,
-                 rank: int = 0, world_size: int = 1, repeats: int = 1, balance_labels: Sequence[int] | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        global_batch: int,
+        local_batch: int,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        repeats: int = 1,
+        balance_labels: Sequence[int] | None = None,
+    ):
         self.num_samples, self.global_batch, self.local_batch = num_samples, global_batch, local_batch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         if repeats < 1:
@@ -68,7 +79,7 @@ class TrainPlan:
         start = update * self.global_batch
         mine = range(start + self.rank, min(start + self.global_batch, self.num_samples), self.world_size)
         keyed = [(int(order[p]), self.sample_seed(epoch, p, int(order[p]))) for p in mine]
-        return [keyed[s:s + self.local_batch] for s in range(0, len(keyed), self.local_batch)]
+        return [keyed[s : s + self.local_batch] for s in range(0, len(keyed), self.local_batch)]
 
     def sample_seed(self, epoch: int, position: int, index: int) -> int:
         """The seed of the augmentation of sample ``index`` at ``position`` of the epoch's order.

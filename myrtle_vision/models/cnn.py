@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..weights.io import describe, mismatch, read_state_dict
 from ..errors import UserError, did_you_mean
+from ..weights.io import describe, mismatch, read_state_dict
 
 
 def teacher_names() -> list[str]:
@@ -51,8 +51,9 @@ class Resized(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.size is not None and tuple(images.shape[-2:]) != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return self.model(images)
 
 
@@ -85,8 +86,9 @@ def _fit_problem(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None
 
 def _body_fits(model: nn.Module, head: str, state: dict[str, torch.Tensor]) -> bool:
     """Whether ``state`` holds everything of ``model`` but its classifier ``head``, in the right shapes."""
-    return all(k in state and state[k].shape == v.shape for k, v in model.state_dict().items()
-               if not k.startswith(head + "."))
+    return all(
+        k in state and state[k].shape == v.shape for k, v in model.state_dict().items() if not k.startswith(head + ".")
+    )
 
 
 def _classes_in(state: dict[str, torch.Tensor], classifier: str) -> int | None:
@@ -111,8 +113,9 @@ def load_teacher(name: str, num_classes: int, path: str | Path, where: str = "te
             holds = f"it holds a {found}-class {head}"
         else:
             holds = f"it is not a {name}"
-        raise UserError(f"{where}: {path} does not fit teacher_model {name!r} with {num_classes} classes "
-                        f"({holds}: {problem})")
+        raise UserError(
+            f"{where}: {path} does not fit teacher_model {name!r} with {num_classes} classes ({holds}: {problem})"
+        )
     model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     model.eval()
     for p in model.parameters():
@@ -152,8 +155,10 @@ def starting_model(name: str, num_classes: int, weights: str | None, where: str 
             except (ValueError, KeyError):
                 url = None
             get = f"download {url} into {Path(torch.hub.get_dir()) / 'checkpoints'}, " if url else ""
-            raise UserError(f"{where}: no ImageNet weights for {name} on this machine and nothing is downloaded; "
-                            f"{get}set weights to a .pth file, or set weights to None to train from scratch")
+            raise UserError(
+                f"{where}: no ImageNet weights for {name} on this machine and nothing is downloaded; "
+                f"{get}set weights to a .pth file, or set weights to None to train from scratch"
+            )
     else:
         path = Path(weights)
     state = read_state_dict(path, "weights file", where)

@@ -21,9 +21,8 @@ quantization point with its own observer, and so is the output of every Linear a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,9 @@ class ViTArgs:
     depth: int = 12
     heads: int = 3
     mlp_dim: int = 768
-    qkv_bias: bool = False  # biases on q, k, v (timm's and DeiT's pretrained ViTs have them; the deploy layout gains to_qkv.bias)
+    qkv_bias: bool = (
+        False  # biases on q, k, v (timm's and DeiT's pretrained ViTs have them; the deploy layout gains to_qkv.bias)
+    )
     layer_norm_eps: float = 1e-5  # nn.LayerNorm's default, as the earlier release; timm and torchvision use 1e-6
     dropout: float = 0.0  # after the attention projection, the MLP's GELU and the MLP's output
     emb_dropout: float = 0.0  # after the position embedding is added
@@ -56,14 +57,33 @@ class ViTArgs:
     int8_weights: str = "per_tensor"  # PyTorchINT8 only: one weight scale per tensor, or per output row ("per_channel")
 
     @classmethod
-    def from_config(cls, vit_config, num_classes: int, distilled: bool = False, q_format: str | None = None,
-                    q_rounding: str | None = None, int8_weights: str = "per_tensor") -> "ViTArgs":
-        return cls(image_size=vit_config.image_size, patch_size=vit_config.patch_size, num_classes=num_classes,
-                   embed_dim=vit_config.embed_dim, depth=vit_config.depth, heads=vit_config.heads,
-                   mlp_dim=vit_config.mlp_dim, qkv_bias=vit_config.qkv_bias, layer_norm_eps=vit_config.layer_norm_eps,
-                   dropout=vit_config.dropout, emb_dropout=vit_config.emb_dropout, drop_path=vit_config.drop_path,
-                   distilled=distilled, q_format=q_format or vit_config.trained_q_format,
-                   q_rounding=q_rounding or vit_config.q_rounding, int8_weights=int8_weights)
+    def from_config(
+        cls,
+        vit_config,
+        num_classes: int,
+        distilled: bool = False,
+        q_format: str | None = None,
+        q_rounding: str | None = None,
+        int8_weights: str = "per_tensor",
+    ) -> ViTArgs:
+        return cls(
+            image_size=vit_config.image_size,
+            patch_size=vit_config.patch_size,
+            num_classes=num_classes,
+            embed_dim=vit_config.embed_dim,
+            depth=vit_config.depth,
+            heads=vit_config.heads,
+            mlp_dim=vit_config.mlp_dim,
+            qkv_bias=vit_config.qkv_bias,
+            layer_norm_eps=vit_config.layer_norm_eps,
+            dropout=vit_config.dropout,
+            emb_dropout=vit_config.emb_dropout,
+            drop_path=vit_config.drop_path,
+            distilled=distilled,
+            q_format=q_format or vit_config.trained_q_format,
+            q_rounding=q_rounding or vit_config.q_rounding,
+            int8_weights=int8_weights,
+        )
 
 
 class PatchEmbed(nn.Module):
@@ -122,8 +142,17 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_dim: int, dropout: float, ar: Arithmetic, qkv_bias: bool = False,
-                 eps: float = 1e-5, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float,
+        ar: Arithmetic,
+        qkv_bias: bool = False,
+        eps: float = 1e-5,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.norm1 = ar.layer_norm(dim, eps=eps)
         self.attn = Attention(dim, heads, dropout, ar, qkv_bias)
@@ -155,9 +184,19 @@ class VisionTransformer(nn.Module):
         self.round_cls, self.round_cat = ar.activation(), ar.requantize()
         self.round_pos, self.round_pos_add = ar.activation(), ar.activation()
         self.pos_drop = nn.Dropout(args.emb_dropout)
-        self.blocks = nn.ModuleList(Block(args.embed_dim, args.heads, args.mlp_dim, args.dropout, ar,
-                                          qkv_bias=args.qkv_bias, eps=args.layer_norm_eps, drop_path=rate)
-                                    for rate in torch.linspace(0, args.drop_path, args.depth).tolist())
+        self.blocks = nn.ModuleList(
+            Block(
+                args.embed_dim,
+                args.heads,
+                args.mlp_dim,
+                args.dropout,
+                ar,
+                qkv_bias=args.qkv_bias,
+                eps=args.layer_norm_eps,
+                drop_path=rate,
+            )
+            for rate in torch.linspace(0, args.drop_path, args.depth).tolist()
+        )
         self.norm = ar.final_layer_norm(args.embed_dim, eps=args.layer_norm_eps)
         self.round_head = ar.head_input()  # INT8: the class token the head reads (the final LayerNorm's output)
         self.head = ar.linear(args.embed_dim, args.num_classes)

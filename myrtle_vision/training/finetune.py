@@ -16,15 +16,14 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
 from ..config import OPTIMIZERS, build, load_data_config
 from ..data import TrainPlan, eval_loader, open_split, read_label_map, train_loader
-from ..evaluation import evaluate
 from ..errors import UserError
+from ..evaluation import evaluate
 from ..files import check_output, json_with, sha256, write_json
 from ..metrics import Accumulator
 from ..models.cnn import Resized, starting_model
@@ -39,8 +38,8 @@ class TeacherConfig:
 
     data_config: str = "data_configs/data_config.json"
     model: str = "resnet50"  # any torchvision classification model
-    weights: Optional[str] = "imagenet"  # "imagenet" (torchvision's cache), a .pth state dict, or None: from scratch
-    image_size: Optional[int] = None  # resize batches to this size; None: as the data config's transforms give
+    weights: str | None = "imagenet"  # "imagenet" (torchvision's cache), a .pth state dict, or None: from scratch
+    image_size: int | None = None  # resize batches to this size; None: as the data config's transforms give
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.01
@@ -52,7 +51,7 @@ class TeacherConfig:
     label_smoothing: float = 0.1
     seed: int = 1234
     num_workers: int = 4
-    device: Optional[str] = None  # "cpu" or "cuda"; None: cuda when available
+    device: str | None = None  # "cpu" or "cuda"; None: cuda when available
     force: bool = False  # replace an output_path file this tool did not write
     path: str = field(default="teacher parameters", repr=False)
 
@@ -68,7 +67,7 @@ class TeacherConfig:
         v.check(bool(self.output_path), "output_path", "must not be empty")
 
     @classmethod
-    def from_dict(cls, params: dict, source: str = "teacher parameters") -> "TeacherConfig":
+    def from_dict(cls, params: dict, source: str = "teacher parameters") -> TeacherConfig:
         cfg = build(cls, params, source)
         cfg.path = source
         return cfg
@@ -77,7 +76,6 @@ class TeacherConfig:
         out = dataclasses.asdict(self)
         out.pop("path")
         return out
-
 
 
 @dataclass
@@ -100,11 +98,13 @@ class TeacherResult:
 def _earlier_finetuning(sidecar: Path):
     """An ``ours`` test for the weights file: the one its JSON describes (by sha256; a JSON of a version
     before the sha256 was recorded, by its output_path)."""
+
     def test(path: Path) -> bool:
         info = json.loads(sidecar.read_text())
         if not isinstance(info, dict) or "parameters" not in info:
             return False
         return info["sha256"] == sha256(path) if "sha256" in info else info.get("output_path") == str(path)
+
     return test
 
 
@@ -113,10 +113,20 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     start_time = time.perf_counter()
     output, sidecar = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
     # an earlier finetuning's files are replaced; anything else only with force
-    check_output(output, f"{cfg.path}: output_path", ours=_earlier_finetuning(sidecar), force=cfg.force,
-                 what="teacher weights file")
-    check_output(sidecar, f"{cfg.path}: output_path (its JSON)", ours=json_with("parameters", "output_path"),
-                 force=cfg.force, what="teacher's JSON")
+    check_output(
+        output,
+        f"{cfg.path}: output_path",
+        ours=_earlier_finetuning(sidecar),
+        force=cfg.force,
+        what="teacher weights file",
+    )
+    check_output(
+        sidecar,
+        f"{cfg.path}: output_path (its JSON)",
+        ours=json_with("parameters", "output_path"),
+        force=cfg.force,
+        what="teacher's JSON",
+    )
     if device is None:
         from ..cli import resolve_device
 
@@ -133,18 +143,29 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     model = Resized(net, cfg.image_size).to(device)
     # the ViT's optimizer and schedule machinery: the notebook's lr is the rate itself; one update per batch,
     # linear warmup from lr / 100, cosine to zero
-    optimizer = build_optimizer(net, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.momentum)
-    plan = TrainPlan(len(train_set), global_batch=cfg.batch_size, local_batch=cfg.batch_size, seed=cfg.seed,
-                     drop_last=True)
+    optimizer = build_optimizer(
+        net, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+    plan = TrainPlan(
+        len(train_set), global_batch=cfg.batch_size, local_batch=cfg.batch_size, seed=cfg.seed, drop_last=True
+    )
     upe = plan.updates_per_epoch
-    schedule = LRSchedule("cosine", lr=cfg.lr, warmup_lr=cfg.lr / 100, min_lr=0.0,
-                          warmup=round(cfg.warmup_epochs * upe), total=cfg.epochs * upe)
+    schedule = LRSchedule(
+        "cosine",
+        lr=cfg.lr,
+        warmup_lr=cfg.lr / 100,
+        min_lr=0.0,
+        warmup=round(cfg.warmup_epochs * upe),
+        total=cfg.epochs * upe,
+    )
     scheduler = build_scheduler(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, device=device)
-    print(f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "
-          f"{cfg.epochs} epochs of {plan.updates_per_epoch} updates", flush=True)
+    print(
+        f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "
+        f"{cfg.epochs} epochs of {plan.updates_per_epoch} updates",
+        flush=True,
+    )
 
     history, best_top1, best_epoch = [], -1.0, 0
     for epoch in range(cfg.epochs):
@@ -153,8 +174,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         lr = optimizer.param_groups[0]["lr"]
         seen = Accumulator(data_cfg.number_of_classes)
         bar = Progress(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
-        for images, targets in train_loader(train_set, plan, epoch=epoch, num_workers=cfg.num_workers,
-                                              device=device):
+        for images, targets in train_loader(train_set, plan, epoch=epoch, num_workers=cfg.num_workers, device=device):
             logits = model(images)
             loss = criterion(logits, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -167,26 +187,60 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         val = evaluate(model, val_loader, data_cfg.number_of_classes)
         if val.top1 > best_top1:
             best_top1, best_epoch = val.top1, epoch + 1
-            save_atomic({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, output,
-                        "teacher weights", "the best weights saved before are intact" if best_epoch > 1 else
-                        "nothing was written over it")
-            write_json(sidecar, {"parameters": cfg.to_dict(), "finished": False, "output_path": str(output),
-                                 "sha256": sha256(output), "best_epoch": best_epoch, "best_val_top1": best_top1})
-        history.append({"epoch": epoch + 1, "lr": lr, "train_loss": seen.loss, "train_top1": seen.top1,
-                        "val_loss": val.loss, "val_top1": val.top1, "seconds": time.perf_counter() - epoch_start})
-        print(f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {seen.loss:.4f} top-1 {seen.top1:.2f}%  "
-              f"val loss {val.loss:.4f} top-1 {val.top1:.2f}%  (best {best_top1:.2f}% at epoch {best_epoch})",
-              flush=True)
+            save_atomic(
+                {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+                output,
+                "teacher weights",
+                "the best weights saved before are intact" if best_epoch > 1 else "nothing was written over it",
+            )
+            write_json(
+                sidecar,
+                {
+                    "parameters": cfg.to_dict(),
+                    "finished": False,
+                    "output_path": str(output),
+                    "sha256": sha256(output),
+                    "best_epoch": best_epoch,
+                    "best_val_top1": best_top1,
+                },
+            )
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": seen.loss,
+                "train_top1": seen.top1,
+                "val_loss": val.loss,
+                "val_top1": val.top1,
+                "seconds": time.perf_counter() - epoch_start,
+            }
+        )
+        print(
+            f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {seen.loss:.4f} top-1 {seen.top1:.2f}%  "
+            f"val loss {val.loss:.4f} top-1 {val.top1:.2f}%  (best {best_top1:.2f}% at epoch {best_epoch})",
+            flush=True,
+        )
 
     net.load_state_dict(torch.load(output, map_location="cpu", weights_only=True))
-    test = evaluate(model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device=device),
-                    data_cfg.number_of_classes)
-    result = TeacherResult(output_path=output, started_from=started_from, history=history, best_epoch=best_epoch,
-                           best_val_top1=best_top1, test_top1=test.top1, test_top5=test.top5,
-                           seconds=time.perf_counter() - start_time)
+    test = evaluate(
+        model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device=device), data_cfg.number_of_classes
+    )
+    result = TeacherResult(
+        output_path=output,
+        started_from=started_from,
+        history=history,
+        best_epoch=best_epoch,
+        best_val_top1=best_top1,
+        test_top1=test.top1,
+        test_top5=test.top5,
+        seconds=time.perf_counter() - start_time,
+    )
     write_json(sidecar, {"parameters": cfg.to_dict(), "finished": True, **result.to_dict(), "sha256": sha256(output)})
-    print(f"teacher weights (best validation top-1 {best_top1:.2f}%, epoch {best_epoch}) saved to {output}; "
-          f"test top-1 {test.top1:.2f}%, top-{test.k} {test.top5:.2f}% on {test.count} images", flush=True)
+    print(
+        f"teacher weights (best validation top-1 {best_top1:.2f}%, epoch {best_epoch}) saved to {output}; "
+        f"test top-1 {test.top1:.2f}%, top-{test.k} {test.top5:.2f}% on {test.count} images",
+        flush=True,
+    )
     return result
 
 
@@ -226,5 +280,10 @@ def add_arguments(parser) -> None:
         if hints[f.name] is bool:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=_HELP[f.name])
             continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_cli_type(hints[f.name]),
-                            default=f.default, help=f"{what}default: {f.default}")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_cli_type(hints[f.name]),
+            default=f.default,
+            help=f"{what}default: {f.default}",
+        )

@@ -24,8 +24,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..checkpoint import Progress, TrainingState
 from ..config import Config
-from ..data import TrainPlan, class_names, default_workers, derive_seed, eval_loader, open_split, read_label_map
-from ..data import stop_workers, train_loader
+from ..data import (
+    TrainPlan,
+    class_names,
+    default_workers,
+    derive_seed,
+    eval_loader,
+    open_split,
+    read_label_map,
+    stop_workers,
+    train_loader,
+)
 from ..data.batch_augment import BatchAugment
 from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
@@ -38,7 +47,6 @@ from ..optim import LRSchedule, build_scheduler, optimizer_for
 from ..reporting import Reporter
 from ..weights.foreign import load_pretrained
 from ..weights.io import link_atomic, save_atomic
-
 
 MAX_SKIPPED_IN_A_ROW = 10  # nonfinite_loss "skip" gives up after this many non-finite updates in a row
 
@@ -137,8 +145,9 @@ def new_run_dir(output_directory: str) -> Path:
     try:
         run_dir.mkdir(parents=True)
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        raise UserError(f"{run_dir}: cannot create the run directory ({reason(e)}); "
-                        "check train_config.output_directory") from None
+        raise UserError(
+            f"{run_dir}: cannot create the run directory ({reason(e)}); check train_config.output_directory"
+        ) from None
     return run_dir
 
 
@@ -203,39 +212,61 @@ class Trainer:
         when the config is loaded)."""
         cfg, tc, procs = self.cfg, self.tc, self.procs
         if len(self.train_set) < tc.global_batch_size and tc.drop_last_batch:
-            raise UserError(f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
-                            f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
-                            "drop_last_batch to false")
+            raise UserError(
+                f"{self.train_set.list_path}: {len(self.train_set)} images, fewer than one global batch "
+                f"({cfg.path}: train_config.global_batch_size {tc.global_batch_size}); lower it or set "
+                "drop_last_batch to false"
+            )
         if tc.precision == "fp16" and self.device.type != "cuda":
-            raise UserError(f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
-                            "scaler); on CPU use bf16 or fp32")
+            raise UserError(
+                f"{cfg.path}: train_config.precision fp16 needs CUDA (float16 autocast with a gradient "
+                "scaler); on CPU use bf16 or fp32"
+            )
         if tc.global_batch_size < procs.world_size:
-            raise UserError(f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
-                            f"{procs.world_size} processes: each needs at least one image per update")
+            raise UserError(
+                f"{cfg.path}: train_config.global_batch_size {tc.global_batch_size} is smaller than the "
+                f"{procs.world_size} processes: each needs at least one image per update"
+            )
 
     def _build_model(self) -> None:
         cfg, vc = self.cfg, self.cfg.vit_config
         self.model = build_model(cfg)
         if vc.pretrained_weights and not self.tc.checkpoint_path:  # a resumed run has its weights in its checkpoint
-            fresh = load_pretrained(self.model, vc.pretrained_weights, vc.pretrained_format,
-                                    f"{cfg.path}: vit_config.pretrained_weights")
-            self.reporter.print(f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
-                                + (f" ({', '.join(fresh)} freshly initialised: not in the file, or for another "
-                                   "class count)" if fresh else ""))
+            fresh = load_pretrained(
+                self.model, vc.pretrained_weights, vc.pretrained_format, f"{cfg.path}: vit_config.pretrained_weights"
+            )
+            self.reporter.print(
+                f"starting from {vc.pretrained_format} weights {vc.pretrained_weights}"
+                + (
+                    f" ({', '.join(fresh)} freshly initialised: not in the file, or for another class count)"
+                    if fresh
+                    else ""
+                )
+            )
         self.model.to(self.device)
         # DeiT's model EMA: torch's AveragedModel, which starts from the weights after the first update
         decay = self.tc.ema_decay
-        self.ema = None if decay is None else AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay),
-                                                             use_buffers=True)
+        self.ema = (
+            None
+            if decay is None
+            else AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        )
 
     def _build_optimizer(self) -> None:
         """Optimizer, the data plan, the learning-rate schedule, and (fp16) the gradient scaler."""
         tc, procs = self.tc, self.procs
         self.optimizer = optimizer_for(self.model, tc, fused=True if self.device.type == "cuda" else None)
-        self.plan = TrainPlan(len(self.train_set), global_batch=tc.global_batch_size, local_batch=tc.local_batch_size,
-                              seed=tc.seed, drop_last=tc.drop_last_batch, rank=procs.rank, world_size=procs.world_size,
-                              repeats=tc.repeated_augmentation,
-                              balance_labels=self.train_set.labels if tc.class_balanced_sampler else None)
+        self.plan = TrainPlan(
+            len(self.train_set),
+            global_batch=tc.global_batch_size,
+            local_batch=tc.local_batch_size,
+            seed=tc.seed,
+            drop_last=tc.drop_last_batch,
+            rank=procs.rank,
+            world_size=procs.world_size,
+            repeats=tc.repeated_augmentation,
+            balance_labels=self.train_set.labels if tc.class_balanced_sampler else None,
+        )
         self.schedule = LRSchedule.from_config(tc, self.plan.updates_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         # fp16 needs its loss scaled so that small gradients survive; bf16 has FP32's range and does not.
@@ -252,14 +283,16 @@ class Trainer:
         else:
             self.criterion = WeightedCrossEntropy(self.class_weights.to(self.device), self.tc.label_smoothing)
             shown = ", ".join(f"{name} {w:.4g}" for name, w in zip(self.class_names, self.class_weights.tolist()))
-            self.reporter.print(f"class weights (train_config.class_weights {json.dumps(self.tc.class_weights)}): "
-                                f"{shown}")
+            self.reporter.print(
+                f"class weights (train_config.class_weights {json.dumps(self.tc.class_weights)}): {shown}"
+            )
         self.teacher = None
         dc = self.cfg.distiller_config
         if dc is not None:
             where = f"{self.cfg.path}: distiller_config.teacher_weights_path"
-            teacher = load_teacher(dc.teacher_model, self.cfg.data_config.number_of_classes, dc.teacher_weights_path,
-                                   where)
+            teacher = load_teacher(
+                dc.teacher_model, self.cfg.data_config.number_of_classes, dc.teacher_weights_path, where
+            )
             self.teacher = Resized(teacher, dc.teacher_image_size).eval().to(self.device)
             self.criterion = DistillationLoss(self.criterion, dc.distillation_type, dc.alpha, dc.temperature)
 
@@ -274,19 +307,34 @@ class Trainer:
         counts = torch.bincount(torch.tensor(self.train_set.labels), minlength=len(self.class_names))
         empty = [name for name, n in zip(self.class_names, counts.tolist()) if n == 0]
         if empty:
-            raise UserError(f"{self.cfg.path}: train_config.class_weights: balanced, but class {empty[0]!r} has no "
-                            f"images in {self.train_set.list_path}; give a list of weights instead")
+            raise UserError(
+                f"{self.cfg.path}: train_config.class_weights: balanced, but class {empty[0]!r} has no "
+                f"images in {self.train_set.list_path}; give a list of weights instead"
+            )
         return (len(self.train_set) / (len(self.class_names) * counts.double())).float()
 
     def _start_loaders(self) -> None:
         """Workers that live as long as the run: no start-up at every epoch and validation."""
         tc, procs = self.tc, self.procs
         self.num_workers = tc.num_workers if tc.num_workers is not None else default_workers()
-        self.train_loader = train_loader(self.train_set, self.plan, epoch=self.progress.epoch,
-                                         start_update=self.progress.update_in_epoch, num_workers=self.num_workers,
-                                         device=self.device, persistent=True)
-        self.val_loader = eval_loader(self.val_set, tc.local_batch_size, self.num_workers, device=self.device,
-                                      rank=procs.rank, world_size=procs.world_size, persistent=True)
+        self.train_loader = train_loader(
+            self.train_set,
+            self.plan,
+            epoch=self.progress.epoch,
+            start_update=self.progress.update_in_epoch,
+            num_workers=self.num_workers,
+            device=self.device,
+            persistent=True,
+        )
+        self.val_loader = eval_loader(
+            self.val_set,
+            tc.local_batch_size,
+            self.num_workers,
+            device=self.device,
+            rank=procs.rank,
+            world_size=procs.world_size,
+            persistent=True,
+        )
 
     def _wrap_for_the_step(self) -> nn.Module:
         """What the training step calls: the model (both heads for DeiT), wrapped for gradient averaging, and
@@ -294,7 +342,8 @@ class Trainer:
         module = _BothHeads(self.model) if self.teacher is not None else self.model
         if self.procs.enabled:
             module = DistributedDataParallel(
-                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         return torch.compile(module) if self.tc.compile else module
 
     def _new_run_dir(self) -> Path:
@@ -310,8 +359,10 @@ class Trainer:
     def _resume(self) -> Path:
         path = Path(self.tc.checkpoint_path)
         if not path.is_file():
-            raise UserError(f"{self.cfg.path}: train_config.checkpoint_path: {path}: "
-                            + ("is a folder, not a checkpoint" if path.is_dir() else "checkpoint not found"))
+            raise UserError(
+                f"{self.cfg.path}: train_config.checkpoint_path: {path}: "
+                + ("is a folder, not a checkpoint" if path.is_dir() else "checkpoint not found")
+            )
         earlier, said = self.checkpoint.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
         self.reporter.print(said)
         # Continue in the run's own folder when the checkpoint lives in one.
@@ -375,11 +426,12 @@ class Trainer:
             both = f"  (average of both heads: top-1 {avg.top1:.2f}%)"
         else:
             acc = evaluate(model, self.val_loader, len(self.class_names), self.procs, self.tc.precision)
-        self.reporter.scalars(p.iteration, **{f"{tag}/loss": acc.loss, f"{tag}/top1": acc.top1,
-                                              f"{tag}/top5": acc.top5})
+        self.reporter.scalars(
+            p.iteration, **{f"{tag}/loss": acc.loss, f"{tag}/top1": acc.top1, f"{tag}/top5": acc.top5}
+        )
         return acc, f"val loss {acc.loss:.4f}  top-1 {acc.top1:.2f}%  top-{acc.k} {acc.top5:.2f}%{{best}}{both}"
 
-    def train_update(self, batches, update: int, stop: bool = False) -> "Update":
+    def train_update(self, batches, update: int, stop: bool = False) -> Update:
         """One optimizer update over this process's micro-batches.
 
         Returns the mean loss over all processes' images, the images, and whether any process asked to
@@ -458,9 +510,11 @@ class Trainer:
             return
         saved = sorted(self.run_dir.glob("checkpoint_*.pt"))
         last = f"the last checkpoint, {saved[-1]}, is untouched" if saved else "no checkpoint was written yet"
-        more = (f" after {MAX_SKIPPED_IN_A_ROW} skipped updates in a row" if self.tc.nonfinite_loss == "skip" else "")
-        raise NonFiniteLoss(f"{where}{more}; stopped without saving: {last}. Lower the learning rate, set clip_grad, "
-                            "or set train_config.nonfinite_loss to skip")
+        more = f" after {MAX_SKIPPED_IN_A_ROW} skipped updates in a row" if self.tc.nonfinite_loss == "skip" else ""
+        raise NonFiniteLoss(
+            f"{where}{more}; stopped without saving: {last}. Lower the learning rate, set clip_grad, "
+            "or set train_config.nonfinite_loss to skip"
+        )
 
     def _prepare_run_dir(self) -> None:
         """Clear what a killed run left half-written in the run directory (checked writable at start-up, by
@@ -477,18 +531,24 @@ class Trainer:
         reporter.scalars(p.iteration, **{"train/peak_lr": tc.peak_lr})
         saved_at, last_val_at, started_at = p.iteration, -1, p.iteration
         if p.epoch >= tc.epochs:
-            reporter.print(f"{tc.checkpoint_path}: its run has trained all {tc.epochs} epochs of {self.cfg.path}; "
-                           "nothing to train (raise train_config.epochs to train on)")
+            reporter.print(
+                f"{tc.checkpoint_path}: its run has trained all {tc.epochs} epochs of {self.cfg.path}; "
+                "nothing to train (raise train_config.epochs to train on)"
+            )
         self.model.train()
         with _stop_on_signals() as stop:
             self._stop_requests = stop
             try:
                 processes = f" in {procs.world_size} processes" if procs.enabled else ""
-                reporter.print(f"training on {self.device}{processes}: {len(self.train_set)} training images, "
-                               f"{len(self.val_set)} validation images, {self.plan.updates_per_epoch} updates per "
-                               f"epoch of {tc.global_batch_size} images")
+                reporter.print(
+                    f"training on {self.device}{processes}: {len(self.train_set)} training images, "
+                    f"{len(self.val_set)} validation images, {self.plan.updates_per_epoch} updates per "
+                    f"epoch of {tc.global_batch_size} images"
+                )
                 while p.epoch < tc.epochs:
-                    bar = reporter.progress(self.plan.updates_per_epoch, p.update_in_epoch, f"epoch {p.epoch + 1}/{tc.epochs}")
+                    bar = reporter.progress(
+                        self.plan.updates_per_epoch, p.update_in_epoch, f"epoch {p.epoch + 1}/{tc.epochs}"
+                    )
                     self.train_loader.batch_sampler.set_epoch(p.epoch, p.update_in_epoch)
                     batches = iter(self.train_loader)
                     for update in range(p.update_in_epoch, self.plan.updates_per_epoch):
@@ -498,7 +558,9 @@ class Trainer:
                         p.iteration, p.update_in_epoch = p.iteration + 1, update + 1
                         ips = n / (time.perf_counter() - start)
                         bar.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                        reporter.scalars(p.iteration, **{"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips})
+                        reporter.scalars(
+                            p.iteration, **{"train/loss": loss, "train/lr": lr, "train/images_per_sec": ips}
+                        )
                         if p.iteration % tc.iters_per_val == 0:
                             self.validate()
                             last_val_at = p.iteration
@@ -527,8 +589,9 @@ class Trainer:
                 # alone, with no collective: the other processes may have stopped already).
                 if p.iteration > saved_at and procs.is_main:
                     try:
-                        reporter.print(f"stopped by an error; iteration {p.iteration} saved to "
-                                       f"{self._write_checkpoint()}")
+                        reporter.print(
+                            f"stopped by an error; iteration {p.iteration} saved to {self._write_checkpoint()}"
+                        )
                     except TrainingStopped as e:
                         reporter.print(f"stopped by an error, and iteration {p.iteration} could not be saved: {e}")
                 if stop:  # e.g. the same signal also stopped the data workers
@@ -550,15 +613,22 @@ def train(cfg: Config, procs: Processes = Processes()) -> Path:
     say(cfg.train_config.describe_lr())
     dc = cfg.distiller_config
     if dc is not None:
-        say(f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
+        say(
+            f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
             f"loss = {dc.alpha:g} x cross entropy to the labels + {1 - dc.alpha:g} x distillation term "
             f"(alpha weights the labels)"
-            + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "") + ")")
+            + (f", temperature {dc.temperature:g}" if dc.distillation_type == "soft" else "")
+            + ")"
+        )
     vc = cfg.vit_config
     if vc.q_format != vc.trained_q_format:
-        say(f"vit_config.q_format {vc.q_format} is post-training quantization: training runs in FP32, as in the "
-            f"earlier release; test_quantize.py quantizes the checkpoint")
+        say(
+            f"vit_config.q_format {vc.q_format} is post-training quantization: training runs in FP32, as in the "
+            f"earlier release; test_quantize.py quantizes the checkpoint"
+        )
     elif vc.q_format != "FP32":
-        say(f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
-            "gradients pass straight through and the weights stay FP32")
+        say(
+            f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
+            "gradients pass straight through and the weights stay FP32"
+        )
     return trainer.fit()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import re
 
 import torch
-
 from torch import nn
 
 from ..errors import UserError
@@ -101,8 +100,9 @@ def describe_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
     problems, same_depth = [], depth(expected) == depth(found)
     if not same_depth:
         problems.append(f"depth {depth(found)} (the config's model has {depth(expected)})")
-    problems += mismatch(expected, found, "the config's model",
-                         ignore=lambda n: not same_depth and n.startswith("transformer.layers."))
+    problems += mismatch(
+        expected, found, "the config's model", ignore=lambda n: not same_depth and n.startswith("transformer.layers.")
+    )
     if any(n.endswith("to_qkv.bias") for n in expected if n not in found):
         problems.append("the config has qkv_bias true; the checkpoint was trained without")
     if any(n.endswith("to_qkv.bias") for n in found if n not in expected):
@@ -149,8 +149,10 @@ def load_model_weights(model: nn.Module, ckpt: dict, path, require_distillation:
                 raise UserError(f"{path}: distillation entry does not fit the config's model ({problem})")
             weights.update({k: found[k] for k in distill})
         elif require_distillation:
-            raise UserError(f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "
-                            "distiller_config (its distillation token and head are missing)")
+            raise UserError(
+                f"{path}: checkpoint of a ViT trained without a teacher, but the config has a "
+                "distiller_config (its distillation token and head are missing)"
+            )
         else:
             weights.update(distill)
     model.load_state_dict(weights)

@@ -31,10 +31,19 @@ from .io import describe, mismatch, read_state_dict
 def read_timm_state_dict(path: str | Path, fmt: str, where: str) -> dict[str, torch.Tensor]:
     """The tensors of a pretrained file, in timm's names."""
     raw = read_state_dict(path, f"{fmt} weights file", where)
-    expected = ("conv_proj.weight", "encoder.pos_embedding") if fmt == "torchvision" else ("patch_embed.proj.weight",
-                                                                                           "pos_embed")
+    expected = (
+        ("conv_proj.weight", "encoder.pos_embedding")
+        if fmt == "torchvision"
+        else ("patch_embed.proj.weight", "pos_embed")
+    )
     if not all(k in raw for k in expected):
-        found = "torchvision" if "conv_proj.weight" in raw else "timm' or 'deit" if "patch_embed.proj.weight" in raw else None
+        found = (
+            "torchvision"
+            if "conv_proj.weight" in raw
+            else "timm' or 'deit"
+            if "patch_embed.proj.weight" in raw
+            else None
+        )
         hint = f" (it looks like a {found} file: set pretrained_format to '{found}')" if found else ""
         raise UserError(f"{where}: {path}: not a {fmt} ViT state dict: no {' or '.join(expected)}{hint}")
     return _from_torchvision(raw) if fmt == "torchvision" else raw
@@ -70,9 +79,11 @@ def _from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 # What a plain ViT file holds, in timm's names; anything else (layer scale, register tokens, a
 # pre-norm, pooling heads) would make the model compute something else, so it is refused.
-_KNOWN = re.compile(r"(patch_embed\.proj\.(weight|bias)|cls_token|dist_token|pos_embed|norm\.(weight|bias)"
-                    r"|head(_dist)?\.(weight|bias)|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
-                    r"\.(weight|bias))")
+_KNOWN = re.compile(
+    r"(patch_embed\.proj\.(weight|bias)|cls_token|dist_token|pos_embed|norm\.(weight|bias)"
+    r"|head(_dist)?\.(weight|bias)|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+    r"\.(weight|bias))"
+)
 
 
 def resize_grid(pos: torch.Tensor, grid: int, fmt: str = "timm") -> torch.Tensor:
@@ -101,8 +112,9 @@ def load_pretrained(model: nn.Module, path: str | Path, fmt: str, where: str) ->
     excused = {f"{h}.{p}" for h in fresh for p in ("weight", "bias")} | {"dist_token"}
     problem = describe(mismatch(model.state_dict(), converted, "this model", ignore=excused.__contains__))
     if problem:
-        raise UserError(f"{theirs}: does not fit vit_config's model: {problem} (check vit_config's embed_dim, heads "
-                        "and mlp_dim)")
+        raise UserError(
+            f"{theirs}: does not fit vit_config's model: {problem} (check vit_config's embed_dim, heads and mlp_dim)"
+        )
     model.load_state_dict(converted, strict=False)
     return fresh
 
@@ -112,17 +124,25 @@ def _check_plain_vit(state: dict[str, torch.Tensor], args, theirs: str) -> None:
     embedding, depth and attention biases, with a position embedding we can resize."""
     unknown = sorted(k for k in state if not _KNOWN.fullmatch(k))
     if unknown:
-        raise UserError(f"{theirs}: entries a plain ViT has no place for: {', '.join(unknown[:3])}"
-                        + (" ..." if len(unknown) > 3 else "") + " (layer scale, register tokens, a pre-norm or a "
-                        "pooling head would change what the model computes)")
+        raise UserError(
+            f"{theirs}: entries a plain ViT has no place for: {', '.join(unknown[:3])}"
+            + (" ..." if len(unknown) > 3 else "")
+            + " (layer scale, register tokens, a pre-norm or a "
+            "pooling head would change what the model computes)"
+        )
     for key in ("patch_embed.proj.bias", "cls_token"):
         if key not in state:
             raise UserError(f"{theirs}: it has no {key}")
     weight = state["patch_embed.proj.weight"]
-    if weight.ndim != 4 or weight.shape[0] != args.embed_dim or tuple(weight.shape[1:]) != (
-            args.in_chans, args.patch_size, args.patch_size):
-        raise UserError(f"{theirs}: its patch embedding is {tuple(weight.shape)} (embed_dim, channels, patch, patch), "
-                        f"but vit_config has embed_dim {args.embed_dim} and patch_size {args.patch_size}")
+    if (
+        weight.ndim != 4
+        or weight.shape[0] != args.embed_dim
+        or tuple(weight.shape[1:]) != (args.in_chans, args.patch_size, args.patch_size)
+    ):
+        raise UserError(
+            f"{theirs}: its patch embedding is {tuple(weight.shape)} (embed_dim, channels, patch, patch), "
+            f"but vit_config has embed_dim {args.embed_dim} and patch_size {args.patch_size}"
+        )
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth != args.depth:
         raise UserError(f"{theirs}: it has {depth} blocks, but vit_config has depth {args.depth}")
@@ -131,14 +151,20 @@ def _check_plain_vit(state: dict[str, torch.Tensor], args, theirs: str) -> None:
     prefix = 2 if "dist_token" in state else 1
     pos = state["pos_embed"]
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != args.embed_dim or pos.shape[1] <= prefix:
-        raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: expected (1, {prefix} + patches, "
-                        f"{args.embed_dim})")
+        raise UserError(
+            f"{theirs}: position embedding {tuple(pos.shape)}: expected (1, {prefix} + patches, {args.embed_dim})"
+        )
     n = pos.shape[1] - prefix
-    if round(n ** 0.5) ** 2 != n:
+    if round(n**0.5) ** 2 != n:
         square = round(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]
-        raise UserError(f"{theirs}: position embedding {tuple(pos.shape)}: "
-                        + ("no position for the class token (timm's no_embed_class, as DeiT III): not supported"
-                           if square else f"{n} patch positions are not a square grid"))
+        raise UserError(
+            f"{theirs}: position embedding {tuple(pos.shape)}: "
+            + (
+                "no position for the class token (timm's no_embed_class, as DeiT III): not supported"
+                if square
+                else f"{n} patch positions are not a square grid"
+            )
+        )
 
 
 def _to_our_vit(state: dict[str, torch.Tensor], args, fmt: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -159,7 +185,9 @@ def _to_our_vit(state: dict[str, torch.Tensor], args, fmt: str) -> tuple[dict[st
     fresh = []
     for head in ("head", "head_dist") if args.distilled else ("head",):
         if f"{head}.bias" in state and state.get(f"{head}.weight", torch.empty(0)).shape == (
-                args.num_classes, args.embed_dim):
+            args.num_classes,
+            args.embed_dim,
+        ):
             converted[f"{head}.weight"], converted[f"{head}.bias"] = state[f"{head}.weight"], state[f"{head}.bias"]
         else:
             fresh.append(head)  # another class count: the classifier is replaced

@@ -17,8 +17,9 @@ from ..errors import UserError, WriteFailed, reason
 from ..files import discard, fsync_dir, temporary_name, write_atomic
 
 
-def save_atomic(obj, path: str | Path, what: str = "checkpoint",
-                intact: str = "the previous checkpoints are intact") -> Path:
+def save_atomic(
+    obj, path: str | Path, what: str = "checkpoint", intact: str = "the previous checkpoints are intact"
+) -> Path:
     """``torch.save`` to ``path`` atomically (:func:`myrtle_vision.files.write_atomic`).
 
     A crash at any moment leaves either the previous file or the new one under ``path``, never a
@@ -41,8 +42,9 @@ def link_atomic(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as e:
         discard(tmp)
-        raise WriteFailed(f"{dst}: cannot update it to point to {src.name} ({reason(e)}); "
-                          f"{src} itself is complete") from None
+        raise WriteFailed(
+            f"{dst}: cannot update it to point to {src.name} ({reason(e)}); {src} itself is complete"
+        ) from None
     fsync_dir(dst.parent)
 
 
@@ -66,8 +68,9 @@ def load_file(path: Path, what: str):
     inner = error.__context__ if str(error).startswith("Weights only load failed") and error.__context__ else error
     named = _refused_because(path, str(inner))
     if named:
-        raise UserError(f"{path}: refused as a {what}: it names {named}, which a weights file does not hold; "
-                        "nothing in it was run") from None
+        raise UserError(
+            f"{path}: refused as a {what}: it names {named}, which a weights file does not hold; nothing in it was run"
+        ) from None
     why = "torch's weights-only reader refused it" if inner is error and "weights_only" in str(error) else reason(inner)
     raise UserError(f"{path}: not a readable {what} ({why})") from None
 
@@ -75,6 +78,7 @@ def load_file(path: Path, what: str):
 def _refused_because(path: Path, message: str) -> str | None:
     """What a file torch's weights-only reader refused names that a weights file does not hold (a global's
     name when known), from the reader's error ``message``; None for a file that is merely unreadable."""
+
     def printable(name: str) -> str:
         return name if re.fullmatch(r"[A-Za-z0-9_.]{1,200}", name) else ascii(name)[:80]
 
@@ -151,13 +155,21 @@ def _listed(names: list[str], limit: int) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], ours: str = "the model",
-             ignore=lambda name: False, limit: int = 3) -> list[str]:
+def mismatch(
+    expected: dict[str, torch.Tensor],
+    found: dict[str, torch.Tensor],
+    ours: str = "the model",
+    ignore=lambda name: False,
+    limit: int = 3,
+) -> list[str]:
     """How the tensors ``found`` (in a file) fail to fit ``expected`` (a model's): the entries of another shape,
     then the missing ones, then the unexpected ones (those ``ignore`` does not excuse), a phrase each. The one
     way this package says what does not fit; :func:`describe` joins the phrases into a line."""
-    problems = [f"{k} has shape {tuple(found[k].shape)} ({ours} has {tuple(v.shape)})"
-                for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)][:limit]
+    problems = [
+        f"{k} has shape {tuple(found[k].shape)} ({ours} has {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in found and tuple(found[k].shape) != tuple(v.shape)
+    ][:limit]
     missing = [k for k in expected if k not in found and not ignore(k)]
     unexpected = [k for k in found if k not in expected and not ignore(k)]
     if missing:

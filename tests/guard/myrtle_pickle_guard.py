@@ -34,28 +34,32 @@ LOG_VARIABLE = "MYRTLE_PICKLE_GUARD_LOG"
 WATCHED = frozenset({"pickle.find_class", "marshal.loads", "marshal.load"})
 WEIGHTS_ONLY_MODULE = "torch._weights_only_unpickler"
 
-ALLOWED_PICKLE = frozenset({
-    # Queue.get and SimpleQueue.get (DataLoader's index, result and worker-status queues): objects that another
-    # process of ours put on a queue it shares with this one, over a pipe only those processes hold.
-    ("multiprocessing.queues", "get"),
-    # Connection.recv: the same over a multiprocessing pipe (the fork server, Pool, the queues' readers).
-    ("multiprocessing.connection", "recv"),
-    # torch.multiprocessing's queues (ConnectionWrapper.recv): the same, with torch's reductions of tensors.
-    ("torch.multiprocessing.queue", "recv"),
-    # A spawned or fork-server child reading the preparation data and its Process object from its parent.
-    ("multiprocessing.spawn", "_main"),
-    # broadcast_object_list / all_gather_object (myrtle_vision/distributed.py): what another rank of the same
-    # job pickled; the ranks are processes of one run started together by torchrun or train.py.
-    ("torch.distributed.distributed_c10d", "_tensor_to_object"),
-    # torchrun's agent reading the rendezvous state (_RendezvousState) that the agents of the same job keep in
-    # the job's own store (the c10d store torchrun started); no worker process of ours reads it.
-    ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "sync"),
-})
-ALLOWED_MARSHAL = frozenset({
-    # The import system reading a module's cached bytecode (__pycache__/*.pyc), under both names it runs as.
-    ("importlib._bootstrap_external", "_compile_bytecode"),
-    ("_frozen_importlib_external", "_compile_bytecode"),
-})
+ALLOWED_PICKLE = frozenset(
+    {
+        # Queue.get and SimpleQueue.get (DataLoader's index, result and worker-status queues): objects that another
+        # process of ours put on a queue it shares with this one, over a pipe only those processes hold.
+        ("multiprocessing.queues", "get"),
+        # Connection.recv: the same over a multiprocessing pipe (the fork server, Pool, the queues' readers).
+        ("multiprocessing.connection", "recv"),
+        # torch.multiprocessing's queues (ConnectionWrapper.recv): the same, with torch's reductions of tensors.
+        ("torch.multiprocessing.queue", "recv"),
+        # A spawned or fork-server child reading the preparation data and its Process object from its parent.
+        ("multiprocessing.spawn", "_main"),
+        # broadcast_object_list / all_gather_object (myrtle_vision/distributed.py): what another rank of the same
+        # job pickled; the ranks are processes of one run started together by torchrun or train.py.
+        ("torch.distributed.distributed_c10d", "_tensor_to_object"),
+        # torchrun's agent reading the rendezvous state (_RendezvousState) that the agents of the same job keep in
+        # the job's own store (the c10d store torchrun started); no worker process of ours reads it.
+        ("torch.distributed.elastic.rendezvous.dynamic_rendezvous", "sync"),
+    }
+)
+ALLOWED_MARSHAL = frozenset(
+    {
+        # The import system reading a module's cached bytecode (__pycache__/*.pyc), under both names it runs as.
+        ("importlib._bootstrap_external", "_compile_bytecode"),
+        ("_frozen_importlib_external", "_compile_bytecode"),
+    }
+)
 # Who may widen torch's weights-only allowlist: torch itself, in the top-level code of its own modules as they are
 # imported (torch.distributed adds the builtin exception classes and traceback's StackSummary and FrameSummary for
 # its object collectives; torch.distributed.device_mesh, torch.distributed.tensor, torch.nested, torch._dynamo
@@ -106,8 +110,14 @@ def record(event: str, what: str, frame=None, refuse: bool = True) -> None:
     caller = "?"
     if frame is not None:
         caller = ":".join(_where(frame))
-    entry = {"pid": os.getpid(), "argv": sys.argv[:4], "event": event, "what": what, "caller": caller,
-             "stack": _stack(frame)}
+    entry = {
+        "pid": os.getpid(),
+        "argv": sys.argv[:4],
+        "event": event,
+        "what": what,
+        "caller": caller,
+        "stack": _stack(frame),
+    }
     line = json.dumps(entry) + "\n"
     if _log_path:
         fd = os.open(_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -118,8 +128,10 @@ def record(event: str, what: str, frame=None, refuse: bool = True) -> None:
     else:
         sys.stderr.write(f"pickle guard: {line}")
     if refuse:
-        raise UnpicklingRefused(f"pickle guard: {event} {what} called from {caller}: nothing but "
-                                "torch.load(weights_only=True) may unpickle in the tests")
+        raise UnpicklingRefused(
+            f"pickle guard: {event} {what} called from {caller}: nothing but "
+            "torch.load(weights_only=True) may unpickle in the tests"
+        )
 
 
 def _hook(event: str, args) -> None:
@@ -127,8 +139,9 @@ def _hook(event: str, args) -> None:
         return
     frame = sys._getframe(1)
     if event == "pickle.find_class":
-        while frame is not None and (frame.f_globals.get("__name__") in _MACHINERY_MODULES
-                                     or frame.f_code.co_name == "find_class"):
+        while frame is not None and (
+            frame.f_globals.get("__name__") in _MACHINERY_MODULES or frame.f_code.co_name == "find_class"
+        ):
             frame = frame.f_back
         if _allowed(frame, ALLOWED_PICKLE):
             return
@@ -160,8 +173,12 @@ def watch_safe_globals(module) -> None:
         frame = sys._getframe(1)
         while frame is not None and frame.f_globals.get("__name__") in ("torch.serialization", WEIGHTS_ONLY_MODULE):
             frame = frame.f_back
-        if frame is not None and frame.f_code.co_name == "<module>" and _genuine(frame) and \
-                frame.f_globals.get("__name__", "").partition(".")[0] == ALLOWED_SAFE_GLOBALS_PACKAGE:
+        if (
+            frame is not None
+            and frame.f_code.co_name == "<module>"
+            and _genuine(frame)
+            and frame.f_globals.get("__name__", "").partition(".")[0] == ALLOWED_SAFE_GLOBALS_PACKAGE
+        ):
             allowed_additions.update(safe_globals)
             return original(safe_globals)
         record("torch.serialization.add_safe_globals", ", ".join(map(global_name, safe_globals)), frame)
@@ -183,7 +200,7 @@ class _WatchWhenImported:
             if spec is not None and spec.loader is not None:
                 exec_module = spec.loader.exec_module
 
-                def exec_and_watch(module):
+                def exec_and_watch(module, exec_module=exec_module):
                     exec_module(module)
                     watch_safe_globals(module)
                     if self in sys.meta_path:
@@ -196,8 +213,11 @@ class _WatchWhenImported:
 
 def _check_safe_globals_at_exit() -> None:
     module = sys.modules.get(WEIGHTS_ONLY_MODULE)
-    if module is not None and _safe_globals_at_import is not None \
-            and set(module._marked_safe_globals_set) != _safe_globals_at_import | allowed_additions:
+    if (
+        module is not None
+        and _safe_globals_at_import is not None
+        and set(module._marked_safe_globals_set) != _safe_globals_at_import | allowed_additions
+    ):
         added = set(module._marked_safe_globals_set) - _safe_globals_at_import - allowed_additions
         record("torch safe globals changed", ", ".join(map(global_name, added)) or "some removed", refuse=False)
 

@@ -7,3 +7,5 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+# the package itself, editable: `import myrtle_vision` from any folder (benchmarks, users' own code)
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .

@@ -25,6 +25,11 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 # torch.compile's kernels too (otherwise /tmp/torchinductor_$USER, kept after the run)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["XDG_CACHE_HOME"], "torchinductor")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# One thread per process: scripts/test.sh runs one test process per core, and the scripts the tests start run beside
+# them; torch's default (a thread per core in every process) oversubscribes the cores and spins, about halving the
+# suite's speed on 2 cores. Set OMP_NUM_THREADS to give each process more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 sys.path.insert(0, str(REPO))
 # The pickle guard (tests/guard/myrtle_pickle_guard.py): nothing may unpickle but torch.load(weights_only=True), in
 # this process or any process the tests start (the guard's sitecustomize.py, first on their PYTHONPATH, installs it

@@ -8,9 +8,9 @@ On several processes: torchrun --nproc_per_node=N predict.py -c CONFIG ..."""
 from pathlib import Path
 
 from myrtle_vision import distributed
+from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import checkpoint_for
 from myrtle_vision.prediction import predict
 from myrtle_vision.quantization import Q_FORMATS, ROUNDINGS
 
@@ -43,7 +43,7 @@ def main() -> int:
     )
     args = p.parse_args()
     cfg = load_config(args.config)
-    checkpoint = checkpoint_for(cfg, args.checkpoint)
+    checkpoint = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         predict(
             cfg,

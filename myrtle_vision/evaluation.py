@@ -6,7 +6,6 @@ calibrated on the first batches of the validation split). Never imports training
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 from dataclasses import dataclass
@@ -19,16 +18,17 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from . import int8
 from .config import Config
-from .data import class_names, default_workers, eval_loader, open_split, read_label_map
+from .data import class_names, eval_loader, open_split, read_label_map, resolve_workers
 from .distributed import Processes
 from .errors import UserError
 from .files import check_folder, check_output, json_with, write_atomic, write_json
 from .metrics import Accumulator, confusion_image, format_report, format_side_by_side
-from .models import VisionTransformer, build_model
+from .models import VisionTransformer
 from .models.cnn import Resized, load_teacher
+from .precision import autocast
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from .reporting import Reporter
-from .weights.deploy import has_distillation, load_model_weights
+from .weights.deploy import has_distillation
 
 
 @torch.no_grad()
@@ -61,13 +61,6 @@ def sum_over_processes(acc: Accumulator, procs: Processes) -> Accumulator:
         acc.count, acc.top5_correct, acc.loss_sum = int(packed[0]), int(packed[1]), float(packed[2])
         acc.confusion = packed[3:].round().long().view_as(acc.confusion)
     return acc
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context of a ``precision`` (``fp32``: none)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _evaluate(
@@ -111,9 +104,10 @@ def split_loader(
     label_map = read_label_map(cfg.data_config)
     dataset = open_split(cfg.data_config, split, label_map, procs.device, evaluation=True)
     check_image_size(dataset, cfg, "transform_ops_val")
-    num_workers = num_workers if num_workers is not None else default_workers()
     rank, world_size = (procs.rank, procs.world_size) if shard else (0, 1)
-    loader = eval_loader(dataset, batch_size, num_workers, device=procs.device, rank=rank, world_size=world_size)
+    loader = eval_loader(
+        dataset, batch_size, resolve_workers(num_workers), device=procs.device, rank=rank, world_size=world_size
+    )
     return loader, class_names(label_map)
 
 
@@ -133,13 +127,6 @@ def split_accuracy(
         acc, avg = evaluate_heads(model, loader, len(names), procs, precision)
         return acc, avg, names
     return evaluate(model, loader, len(names), procs, precision), None, names
-
-
-def checkpoint_for(cfg: Config, override: str | None) -> Path:
-    path = override or cfg.train_config.checkpoint_path
-    if not path:
-        raise UserError(f"{cfg.path}: train_config.checkpoint_path: empty; set it or pass --checkpoint")
-    return Path(path)
 
 
 def run_test(
@@ -162,9 +149,7 @@ def run_test(
     check_outputs(procs, out_dir, json_path, force)
     ckpt = ckpt_io.load(checkpoint)
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
-    model = build_model(cfg, distilled=has_distillation(ckpt))
-    load_model_weights(model, ckpt, checkpoint)
-    model.to(procs.device)
+    model = ckpt_io.ready_model(cfg, ckpt, checkpoint, distilled=has_distillation(ckpt), device=procs.device)
     tc = cfg.train_config
     weights = ckpt_io.deployed_weights(ckpt)
     if procs.is_main and weights:
@@ -390,7 +375,8 @@ def resolve_format(
     vc = cfg.vit_config
     # The flag, else the config's format, else the one it was trained in, else the accelerator's.
     fmt = q_format or next(f for f in (vc.q_format, trained[0], "FP16_32") if f != "FP32")
-    rounding = q_rounding or (trained[1] if quantized_ckpt else vc.q_rounding)
+    # (quantized_ckpt is now whether the checkpoint was trained in another format than FP32)
+    rounding = ckpt_io.rounding_for(cfg, trained, q_rounding)
     return fmt, rounding
 
 
@@ -491,11 +477,12 @@ def run_quantize_test(
     check_outputs(procs, out_dir, json_path, force)
     int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
     weights = int8_options[1] if int8_options else "per_tensor"
-    models = []
-    for f in ("FP32", fmt):
-        model = build_model(cfg, distilled=False, q_format=f, q_rounding=rounding, int8_weights=weights)
-        load_model_weights(model, ckpt, checkpoint, require_distillation=False)
-        models.append(model.to(procs.device))
+    models = [
+        ckpt_io.ready_model(
+            cfg, ckpt, checkpoint, q_format=f, q_rounding=rounding, int8_weights=weights, device=procs.device
+        )
+        for f in ("FP32", fmt)
+    ]
     tc = cfg.train_config
     loader, names = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, split)
     kind = (

@@ -20,7 +20,7 @@ from .errors import UserError, WriteFailed, reason
 from .evaluation import split_loader
 from .files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
 from .models import build_model
-from .weights.deploy import from_deploy, load_model_weights
+from .weights.deploy import from_deploy
 from .weights.io import load_file
 
 ONNX_TOLERANCE = 1e-3  # ONNX Runtime's kernels sum in another order: about 1e-6 of FP32 ViT logits differ
@@ -96,9 +96,7 @@ def export(
     )
     if onnx is not None:
         check_output(onnx, "--onnx", ours=described_by(sidecar, "onnx", "sha256"), force=force, what="ONNX file")
-    reference = build_model(cfg, distilled=False, q_format="FP32")
-    load_model_weights(reference, ckpt, checkpoint, require_distillation=False)  # says what does not fit
-    reference.eval()
+    reference = ckpt_io.ready_model(cfg, ckpt, checkpoint, q_format="FP32")  # says what does not fit
     staged = {}
     try:
         staged[output] = write_staged(

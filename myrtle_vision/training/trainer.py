@@ -27,23 +27,24 @@ from ..config import Config
 from ..data import (
     TrainPlan,
     class_names,
-    default_workers,
     derive_seed,
     eval_loader,
     open_split,
     read_label_map,
+    resolve_workers,
     stop_workers,
     train_loader,
 )
 from ..data.batch_augment import BatchAugment
 from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
-from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
+from ..evaluation import check_image_size, evaluate, evaluate_heads
 from ..files import check_folder, remove_stale_temporaries, write_atomic
 from ..losses import DistillationLoss, WeightedCrossEntropy
 from ..models import build_model
 from ..models.cnn import Resized, load_teacher
 from ..optim import LRSchedule, build_scheduler, optimizer_for
+from ..precision import autocast
 from ..reporting import Reporter
 from ..weights.foreign import load_pretrained
 from ..weights.io import link_atomic, save_atomic
@@ -316,7 +317,7 @@ class Trainer:
     def _start_loaders(self) -> None:
         """Workers that live as long as the run: no start-up at every epoch and validation."""
         tc, procs = self.tc, self.procs
-        self.num_workers = tc.num_workers if tc.num_workers is not None else default_workers()
+        self.num_workers = resolve_workers(tc.num_workers)
         self.train_loader = train_loader(
             self.train_set,
             self.plan,

@@ -9,7 +9,7 @@ from pathlib import Path
 from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import main_guard, parser
 from myrtle_vision.config import load_config
-from myrtle_vision.export import export
+from myrtle_vision.reports.export import export
 
 
 def main() -> int:

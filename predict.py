@@ -11,8 +11,8 @@ from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.prediction import predict
 from myrtle_vision.quantization import Q_FORMATS, ROUNDINGS
+from myrtle_vision.reports.predict import predict
 
 
 def main() -> int:

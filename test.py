@@ -6,7 +6,7 @@ from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import run_teacher_test, run_test
+from myrtle_vision.reports.test import run_teacher_test, run_test
 
 
 def main() -> int:

@@ -7,8 +7,8 @@ from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import DEFAULT_CALIB_STEPS, run_quantize_test
 from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
+from myrtle_vision.reports.quantize import DEFAULT_CALIB_STEPS, run_quantize_test
 
 
 def main() -> int:

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt_io
-from .config import Config
-from .data import class_names, eval_loader, read_label_map, resolve_workers
-from .data.augment import pipeline_for
-from .data.images import ImageFiles
-from .distributed import Processes
-from .errors import UserError
-from .files import check_output, write_atomic
-from .quantization import Q_FORMATS, ROUNDINGS
-from .reporting import Reporter
+from .. import checkpoint as ckpt_io
+from ..config import Config
+from ..data import class_names, eval_loader, read_label_map, resolve_workers
+from ..data.augment import pipeline_for
+from ..data.images import ImageFiles
+from ..distributed import Processes
+from ..errors import UserError
+from ..files import check_output, write_atomic
+from ..quantization import Q_FORMATS, ROUNDINGS
+from ..reporting import Reporter
 
 LIST_SUFFIXES = (".txt", ".lst")
 

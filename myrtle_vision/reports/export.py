@@ -1,5 +1,5 @@
 """The file the accelerator imports (``export.py``): a checkpoint's deployed ViT alone, in the deploy layout
-(:mod:`.weights.deploy`), its weights in FP32 or rounded to FP16 as the accelerator holds them, with a JSON
+(:mod:`myrtle_vision.weights.deploy`), its weights in FP32 or rounded to FP16 as the accelerator holds them, with a JSON
 beside it saying what it is; optionally the same ViT as ONNX. Each file checks itself: read back, it runs
 the first test images, and its logits are compared with the checkpoint's.
 """
@@ -12,16 +12,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt_io
-from .config import Config
-from .data import class_names, read_label_map
-from .distributed import Processes
-from .errors import UserError, WriteFailed, reason
-from .evaluation import split_loader
-from .files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
-from .models import build_model
-from .weights.deploy import from_deploy
-from .weights.io import load_file
+from .. import checkpoint as ckpt_io
+from ..config import Config
+from ..data import class_names, read_label_map
+from ..distributed import Processes
+from ..errors import UserError, WriteFailed, reason
+from ..evaluation import split_loader
+from ..files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
+from ..models import build_model
+from ..weights.deploy import from_deploy
+from ..weights.io import load_file
 
 ONNX_TOLERANCE = 1e-3  # ONNX Runtime's kernels sum in another order: about 1e-6 of FP32 ViT logits differ
 

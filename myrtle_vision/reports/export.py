@@ -20,6 +20,7 @@ from ..errors import UserError, WriteFailed, reason
 from ..evaluation import split_loader
 from ..files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
 from ..models import build_model
+from ..reporting import say
 from ..weights.deploy import from_deploy
 from ..weights.io import load_file
 
@@ -138,17 +139,17 @@ def export(
         raise
     for path, tmp in staged.items():  # every check passed: into place, the JSON last
         publish(tmp, path)
-    print(
+    say(
         f"{output}: the {'FP16' if fp16 else 'FP32'} deploy file of {checkpoint} ({info['weights']} weights, "
         f"iteration {info['iteration']}); read back, on the first {len(images)} test images its logits "
         f"differ from the checkpoint's by at most {difference:.3g}"
     )
     if onnx is not None:
-        print(
+        say(
             f"{onnx}: ONNX (opset 17, any batch size); ONNX Runtime's logits differ from PyTorch's by at most "
             f"{info['onnx']['max_logit_diff']:.3g} on the same images"
         )
-    print(f"{sidecar}: what the file holds (format, class names, source checkpoint, sha256)")
+    say(f"{sidecar}: what the file holds (format, class names, source checkpoint, sha256)")
     return info
 
 

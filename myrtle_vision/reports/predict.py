@@ -21,7 +21,7 @@ from ..distributed import Processes
 from ..errors import UserError
 from ..files import check_output, write_atomic
 from ..quantization import Q_FORMATS, ROUNDINGS
-from ..reporting import Reporter
+from ..reporting import Reporter, say
 
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -169,7 +169,7 @@ def predict(
         if errors:
             first = next(row for row in (gathered[i] for i in range(len(paths))) if "error" in row)
             line += f"; {errors} files could not be used (error rows; first: {first['path']}: {first['error']})"
-        print(line)
+        say(line)
     return summary
 
 

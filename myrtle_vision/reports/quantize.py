@@ -21,6 +21,7 @@ from ..files import write_atomic, write_json
 from ..metrics import Accumulator, confusion_image, format_side_by_side
 from ..models import VisionTransformer
 from ..quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
+from ..reporting import say
 from ..weights.deploy import has_distillation
 from .outputs import check_outputs, save_png, write_report
 
@@ -181,16 +182,15 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
     loader, _ = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, "val", shard=False)
     batches = min(steps, len(loader))
     images = min(batches * tc.local_batch_size, len(loader.dataset))
-    if procs.is_main:
-        where = f"{cfg.data_config.valid_files} of {cfg.data_config_path}"
-        if batches < steps:
-            print(
-                f"calibrating on all {batches} validation batches ({images} images of {where}): "
-                f"--calib_steps {steps} asks for more than the split has",
-                flush=True,
-            )
-        else:
-            print(f"calibrating on the first {batches} validation batches ({images} images of {where})", flush=True)
+    where = f"{cfg.data_config.valid_files} of {cfg.data_config_path}"
+    if batches < steps:
+        say(
+            f"calibrating on all {batches} validation batches ({images} images of {where}): "
+            f"--calib_steps {steps} asks for more than the split has",
+            procs,
+        )
+    else:
+        say(f"calibrating on the first {batches} validation batches ({images} images of {where})", procs)
     done = int8.calibrate(model, (x for x, _ in islice(loader, batches)))  # on the device already
     assert done == batches, (done, batches)
     return batches, images
@@ -245,17 +245,15 @@ def run_quantize_test(
     )
     how = f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options else f"{rounding} rounding"
     note = unused_int8_flags(fmt, calib_steps, per_channel)
-    if procs.is_main:
-        print(
-            f"{checkpoint}: {kind}; testing in {fmt} ({how})"
-            + (" (DeiT: class head)" if has_distillation(ckpt) else ""),
-            flush=True,
-        )
-        if note:
-            print(note, flush=True)
-        deployed = ckpt_io.deployed_weights(ckpt)
-        if deployed:
-            print(f"{checkpoint}: testing {deployed}", flush=True)
+    say(
+        f"{checkpoint}: {kind}; testing in {fmt} ({how})" + (" (DeiT: class head)" if has_distillation(ckpt) else ""),
+        procs,
+    )
+    if note:
+        say(note, procs)
+    deployed = ckpt_io.deployed_weights(ckpt)
+    if deployed:
+        say(f"{checkpoint}: testing {deployed}", procs)
     if int8_options:
         calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
     comparison = compare(*models, loader, len(names), procs)
@@ -277,9 +275,9 @@ def run_quantize_test(
         result.update(calib_steps=calibrated[0], calib_images=calibrated[1], int8_weights=weights)
     if not procs.is_main:
         return result
-    print(format_side_by_side([ref, q], ["FP32", fmt], names))
-    print(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)")
-    print(f"largest logit difference: {comparison.max_logit_diff:.6g}")
+    say(format_side_by_side([ref, q], ["FP32", fmt], names), procs)
+    say(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)", procs)
+    say(f"largest logit difference: {comparison.max_logit_diff:.6g}", procs)
     for label, acc in (("FP32", ref), (fmt, q)):  # (out_dir made by check_outputs)
         save_png(confusion_image(acc.confusion, names), out_dir / f"confusion_matrix_{label}.png")
     rows = _changed_rows(comparison, loader, names, fmt)
@@ -289,7 +287,7 @@ def run_quantize_test(
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(out_dir / "changed_predictions.csv", text.getvalue(), "list of changed predictions")
-    print(f"confusion matrices and the {changed} changed predictions (changed_predictions.csv, .json): {out_dir}")
+    say(f"confusion matrices and the {changed} changed predictions (changed_predictions.csv, .json): {out_dir}", procs)
     result["output_dir"] = str(out_dir)
     write_report(result, json_path)
     return result

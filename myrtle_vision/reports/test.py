@@ -13,7 +13,7 @@ from ..evaluation import split_accuracy
 from ..metrics import Accumulator, confusion_image, format_report
 from ..models.cnn import Resized, load_teacher
 from ..quantization import POST_TRAINING_FORMATS
-from ..reporting import Reporter
+from ..reporting import Reporter, say
 from ..weights.deploy import has_distillation
 from .outputs import check_outputs, save_png, write_report
 
@@ -41,18 +41,20 @@ def run_test(
     model = ckpt_io.ready_model(cfg, ckpt, checkpoint, distilled=has_distillation(ckpt), device=procs.device)
     tc = cfg.train_config
     weights = ckpt_io.deployed_weights(ckpt)
-    if procs.is_main and weights:
-        print(f"{checkpoint}: testing {weights}")
-    if procs.is_main and model.args.q_format != "FP32":
-        print(
+    if weights:
+        say(f"{checkpoint}: testing {weights}", procs)
+    if model.args.q_format != "FP32":
+        say(
             f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "
-            f"as {cfg.path} vit_config.q_format says"
+            f"as {cfg.path} vit_config.q_format says",
+            procs,
         )
-    if procs.is_main and cfg.vit_config.q_format in POST_TRAINING_FORMATS:
-        print(
+    if cfg.vit_config.q_format in POST_TRAINING_FORMATS:
+        say(
             f"evaluating in FP32: {cfg.path} vit_config.q_format {cfg.vit_config.q_format} is post-training "
             f"quantization, which test.py does not apply; python test_quantize.py -c {cfg.path} gives its figures "
-            "beside FP32's"
+            "beside FP32's",
+            procs,
         )
     acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
     result = _result(acc, names, split)
@@ -62,11 +64,12 @@ def run_test(
         result["weights"] = ckpt.get("deployed")
     if not procs.is_main:
         return result
-    print(format_report(acc, names))
+    say(format_report(acc, names), procs)
     if avg is not None:
-        print(
+        say(
             f"DeiT checkpoint: the figures above are the class head's, which is what the accelerator runs; "
-            f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%"
+            f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%",
+            procs,
         )
     scalars = {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5}
     if avg is not None:
@@ -100,14 +103,13 @@ def run_teacher_test(
     net = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, path, where)
     model = Resized(net, dc.teacher_image_size).eval().to(procs.device)
     tc = cfg.train_config
-    if procs.is_main:
-        size = f", images resized to {dc.teacher_image_size}" if dc.teacher_image_size else ""
-        print(f"{path}: testing teacher {dc.teacher_model} on the {split} split{size}")
+    size = f", images resized to {dc.teacher_image_size}" if dc.teacher_image_size else ""
+    say(f"{path}: testing teacher {dc.teacher_model} on the {split} split{size}", procs)
     acc, _, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
     result = {**_result(acc, names, split), "teacher_model": dc.teacher_model, "weights_path": str(path)}
     if not procs.is_main:
         return result
-    print(format_report(acc, names))
+    say(format_report(acc, names), procs)
     _save(acc, names, split, out_dir, 0, {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5})
     write_report(result, json_path)
     return result
@@ -137,4 +139,4 @@ def _save(acc: Accumulator, names: list[str], split: str, out_dir: Path, step: i
     reporter.image(f"{split}/confusion_matrix", image)
     reporter.scalars(step, **scalars)
     reporter.close()
-    print(f"confusion matrix: {out_dir / 'confusion_matrix.png'} (and TensorBoard in {out_dir})")
+    say(f"confusion matrix: {out_dir / 'confusion_matrix.png'} (and TensorBoard in {out_dir})")

@@ -43,11 +43,11 @@ def main() -> int:
     )
     args = p.parse_args()
     cfg = load_config(args.config)
-    checkpoint = checkpoint_path_for(cfg, args.checkpoint)
+    checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         predict(
             cfg,
-            checkpoint,
+            checkpoint_path,
             args.inputs,
             Path(args.output),
             procs,

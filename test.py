@@ -35,9 +35,9 @@ def main() -> int:
     if args.teacher is not None and args.checkpoint:
         p.error("--teacher tests the CNN teacher, --checkpoint a ViT checkpoint: give one of them")
     cfg = load_config(args.config)
-    checkpoint = None if args.teacher is not None else checkpoint_path_for(cfg, args.checkpoint)
+    checkpoint_path = None if args.teacher is not None else checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
-        if checkpoint is None:
+        if checkpoint_path is None:
             run_teacher_test(
                 cfg,
                 args.teacher,
@@ -50,7 +50,7 @@ def main() -> int:
         else:
             run_test(
                 cfg,
-                checkpoint,
+                checkpoint_path,
                 procs,
                 json_path=args.json,
                 output_dir=args.output_dir,

@@ -63,11 +63,11 @@ def main() -> int:
     add_split_argument(p)
     args = p.parse_args()
     cfg = load_config(args.config)
-    checkpoint = checkpoint_path_for(cfg, args.checkpoint)
+    checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         run_quantize_test(
             cfg,
-            checkpoint,
+            checkpoint_path,
             procs,
             q_format=args.q_format,
             q_rounding=args.q_rounding,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from _common import machine, timed, write_section
 
-from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision import checkpoint
 from myrtle_vision.cli import main_guard, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.distributed import Processes
@@ -57,7 +57,7 @@ def main() -> int:
     models = {}
     for f in FORMATS:
         if args.checkpoint:
-            model = ckpt_io.ready_model(cfg, ckpt_io.load(args.checkpoint), args.checkpoint, q_format=f)
+            model = checkpoint.ready_model(cfg, checkpoint.load(args.checkpoint), args.checkpoint, q_format=f)
         else:
             model = build_model(cfg, distilled=False, q_format=f)
             if models:

@@ -22,7 +22,7 @@ def say(message: str, procs: Processes | None = None, *, to: TextIO | None = Non
         print(message, file=to or sys.stdout, flush=True)
 
 
-class Progress:
+class ProgressBar:
     """A tqdm bar on a terminal; elsewhere (logs, CI) a plain line on stdout every 30 seconds."""
 
     def __init__(self, total: int, initial: int, desc: str, interval: float = 30.0):
@@ -44,7 +44,7 @@ class Progress:
             self.tqdm.close()
 
 
-class _NoProgress:
+class _NoProgressBar:
     tqdm = None
 
     def update(self, **postfix: str) -> None:
@@ -83,9 +83,9 @@ class Reporter:
 
             self.writer.add_image(tag, np.asarray(pil_image), step, dataformats="HWC")
 
-    def progress(self, total: int, initial: int, desc: str) -> Progress:
+    def progress_bar(self, total: int, initial: int, desc: str) -> ProgressBar:
         self.close_bar()
-        self.bar = Progress(total, initial, desc) if self.enabled else _NoProgress()
+        self.bar = ProgressBar(total, initial, desc) if self.enabled else _NoProgressBar()
         return self.bar
 
     def print(self, message: str) -> None:

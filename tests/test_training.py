@@ -172,7 +172,9 @@ def test_an_error_mid_run_keeps_the_last_completed_update(tmp_path):
     ds = make_dataset(tmp_path / "ds", CLASSES)
     listed = (ds / "train_imagepaths.txt").read_text().split()
     # the default test run: 24 images, updates of 8 in micro-batches of 4, seed 7; spoil an image of update 2
-    victim = ds / listed[TrainPlan(24, global_batch=8, local_batch=4, seed=7, drop_last=True).update(0, 1)[0][0][0]]
+    victim = (
+        ds / listed[TrainPlan(24, global_batch=8, local_batch=4, seed=7, drop_last=True).micro_batches(0, 1)[0][0][0]]
+    )
     victim.write_bytes(b"not an image at all")
     # decoded as it is read (no cache, which would find the image at start): the error comes mid-run
     cfg = train_config(

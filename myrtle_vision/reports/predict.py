@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..config import Config
 from ..data import class_names, eval_loader, read_label_map, resolve_workers
 from ..data.augment import pipeline_for
@@ -75,7 +75,7 @@ def columns(k: int, q_format: str | None) -> list[str]:
 @torch.no_grad()
 def predict(
     cfg: Config,
-    checkpoint: Path,
+    checkpoint_path: Path,
     inputs: list[str],
     output: Path,
     procs: Processes = Processes(),
@@ -95,7 +95,7 @@ def predict(
     procs.on_main(
         lambda: check_output(output, "--output", ours=earlier_predictions, force=force, what="predictions CSV")
     )
-    ckpt = ckpt_io.load(checkpoint)
+    ckpt = checkpoint.load(checkpoint_path)
     names = class_names(read_label_map(cfg.data_config))
     k = min(topk, len(names))
     if k < 1:
@@ -108,13 +108,13 @@ def predict(
                 f"{', '.join(f for f in Q_FORMATS if f != 'FP32')} (INT8 needs calibration: "
                 "test_quantize.py)"
             )
-        rounding = ckpt_io.rounding_for(cfg, ckpt_io.trained_format(ckpt, checkpoint), q_rounding)
+        rounding = checkpoint.rounding_for(cfg, checkpoint.trained_format(ckpt, checkpoint_path), q_rounding)
         if rounding not in ROUNDINGS:
             raise UserError(f"--q_rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
         formats.append(q_format)
     # a DeiT checkpoint predicts with its class head: the plain ViT the accelerator runs
     models = [
-        ckpt_io.ready_model(cfg, ckpt, checkpoint, q_format=fmt, q_rounding=rounding, device=procs.device)
+        checkpoint.ready_model(cfg, ckpt, checkpoint_path, q_format=fmt, q_rounding=rounding, device=procs.device)
         for fmt in formats
     ]
     paths = collect_inputs(inputs)
@@ -132,7 +132,7 @@ def predict(
     )
     rows: dict[int, dict] = {}
     reporter = Reporter(enabled=procs.is_main)  # no TensorBoard: a progress bar only
-    bar = reporter.progress(len(loader), 0, "predicting")
+    bar = reporter.progress_bar(len(loader), 0, "predicting")
     for batch, failed in loader:
         for index, reason in failed:
             rows[index] = {"path": printable(paths[index]), "error": printable(reason)}

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt_io
-from .. import int8
+from .. import checkpoint, int8
 from ..config import Config
 from ..distributed import Processes
 from ..errors import UserError
@@ -130,7 +129,7 @@ def resolve_format(
     # The flag, else the config's format, else the one it was trained in, else the accelerator's.
     fmt = q_format or next(f for f in (vc.q_format, trained[0], "FP16_32") if f != "FP32")
     # (quantized_ckpt is now whether the checkpoint was trained in another format than FP32)
-    rounding = ckpt_io.rounding_for(cfg, trained, q_rounding)
+    rounding = checkpoint.rounding_for(cfg, trained, q_rounding)
     return fmt, rounding
 
 
@@ -198,7 +197,7 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
 
 def run_quantize_test(
     cfg: Config,
-    checkpoint: Path,
+    checkpoint_path: Path,
     procs: Processes = Processes(),
     q_format: str | None = None,
     q_rounding: str | None = None,
@@ -210,7 +209,7 @@ def run_quantize_test(
     output_dir: str | None = None,
     force: bool = False,
 ) -> dict:
-    """Test ``checkpoint`` in FP32 and in a simulated number format, side by side, on every image of a split
+    """Test ``checkpoint_path`` in FP32 and in a simulated number format, side by side, on every image of a split
     (the test split unless told); print and return the results, and save both confusion matrices and the
     images whose prediction changed in ``output_dir`` (default: ``<split>_<format>_<checkpoint name>``
     beside the checkpoint).
@@ -221,18 +220,18 @@ def run_quantize_test(
     is read once, both models seeing each batch. A DeiT checkpoint is tested by its class head,
     which is what the accelerator runs.
     """
-    ckpt = ckpt_io.load(checkpoint)
-    trained = ckpt_io.trained_format(ckpt, checkpoint)
+    ckpt = checkpoint.load(checkpoint_path)
+    trained = checkpoint.trained_format(ckpt, checkpoint_path)
     fmt, rounding = resolve_format(
-        cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format, q_rounding=q_rounding, path=checkpoint
+        cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format, q_rounding=q_rounding, path=checkpoint_path
     )
-    out_dir = Path(output_dir) if output_dir else checkpoint.parent / f"{split}_{fmt}_{checkpoint.stem}"
+    out_dir = Path(output_dir) if output_dir else checkpoint_path.parent / f"{split}_{fmt}_{checkpoint_path.stem}"
     check_outputs(procs, out_dir, json_path, force)
     int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
     weights = int8_options[1] if int8_options else "per_tensor"
     models = [
-        ckpt_io.ready_model(
-            cfg, ckpt, checkpoint, q_format=f, q_rounding=rounding, int8_weights=weights, device=procs.device
+        checkpoint.ready_model(
+            cfg, ckpt, checkpoint_path, q_format=f, q_rounding=rounding, int8_weights=weights, device=procs.device
         )
         for f in ("FP32", fmt)
     ]
@@ -246,14 +245,15 @@ def run_quantize_test(
     how = f"{weights.replace('_', '-')} int8 weights, uint8 activations" if int8_options else f"{rounding} rounding"
     note = unused_int8_flags(fmt, calib_steps, per_channel)
     say(
-        f"{checkpoint}: {kind}; testing in {fmt} ({how})" + (" (DeiT: class head)" if has_distillation(ckpt) else ""),
+        f"{checkpoint_path}: {kind}; testing in {fmt} ({how})"
+        + (" (DeiT: class head)" if has_distillation(ckpt) else ""),
         procs,
     )
     if note:
         say(note, procs)
-    deployed = ckpt_io.deployed_weights(ckpt)
+    deployed = checkpoint.deployed_weights(ckpt)
     if deployed:
-        say(f"{checkpoint}: testing {deployed}", procs)
+        say(f"{checkpoint_path}: testing {deployed}", procs)
     if int8_options:
         calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
     comparison = compare(*models, loader, len(names), procs)

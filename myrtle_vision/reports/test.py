@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint as ckpt_io
+from .. import checkpoint
 from ..config import Config
 from ..distributed import Processes
 from ..errors import UserError
@@ -20,29 +20,29 @@ from .outputs import check_outputs, save_png, write_report
 
 def run_test(
     cfg: Config,
-    checkpoint: Path,
+    checkpoint_path: Path,
     procs: Processes = Processes(),
     json_path: str | None = None,
     output_dir: str | None = None,
     split: str = "test",
     force: bool = False,
 ) -> dict:
-    """Evaluate ``checkpoint`` on every image of a split (the test split unless told); print and save the
+    """Evaluate ``checkpoint_path`` on every image of a split (the test split unless told); print and save the
     results; return the JSON dict.
 
     With several processes each evaluates its share of the split and the counts are summed; rank 0
     alone prints and writes. Always in FP32 (whatever the config's training ``precision``): the
     weights as deployed.
     """
-    out_dir = _output_dir(output_dir, checkpoint, split)
+    out_dir = _output_dir(output_dir, checkpoint_path, split)
     check_outputs(procs, out_dir, json_path, force)
-    ckpt = ckpt_io.load(checkpoint)
+    ckpt = checkpoint.load(checkpoint_path)
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
-    model = ckpt_io.ready_model(cfg, ckpt, checkpoint, distilled=has_distillation(ckpt), device=procs.device)
+    model = checkpoint.ready_model(cfg, ckpt, checkpoint_path, distilled=has_distillation(ckpt), device=procs.device)
     tc = cfg.train_config
-    weights = ckpt_io.deployed_weights(ckpt)
+    weights = checkpoint.deployed_weights(ckpt)
     if weights:
-        say(f"{checkpoint}: testing {weights}", procs)
+        say(f"{checkpoint_path}: testing {weights}", procs)
     if model.args.q_format != "FP32":
         say(
             f"evaluating in {model.args.q_format} arithmetic ({model.args.q_rounding} rounding), "

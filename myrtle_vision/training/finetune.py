@@ -28,7 +28,7 @@ from ..files import check_output, json_with, sha256, write_json
 from ..metrics import Accumulator
 from ..models.cnn import Resized, starting_model
 from ..optim import LRSchedule, build_optimizer, build_scheduler
-from ..reporting import Progress, say
+from ..reporting import ProgressBar, say
 from ..weights.io import save_atomic
 
 
@@ -172,7 +172,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         seen = Accumulator(data_cfg.number_of_classes)
-        bar = Progress(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
+        bar = ProgressBar(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
         for images, targets in train_loader(train_set, plan, epoch=epoch, num_workers=cfg.num_workers, device=device):
             logits = model(images)
             loss = criterion(logits, targets)

@@ -128,12 +128,12 @@ def test_sgd_step_scheduler_and_no_drop_last_take_effect(tmp_path, data_cfg):
 
 
 def test_deploy_entry_loads_into_a_fresh_model(trained):
-    from myrtle_vision.config import config_from_dict
+    from myrtle_vision.config import load_config
     from myrtle_vision.models import build_model
 
-    _, run_dir, _ = trained
+    _, run_dir, cfg = trained
     ckpt = load(run_dir / "last.pt")
-    model = build_model(config_from_dict(ckpt["config"], "saved"))
+    model = build_model(load_config(cfg))
     model.load_state_dict(deploy.from_deploy(ckpt["model"]))
     _assert_same_weights(deploy.to_deploy(model.state_dict()), ckpt["model"])
 

@@ -29,7 +29,7 @@ from ..metrics import Accumulator
 from ..models.cnn import Resized, starting_model
 from ..optim import LRSchedule, build_optimizer, build_scheduler
 from ..reporting import ProgressBar, say
-from ..weights.io import save_atomic
+from ..weights.io import load_file, save_atomic
 
 
 @dataclass
@@ -219,7 +219,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
             f"val loss {val.loss:.4f} top-1 {val.top1:.2f}%  (best {best_top1:.2f}% at epoch {best_epoch})",
         )
 
-    net.load_state_dict(torch.load(output, map_location="cpu", weights_only=True))
+    net.load_state_dict(load_file(output, "teacher weights file"))
     test = evaluate(
         model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device=device), data_cfg.number_of_classes
     )

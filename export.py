@@ -6,10 +6,10 @@ python export.py -c CONFIG [--checkpoint PATH] [--output FILE.pt] [--fp16] [--on
 
 from pathlib import Path
 
+from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import main_guard, parser
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import checkpoint_for
-from myrtle_vision.export import export
+from myrtle_vision.reports.export import export
 
 
 def main() -> int:
@@ -37,7 +37,7 @@ def main() -> int:
     cfg = load_config(args.config)
     export(
         cfg,
-        checkpoint_for(cfg, args.checkpoint),
+        checkpoint_path_for(cfg, args.checkpoint),
         Path(args.output) if args.output else None,
         fp16=args.fp16,
         onnx=Path(args.onnx) if args.onnx else None,

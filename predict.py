@@ -8,11 +8,11 @@ On several processes: torchrun --nproc_per_node=N predict.py -c CONFIG ..."""
 from pathlib import Path
 
 from myrtle_vision import distributed
+from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import checkpoint_for
-from myrtle_vision.prediction import predict
 from myrtle_vision.quantization import Q_FORMATS, ROUNDINGS
+from myrtle_vision.reports.predict import predict
 
 
 def main() -> int:
@@ -43,11 +43,11 @@ def main() -> int:
     )
     args = p.parse_args()
     cfg = load_config(args.config)
-    checkpoint = checkpoint_for(cfg, args.checkpoint)
+    checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         predict(
             cfg,
-            checkpoint,
+            checkpoint_path,
             args.inputs,
             Path(args.output),
             procs,

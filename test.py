@@ -3,9 +3,10 @@ The config's CNN teacher instead: python test.py -c CONFIG --teacher [WEIGHTS]
 On several processes: torchrun --nproc_per_node=N test.py -c CONFIG"""
 
 from myrtle_vision import distributed
+from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import checkpoint_for, run_teacher_test, run_test
+from myrtle_vision.reports.test import run_teacher_test, run_test
 
 
 def main() -> int:
@@ -34,9 +35,9 @@ def main() -> int:
     if args.teacher is not None and args.checkpoint:
         p.error("--teacher tests the CNN teacher, --checkpoint a ViT checkpoint: give one of them")
     cfg = load_config(args.config)
-    checkpoint = None if args.teacher is not None else checkpoint_for(cfg, args.checkpoint)
+    checkpoint_path = None if args.teacher is not None else checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
-        if checkpoint is None:
+        if checkpoint_path is None:
             run_teacher_test(
                 cfg,
                 args.teacher,
@@ -49,7 +50,7 @@ def main() -> int:
         else:
             run_test(
                 cfg,
-                checkpoint,
+                checkpoint_path,
                 procs,
                 json_path=args.json,
                 output_dir=args.output_dir,

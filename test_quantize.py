@@ -4,10 +4,11 @@ INT8 post-training quantization, as the earlier release: --q_format PyTorchINT8 
 On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ..."""
 
 from myrtle_vision import distributed
+from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
-from myrtle_vision.evaluation import DEFAULT_CALIB_STEPS, checkpoint_for, run_quantize_test
 from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
+from myrtle_vision.reports.quantize import DEFAULT_CALIB_STEPS, run_quantize_test
 
 
 def main() -> int:
@@ -62,11 +63,11 @@ def main() -> int:
     add_split_argument(p)
     args = p.parse_args()
     cfg = load_config(args.config)
-    checkpoint = checkpoint_for(cfg, args.checkpoint)
+    checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:
         run_quantize_test(
             cfg,
-            checkpoint,
+            checkpoint_path,
             procs,
             q_format=args.q_format,
             q_rounding=args.q_rounding,

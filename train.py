@@ -5,6 +5,7 @@ on several machines: torchrun --nnodes=M --nproc_per_node=N ... train.py -c CONF
 from myrtle_vision import distributed
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
+from myrtle_vision.reporting import say
 from myrtle_vision.training import Interrupted, train
 
 
@@ -23,10 +24,9 @@ def main() -> int:
     device = resolve_device(args.device)
     nproc = distributed.processes_to_start(cfg, device, args.nproc_per_node)
     if nproc > 1:
-        print(
+        say(
             f"starting {nproc} processes on {device.type} with PyTorch's launcher "
-            f"(as torchrun --standalone --nproc_per_node={nproc})",
-            flush=True,
+            f"(as torchrun --standalone --nproc_per_node={nproc})"
         )
         return distributed.launch(
             nproc, __file__, ["-c", args.config] + (["--device", args.device] if args.device else [])
@@ -35,12 +35,10 @@ def main() -> int:
         try:
             last = train(cfg, procs)
         except Interrupted as e:
-            if procs.is_main:
-                print(f"{e}; set train_config.checkpoint_path to it to resume")
+            say(f"{e}; set train_config.checkpoint_path to it to resume", procs)
             return 128 + e.signum
-    if procs.is_main:
-        best = last.parent / "best.pt"
-        print(f"done: last checkpoint {last}" + (f", best {best}" if best.is_file() else ""))
+    best = last.parent / "best.pt"
+    say(f"done: last checkpoint {last}" + (f", best {best}" if best.is_file() else ""), procs)
     return 0
 
 

@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 from _common import machine, timed, write_section
 
-from myrtle_vision import checkpoint as ckpt_io
+from myrtle_vision import checkpoint
 from myrtle_vision.cli import main_guard, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.distributed import Processes
 from myrtle_vision.evaluation import evaluate, split_loader
 from myrtle_vision.models import build_model
 from myrtle_vision.quantization import Q_FORMATS as FORMATS
-from myrtle_vision.weights.deploy import load_model_weights
 
 HEADING = "## Evaluation in a simulated number format against FP32 (quantized_eval.py)"
 INTRO = (
@@ -57,11 +56,12 @@ def main() -> int:
     torch.manual_seed(0)
     models = {}
     for f in FORMATS:
-        model = build_model(cfg, distilled=False, q_format=f)
         if args.checkpoint:
-            load_model_weights(model, ckpt_io.load(args.checkpoint), args.checkpoint, require_distillation=False)
-        elif models:
-            model.load_state_dict(models["FP32"].state_dict())
+            model = checkpoint.ready_model(cfg, checkpoint.load(args.checkpoint), args.checkpoint, q_format=f)
+        else:
+            model = build_model(cfg, distilled=False, q_format=f)
+            if models:
+                model.load_state_dict(models["FP32"].state_dict())
         models[f] = model.to(device).eval()
     tc = cfg.train_config
     if args.random_batches:

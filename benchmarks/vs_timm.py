@@ -50,7 +50,7 @@ from myrtle_vision.config import load_config
 from myrtle_vision.data import stop_workers
 from myrtle_vision.distributed import Processes
 from myrtle_vision.errors import UserError
-from myrtle_vision.evaluation import autocast
+from myrtle_vision.precision import autocast
 from myrtle_vision.prepare import write_index
 from myrtle_vision.training import Trainer
 

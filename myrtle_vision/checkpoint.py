@@ -50,6 +50,7 @@ from torch.optim.swa_utils import AveragedModel
 from . import earlier_release
 from .config import Config
 from .errors import UserError
+from .models import VisionTransformer, build_model
 from .optim import start_schedule_at
 from .quantization import Q_FORMATS, ROUNDINGS
 from .weights.deploy import has_distillation, load_model_weights, model_entries
@@ -289,3 +290,36 @@ def trained_format(ckpt: dict, path: str | Path = "the checkpoint") -> tuple[str
     if rounding not in ROUNDINGS:
         raise UserError(f"{path}: 'quantization.q_rounding' is {rounding!r}, not one of {', '.join(ROUNDINGS)}")
     return fmt, rounding
+
+
+def checkpoint_path_for(cfg: Config, override: str | None) -> Path:
+    """The checkpoint a script reads: ``--checkpoint``, else the config's ``train_config.checkpoint_path``."""
+    path = override or cfg.train_config.checkpoint_path
+    if not path:
+        raise UserError(f"{cfg.path}: train_config.checkpoint_path: empty; set it or pass --checkpoint")
+    return Path(path)
+
+
+def rounding_for(cfg: Config, trained: tuple[str, str], q_rounding: str | None) -> str:
+    """The rounding a checkpoint is run in: ``q_rounding`` (a flag), else the one it was trained in when that
+    was quantization-aware training (``trained``: :func:`trained_format`), else the config's."""
+    return q_rounding or (trained[1] if trained[0] != "FP32" else cfg.vit_config.q_rounding)
+
+
+def ready_model(
+    cfg: Config,
+    ckpt: dict,
+    path: str | Path,
+    *,
+    distilled: bool = False,
+    q_format: str | None = None,
+    q_rounding: str | None = None,
+    int8_weights: str = "per_tensor",
+    device: torch.device | None = None,
+) -> VisionTransformer:
+    """The checkpoint's ViT, ready to run: built as ``cfg`` says (in ``q_format`` and ``q_rounding`` when given,
+    see :func:`myrtle_vision.models.build_model`), the checkpoint's weights in it, in evaluation mode, on
+    ``device``. Not ``distilled``: the plain ViT the accelerator runs (a DeiT checkpoint's class head)."""
+    model = build_model(cfg, distilled=distilled, q_format=q_format, q_rounding=q_rounding, int8_weights=int8_weights)
+    load_model_weights(model, ckpt, path, require_distillation=False)
+    return model.to(device).eval() if device is not None else model.eval()

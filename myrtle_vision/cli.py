@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import UserError, reason
+from .reporting import say
 
 
 def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def main_guard(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as e:
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever it quotes
+        say("error: " + " ".join(str(e).splitlines()), to=sys.stderr)  # one line, whatever it quotes
         code = e.exit_code
     except (MemoryError, RuntimeError) as e:
         # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator raises a plain one
@@ -51,14 +52,14 @@ def main_guard(main: Callable[[], int | None]) -> None:
             and "can't allocate memory" not in str(e)
         ):
             raise
-        print(
+        say(
             f"error: out of memory ({reason(e)[:300]}); lower train_config.local_batch_size (gradient accumulation "
             "keeps global_batch_size) or use a smaller model",
-            file=sys.stderr,
+            to=sys.stderr,
         )
         code = 3
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", to=sys.stderr)
         code = 130
     sys.stdout.flush()
     sys.exit(code or 0)

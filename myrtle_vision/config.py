@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import ConfigError, did_you_mean
 from .quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
+from .teachers import teacher_name_problem
 from .transforms import OpError, parse_ops, per_image_only
 
 AUGMENT_ON = ("auto", "device", "workers")
@@ -286,9 +287,7 @@ class DistillerConfig:
         v.check(0 <= self.alpha <= 1, "alpha", "must be in [0, 1]")
         v.choice(self.distillation_type, ("soft", "hard"), "distillation_type")
         v.check(bool(self.teacher_weights_path), "teacher_weights_path", "must not be empty")
-        from .models.cnn import name_problem  # torchvision's model registry
-
-        problem = name_problem(self.teacher_model)
+        problem = teacher_name_problem(self.teacher_model)
         if problem:
             v.fail("teacher_model", problem)
 
@@ -503,14 +502,4 @@ def load_config(path) -> Config:
     cfg.data_config = load_data_config(cfg.data_config_path)
     cfg.validate_with_data(_Validator(path, ""))
     cfg.path = str(path)
-    return cfg
-
-
-def config_from_dict(raw: dict, source: str) -> Config:
-    """Rebuild a resolved config saved by :meth:`Config.to_dict` (it holds its data config inline)."""
-    cfg = build(Config, raw, source)
-    if cfg.data_config is None:
-        raise ConfigError(source, "data_config", "missing required field")
-    cfg.path = source
-    cfg.data_config.path = f"{source} (its data_config)"
     return cfg

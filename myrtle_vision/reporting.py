@@ -1,16 +1,28 @@
-"""What a run shows its user: a progress bar, printed lines and TensorBoard scalars."""
+"""What a run shows its user: printed lines (:func:`say`, the package's one channel for them), a progress bar and
+TensorBoard scalars."""
 
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from .distributed import Processes
 
-class Progress:
+
+def say(message: str, procs: Processes | None = None, *, to: TextIO | None = None) -> None:
+    """Every line this package prints for its user goes through here: ``message`` on stdout (``to``: stderr, for
+    an error), flushed. With ``procs``, on rank 0 alone; without, from this process (a job of one process, or
+    a line that is this process's own, as an error is)."""
+    if procs is None or procs.is_main:
+        print(message, file=to or sys.stdout, flush=True)
+
+
+class ProgressBar:
     """A tqdm bar on a terminal; elsewhere (logs, CI) a plain line on stdout every 30 seconds."""
 
     def __init__(self, total: int, initial: int, desc: str, interval: float = 30.0):
@@ -25,14 +37,14 @@ class Progress:
             self.tqdm.update(1)
         elif time.monotonic() - self.last_line >= self.interval or self.n == self.total:
             self.last_line = time.monotonic()
-            print(f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
+            say(f"{self.desc}: {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()))
 
     def close(self) -> None:
         if self.tqdm is not None:
             self.tqdm.close()
 
 
-class _NoProgress:
+class _NoProgressBar:
     tqdm = None
 
     def update(self, **postfix: str) -> None:
@@ -56,6 +68,8 @@ class Reporter:
     def log_to(self, log_dir: str | Path | None) -> None:
         """Write TensorBoard event files in ``log_dir`` from now on (nothing, before it is given)."""
         if log_dir is not None and self.enabled and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # (only where a writer is made: not in loader workers)
+
             self.writer = SummaryWriter(str(log_dir))
 
     def scalars(self, step: int, **values: float) -> None:
@@ -69,9 +83,9 @@ class Reporter:
 
             self.writer.add_image(tag, np.asarray(pil_image), step, dataformats="HWC")
 
-    def progress(self, total: int, initial: int, desc: str) -> Progress:
+    def progress_bar(self, total: int, initial: int, desc: str) -> ProgressBar:
         self.close_bar()
-        self.bar = Progress(total, initial, desc) if self.enabled else _NoProgress()
+        self.bar = ProgressBar(total, initial, desc) if self.enabled else _NoProgressBar()
         return self.bar
 
     def print(self, message: str) -> None:
@@ -81,7 +95,7 @@ class Reporter:
         if self.bar is not None and self.bar.tqdm is not None:
             self.bar.tqdm.write(message)
         else:
-            print(message, flush=True)
+            say(message)
 
     def close_bar(self) -> None:
         if self.bar is not None:

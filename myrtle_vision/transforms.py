@@ -51,7 +51,8 @@ def _size(name: str, v) -> int | list[int]:
     raise OpError(name, f"expected a positive integer size or [height, width], got {v!r}")
 
 
-def _pair(name: str, v, lo: float, hi: float) -> tuple[float, float]:
+def _low_high(name: str, v, lo: float, hi: float) -> tuple[float, float]:
+    """A checked [low, high] range within [lo, hi]."""
     if isinstance(v, list) and len(v) == 2 and all(_is_num(x) and lo <= x <= hi for x in v) and v[0] <= v[1]:
         return (float(v[0]), float(v[1]))
     raise OpError(name, f"expected [low, high] with {lo} <= low <= high <= {hi}, got {v!r}")
@@ -94,7 +95,7 @@ def _jitter(name, v):
     if _is_num(v) and v >= 0:
         return float(v)
     if isinstance(v, list):
-        return list(_pair(name, v, 0.0, float("inf")))
+        return list(_low_high(name, v, 0.0, float("inf")))
     raise OpError(name, f"expected a non-negative number or [low, high], got {v!r}")
 
 
@@ -103,7 +104,11 @@ def _parse_resized_crop(name, v):
         kw = _kwargs(
             name,
             v,
-            {"size": _size, "scale": lambda n, x: _pair(n, x, 0.0, 1.0), "ratio": lambda n, x: _pair(n, x, 1e-3, 1e3)},
+            {
+                "size": _size,
+                "scale": lambda n, x: _low_high(n, x, 0.0, 1.0),
+                "ratio": lambda n, x: _low_high(n, x, 1e-3, 1e3),
+            },
         )
         if "size" not in kw:
             raise OpError(f"{name}.size", "missing")

@@ -464,7 +464,7 @@ def _stream(make_plan, epoch: int) -> list[tuple[int, int, int]]:
     for rank in range(plan.world_size):
         share = make_plan(rank)
         for u in range(share.updates_per_epoch):
-            mine = [key for micro in share.update(epoch, u) for key in micro]
+            mine = [key for micro in share.micro_batches(epoch, u) for key in micro]
             for t, (index, seed) in enumerate(mine):
                 position = u * plan.global_batch + rank + t * plan.world_size
                 assert position not in slots, f"position {position} served twice"
@@ -522,7 +522,7 @@ def test_repeated_copies_are_augmented_differently_through_the_loader(tmp_path, 
     split = open_split(load_data_config(data_config(tmp_path / "d.json", dataset, 3, train_ops=ops)), "train")
     plan = TrainPlan(len(split), global_batch=6, local_batch=6, seed=3, drop_last=True, repeats=3)
     images, labels = next(iter(train_loader(split, plan, epoch=0, num_workers=0)))
-    keys = plan.update(0, 0)[0]
+    keys = plan.micro_batches(0, 0)[0]
     for j in (0, 3):  # two images, three copies each
         assert keys[j][0] == keys[j + 1][0] == keys[j + 2][0]
         assert labels[j] == labels[j + 1] == labels[j + 2]

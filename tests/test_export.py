@@ -147,7 +147,7 @@ def test_mistakes_are_one_line(run, tmp_path):
 
 
 def _export_in_process(cfg, ckpt_path, out, **kwargs):
-    import myrtle_vision.export as export_module
+    import myrtle_vision.reports.export as export_module
 
     return export_module.export(load_config(cfg), Path(ckpt_path), out, **kwargs)
 
@@ -155,7 +155,7 @@ def _export_in_process(cfg, ckpt_path, out, **kwargs):
 def test_a_file_that_fails_its_check_is_never_left_in_place(run, tmp_path, monkeypatch):
     """A deploy file whose read-back logits differ from the checkpoint's (here: a writer that rounds one weight)
     is not written at all: no file at --output, no JSON, no temporary; an earlier export there stays as it was."""
-    import myrtle_vision.export as export_module
+    import myrtle_vision.reports.export as export_module
     from myrtle_vision.errors import UserError
 
     _, cfg, ckpt_path = run
@@ -182,7 +182,7 @@ def test_a_file_that_fails_its_check_is_never_left_in_place(run, tmp_path, monke
 def test_an_onnx_file_that_fails_its_check_leaves_nothing_in_place(run, tmp_path, monkeypatch):
     """All or nothing: when ONNX Runtime disagrees, neither the ONNX file nor the (good) deploy file nor the JSON is
     put in place."""
-    import myrtle_vision.export as export_module
+    import myrtle_vision.reports.export as export_module
     from myrtle_vision.errors import UserError
 
     _, cfg, ckpt_path = run

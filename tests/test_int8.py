@@ -30,8 +30,9 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from myrtle_vision import int8
 from myrtle_vision.config import load_config
 from myrtle_vision.distributed import Processes
-from myrtle_vision.evaluation import calibrate_on_validation, split_loader
+from myrtle_vision.evaluation import split_loader
 from myrtle_vision.models.vit import VisionTransformer, ViTArgs
+from myrtle_vision.reports.quantize import calibrate_on_validation
 from myrtle_vision.weights import deploy
 
 EPS = torch.finfo(torch.float32).eps

@@ -128,12 +128,12 @@ def test_sgd_step_scheduler_and_no_drop_last_take_effect(tmp_path, data_cfg):
 
 
 def test_deploy_entry_loads_into_a_fresh_model(trained):
-    from myrtle_vision.config import config_from_dict
+    from myrtle_vision.config import load_config
     from myrtle_vision.models import build_model
 
-    _, run_dir, _ = trained
+    _, run_dir, cfg = trained
     ckpt = load(run_dir / "last.pt")
-    model = build_model(config_from_dict(ckpt["config"], "saved"))
+    model = build_model(load_config(cfg))
     model.load_state_dict(deploy.from_deploy(ckpt["model"]))
     _assert_same_weights(deploy.to_deploy(model.state_dict()), ckpt["model"])
 
@@ -172,7 +172,9 @@ def test_an_error_mid_run_keeps_the_last_completed_update(tmp_path):
     ds = make_dataset(tmp_path / "ds", CLASSES)
     listed = (ds / "train_imagepaths.txt").read_text().split()
     # the default test run: 24 images, updates of 8 in micro-batches of 4, seed 7; spoil an image of update 2
-    victim = ds / listed[TrainPlan(24, global_batch=8, local_batch=4, seed=7, drop_last=True).update(0, 1)[0][0][0]]
+    victim = (
+        ds / listed[TrainPlan(24, global_batch=8, local_batch=4, seed=7, drop_last=True).micro_batches(0, 1)[0][0][0]]
+    )
     victim.write_bytes(b"not an image at all")
     # decoded as it is read (no cache, which would find the image at start): the error comes mid-run
     cfg = train_config(

@@ -3,7 +3,7 @@
 (:mod:`.plan`) and the loaders that put finished batches on the training device (:mod:`.loaders`)."""
 
 from .images import SPLITS, ImageListDataset, class_names, open_split, read_label_map
-from .loaders import Loader, default_workers, eval_loader, stop_workers, train_loader
+from .loaders import Loader, eval_loader, resolve_workers, stop_workers, train_loader
 from .plan import EpochBatches, TrainPlan, derive_seed
 
 __all__ = [
@@ -13,7 +13,7 @@ __all__ = [
     "Loader",
     "TrainPlan",
     "class_names",
-    "default_workers",
+    "resolve_workers",
     "derive_seed",
     "eval_loader",
     "open_split",

@@ -60,7 +60,7 @@ class TransformFailed(ValueError):
 
 def _check_crop(kwargs: dict, height: int, width: int) -> None:
     """Raise TransformFailed where ``RandomCrop(**kwargs)`` cannot crop a ``height`` x ``width`` image."""
-    crop_h, crop_w = _pair(kwargs["size"])
+    crop_h, crop_w = _height_width(kwargs["size"])
     pad = kwargs.get("padding") or 0
     if crop_h > height + 2 * pad or crop_w > width + 2 * pad:
         padded = f" ({height + 2 * pad}x{width + 2 * pad} with its padding)" if pad else ""
@@ -318,7 +318,7 @@ class _Geometric(Pipeline):
             elif name == "Resize":
                 h, w = resized_size(h, w, kwargs["size"])
             elif name == "CenterCrop":
-                h, w = _pair(kwargs["size"])
+                h, w = _height_width(kwargs["size"])
         return params, (h, w)
 
 
@@ -426,7 +426,7 @@ class OnDevice(_Geometric):
                 maps.crop(params[:, k].long(), params[:, k + 1].long(), *op.size)
                 k += 2
             elif name == "CenterCrop":
-                crop_h, crop_w = _pair(kwargs["size"])
+                crop_h, crop_w = _height_width(kwargs["size"])
                 maps.crop(
                     _center_crop_start(maps.height(), crop_h), _center_crop_start(maps.width(), crop_w), crop_h, crop_w
                 )
@@ -447,7 +447,8 @@ class OnDevice(_Geometric):
         return maps
 
 
-def _pair(size) -> tuple[int, int]:
+def _height_width(size) -> tuple[int, int]:
+    """A size op argument (an int: a square) as (height, width)."""
     return (size, size) if isinstance(size, int) else (size[0], size[1])
 
 

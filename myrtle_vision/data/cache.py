@@ -66,6 +66,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError, reason
+from ..reporting import say
 
 VERSION = 2  # 2: the stamps and hashes below; 16-bit images scaled, not clipped (see images.read_rgb)
 RACY_NS = 2_000_000_000  # an image changed this close to a build's start is also checked by its bytes' hash
@@ -210,7 +211,7 @@ class DecodedImages:
     ) -> dict:
         if announce:
             again = f"its decoded images cannot be reused ({why}); decoding again" if why else "decoding"
-            print(f"{list_path}: {again} its {len(self.paths)} images once, into {self.pixels_path}", flush=True)
+            say(f"{list_path}: {again} its {len(self.paths)} images once, into {self.pixels_path}")
         started = time.perf_counter()
         # Every image's stamp first, before anything is decoded: whatever changes from here on changes a
         # stamp (and is decoded again next time), except within a tick of the clock: those, hashed below.
@@ -270,10 +271,9 @@ class DecodedImages:
         }
         self._write_index(index)
         if announce:
-            print(
+            say(
                 f"{list_path}: decoded {len(self.paths)} images ({offset / 1e6:.1f} MB) in "
-                f"{time.perf_counter() - started:.1f} s",
-                flush=True,
+                f"{time.perf_counter() - started:.1f} s"
             )
         return index
 

@@ -33,6 +33,15 @@ def default_workers() -> int:
     return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def resolve_workers(*given: int | None) -> int:
+    """Loader workers: the first of ``given`` that is set (a flag, then the config's ``num_workers``), else
+    :func:`default_workers`."""
+    for n in given:
+        if n is not None:
+            return n
+    return default_workers()
+
+
 def _worker_init(main_pid: int, _worker_id: int) -> None:
     # Ctrl-C reaches the whole process group; the main process handles it and stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

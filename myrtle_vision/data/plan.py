@@ -73,7 +73,7 @@ class TrainPlan:
         if self.updates_per_epoch == 0:
             raise ValueError(f"{num_samples} samples make no update of {global_batch} with drop_last")
 
-    def update(self, epoch: int, update: int) -> list[list[tuple[int, int]]]:
+    def micro_batches(self, epoch: int, update: int) -> list[list[tuple[int, int]]]:
         """This process's micro-batches of ``(index, sample seed)`` for one update of an epoch."""
         order = self._order(epoch)
         start = update * self.global_batch
@@ -120,7 +120,7 @@ class TrainPlan:
     def batches(self, epoch: int, start_update: int = 0):
         """Every micro-batch of the epoch from ``start_update`` on, in order (for the loader)."""
         for u in range(start_update, self.updates_per_epoch):
-            yield from self.update(epoch, u)
+            yield from self.micro_batches(epoch, u)
 
 
 class EpochBatches:

@@ -14,24 +14,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ..errors import UserError, did_you_mean
+from ..errors import UserError
+from ..teachers import teacher_name_problem
 from ..weights.io import describe, mismatch, read_state_dict
 
 
-def teacher_names() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def name_problem(name: str) -> str | None:
-    """Why ``name`` is not a torchvision classification model (with the nearest name), or None."""
-    names = teacher_names()
-    if name in names:
-        return None
-    return f"{name!r} is not a torchvision classification model" + did_you_mean(name, names)
-
-
 def check_name(name: str, where: str) -> None:
-    problem = name_problem(name)
+    problem = teacher_name_problem(name)
     if problem:
         raise UserError(f"{where}: {problem}")
 

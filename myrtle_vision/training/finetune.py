@@ -28,8 +28,8 @@ from ..files import check_output, json_with, sha256, write_json
 from ..metrics import Accumulator
 from ..models.cnn import Resized, starting_model
 from ..optim import LRSchedule, build_optimizer, build_scheduler
-from ..reporting import Progress
-from ..weights.io import save_atomic
+from ..reporting import ProgressBar, say
+from ..weights.io import load_file, save_atomic
 
 
 @dataclass
@@ -139,7 +139,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
 
     torch.manual_seed(cfg.seed)
     net, started_from = starting_model(cfg.model, data_cfg.number_of_classes, cfg.weights, f"{cfg.path}: weights")
-    print(started_from, flush=True)
+    say(started_from)
     model = Resized(net, cfg.image_size).to(device)
     # the ViT's optimizer and schedule machinery: the notebook's lr is the rate itself; one update per batch,
     # linear warmup from lr / 100, cosine to zero
@@ -161,10 +161,9 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
     scheduler = build_scheduler(optimizer, schedule)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     val_loader = eval_loader(val_set, cfg.batch_size, cfg.num_workers, device=device)
-    print(
+    say(
         f"finetuning {cfg.model} on {device}: {len(train_set)} training and {len(val_set)} validation images, "
         f"{cfg.epochs} epochs of {plan.updates_per_epoch} updates",
-        flush=True,
     )
 
     history, best_top1, best_epoch = [], -1.0, 0
@@ -173,7 +172,7 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         seen = Accumulator(data_cfg.number_of_classes)
-        bar = Progress(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
+        bar = ProgressBar(plan.updates_per_epoch, 0, f"teacher epoch {epoch + 1}/{cfg.epochs}")
         for images, targets in train_loader(train_set, plan, epoch=epoch, num_workers=cfg.num_workers, device=device):
             logits = model(images)
             loss = criterion(logits, targets)
@@ -215,13 +214,12 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
                 "seconds": time.perf_counter() - epoch_start,
             }
         )
-        print(
+        say(
             f"teacher epoch {epoch + 1}/{cfg.epochs}: train loss {seen.loss:.4f} top-1 {seen.top1:.2f}%  "
             f"val loss {val.loss:.4f} top-1 {val.top1:.2f}%  (best {best_top1:.2f}% at epoch {best_epoch})",
-            flush=True,
         )
 
-    net.load_state_dict(torch.load(output, map_location="cpu", weights_only=True))
+    net.load_state_dict(load_file(output, "teacher weights file"))
     test = evaluate(
         model, eval_loader(test_set, cfg.batch_size, cfg.num_workers, device=device), data_cfg.number_of_classes
     )
@@ -236,10 +234,9 @@ def finetune_teacher(cfg: TeacherConfig, device: torch.device | None = None) -> 
         seconds=time.perf_counter() - start_time,
     )
     write_json(sidecar, {"parameters": cfg.to_dict(), "finished": True, **result.to_dict(), "sha256": sha256(output)})
-    print(
+    say(
         f"teacher weights (best validation top-1 {best_top1:.2f}%, epoch {best_epoch}) saved to {output}; "
         f"test top-1 {test.top1:.2f}%, top-{test.k} {test.top5:.2f}% on {test.count} images",
-        flush=True,
     )
     return result
 

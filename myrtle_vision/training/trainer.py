@@ -22,28 +22,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..checkpoint import Progress, TrainingState
+from .. import checkpoint
 from ..config import Config
 from ..data import (
     TrainPlan,
     class_names,
-    default_workers,
     derive_seed,
     eval_loader,
     open_split,
     read_label_map,
+    resolve_workers,
     stop_workers,
     train_loader,
 )
 from ..data.batch_augment import BatchAugment
 from ..distributed import Processes
 from ..errors import TrainingStopped, UserError, reason
-from ..evaluation import autocast, check_image_size, evaluate, evaluate_heads
+from ..evaluation import check_image_size, evaluate, evaluate_heads
 from ..files import check_folder, remove_stale_temporaries, write_atomic
 from ..losses import DistillationLoss, WeightedCrossEntropy
 from ..models import build_model
 from ..models.cnn import Resized, load_teacher
 from ..optim import LRSchedule, build_scheduler, optimizer_for
+from ..precision import autocast
 from ..reporting import Reporter
 from ..weights.foreign import load_pretrained
 from ..weights.io import link_atomic, save_atomic
@@ -130,10 +131,10 @@ def _whole_writes(requests: _StopRequests | None):
         raise KeyboardInterrupt
 
 
-def _in_its_run_dir(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` lies in a run directory of ours (a ``config.json`` beside it), where resuming
+def _in_its_run_dir(checkpoint_path: Path) -> bool:
+    """Whether ``checkpoint_path`` lies in a run directory of ours (a ``config.json`` beside it), where resuming
     goes on writing."""
-    return (checkpoint.parent / "config.json").is_file()
+    return (checkpoint_path.parent / "config.json").is_file()
 
 
 def new_run_dir(output_directory: str) -> Path:
@@ -182,7 +183,9 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._build_loss()
-        self.checkpoint = TrainingState(cfg, self.model, self.optimizer, self.scheduler, self.scaler, ema=self.ema)
+        self.training_state = checkpoint.TrainingState(
+            cfg, self.model, self.optimizer, self.scheduler, self.scaler, ema=self.ema
+        )
         self.skipped_in_a_row = 0
         self._stop_requests: _StopRequests | None = None  # while fit() has its signal handler installed
         self.run_dir = self._resume() if self.tc.checkpoint_path else self._new_run_dir()
@@ -316,7 +319,7 @@ class Trainer:
     def _start_loaders(self) -> None:
         """Workers that live as long as the run: no start-up at every epoch and validation."""
         tc, procs = self.tc, self.procs
-        self.num_workers = tc.num_workers if tc.num_workers is not None else default_workers()
+        self.num_workers = resolve_workers(tc.num_workers)
         self.train_loader = train_loader(
             self.train_set,
             self.plan,
@@ -363,18 +366,18 @@ class Trainer:
                 f"{self.cfg.path}: train_config.checkpoint_path: {path}: "
                 + ("is a folder, not a checkpoint" if path.is_dir() else "checkpoint not found")
             )
-        earlier, said = self.checkpoint.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
+        earlier, said = self.training_state.resume(path, self.teacher is not None, self.plan.updates_per_epoch)
         self.reporter.print(said)
         # Continue in the run's own folder when the checkpoint lives in one.
         return path.parent if not earlier and _in_its_run_dir(path) else self._new_run_dir()
 
     @property
-    def progress(self) -> Progress:
-        return self.checkpoint.progress
+    def progress(self) -> checkpoint.Progress:
+        return self.training_state.progress
 
     def state(self) -> dict:
         """What a checkpoint of this moment holds (see :mod:`myrtle_vision.checkpoint`)."""
-        return self.checkpoint.to_dict()
+        return self.training_state.to_dict()
 
     def save_checkpoint(self) -> Path:
         """Rank 0 writes; every process returns the path (or raises, if the write failed)."""
@@ -405,13 +408,13 @@ class Trainer:
         if self.ema is not None:
             ema_acc, ema_figures = self._validate(self.ema.module, "val_ema")
             where += figures.format(best="") + f"\n  weight average (EMA {self.tc.ema_decay:g}): "
-            figures, acc = ema_figures, ema_acc if self.checkpoint.deploys_ema else acc
+            figures, acc = ema_figures, ema_acc if self.training_state.deploys_ema else acc
         improved = acc.top1 > p.best_val_top1
         if improved:
             p.best_val_top1 = acc.top1
         best = f"  best top-1 {p.best_val_top1:.2f}%"
         if self.ema is not None:
-            best += " (of the " + ("weight average)" if self.checkpoint.deploys_ema else "trained weights)")
+            best += " (of the " + ("weight average)" if self.training_state.deploys_ema else "trained weights)")
         self.reporter.print(where + figures.format(best=best))
         if improved:
             self._on_rank0(self._write_best)
@@ -546,7 +549,7 @@ class Trainer:
                     f"epoch of {tc.global_batch_size} images"
                 )
                 while p.epoch < tc.epochs:
-                    bar = reporter.progress(
+                    bar = reporter.progress_bar(
                         self.plan.updates_per_epoch, p.update_in_epoch, f"epoch {p.epoch + 1}/{tc.epochs}"
                     )
                     self.train_loader.batch_sampler.set_epoch(p.epoch, p.update_in_epoch)

@@ -1,5 +1,5 @@
 """The file the accelerator imports (``export.py``): a checkpoint's deployed ViT alone, in the deploy layout
-(:mod:`.weights.deploy`), its weights in FP32 or rounded to FP16 as the accelerator holds them, with a JSON
+(:mod:`myrtle_vision.weights.deploy`), its weights in FP32 or rounded to FP16 as the accelerator holds them, with a JSON
 beside it saying what it is; optionally the same ViT as ONNX. Each file checks itself: read back, it runs
 the first test images, and its logits are compared with the checkpoint's.
 """
@@ -12,16 +12,17 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt_io
-from .config import Config
-from .data import class_names, read_label_map
-from .distributed import Processes
-from .errors import UserError, WriteFailed, reason
-from .evaluation import split_loader
-from .files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
-from .models import build_model
-from .weights.deploy import from_deploy, load_model_weights
-from .weights.io import load_file
+from .. import checkpoint
+from ..config import Config
+from ..data import class_names, read_label_map
+from ..distributed import Processes
+from ..errors import UserError, WriteFailed, reason
+from ..evaluation import split_loader
+from ..files import check_output, described_by, discard, json_with, publish, sha256, temporary_name, write_staged
+from ..models import build_model
+from ..reporting import say
+from ..weights.deploy import from_deploy
+from ..weights.io import load_file
 
 ONNX_TOLERANCE = 1e-3  # ONNX Runtime's kernels sum in another order: about 1e-6 of FP32 ViT logits differ
 
@@ -64,7 +65,7 @@ def _check_onnx_installed() -> None:
 @torch.no_grad()
 def export(
     cfg: Config,
-    checkpoint: Path,
+    checkpoint_path: Path,
     output: Path | None = None,
     *,
     fp16: bool = False,
@@ -83,12 +84,12 @@ def export(
         raise UserError(f"--check-images {check_images}: must be at least 1")
     if onnx is not None:
         _check_onnx_installed()
-    ckpt = ckpt_io.load(checkpoint)
-    output = output or checkpoint.with_name(f"{checkpoint.stem}_deploy{'_fp16' if fp16 else ''}.pt")
+    ckpt = checkpoint.load(checkpoint_path)
+    output = output or checkpoint_path.with_name(f"{checkpoint_path.stem}_deploy{'_fp16' if fp16 else ''}.pt")
     sidecar = output.with_suffix(".json")
-    if output.resolve() == checkpoint.resolve():
+    if output.resolve() == checkpoint_path.resolve():
         raise UserError(f"--output {output}: is the checkpoint itself; choose another file")
-    if onnx is not None and onnx.resolve() in (output.resolve(), sidecar.resolve(), checkpoint.resolve()):
+    if onnx is not None and onnx.resolve() in (output.resolve(), sidecar.resolve(), checkpoint_path.resolve()):
         raise UserError(f"--onnx {onnx}: is the deploy file, its JSON or the checkpoint; choose another file")
     check_output(output, "--output", ours=described_by(sidecar), force=force, what="deploy file")
     check_output(
@@ -96,9 +97,7 @@ def export(
     )
     if onnx is not None:
         check_output(onnx, "--onnx", ours=described_by(sidecar, "onnx", "sha256"), force=force, what="ONNX file")
-    reference = build_model(cfg, distilled=False, q_format="FP32")
-    load_model_weights(reference, ckpt, checkpoint, require_distillation=False)  # says what does not fit
-    reference.eval()
+    reference = checkpoint.ready_model(cfg, ckpt, checkpoint_path, q_format="FP32")  # says what does not fit
     staged = {}
     try:
         staged[output] = write_staged(
@@ -111,7 +110,7 @@ def export(
         difference = (got - expected).abs().max().item()
         if not fp16 and difference != 0:
             raise UserError(
-                f"{output}: read back, its logits differ from {checkpoint}'s by {difference:.3g}; "
+                f"{output}: read back, its logits differ from {checkpoint_path}'s by {difference:.3g}; "
                 "the file is not the checkpoint's model (nothing was written)"
             )
         dc = cfg.data_config
@@ -120,8 +119,8 @@ def export(
             "sha256": sha256(staged[output]),
             "format": "FP16" if fp16 else "FP32",
             "layout": "the earlier release's ViT state dict (the accelerator's importer), class head only",
-            "source_checkpoint": str(checkpoint),
-            "source_sha256": sha256(checkpoint),
+            "source_checkpoint": str(checkpoint_path),
+            "source_sha256": sha256(checkpoint_path),
             "iteration": int(ckpt.get("iteration", 0)),
             "weights": ckpt.get("deployed", "raw"),
             "class_names": class_names(read_label_map(dc)),
@@ -140,17 +139,17 @@ def export(
         raise
     for path, tmp in staged.items():  # every check passed: into place, the JSON last
         publish(tmp, path)
-    print(
-        f"{output}: the {'FP16' if fp16 else 'FP32'} deploy file of {checkpoint} ({info['weights']} weights, "
+    say(
+        f"{output}: the {'FP16' if fp16 else 'FP32'} deploy file of {checkpoint_path} ({info['weights']} weights, "
         f"iteration {info['iteration']}); read back, on the first {len(images)} test images its logits "
         f"differ from the checkpoint's by at most {difference:.3g}"
     )
     if onnx is not None:
-        print(
+        say(
             f"{onnx}: ONNX (opset 17, any batch size); ONNX Runtime's logits differ from PyTorch's by at most "
             f"{info['onnx']['max_logit_diff']:.3g} on the same images"
         )
-    print(f"{sidecar}: what the file holds (format, class names, source checkpoint, sha256)")
+    say(f"{sidecar}: what the file holds (format, class names, source checkpoint, sha256)")
     return info
 
 

@@ -12,18 +12,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt_io
-from .config import Config
-from .data import class_names, default_workers, eval_loader, read_label_map
-from .data.augment import pipeline_for
-from .data.images import ImageFiles
-from .distributed import Processes
-from .errors import UserError
-from .files import check_output, write_atomic
-from .models import build_model
-from .quantization import Q_FORMATS, ROUNDINGS
-from .reporting import Reporter
-from .weights.deploy import load_model_weights
+from .. import checkpoint
+from ..config import Config
+from ..data import class_names, eval_loader, read_label_map, resolve_workers
+from ..data.augment import pipeline_for
+from ..data.images import ImageFiles
+from ..distributed import Processes
+from ..errors import UserError
+from ..files import check_output, write_atomic
+from ..quantization import Q_FORMATS, ROUNDINGS
+from ..reporting import Reporter, say
 
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -77,7 +75,7 @@ def columns(k: int, q_format: str | None) -> list[str]:
 @torch.no_grad()
 def predict(
     cfg: Config,
-    checkpoint: Path,
+    checkpoint_path: Path,
     inputs: list[str],
     output: Path,
     procs: Processes = Processes(),
@@ -97,7 +95,7 @@ def predict(
     procs.on_main(
         lambda: check_output(output, "--output", ours=earlier_predictions, force=force, what="predictions CSV")
     )
-    ckpt = ckpt_io.load(checkpoint)
+    ckpt = checkpoint.load(checkpoint_path)
     names = class_names(read_label_map(cfg.data_config))
     k = min(topk, len(names))
     if k < 1:
@@ -110,37 +108,31 @@ def predict(
                 f"{', '.join(f for f in Q_FORMATS if f != 'FP32')} (INT8 needs calibration: "
                 "test_quantize.py)"
             )
-        trained = ckpt_io.trained_format(ckpt, checkpoint)
-        rounding = q_rounding or (trained[1] if trained[0] != "FP32" else cfg.vit_config.q_rounding)
+        rounding = checkpoint.rounding_for(cfg, checkpoint.trained_format(ckpt, checkpoint_path), q_rounding)
         if rounding not in ROUNDINGS:
             raise UserError(f"--q_rounding {rounding!r} is not one of {', '.join(ROUNDINGS)}")
         formats.append(q_format)
-    models = []
-    for fmt in formats:  # a DeiT checkpoint predicts with its class head: the plain ViT the accelerator runs
-        model = build_model(cfg, distilled=False, q_format=fmt, q_rounding=rounding)
-        load_model_weights(model, ckpt, checkpoint, require_distillation=False)
-        models.append(model.to(procs.device).eval())
+    # a DeiT checkpoint predicts with its class head: the plain ViT the accelerator runs
+    models = [
+        checkpoint.ready_model(cfg, ckpt, checkpoint_path, q_format=fmt, q_rounding=rounding, device=procs.device)
+        for fmt in formats
+    ]
     paths = collect_inputs(inputs)
     dc = cfg.data_config
     pipeline = pipeline_for(dc.transform_ops_val, dc.augment_on, procs.device)
     dataset = ImageFiles(paths, pipeline, cfg.vit_config.image_size, f"{cfg.data_config_path}: transform_ops_val")
     tc = cfg.train_config
-    workers = (
-        num_workers
-        if num_workers is not None
-        else (tc.num_workers if tc.num_workers is not None else default_workers())
-    )
     loader = eval_loader(
         dataset,
         batch_size or tc.local_batch_size,
-        workers,
+        resolve_workers(num_workers, tc.num_workers),
         device=procs.device,
         rank=procs.rank,
         world_size=procs.world_size,
     )
     rows: dict[int, dict] = {}
     reporter = Reporter(enabled=procs.is_main)  # no TensorBoard: a progress bar only
-    bar = reporter.progress(len(loader), 0, "predicting")
+    bar = reporter.progress_bar(len(loader), 0, "predicting")
     for batch, failed in loader:
         for index, reason in failed:
             rows[index] = {"path": printable(paths[index]), "error": printable(reason)}
@@ -177,7 +169,7 @@ def predict(
         if errors:
             first = next(row for row in (gathered[i] for i in range(len(paths))) if "error" in row)
             line += f"; {errors} files could not be used (error rows; first: {first['path']}: {first['error']})"
-        print(line)
+        say(line)
     return summary
 
 

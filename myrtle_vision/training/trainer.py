@@ -611,12 +611,12 @@ class Trainer:
 def train(cfg: Config, procs: Processes = Processes()) -> Path:
     """Train as ``cfg`` says, in this process's share of ``procs``; returns the last checkpoint's path."""
     trainer = Trainer(cfg, procs)
-    say = trainer.reporter.print
-    say(f"run directory: {trainer.run_dir}")
-    say(cfg.train_config.describe_lr())
+    report = trainer.reporter.print
+    report(f"run directory: {trainer.run_dir}")
+    report(cfg.train_config.describe_lr())
     dc = cfg.distiller_config
     if dc is not None:
-        say(
+        report(
             f"distilling from {dc.teacher_model} {dc.teacher_weights_path} ({dc.distillation_type}, "
             f"loss = {dc.alpha:g} x cross entropy to the labels + {1 - dc.alpha:g} x distillation term "
             f"(alpha weights the labels)"
@@ -625,12 +625,12 @@ def train(cfg: Config, procs: Processes = Processes()) -> Path:
         )
     vc = cfg.vit_config
     if vc.q_format != vc.trained_q_format:
-        say(
+        report(
             f"vit_config.q_format {vc.q_format} is post-training quantization: training runs in FP32, as in the "
             f"earlier release; test_quantize.py quantizes the checkpoint"
         )
     elif vc.q_format != "FP32":
-        say(
+        report(
             f"quantization-aware training: the forward pass simulates {vc.q_format} ({vc.q_rounding} rounding); "
             "gradients pass straight through and the weights stay FP32"
         )

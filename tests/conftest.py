@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# qtorch's compiled extension stays where torch keeps it for the user (~/.cache/torch_extensions): compiled once per
+# machine (20 s), not once per test process as it would be in the fresh cache folder below.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions"),
+)
 # The tests' decoded-image caches go to a folder of their own (scripts run by the tests inherit it), not ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="myrtle_vision_test_cache_")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)

@@ -401,6 +401,7 @@ def test_the_corpus_is_large():
     assert len(CASES) >= 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_is_one_line_naming_file_and_field(name, pristine, tmp_path):
     c = Case(pristine, tmp_path)
@@ -491,6 +492,7 @@ def mutation_case(pristine, tmp_path_factory):
     return c
 
 
+@pytest.mark.slow
 @settings(
     max_examples=int(os.environ.get("MUTATION_EXAMPLES", "400")),
     deadline=None,
@@ -539,6 +541,7 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(capsys):
     assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "local_batch_size" in err
 
 
+@pytest.mark.slow
 def test_train_py_out_of_memory_is_one_line_and_exit_3(tmp_path, data_cfg):
     """A model too large for the memory the process may use (an address-space limit set on train.py alone)."""
     import resource
@@ -629,6 +632,7 @@ def test_report_paths_that_are_not_writable_are_refused_before_the_evaluation(sc
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_report_folders_that_are_read_only_are_refused_before_the_evaluation(pristine, tmp_path):
     from conftest import run_script_read_only
 
@@ -641,6 +645,7 @@ def test_report_folders_that_are_read_only_are_refused_before_the_evaluation(pri
         assert "top-1" not in proc.stdout and list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_report_that_cannot_be_written_leaves_the_earlier_one_whole(pristine, tmp_path):
     """A file-size limit (set by the kernel, RLIMIT_FSIZE) smaller than the confusion matrix: test.py stops with one
     line (exit 3) and the earlier run's picture in the same folder is as it was, not cut at the limit."""
@@ -685,6 +690,7 @@ def _images_with_a_name_that_is_not_utf8(c: Case, tmp_path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_predict_writes_its_csv_atomically_and_as_utf8_whatever_the_file_names(pristine, tmp_path):
     """A file name that is not UTF-8 (Linux allows any bytes) is written with its odd bytes escaped; an earlier
     predictions CSV at --output is replaced whole, and a file of the user's only with --force."""
@@ -719,6 +725,7 @@ def test_predict_writes_its_csv_atomically_and_as_utf8_whatever_the_file_names(p
     assert subprocess.run(args + ["--force"], env=script_env(), capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_predict_refuses_bad_batch_sizes_and_unwritable_outputs_before_predicting(pristine, tmp_path):
     from conftest import run_script_read_only
 
@@ -737,6 +744,7 @@ def test_predict_refuses_bad_batch_sizes_and_unwritable_outputs_before_predictin
     assert "predicted" not in proc.stdout and not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow
 def test_train_refuses_an_output_directory_it_cannot_write_before_opening_the_data(pristine, tmp_path):
     from conftest import run_script_read_only
 
@@ -786,6 +794,7 @@ torch.save = _save_then_lock
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saves", [1, 2])
 def test_a_run_folder_made_read_only_mid_run_stops_with_exit_3_and_keeps_its_checkpoints(saves, pristine, tmp_path):
     """The folder turns read-only just after torch.save wrote checkpoint N's temporary file (its rename fails; with

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, data_config, make_dataset, script_env, train_config
 
 RUN = {"epochs": 1, "local_batch_size": 4, "global_batch_size": 4, "num_workers": 0}
@@ -26,6 +27,7 @@ def _ratios(table: str) -> list[float]:
     return [float(x) for x in re.findall(r"\*\*([0-9.]+)x\*\*", table)]
 
 
+@pytest.mark.slow
 def test_vs_timm_measures_ours_and_timm_end_to_end_and_the_loader():
     out = _run(
         "benchmarks/vs_timm.py",
@@ -67,6 +69,7 @@ def test_vs_timm_measures_ours_and_timm_end_to_end_and_the_loader():
     assert len(ratios) == 3 + 1 + 1 and all(r > 0 for r in ratios)
 
 
+@pytest.mark.slow
 def test_quantized_eval_reports_every_format(tmp_path):
     dataset = make_dataset(tmp_path / "data", ["a", "b"], counts=(4, 2, 6))
     cfg = train_config(
@@ -83,6 +86,7 @@ def test_quantized_eval_reports_every_format(tmp_path):
     assert re.search(r"\| evaluation \(data \+ model\) \| FP16_32 \| [0-9.]+ \| \d+ \| [0-9.]+x \|", out)
 
 
+@pytest.mark.slow
 def test_einops_layouts_times_both_variants_of_the_same_model():
     out = _run(
         "benchmarks/einops_layouts.py", "--image-size", "32", "--batch-size", "2", "--repeats", "1", "--no-write"
@@ -91,6 +95,7 @@ def test_einops_layouts_times_both_variants_of_the_same_model():
     assert re.search(r"^\| ViT-Tiny \| inference \| [0-9.]+ \| [0-9.]+ \| \*\*[0-9.]+x\*\* \|$", out, re.M)
 
 
+@pytest.mark.slow
 def test_recipe_ablation_trains_and_tests_each_variant_at_each_seed(tmp_path):
     data = data_config(tmp_path / "d.json", make_dataset(tmp_path / "data", ["a", "b", "c"]), 3)
     base = train_config(tmp_path / "vit.json", data, tmp_path / "out", train=RUN)

@@ -192,6 +192,7 @@ def test_bad_train_config_in_process(case, tmp_path, data_cfg):
     assert e.value.field == field and hint in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["typo", "wrong type", "missing", "patch", "batch", "negative lr", "class weights count"]
 )
@@ -210,6 +211,7 @@ def test_dist_url_accepts_what_torch_distributed_takes_and_does_not_use_it(url, 
     assert load_config(train_config(tmp_path / "d.json", data_cfg, tmp_path / "out")).dist_config.dist_url == "env://"
 
 
+@pytest.mark.slow
 def test_a_bad_dist_url_stops_train_py_with_one_line(tmp_path, data_cfg):
     path = _broken(tmp_path, data_cfg, BAD_TRAIN_CONFIGS["dist url"][0])
     line = assert_user_error(run_script("train.py", "-c", path), str(path), "dist_config.dist_url", "localhost:54321")
@@ -236,6 +238,7 @@ BAD_DATA_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_DATA_CONFIGS))
 def test_bad_data_config_names_the_data_config(case, tmp_path, data_cfg):
     change, field, hint = BAD_DATA_CONFIGS[case]
@@ -246,6 +249,7 @@ def test_bad_data_config_names_the_data_config(case, tmp_path, data_cfg):
     assert_user_error(run_script("train.py", "-c", path), str(data_cfg), field, hint)
 
 
+@pytest.mark.slow
 def test_not_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{ not json")

@@ -49,6 +49,7 @@ def test_labels_come_from_class_folders_through_the_label_map(dataset, data_cfg)
     assert len(open_split(cfg, "val")) == 12 and len(open_split(cfg, "test")) == 15
 
 
+@pytest.mark.slow
 def test_label_map_is_read_once_not_per_sample(tmp_path):
     ds = make_dataset(tmp_path / "ds", CLASSES)
     cfg = load_data_config(data_config(tmp_path / "d.json", ds, 3))
@@ -201,6 +202,7 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     assert 126 < np.asarray(read_rgb(io.BytesIO(_saved(ramp)))).mean() < 129
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode, values, kind",
     [
@@ -374,6 +376,7 @@ def _break(ds, case):
     raise AssertionError(case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["count", "missing file", "escape", "empty split", "label map ids", "extra folder", "unlisted class"]
 )
@@ -393,6 +396,7 @@ def test_label_map_disagreeing_with_number_of_classes(tmp_path):
         read_label_map(cfg)
 
 
+@pytest.mark.slow
 def test_split_smaller_than_a_global_batch(tmp_path, data_cfg):
     cfg = train_config(
         tmp_path / "t.json", data_cfg, tmp_path / "out", train={"global_batch_size": 32, "local_batch_size": 8}
@@ -400,6 +404,7 @@ def test_split_smaller_than_a_global_batch(tmp_path, data_cfg):
     assert_user_error(run_script("train.py", "-c", cfg), "fewer than one global batch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field", ["transform_ops_train", "transform_ops_val"])
 def test_transform_size_must_match_the_model(tmp_path, dataset, field):
     ops = {"Resize": 24, "Normalize": {"Mean": [0.5] * 3, "Std": [0.2] * 3}}

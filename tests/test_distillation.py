@@ -172,6 +172,7 @@ def notebook_run(tmp_path_factory, dataset):
     return tmp, nbformat.read(tmp / "executed.ipynb", as_version=4), tmp / "teacher" / "small.pth"
 
 
+@pytest.mark.slow
 def test_notebook_reports_a_bad_parameter_in_one_line(tmp_path, data_cfg):
     proc = _execute_notebook(tmp_path, _parameters(data_cfg, tmp_path / "t.pth", epochs=0))
     assert proc.returncode != 0
@@ -179,6 +180,7 @@ def test_notebook_reports_a_bad_parameter_in_one_line(tmp_path, data_cfg):
     assert "myrtle_vision/" not in proc.stderr  # no traceback into the package, just the message
 
 
+@pytest.mark.slow
 def test_notebook_finetunes_plots_and_reports_test_accuracy(notebook_run):
     _, executed, teacher_path = notebook_run
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
@@ -211,6 +213,7 @@ def deit_run(tmp_path_factory, dataset, notebook_run):
     return tmp, cfg, proc, run_dir_of(proc)
 
 
+@pytest.mark.slow
 def test_deit_run_learns_with_the_notebooks_teacher(deit_run):
     from conftest import scalars
 
@@ -225,6 +228,7 @@ def test_deit_run_learns_with_the_notebooks_teacher(deit_run):
     assert scalars(run_dir, "val/top1_average_heads")
 
 
+@pytest.mark.slow
 def test_deit_checkpoint_keeps_the_deploy_entry_a_plain_vit(deit_run):
     _, cfg, _, run_dir = deit_run
     ckpt = ckpt_io.load(run_dir / "last.pt")
@@ -235,6 +239,7 @@ def test_deit_checkpoint_keeps_the_deploy_entry_a_plain_vit(deit_run):
     assert ckpt["config"]["distiller_config"]["teacher_model"] == TEACHER
 
 
+@pytest.mark.slow
 def test_test_script_reports_class_head_and_averaged_heads(deit_run):
     tmp, cfg, _, run_dir = deit_run
     proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", tmp / "r.json", check=True)
@@ -250,6 +255,7 @@ def test_test_script_reports_class_head_and_averaged_heads(deit_run):
     assert f"top-1 {result['average_heads']['top1']:.2f}%" in proc.stdout
 
 
+@pytest.mark.slow
 def test_test_script_tests_the_configs_teacher(deit_run, notebook_run, tmp_path, data_cfg):
     """test.py --teacher (the earlier release's test_cnn.py): the teacher file against torchvision's model run by
     hand on the hand-normalized test images."""
@@ -285,6 +291,7 @@ def test_test_script_tests_the_configs_teacher(deit_run, notebook_run, tmp_path,
     assert both.returncode == 2 and "give one of them" in both.stderr
 
 
+@pytest.mark.slow
 def test_export_of_a_deit_checkpoint_is_the_class_head_s_plain_vit(deit_run, tmp_path):
     _, cfg, _, run_dir = deit_run
     run_script(
@@ -298,6 +305,7 @@ def test_export_of_a_deit_checkpoint_is_the_class_head_s_plain_vit(deit_run, tmp
     assert json.loads((tmp_path / "deit.json").read_text())["check"]["max_logit_diff"] == 0
 
 
+@pytest.mark.slow
 def test_a_plain_vit_config_tests_a_deit_checkpoint_too(deit_run, tmp_path, data_cfg):
     tmp, _, _, run_dir = deit_run
     cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out")
@@ -305,6 +313,7 @@ def test_a_plain_vit_config_tests_a_deit_checkpoint_too(deit_run, tmp_path, data
     assert "average of the class and distillation heads" in proc.stdout
 
 
+@pytest.mark.slow
 def test_resuming_a_deit_run_without_its_distiller_config_is_an_error(deit_run, tmp_path, data_cfg):
     _, _, _, run_dir = deit_run
     cfg = train_config(
@@ -328,6 +337,7 @@ def _bad_teacher_files(tmp_path):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "garbage", "classes", "architecture"])
 def test_bad_teacher_file_is_a_one_line_error(case, tmp_path, data_cfg):
     path, message = _bad_teacher_files(tmp_path)[case]
@@ -337,6 +347,7 @@ def test_bad_teacher_file_is_a_one_line_error(case, tmp_path, data_cfg):
     )
 
 
+@pytest.mark.slow
 def test_deit_config_cannot_resume_a_vit_checkpoint(tmp_path, data_cfg, notebook_run):
     vit_cfg = train_config(tmp_path / "vit.json", data_cfg, tmp_path / "out", train={"epochs": 1})
     last = run_dir_of(run_script("train.py", "-c", vit_cfg, check=True)) / "last.pt"

@@ -88,6 +88,7 @@ def _assert_close(a: dict, b: dict, atol: float = 1e-5):
     assert worst < atol, worst
 
 
+@pytest.mark.slow
 def test_two_processes_with_half_the_batch_each_train_what_one_process_does(runs):
     _, _, (_, one_dir), (_, two_dir, _) = runs
     one, two = ckpt_io.load(one_dir / "last.pt"), ckpt_io.load(two_dir / "last.pt")
@@ -99,6 +100,7 @@ def test_two_processes_with_half_the_batch_each_train_what_one_process_does(runs
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_validation_counts_every_image_once(runs):
     _, _, _, (cfg_path, run_dir, _) = runs
     cfg = load_config(cfg_path)
@@ -125,6 +127,7 @@ def test_rank_zero_alone_writes(runs):
     assert "training on cpu in 2 processes" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     _, data_cfg, _, (_, two_dir, _) = runs
     mid = two_dir / "checkpoint_0000004.pt"
@@ -139,6 +142,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     _assert_close(ckpt_io.load(run_dir_of(proc) / "last.pt")["model"], ckpt_io.load(two_dir / "last.pt")["model"])
 
 
+@pytest.mark.slow
 def test_torchrun_with_distributed_false_is_refused(runs, tmp_path):
     _, data_cfg, _, _ = runs
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train=dict(RUN, distributed=False))
@@ -149,6 +153,7 @@ def test_torchrun_with_distributed_false_is_refused(runs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_deit_trains_in_two_processes_as_in_one(runs, tmp_path):
     """The DeiT student (both heads through DistributedDataParallel) with a teacher in each process."""
     import torchvision
@@ -179,6 +184,7 @@ def test_deit_trains_in_two_processes_as_in_one(runs, tmp_path):
     _assert_close(a["distillation"], b["distillation"])
 
 
+@pytest.mark.slow
 def test_test_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
     _, _, _, (cfg, run_dir, _) = runs
     ckpt = run_dir / "checkpoint_0000004.pt"
@@ -193,6 +199,7 @@ def test_test_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
     assert two.stdout.count("top-1") == one.stdout.count("top-1")  # rank 0 alone prints
 
 
+@pytest.mark.slow
 def test_predict_py_in_two_processes_writes_what_one_does(runs, tmp_path):
     import csv
 
@@ -216,6 +223,7 @@ def test_predict_py_in_two_processes_writes_what_one_does(runs, tmp_path):
     assert sum(bool(r["error"]) for r in both) == 1
 
 
+@pytest.mark.slow
 def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tmp_path):
     _, _, _, (cfg, run_dir, _) = runs
     # logits near ties, so that FP16 changes predictions in both processes' shares
@@ -242,6 +250,7 @@ def test_test_quantize_py_in_two_processes_counts_every_test_image_once(runs, tm
     assert two.stdout.count("predictions unchanged") == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_write_failing_on_rank_zero_stops_every_process(runs, tmp_path):
     """Rank 0 alone writes; when it cannot, every process stops on its own, with the one line and exit status 3.
 
@@ -314,6 +323,7 @@ def test_how_many_processes_train_py_starts(monkeypatch):
         processes_to_start(_cfg(True), cpu, requested=2)
 
 
+@pytest.mark.slow
 def test_train_py_starts_its_processes_as_torchrun_does(runs):
     """``train.py --nproc_per_node 2`` (on GPUs: one per visible GPU by default) goes through PyTorch's launcher
     and trains exactly what ``torchrun --standalone --nproc_per_node=2`` trains."""
@@ -333,6 +343,7 @@ def test_train_py_starts_its_processes_as_torchrun_does(runs):
         assert torch.equal(mine["model"][k], theirs["model"][k]), k
 
 
+@pytest.mark.slow
 def test_a_user_error_in_the_started_processes_is_their_exit_status(runs, tmp_path):
     _, data_cfg, _, _ = runs
     cfg = train_config(

@@ -28,6 +28,7 @@ def run(tmp_path_factory, dataset):
     return tmp, cfg, run_dir_of(run_script("train.py", "-c", cfg, check=True))
 
 
+@pytest.mark.slow
 def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     tmp, cfg, run_dir = run
     proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", tmp / "r.json", check=True)
@@ -52,6 +53,7 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     assert list(out.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_split_val_evaluates_the_validation_images(run):
     tmp, cfg, run_dir = run
     proc = run_script(
@@ -75,6 +77,7 @@ def test_split_val_evaluates_the_validation_images(run):
     assert (run_dir / "val_last" / "confusion_matrix.png").exists()  # not over the test split's
 
 
+@pytest.mark.slow
 def test_the_training_split_is_evaluated_with_the_evaluation_transforms(run):
     """Its flips are training augmentation: evaluating it gives the plain images, the same every time."""
     from myrtle_vision.config import load_config
@@ -109,6 +112,7 @@ def _independent_predictions(cfg_path, checkpoint, split="test") -> tuple[list[i
     return truth.tolist(), logits.argmax(1).tolist()
 
 
+@pytest.mark.slow
 def test_uses_the_configs_checkpoint_path_when_no_flag(run, tmp_path):
     tmp, cfg, run_dir = run
     raw = json.loads(cfg.read_text())
@@ -119,11 +123,13 @@ def test_uses_the_configs_checkpoint_path_when_no_flag(run, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 15, proc.stdout
 
 
+@pytest.mark.slow
 def test_no_checkpoint_anywhere(run):
     _, cfg, _ = run
     assert_user_error(run_script("test.py", "-c", cfg), str(cfg), "checkpoint_path", "--checkpoint")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "vit, needle",
     [
@@ -142,6 +148,7 @@ def test_checkpoint_that_does_not_fit_the_config(run, tmp_path, vit, needle):
     )
 
 
+@pytest.mark.slow
 def test_unreadable_and_missing_checkpoints(run, tmp_path):
     _, cfg, _ = run
     junk = tmp_path / "junk.pt"
@@ -150,6 +157,7 @@ def test_unreadable_and_missing_checkpoints(run, tmp_path):
     assert_user_error(run_script("test.py", "-c", cfg, "--checkpoint", tmp_path / "gone.pt"), "gone.pt", "not found")
 
 
+@pytest.mark.slow
 def test_earlier_release_checkpoint_loads(run, tmp_path):
     """Files of the earlier release hold {model, optimizer, lr_scheduler, iteration} only."""
     tmp, cfg, run_dir = run

@@ -196,6 +196,7 @@ def _with_an_earlier_versions_rng_entry(path) -> None:
     torch.save(ckpt, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resuming_needs_no_random_state_whatever_the_global_generators_hold(workers, tmp_path, dataset, teacher):
     """Checkpoints hold no random state and resuming restores none (see myrtle_vision.checkpoint): every random
@@ -281,6 +282,7 @@ def hard_run(tmp_path_factory, dataset):
     return tmp, data_cfg, vit, run_dir, reference
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(hard_run):
     tmp, data_cfg, vit, run_dir, reference = hard_run
     # 24 images / 6 = 4 updates per epoch; iteration 6 is in the middle of the second epoch
@@ -294,6 +296,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(hard_run):
     _assert_same_weights(_weights(run_dir / "last.pt"), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_a_checkpoint_that_resumes_bit_exactly(hard_run, signum, tmp_path):
     tmp, data_cfg, vit, _, reference = hard_run
@@ -386,6 +389,7 @@ RECIPE_OPS = {
 
 
 # (soft distillation: the recipe's run; QAT in FP16_16: the in-process test above)
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["deit-hard", "qat-FP16_32", "bf16", "recipe"])
 def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg, dataset, teacher):
     sections = _variant(kind, teacher)
@@ -427,6 +431,7 @@ def test_train_py_resumed_mid_epoch_ends_bit_identical(kind, tmp_path, data_cfg,
         )
 
 
+@pytest.mark.slow
 def test_training_on_device_batches_resumes_bit_exactly(tmp_path, dataset):
     """A run whose training transforms run on the device (here the CPU), with loader workers, resumed from
     a mid-epoch checkpoint, ends with the weights of the run never interrupted."""

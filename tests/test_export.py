@@ -48,6 +48,7 @@ def _logits(cfg, weights: dict) -> torch.Tensor:
     )
 
 
+@pytest.mark.slow
 def test_fp32_deploy_file_is_the_checkpoint_s_model_alone(run, tmp_path):
     _, cfg, ckpt_path = run
     out = tmp_path / "deploy" / "vit.pt"
@@ -87,6 +88,7 @@ def test_fp32_deploy_file_is_the_checkpoint_s_model_alone(run, tmp_path):
     assert (ckpt_path.parent / "last_deploy.pt").is_file() and (ckpt_path.parent / "last_deploy.json").is_file()
 
 
+@pytest.mark.slow
 def test_fp16_deploy_file_holds_the_ieee_rounding_and_onnx_agrees(run, tmp_path):
     _, cfg, ckpt_path = run
     out, onnx_path = tmp_path / "vit16.pt", tmp_path / "vit16.onnx"
@@ -125,6 +127,7 @@ def test_fp16_deploy_file_holds_the_ieee_rounding_and_onnx_agrees(run, tmp_path)
     assert "ONNX Runtime's logits differ from PyTorch's by at most" in proc.stdout
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_line(run, tmp_path):
     _, cfg, ckpt_path = run
     assert_user_error(
@@ -152,6 +155,7 @@ def _export_in_process(cfg, ckpt_path, out, **kwargs):
     return export_module.export(load_config(cfg), Path(ckpt_path), out, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_file_that_fails_its_check_is_never_left_in_place(run, tmp_path, monkeypatch):
     """A deploy file whose read-back logits differ from the checkpoint's (here: a writer that rounds one weight)
     is not written at all: no file at --output, no JSON, no temporary; an earlier export there stays as it was."""
@@ -192,6 +196,7 @@ def test_an_onnx_file_that_fails_its_check_leaves_nothing_in_place(run, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_existing_file_is_replaced_only_when_it_is_an_earlier_export_or_with_force(run, tmp_path):
     _, cfg, ckpt_path = run
     out, onnx_path = tmp_path / "vit.pt", tmp_path / "vit.onnx"
@@ -247,6 +252,7 @@ def test_an_existing_file_is_replaced_only_when_it_is_an_earlier_export_or_with_
     )
 
 
+@pytest.mark.slow
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(run, tmp_path):
     from conftest import run_script_read_only
 
@@ -283,6 +289,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(run, tmp_pa
     assert not (tmp_path / "vit.pt").exists()
 
 
+@pytest.mark.slow
 def test_onnx_without_its_packages_is_one_line_before_any_work(run, tmp_path):
     """--onnx where onnx and onnxruntime are not installed (modules that fail to import stand in for them)."""
     _, cfg, ckpt_path = run

@@ -23,11 +23,12 @@ from myrtle_vision.config import load_config
 from myrtle_vision.training import MAX_SKIPPED_IN_A_ROW, NonFiniteLoss, Trainer
 
 INTERVAL = 3
-# 24 training images in updates of 8 (2 micro-batches of 4): 3 updates per epoch, 90 in all. A
+# 24 training images in updates of 8 (2 micro-batches of 4): 3 updates per epoch, 45 in all (the 12 kills below
+# advance the run by at most 37 updates: see test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval). A
 # validation after every update prints the iteration reached; a model big enough that writing a
 # checkpoint (about 5 MB with the optimizer state) takes a few milliseconds, so that kills land in it.
 RUN = {
-    "epochs": 30,
+    "epochs": 15,
     "local_batch_size": 4,
     "global_batch_size": 8,
     "iters_per_checkpoint": INTERVAL,
@@ -96,6 +97,7 @@ def _check_run_dir(run_dir: Path) -> int:
     return last
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_path):
     reference = run_script(
         "train.py", "-c", train_config(tmp_path / "ref.json", data, tmp_path / "ref", train=RUN, vit=VIT), check=True
@@ -152,12 +154,13 @@ def test_sigkill_at_any_moment_loses_at_most_one_checkpoint_interval(data, tmp_p
     # ... and the run that survived them all ends exactly where the uninterrupted one did
     a = ckpt_io.load(run_dir_of(reference) / "last.pt")
     b = ckpt_io.load(last)
-    assert a["iteration"] == b["iteration"] == 90
+    assert a["iteration"] == b["iteration"] == 45
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert not list(last.parent.glob(".*.tmp*"))  # a killed write's temporary file is cleaned up on resume
 
 
+@pytest.mark.slow
 def test_a_run_killed_outright_leaves_no_process_behind(data, tmp_path):
     """SIGKILL gives train.py no chance to stop its loader workers (nor the fork server that started them):
     they must notice and go by themselves, and not linger holding memory and the dataset."""
@@ -234,6 +237,7 @@ torch.save = _save_then_limit
 """
 
 
+@pytest.mark.slow
 def test_a_real_write_failure_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp_path):
     """Not simulated: after two checkpoints, a file-size limit makes the kernel refuse the third write (EFBIG)
     inside torch's own writer. The two before it stay as they were written."""
@@ -268,6 +272,7 @@ def test_a_real_write_failure_stops_the_run_and_keeps_the_previous_checkpoint(da
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,reason", [("full", "No space left on device"), ("denied", "Permission denied")])
 def test_a_failing_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpoint(data, tmp_path, kind, reason):
     inject = tmp_path / "inject"
@@ -299,6 +304,7 @@ def test_a_failing_checkpoint_write_stops_the_run_and_keeps_the_previous_checkpo
 # --- numerical trouble ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_the_iteration_and_saves_nothing(data, tmp_path):
     # an absurd learning rate: the first update sends the weights to 1e30, the second loss overflows
     cfg = train_config(
@@ -445,6 +451,7 @@ torch.Tensor.backward = _poisoned
 """
 
 
+@pytest.mark.slow
 def test_train_py_with_nonfinite_gradients_stops_with_one_line_and_keeps_the_last_checkpoint(data, tmp_path):
     inject = tmp_path / "inject"
     inject.mkdir()
@@ -540,6 +547,7 @@ torch.save = _slow_save
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slow", ["update", "write"])
 def test_a_second_ctrl_c_stops_at_once_and_leaves_every_checkpoint_whole(data, tmp_path, slow):
     """Ctrl-C twice, as a terminal sends it (to the whole process group). "update": both land inside one

@@ -376,6 +376,7 @@ def _check_int8_figures(result: dict, fp32: torch.Tensor, quantized: torch.Tenso
     assert result["changed_predictions"] == (fp32.argmax(1) != quantized.argmax(1)).sum().item()
 
 
+@pytest.mark.slow
 def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
     _, _, out = runs
     cfg, run_dir, _ = out["FP32"]
@@ -431,6 +432,7 @@ def test_int8_post_training_quantization_as_the_earlier_release(runs, tmp_path):
     assert len(diffs) == 3  # the calibration batches and the weight scheme each change the result
 
 
+@pytest.mark.slow
 def test_a_pytorch_int8_config_quantizes_with_no_flag_and_test_py_says_it_is_fp32(runs, tmp_path):
     _, data_cfg, out = runs
     _, run_dir, _ = out["FP32"]
@@ -459,6 +461,7 @@ def test_a_pytorch_int8_config_quantizes_with_no_flag_and_test_py_says_it_is_fp3
     assert json.loads((tmp_path / "t.json").read_text())["top1"] == result["fp32"]["top1"]
 
 
+@pytest.mark.slow
 def test_int8_flag_errors(runs, tmp_path):
     _, data_cfg, out = runs
     cfg, run_dir, _ = out["FP32"]
@@ -487,6 +490,7 @@ def test_int8_flag_errors(runs, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_int8_in_two_processes_calibrates_as_one(runs, tmp_path):
     """Both processes calibrate on the same first batches of the whole validation split, so they
     quantize with the same scales, and the figures are one process's."""

@@ -125,3 +125,16 @@ def test_one_function_turns_a_checkpoint_into_a_model():
         and {"build_model", "load_model_weights"} <= _calls(node)
     }
     assert together == {"myrtle_vision/checkpoint.py:ready_model"}, together
+
+
+def test_every_module_imports():
+    """The fast tier's floor: every module of the package imports (an import error anywhere fails here first)."""
+    import importlib
+    import pkgutil
+
+    import myrtle_vision
+
+    names = [m.name for m in pkgutil.walk_packages(myrtle_vision.__path__, "myrtle_vision.")]
+    assert {"myrtle_vision.checkpoint", "myrtle_vision.reports.export", "myrtle_vision.training.trainer"} <= set(names)
+    for name in names:
+        importlib.import_module(name)

@@ -247,6 +247,7 @@ def test_an_image_changed_during_the_build_is_decoded_again(varied, capsys, stam
     _decoded_again(cfg, capsys, victim, 200)
 
 
+@pytest.mark.slow
 def test_the_split_file_s_order_and_text_decide_too(varied, capsys):
     ds, cfg_path = varied
     cfg = load_data_config(cfg_path)
@@ -314,6 +315,7 @@ print(json.dumps({"decoded": len(opened), "pixels": pixels}))
 """
 
 
+@pytest.mark.slow
 def test_processes_started_together_decode_the_images_once(varied, tmp_path):
     """Three processes open the same split at the same moment: one decodes each image once, the others wait
     for it, and all read the pixels PIL gives (counted and checked outside the package)."""
@@ -537,6 +539,7 @@ def test_parameters_are_drawn_as_torchvision_draws_them():
     assert 0.05 < area.min() and area.max() <= 1.0 and abs(ours[:, 4].mean() - 0.3) < 0.03
 
 
+@pytest.mark.slow
 def test_quarter_turns_and_transposes_are_drawn_uniformly_and_with_probability_p():
     """k is uniform over 0..3 and the transpose's coin comes up with probability p, drawn seed by seed
     exactly as the reference draws them: in the chain's order, from torch seeded with the sample's seed."""
@@ -578,6 +581,7 @@ def test_augment_on_errors_name_the_field(tmp_path, dataset):
         load_data_config(data_config(tmp_path / "g.json", dataset, 3, augment_on="gpu"))
 
 
+@pytest.mark.slow
 def test_device_augmentation_with_workers_feeds_the_same_batches(varied, tmp_path):
     """A split loaded by workers and transformed on the device equals the per-image loader's batches."""
     ds, _ = varied

@@ -34,6 +34,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_folder_with_nested_folders_a_corrupt_file_and_a_non_image(run, tmp_path):
     _, cfg, ckpt, _ = run
     folder = tmp_path / "scenes"
@@ -91,6 +92,7 @@ def test_a_folder_with_nested_folders_a_corrupt_file_and_a_non_image(run, tmp_pa
     assert "4 images predicted, top-2 each; 3 files could not be used" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("q_format", [None, "FP16_16"])
 def test_probabilities_are_the_independent_logits_softmaxed(run, tmp_path, q_format):
     """A list file of the test split: FP32 (and FP16_16, bit for bit the independent reference) probabilities
@@ -135,6 +137,7 @@ def test_probabilities_are_the_independent_logits_softmaxed(run, tmp_path, q_for
         assert sum(changed) >= 2 and [bool(int(r["top1_changed"])) for r in rows] == changed
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(run, tmp_path):
     _, cfg, ckpt, _ = run
     (tmp_path / "empty").mkdir()

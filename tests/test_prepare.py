@@ -46,6 +46,7 @@ def _copy(tree, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_lays_out_splits_labels_and_is_idempotent(resisc_tree, tmp_path):
     root = tmp_path / "NWPU-RESISC45"
     _copy(resisc_tree, root)
@@ -73,6 +74,7 @@ def test_lays_out_splits_labels_and_is_idempotent(resisc_tree, tmp_path):
     assert _snapshot(root) == before  # a second run changes nothing
 
 
+@pytest.mark.slow
 def test_already_under_images_works_too(resisc_tree, tmp_path):
     root = tmp_path / "R"
     _copy(resisc_tree, root / "images")
@@ -80,6 +82,7 @@ def test_already_under_images_works_too(resisc_tree, tmp_path):
     assert (root / "val_imagepaths.txt").read_text().startswith("images/airplane/airplane_490.jpg\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["incomplete", "unexpected folder", "missing class", "stray file"])
 def test_bad_tree_is_an_error_and_nothing_moves(resisc_tree, tmp_path, case):
     root = tmp_path / "NWPU-RESISC45"
@@ -101,6 +104,7 @@ def test_bad_tree_is_an_error_and_nothing_moves(resisc_tree, tmp_path, case):
     assert _snapshot(root) == before
 
 
+@pytest.mark.slow
 def test_missing_folder(tmp_path):
     assert_user_error(run_script("prepare_resisc45.py", tmp_path / "nowhere"), "nowhere", "not found")
 
@@ -121,6 +125,7 @@ def _prepare_as_a_user(root):
     return run_script("prepare_resisc45.py", root, unprivileged=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("read_only", ["dataset folder", "class folder"])
 def test_a_folder_that_cannot_be_written_is_one_line_and_nothing_changes(resisc_tree, tmp_path, read_only):
     """A class folder moved to another folder needs write permission itself (for its ".." entry), so both
@@ -138,6 +143,7 @@ def test_a_folder_that_cannot_be_written_is_one_line_and_nothing_changes(resisc_
     assert after == before
 
 
+@pytest.mark.slow
 def test_a_prepared_read_only_folder_prepares_again_without_writing(resisc_tree, tmp_path):
     root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
     prepare.prepare_resisc45(root)
@@ -184,6 +190,7 @@ def _assert_prepared(root, stdout=None):
         assert "22005 train, 3195 validation, 6300 test" in stdout
 
 
+@pytest.mark.slow
 def test_a_class_folder_that_cannot_be_moved_moves_nothing(resisc_tree, tmp_path, monkeypatch):
     """The move is all or nothing: the 21 class folders moved before 'lake' failed (EBUSY, as a mount point
     gives) are moved back, images/ is removed, and a run once the cause is gone prepares the folder."""
@@ -200,6 +207,7 @@ def test_a_class_folder_that_cannot_be_moved_moves_nothing(resisc_tree, tmp_path
     _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
 
 
+@pytest.mark.slow
 def test_a_move_back_that_fails_too_leaves_a_layout_that_a_second_run_finishes(resisc_tree, tmp_path, monkeypatch):
     root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
     _failing_rename(monkeypatch, {str(root / "lake"): errno.EBUSY, str(root / "images" / "beach"): errno.EIO})
@@ -218,6 +226,7 @@ def test_a_move_back_that_fails_too_leaves_a_layout_that_a_second_run_finishes(r
     _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moved", [0, 10, 44])
 def test_a_move_stopped_part_way_is_finished_by_running_again(resisc_tree, tmp_path, moved):
     """A kill during the move (simulated: images/ made and some class folders moved by hand) leaves classes
@@ -229,6 +238,7 @@ def test_a_move_stopped_part_way_is_finished_by_running_again(resisc_tree, tmp_p
     _assert_prepared(root, run_script("prepare_resisc45.py", root, check=True).stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["class in both places", "class missing", "unexpected folder", "stray file"])
 def test_an_ambiguous_split_layout_is_refused_and_nothing_moves(resisc_tree, tmp_path, case):
     root = _copy(resisc_tree, tmp_path / "NWPU-RESISC45")
@@ -321,6 +331,7 @@ def _idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.mark.slow
 def test_fashion_mnist_from_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "idx"
@@ -382,6 +393,7 @@ def test_fashion_mnist_from_idx_files(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_fashion_mnist_into_a_read_only_folder_is_one_line(tmp_path):
     from conftest import run_script_read_only
 
@@ -403,6 +415,7 @@ def test_fashion_mnist_into_a_read_only_folder_is_one_line(tmp_path):
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_fashion_mnist_without_the_files(tmp_path):
     assert_user_error(
         run_script("prepare_fashion_mnist.py", "--idx-dir", tmp_path), str(tmp_path), "dataset-fashion-mnist"

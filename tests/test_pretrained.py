@@ -136,6 +136,7 @@ def _finetune_config(tmp_path, data_cfg, weights, fmt="timm", **vit):
     )
 
 
+@pytest.mark.slow
 def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path, data_cfg):
     source = _random_timm(32, 32, 2, depth=1, classes=len(CLASSES))
     torch.save(source.state_dict(), tmp_path / "timm.pth")
@@ -159,6 +160,7 @@ def test_finetuning_from_a_timm_file_trains_and_keeps_the_deploy_layout(tmp_path
     assert (w1 - w0).norm() < 0.5 * w0.norm()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [
@@ -265,6 +267,7 @@ def test_the_finetune_configs_load_with_finetuning_defaults(name):
     assert (cfg.distiller_config is not None) == name.startswith("deit")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_and_a_config_that_disagree_on_qkv_bias_is_a_one_line_error(tmp_path, data_cfg):
     torch.save(_random_timm(32, 32, 2, depth=1, classes=len(CLASSES)).state_dict(), tmp_path / "timm.pth")
     cfg = _finetune_config(tmp_path, data_cfg, tmp_path / "timm.pth")

@@ -307,6 +307,7 @@ def runs(tmp_path_factory, dataset):
     return tmp, data_cfg, out
 
 
+@pytest.mark.slow
 def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
     _, _, out = runs
     cfg, run_dir, _ = out["FP32"]
@@ -336,6 +337,7 @@ def test_post_training_quantization_of_an_fp32_checkpoint(runs, tmp_path):
         assert needle in proc.stdout
 
 
+@pytest.mark.slow
 def test_split_val_quantizes_over_the_validation_images(runs, tmp_path):
     _, _, out = runs
     cfg, run_dir, _ = out["FP32"]
@@ -353,6 +355,7 @@ def test_split_val_quantizes_over_the_validation_images(runs, tmp_path):
     assert result["changed_predictions"] == changed and f"({changed} of 12 val images changed)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_what_fp16_changes_per_class_and_image_by_image(runs, tmp_path):
     """The per-class tables of both models, both confusion matrices, and the list of changed predictions,
     against the independent computation in FP32 and FP16_16 (which the quantized ViT equals bit for bit)."""
@@ -411,6 +414,7 @@ def test_what_fp16_changes_per_class_and_image_by_image(runs, tmp_path):
         assert Image.open(tmp_path / "out" / f"confusion_matrix_{label}.png").size[0] > 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("q_format", ["FP16_16", "BF16_32", "TF32"])
 def test_other_formats_and_qtorch_rounding(runs, tmp_path, q_format):
     _, _, out = runs
@@ -440,6 +444,7 @@ def test_other_formats_and_qtorch_rounding(runs, tmp_path, q_format):
     assert results["nearest_even"]["max_logit_diff"] == pytest.approx((ref - q).abs().max().item(), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_quantization_aware_training_learns_and_saves_the_deploy_layout(runs):
     _, _, out = runs
     cfg, run_dir, proc = out["FP16_32"]
@@ -455,6 +460,7 @@ def test_quantization_aware_training_learns_and_saves_the_deploy_layout(runs):
     assert any(not torch.equal(v, v.half().float()) for v in ckpt["model"].values())
 
 
+@pytest.mark.slow
 def test_qat_checkpoint_needs_quantized_ckpt_and_tests_in_its_format(runs, tmp_path):
     _, _, out = runs
     qat_cfg, qat_dir, _ = out["FP16_32"]
@@ -493,6 +499,7 @@ def test_qat_checkpoint_needs_quantized_ckpt_and_tests_in_its_format(runs, tmp_p
     assert json.loads((tmp_path / "t.json").read_text())["top1"] == pytest.approx(result["quantized"]["top1"])
 
 
+@pytest.mark.slow
 def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
     """A DeiT checkpoint (model + distillation entries) tests like a ViT: its class head."""
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
@@ -513,6 +520,7 @@ def test_deit_checkpoint_quantizes_by_its_class_head(tmp_path, data_cfg):
     assert figures(plain) == figures(deit_out)  # (each checkpoint's report goes beside it)
 
 
+@pytest.mark.slow
 def test_unknown_formats_are_one_line_errors(runs, tmp_path):
     _, data_cfg, out = runs
     cfg, run_dir, _ = out["FP32"]

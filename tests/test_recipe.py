@@ -171,6 +171,7 @@ def _raw_and_average(ckpt: dict) -> tuple[dict, dict]:
     return ckpt["model"], deploy.to_deploy(ckpt["ema"]["weights"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every, deployed", [(1, "raw"), (2, "ema")])
 def test_the_weight_average_is_a_direct_computation_over_the_updates(every, deployed, tmp_path, data_cfg):
     """After updates 1..6 (a checkpoint each): the average starts from the weights after its first update and
@@ -190,6 +191,7 @@ def test_the_weight_average_is_a_direct_computation_over_the_updates(every, depl
         assert not torch.equal(average["mlp_head.1.weight"], raw["mlp_head.1.weight"]) or i == every
 
 
+@pytest.mark.slow
 def test_validating_every_few_epochs_trains_the_same_weights(tmp_path, data_cfg):
     """epochs_per_val only thins the epoch-end validations (the last epoch always validates): with every switch
     of the recipe drawing random numbers, the weights and their average end bit-identical."""
@@ -221,6 +223,7 @@ def test_validating_every_few_epochs_trains_the_same_weights(tmp_path, data_cfg)
             assert torch.equal(every_epoch[entry][k], every_other[entry][k]), (entry, k)
 
 
+@pytest.mark.slow
 def test_best_pt_follows_the_deployed_weights_and_test_py_says_which(tmp_path, data_cfg):
     # a slow average (it stays near the weights after the first update) whose best differs from the raw weights'
     cfg, run_dir, proc, ckpts = _ema_run(tmp_path, data_cfg, ema_deploy=True, iters_per_val=1, ema_decay=0.95)
@@ -287,6 +290,7 @@ def test_with_distillation_the_teacher_sees_the_mixed_images(tmp_path, data_cfg)
     assert not torch.equal(seen[0], images)  # mixed (and erased)
 
 
+@pytest.mark.slow
 def test_the_users_configs_keep_every_switch_off_and_bad_values_are_one_line_errors(tmp_path, data_cfg, monkeypatch):
     from conftest import FIXTURES
 

@@ -78,6 +78,7 @@ def _deit_section(teacher):
     return {"distiller_config": {"teacher_model": "mobilenet_v3_small", "teacher_weights_path": str(teacher)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "entry,crafted",
     [
@@ -522,6 +523,7 @@ for name, (snippet, names) in json.loads(open(sys.argv[1]).read()).items():
 """
 
 
+@pytest.mark.slow
 def test_the_guard_stops_and_reports_each_spelling_in_a_script(tmp_path, pickle_guard):
     """A script the tests run has the guard (through script_env); the same script without it runs every payload,
     so each is live."""
@@ -550,6 +552,7 @@ def test_the_guard_stops_and_reports_each_spelling_in_a_script(tmp_path, pickle_
     assert pickle_guard.take() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("start", ["fork", "forkserver"])
 def test_the_guard_stops_and_reports_unpickling_in_dataloader_workers(start, tmp_path, pickle_guard):
     """The workers' own traffic (indices, batches of tensors, a fork server's Process objects) passes; a worker
@@ -613,6 +616,7 @@ def test_torch_weights_only_loads_and_the_allowed_traffic_raise_no_report(tmp_pa
     assert [r["event"] for r in pickle_guard.take()] == ["pickle.find_class"]
 
 
+@pytest.mark.slow
 def test_a_widened_allowlist_fails_the_test_and_the_script(tmp_path, pickle_guard):
     """Widening torch's allowlist around add_safe_globals (which the guard refuses) is still found: at the end of
     the test in this process, at exit in a script."""
@@ -666,6 +670,7 @@ def test_loads_weights_only(tmp_path):
 """
 
 
+@pytest.mark.slow
 def test_the_guard_fails_the_test_during_which_something_unpickled(tmp_path, pickle_guard):
     """The autouse fixture itself, run by a pytest of its own on four tests: one unpickles (and swallows the
     guard's refusal), one runs a script that unpickles, one widens torch's allowlist; each of those fails, naming
@@ -724,6 +729,7 @@ def _escape(ds, tmp_path, how: str) -> str:
     return line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["dot-dot", "absolute", "symlinked file", "symlinked folder", "dot-dot inside"])
 def test_split_paths_cannot_escape_the_dataset_folder(how, tmp_path):
     ds = make_dataset(tmp_path / "ds", CLASSES)
@@ -735,6 +741,7 @@ def test_split_paths_cannot_escape_the_dataset_folder(how, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_symlink_that_stays_inside_the_dataset_is_allowed(tmp_path):
     ds = make_dataset(tmp_path / "ds", CLASSES)
     (ds / "images" / "cat" / "again.png").symlink_to(ds / "images" / "cat" / "cat_000.png")
@@ -746,6 +753,7 @@ def test_a_symlink_that_stays_inside_the_dataset_is_allowed(tmp_path):
     run_script("train.py", "-c", cfg, check=True)
 
 
+@pytest.mark.slow
 def test_pickle_protocol_is_not_used_for_anything_users_send(tmp_path):
     """Label maps and configs are JSON: a pickle given as a label map is a parse error, nothing more."""
     ds = make_dataset(tmp_path / "ds", CLASSES)

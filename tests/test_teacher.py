@@ -82,6 +82,7 @@ def test_a_finetuned_file_can_be_the_starting_point(tmp_path):
     assert torch.equal(same.fc.weight, before.fc.weight)  # same classes: the classifier is kept
 
 
+@pytest.mark.slow
 def test_cli_finetunes_and_keeps_the_best_validation_weights(tmp_path, dataset):
     data_cfg = data_config(tmp_path / "data.json", dataset, 3)
     out = tmp_path / "t" / "teacher.pth"
@@ -118,6 +119,7 @@ def test_cli_finetunes_and_keeps_the_best_validation_weights(tmp_path, dataset):
     assert teacher(torch.randn(1, 3, 48, 48)).shape == (1, 3)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, dataset, monkeypatch):
     data_cfg = data_config(tmp_path / "data.json", dataset, 3)
     env_home = tmp_path / "empty_torch_home"
@@ -132,6 +134,7 @@ def test_cli_errors_are_one_line(tmp_path, dataset, monkeypatch):
     assert_user_error(proc, "finetune_teacher.py arguments: batch_size", "more than the 24 training images")
 
 
+@pytest.mark.slow
 def test_output_path_is_checked_before_finetuning_and_never_replaces_a_users_file(tmp_path, dataset):
     from conftest import run_script_read_only
 

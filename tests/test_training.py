@@ -31,6 +31,7 @@ def trained(tmp_path_factory, dataset):
     return proc, run_dir_of(proc), cfg
 
 
+@pytest.mark.slow
 def test_training_learns(trained):
     proc, run_dir, _ = trained
     losses = [v for _, v in scalars(run_dir, "train/loss")]
@@ -40,6 +41,7 @@ def test_training_learns(trained):
     assert top1[-1] == 100.0, top1  # the classes are easy; a working trainer separates them
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_and_lr_schedule(trained):
     _, run_dir, _ = trained
     lrs = scalars(run_dir, "train/lr")
@@ -84,6 +86,7 @@ def _assert_same_weights(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cfg):
     """global 12 as 6 micro-batches of 2 gives the weights of one batch of 12 (dropout off)."""
     runs = {}
@@ -99,6 +102,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cfg):
         torch.testing.assert_close(runs[2][k], runs[12][k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sgd_step_scheduler_and_no_drop_last_take_effect(tmp_path, data_cfg):
     cfg = train_config(
         tmp_path / "t.json",
@@ -138,6 +142,7 @@ def test_deploy_entry_loads_into_a_fresh_model(trained):
     _assert_same_weights(deploy.to_deploy(model.state_dict()), ckpt["model"])
 
 
+@pytest.mark.slow
 def test_corrupt_image_during_training_names_the_file(tmp_path):
     from conftest import CLASSES, data_config, make_dataset
 
@@ -149,6 +154,7 @@ def test_corrupt_image_during_training_names_the_file(tmp_path):
     assert_user_error(run_script("train.py", "-c", cfg), str(victim), "cannot read image")
 
 
+@pytest.mark.slow
 def test_cuda_request_without_cuda_is_a_user_error(tmp_path, data_cfg):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -156,6 +162,7 @@ def test_cuda_request_without_cuda_is_a_user_error(tmp_path, data_cfg):
     assert_user_error(run_script("train.py", "-c", cfg, "--device", "cuda"), "--device cuda")
 
 
+@pytest.mark.slow
 def test_runs_never_overwrite_each_other(tmp_path, data_cfg):
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
     first = run_dir_of(run_script("train.py", "-c", cfg, check=True))
@@ -164,6 +171,7 @@ def test_runs_never_overwrite_each_other(tmp_path, data_cfg):
     assert first != second and (first / "last.pt").exists() and (second / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_an_error_mid_run_keeps_the_last_completed_update(tmp_path):
     from conftest import CLASSES, data_config, make_dataset
 
@@ -191,6 +199,7 @@ def test_an_error_mid_run_keeps_the_last_completed_update(tmp_path):
 RUN = {"epochs": 6, "iters_per_checkpoint": 3}
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path, data_cfg):
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -206,6 +215,7 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path, data_cfg):
     # (that it resumes bit-exactly: tests/test_exact_resume.py)
 
 
+@pytest.mark.slow
 def test_fp16_without_cuda_and_precision_with_qat_are_refused(tmp_path, data_cfg):
     cfg = train_config(tmp_path / "fp16.json", data_cfg, tmp_path / "out", train={"precision": "fp16"})
     assert_user_error(run_script("train.py", "-c", cfg, "--device", "cpu"), str(cfg), "precision fp16 needs CUDA")
@@ -217,6 +227,7 @@ def test_fp16_without_cuda_and_precision_with_qat_are_refused(tmp_path, data_cfg
     assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "precision", "fp32, bf16, fp16")
 
 
+@pytest.mark.slow
 def test_compiled_training_learns_what_eager_training_does(tmp_path, data_cfg):
     runs = {}
     for compiled in (False, True):
@@ -312,6 +323,7 @@ def test_balanced_class_weights_weight_the_class_heads_cross_entropy(tmp_path, c
     torch.testing.assert_close(trainer.criterion(logits, dist, teacher_logits, targets), 0.3 * weighted + 0.7 * kl)
 
 
+@pytest.mark.slow
 def test_a_class_of_weight_0_is_never_learned(tmp_path, data_cfg):
     from conftest import reference_logits
 
@@ -327,6 +339,7 @@ def test_a_class_of_weight_0_is_never_learned(tmp_path, data_cfg):
     assert (predicted[labels != 2] == labels[labels != 2]).float().mean() > 0.8, (predicted, labels)
 
 
+@pytest.mark.slow
 def test_balanced_weights_need_every_class_in_the_training_split(tmp_path):
     data = _imbalanced(tmp_path, {"cat": 8, "dog": 8})
     cfg = train_config(tmp_path / "t.json", data, tmp_path / "out", train={"class_weights": "balanced"})

@@ -83,6 +83,7 @@ def users_config(
     return f"train_configs/{name}.json"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small", "deit_base"])
 def test_v1_config_trains_a_few_steps_at_the_earlier_release_s_learning_rate(name, resisc_like, v1_teacher, tmp_path):
     # sizes changed for the test machine: 64x64 images (the generated ones' size), 16 patches of 16x16
@@ -244,6 +245,7 @@ def test_cosine_spans_every_epoch_whatever_cooldown_epochs_says(tmp_path, datase
     assert schedule(total - 5 * upe) > tc.min_lr * 1.001  # not yet at the floor 5 epochs before the end
 
 
+@pytest.mark.slow
 def test_a_pytorch_int8_config_trains_in_fp32_and_test_quantize_calibrates_int8(tmp_path, dataset):
     """As in the earlier release: q_format PyTorchINT8 trains in FP32, and test_quantize.py --calib_steps N
     quantizes to INT8 calibrated on N validation batches (figures against an independent INT8 ViT)."""
@@ -426,6 +428,7 @@ def test_earlier_release_checkpoint_resumes_with_its_moments(distilled, weight_d
     assert restored == len(v1) - (5 if distilled else 0)
 
 
+@pytest.mark.slow
 def test_earlier_release_resume_runs_to_the_end_and_says_what_it_could_not_restore(tmp_path, dataset):
     ckpt, _ = v1_checkpoint(tmp_path / "vit_000003", distilled=True)
     teacher = tmp_path / "t.pth"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
-from myrtle_vision.cli import main_guard, parser, resolve_device
+from myrtle_vision.cli import add_force_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.quantization import Q_FORMATS, ROUNDINGS
 from myrtle_vision.reports.predict import predict
@@ -36,11 +36,7 @@ def main() -> int:
         "the checkpoint's if trained with quantization, else the config's vit_config.q_rounding)",
     )
     p.add_argument("--batch-size", type=int, help="default: the config's train_config.local_batch_size")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an --output file that is not an earlier predictions CSV (an earlier one is replaced anyway)",
-    )
+    add_force_argument(p, "an --output", "an earlier predictions CSV")
     args = p.parse_args()
     cfg = load_config(args.config)
     checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)

@@ -4,7 +4,7 @@ On several processes: torchrun --nproc_per_node=N test.py -c CONFIG"""
 
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
-from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
+from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.reports.test import run_teacher_test, run_test
 
@@ -13,11 +13,7 @@ def main() -> int:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument("--json", help="also write {top1, top5, num_images, per_class} here")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace a --json file that is not an earlier report (an earlier one is replaced anyway)",
-    )
+    add_force_argument(p, "a --json", "an earlier report")
     p.add_argument(
         "--output-dir",
         help="where the confusion matrix and TensorBoard go (default: <split>_<checkpoint name> beside the checkpoint)",

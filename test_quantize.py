@@ -5,7 +5,7 @@ On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ...
 
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
-from myrtle_vision.cli import add_split_argument, main_guard, parser, resolve_device
+from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from myrtle_vision.reports.quantize import DEFAULT_CALIB_STEPS, run_quantize_test
@@ -50,11 +50,7 @@ def main() -> int:
         help="PyTorchINT8: one weight scale per output row of each Linear (default: one per weight tensor)",
     )
     p.add_argument("--json", help="also write the FP32 and quantized results here")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace a --json file that is not an earlier report (an earlier one is replaced anyway)",
-    )
+    add_force_argument(p, "a --json", "an earlier report")
     p.add_argument(
         "--output-dir",
         help="where both confusion matrices and the list of changed predictions go "

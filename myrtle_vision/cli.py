@@ -20,6 +20,15 @@ def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def add_force_argument(p: argparse.ArgumentParser, output: str, earlier: str) -> None:
+    """--force: replace the ``output`` file even when it is not ``earlier`` (an earlier one is replaced anyway)."""
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace {output} file that is not {earlier} (an earlier one is replaced anyway)",
+    )
+
+
 def add_split_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--split",

@@ -138,3 +138,21 @@ def test_every_module_imports():
     assert {"myrtle_vision.checkpoint", "myrtle_vision.reports.export", "myrtle_vision.training.trainer"} <= set(names)
     for name in names:
         importlib.import_module(name)
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout section is the map of the house: each module and sub-package of myrtle_vision is on it."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("\n## ", 1)]
+    package = REPO / "myrtle_vision"
+    missing = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "__init__.py"
+        and path.parent == package
+        and path.name not in layout
+        or path.parent != package
+        and f"{path.parent.relative_to(package)}/" not in layout
+    ]
+    assert not missing, missing

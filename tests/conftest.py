@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -189,6 +192,25 @@ def run_script(
             f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
+    """``python script args`` run in this process (runpy, as ``__main__``): the same code path, exit status and
+    output as :func:`run_script`, without the 4 seconds a new process spends importing torch. For runs that end
+    in a user error; a run that must see no GPU, another folder or environment, or fewer privileges, or that
+    trains, starts a process of its own with :func:`run_script`."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [str(REPO / script), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def run_dir_of(proc: subprocess.CompletedProcess) -> Path:

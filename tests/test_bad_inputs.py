@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import os
-import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import CLASSES, REPO, data_config, make_dataset, train_config
+from conftest import CLASSES, REPO, data_config, make_dataset, run_in_process, train_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -27,18 +26,8 @@ from myrtle_vision.training import Trainer
 
 def run(script: str, *args) -> tuple[int, str, str]:
     """Run a root script in this process, as ``python script args`` would: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = [str(REPO / script), *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(str(REPO / script), run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    proc = run_in_process(script, *args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import FIXTURES, REPO, assert_user_error, run_script, train_config
+from conftest import FIXTURES, REPO, assert_user_error, run_in_process, run_script, train_config
 
 from myrtle_vision.config import load_config
 from myrtle_vision.errors import ConfigError
@@ -200,7 +200,7 @@ def test_bad_train_config_in_process(case, tmp_path, data_cfg):
 def test_bad_train_config_through_the_scripts(case, script, tmp_path, data_cfg):
     edit, field, hint = BAD_TRAIN_CONFIGS[case]
     path = _broken(tmp_path, data_cfg, edit)
-    assert_user_error(run_script(script, "-c", path), str(path), field, hint)
+    assert_user_error(run_in_process(script, "-c", path), str(path), field, hint)
 
 
 @pytest.mark.parametrize("url", ["env://", "tcp://localhost:54321", "tcp://10.0.0.1:23456", "file:///tmp/rendezvous"])
@@ -246,12 +246,12 @@ def test_bad_data_config_names_the_data_config(case, tmp_path, data_cfg):
     raw.update(change)
     data_cfg.write_text(json.dumps(raw))
     path = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
-    assert_user_error(run_script("train.py", "-c", path), str(data_cfg), field, hint)
+    assert_user_error(run_in_process("train.py", "-c", path), str(data_cfg), field, hint)
 
 
 @pytest.mark.slow
 def test_not_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{ not json")
-    assert_user_error(run_script("train.py", "-c", bad), str(bad), "not valid JSON")
-    assert_user_error(run_script("train.py", "-c", tmp_path / "nope.json"), "nope.json", "not found")
+    assert_user_error(run_in_process("train.py", "-c", bad), str(bad), "not valid JSON")
+    assert_user_error(run_in_process("train.py", "-c", tmp_path / "nope.json"), "nope.json", "not found")

@@ -17,6 +17,7 @@ from conftest import (
     class_image,
     data_config,
     make_dataset,
+    run_in_process,
     run_script,
     train_config,
 )
@@ -218,7 +219,7 @@ def test_32_bit_integer_and_float_images_are_refused_naming_the_file(tmp_path, m
     victim.write_bytes(image)
     cfg = train_config(tmp_path / "t.json", data_config(tmp_path / "d.json", ds, 3), tmp_path / "out")
     assert_user_error(
-        run_script("train.py", "-c", cfg),
+        run_in_process("train.py", "-c", cfg),
         str(victim),
         "cannot read image",
         f"{kind} pixels (mode {mode})",
@@ -385,7 +386,7 @@ def test_dataset_problems_are_one_line_errors(tmp_path, case):
     needle, classes = _break(ds, case)
     data_cfg = data_config(tmp_path / "d.json", ds, classes or 3)
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out")
-    line = assert_user_error(run_script("train.py", "-c", cfg), needle)
+    line = assert_user_error(run_in_process("train.py", "-c", cfg), needle)
     assert str(ds) in line
 
 

@@ -16,6 +16,7 @@ from conftest import (
     data_config,
     reference_images,
     run_dir_of,
+    run_in_process,
     run_script,
     script_env,
     train_config,
@@ -319,7 +320,7 @@ def test_resuming_a_deit_run_without_its_distiller_config_is_an_error(deit_run, 
     cfg = train_config(
         tmp_path / "vit.json", data_cfg, tmp_path / "out", train={"checkpoint_path": str(run_dir / "last.pt")}
     )
-    assert_user_error(run_script("train.py", "-c", cfg), str(run_dir / "last.pt"), "no distiller_config")
+    assert_user_error(run_in_process("train.py", "-c", cfg), str(run_dir / "last.pt"), "no distiller_config")
 
 
 def _bad_teacher_files(tmp_path):
@@ -343,7 +344,7 @@ def test_bad_teacher_file_is_a_one_line_error(case, tmp_path, data_cfg):
     path, message = _bad_teacher_files(tmp_path)[case]
     cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", **_distiller(path))
     assert_user_error(
-        run_script("train.py", "-c", cfg), str(tmp_path / "t.json"), "teacher_weights_path", str(path), message
+        run_in_process("train.py", "-c", cfg), str(tmp_path / "t.json"), "teacher_weights_path", str(path), message
     )
 
 

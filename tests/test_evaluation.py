@@ -12,6 +12,7 @@ from conftest import (
     reference_images,
     reference_logits,
     run_dir_of,
+    run_in_process,
     run_script,
     train_config,
 )
@@ -153,8 +154,12 @@ def test_unreadable_and_missing_checkpoints(run, tmp_path):
     _, cfg, _ = run
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"definitely not a checkpoint")
-    assert_user_error(run_script("test.py", "-c", cfg, "--checkpoint", junk), str(junk), "not a readable checkpoint")
-    assert_user_error(run_script("test.py", "-c", cfg, "--checkpoint", tmp_path / "gone.pt"), "gone.pt", "not found")
+    assert_user_error(
+        run_in_process("test.py", "-c", cfg, "--checkpoint", junk), str(junk), "not a readable checkpoint"
+    )
+    assert_user_error(
+        run_in_process("test.py", "-c", cfg, "--checkpoint", tmp_path / "gone.pt"), "gone.pt", "not found"
+    )
 
 
 @pytest.mark.slow

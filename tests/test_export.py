@@ -16,6 +16,7 @@ from conftest import (
     reference_forward,
     reference_images,
     run_dir_of,
+    run_in_process,
     run_script,
     train_config,
 )
@@ -131,10 +132,11 @@ def test_fp16_deploy_file_holds_the_ieee_rounding_and_onnx_agrees(run, tmp_path)
 def test_mistakes_are_one_line(run, tmp_path):
     _, cfg, ckpt_path = run
     assert_user_error(
-        run_script("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", ckpt_path), "is the checkpoint itself"
+        run_in_process("export.py", "-c", cfg, "--checkpoint", ckpt_path, "--output", ckpt_path),
+        "is the checkpoint itself",
     )
     assert_user_error(
-        run_script(
+        run_in_process(
             "export.py", "-c", cfg, "--checkpoint", ckpt_path, "--check-images", 0, "--output", tmp_path / "x.pt"
         ),
         "--check-images 0",
@@ -146,7 +148,9 @@ def test_mistakes_are_one_line(run, tmp_path):
         tmp_path / "out",
         vit={"depth": 3},
     )
-    assert_user_error(run_script("export.py", "-c", other, "--checkpoint", ckpt_path), str(ckpt_path), "does not fit")
+    assert_user_error(
+        run_in_process("export.py", "-c", other, "--checkpoint", ckpt_path), str(ckpt_path), "does not fit"
+    )
 
 
 def _export_in_process(cfg, ckpt_path, out, **kwargs):

@@ -21,6 +21,7 @@ from conftest import (
     reference_images,
     reference_logits,
     run_dir_of,
+    run_in_process,
     run_script,
     train_config,
 )
@@ -468,7 +469,7 @@ def test_int8_flag_errors(runs, tmp_path):
     ckpt = run_dir / "last.pt"
     args = ("test_quantize.py", "-c", cfg, "--checkpoint", ckpt)
     assert_user_error(
-        run_script(*args, "--q_format", "PyTorchINT8", "--calib_steps", "0"), "--calib_steps 0", "at least 1"
+        run_in_process(*args, "--q_format", "PyTorchINT8", "--calib_steps", "0"), "--calib_steps 0", "at least 1"
     )
     # with an FP32 config the format is FP16_32, which has nothing to calibrate: the earlier release's
     # --calib_steps is accepted, and said to be unused, naming the format tested
@@ -476,13 +477,13 @@ def test_int8_flag_errors(runs, tmp_path):
     assert "--calib_steps and --per_channel unused: testing FP16_32" in proc.stdout
     assert json.loads((tmp_path / "fp16.json").read_text())["q_format"] == "FP16_32"
     assert_user_error(
-        run_script(*args, "--q_format", "PyTorchINT8", "--q_rounding", "qtorch"),
+        run_in_process(*args, "--q_format", "PyTorchINT8", "--q_rounding", "qtorch"),
         "--q_rounding qtorch",
         "not to PyTorchINT8",
     )
     int8_cfg = train_config(tmp_path / "int8.json", data_cfg, tmp_path / "out", vit={"q_format": "PyTorchINT8"})
     assert_user_error(
-        run_script("test_quantize.py", "-c", int8_cfg, "--checkpoint", ckpt, "--quantized_ckpt"),
+        run_in_process("test_quantize.py", "-c", int8_cfg, "--checkpoint", ckpt, "--quantized_ckpt"),
         str(ckpt),
         "FP32 checkpoint",
         "drop --quantized_ckpt",

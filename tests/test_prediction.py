@@ -15,6 +15,7 @@ from conftest import (
     near_tie_checkpoint,
     reference_logits,
     run_dir_of,
+    run_in_process,
     run_script,
     train_config,
 )
@@ -142,12 +143,12 @@ def test_bad_input_is_one_line(run, tmp_path):
     _, cfg, ckpt, _ = run
     (tmp_path / "empty").mkdir()
     assert_user_error(
-        run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path / "empty"),
+        run_in_process("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path / "empty"),
         str(tmp_path / "empty"),
         "no files",
     )
     assert_user_error(
-        run_script("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path, "--q_format", "PyTorchINT8"),
+        run_in_process("predict.py", "-c", cfg, "--checkpoint", ckpt, tmp_path, "--q_format", "PyTorchINT8"),
         "--q_format",
         "test_quantize.py",
     )

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import CLASSES, assert_user_error, run_dir_of, run_script, train_config
+from conftest import CLASSES, assert_user_error, run_dir_of, run_in_process, run_script, train_config
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -208,7 +208,7 @@ def test_bad_pretrained_files_are_one_line_errors(case, tmp_path, data_cfg):
     elif case == "qkv bias off":
         vit, needles = {"qkv_bias": False}, ["set vit_config.qkv_bias to true"]
     cfg = _finetune_config(tmp_path, data_cfg, weights, **vit)
-    assert_user_error(run_script("train.py", "-c", cfg), "pretrained_weights", str(weights), *needles)
+    assert_user_error(run_in_process("train.py", "-c", cfg), "pretrained_weights", str(weights), *needles)
 
 
 def test_a_safetensors_file_loads_like_the_pth(tmp_path):
@@ -281,9 +281,13 @@ def test_a_checkpoint_and_a_config_that_disagree_on_qkv_bias_is_a_one_line_error
     raw["vit_config"]["qkv_bias"] = False
     cfg.write_text(json.dumps(raw))
     assert_user_error(
-        run_script("test.py", "-c", cfg, "--checkpoint", ckpt), str(ckpt), "unexpected", "to_qkv.bias", "set it to true"
+        run_in_process("test.py", "-c", cfg, "--checkpoint", ckpt),
+        str(ckpt),
+        "unexpected",
+        "to_qkv.bias",
+        "set it to true",
     )
     raw["vit_config"]["qkv_bias"] = True
     raw["train_config"].update(checkpoint_path=str(ckpt), layer_decay=0.5, epochs=3)
     cfg.write_text(json.dumps(raw))
-    assert_user_error(run_script("train.py", "-c", cfg), str(ckpt), "layer_decay")
+    assert_user_error(run_in_process("train.py", "-c", cfg), str(ckpt), "layer_decay")

@@ -19,6 +19,7 @@ from conftest import (
     reference_forward,
     reference_logits,
     run_dir_of,
+    run_in_process,
     run_script,
     scalars,
     train_config,
@@ -525,15 +526,17 @@ def test_unknown_formats_are_one_line_errors(runs, tmp_path):
     _, data_cfg, out = runs
     cfg, run_dir, _ = out["FP32"]
     line = assert_user_error(
-        run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--q_format", "FP8"),
+        run_in_process("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--q_format", "FP8"),
         "--q_format 'FP8'",
     )
     assert "FP32, FP16_16, FP16_32, TF32, BF16_32, PyTorchINT8" in line
     assert_user_error(
-        run_script("test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--q_rounding", "stochastic"),
+        run_in_process(
+            "test_quantize.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--q_rounding", "stochastic"
+        ),
         "--q_rounding 'stochastic'",
         "nearest_even, qtorch",
     )
     bad = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", vit={"q_format": "FP16"})
-    line = assert_user_error(run_script("train.py", "-c", bad), str(bad), "q_format", "did you mean")
+    line = assert_user_error(run_in_process("train.py", "-c", bad), str(bad), "q_format", "did you mean")
     assert "FP16_16" in line and "BF16_32" in line

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, assert_user_error, run_dir_of, run_script, scalars, train_config
+from conftest import CLASSES, assert_user_error, run_dir_of, run_in_process, run_script, scalars, train_config
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.config import load_config
@@ -315,4 +315,4 @@ def test_the_users_configs_keep_every_switch_off_and_bad_values_are_one_line_err
             load_config(path)
         assert e.value.field == field and needle in str(e.value) and str(path) in str(e.value)
     cfg = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", vit={"drop_path": 1.0})
-    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "vit_config.drop_path", "[0, 1)")
+    assert_user_error(run_in_process("train.py", "-c", cfg), str(cfg), "vit_config.drop_path", "[0, 1)")

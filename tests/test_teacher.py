@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torchvision
-from conftest import assert_user_error, data_config, run_script
+from conftest import assert_user_error, data_config, run_in_process, run_script
 
 from myrtle_vision.errors import UserError
 from myrtle_vision.models.cnn import load_teacher, replace_classifier, starting_model
@@ -124,13 +124,13 @@ def test_cli_errors_are_one_line(tmp_path, dataset, monkeypatch):
     data_cfg = data_config(tmp_path / "data.json", dataset, 3)
     env_home = tmp_path / "empty_torch_home"
     monkeypatch.setenv("TORCH_HOME", str(env_home))
-    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--model", "resnet18", "--batch-size", "8")
+    proc = run_in_process("finetune_teacher.py", "--data-config", data_cfg, "--model", "resnet18", "--batch-size", "8")
     assert_user_error(proc, "weights", "no ImageNet weights for resnet18", "set weights to None")
-    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--batch-size", "0")
+    proc = run_in_process("finetune_teacher.py", "--data-config", data_cfg, "--batch-size", "0")
     assert_user_error(proc, "finetune_teacher.py arguments", "batch_size", "at least 1")
-    proc = run_script("finetune_teacher.py", "--data-config", tmp_path / "nope.json", "--weights", "none")
+    proc = run_in_process("finetune_teacher.py", "--data-config", tmp_path / "nope.json", "--weights", "none")
     assert_user_error(proc, "nope.json", "file not found")
-    proc = run_script("finetune_teacher.py", "--data-config", data_cfg, "--weights", "none")
+    proc = run_in_process("finetune_teacher.py", "--data-config", data_cfg, "--weights", "none")
     assert_user_error(proc, "finetune_teacher.py arguments: batch_size", "more than the 24 training images")
 
 

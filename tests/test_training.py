@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import assert_user_error, run_dir_of, run_script, scalars, train_config
+from conftest import assert_user_error, run_dir_of, run_in_process, run_script, scalars, train_config
 
 from myrtle_vision import checkpoint as ckpt_io
 from myrtle_vision.checkpoint import load
@@ -218,13 +218,15 @@ def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path, data_cfg):
 @pytest.mark.slow
 def test_fp16_without_cuda_and_precision_with_qat_are_refused(tmp_path, data_cfg):
     cfg = train_config(tmp_path / "fp16.json", data_cfg, tmp_path / "out", train={"precision": "fp16"})
-    assert_user_error(run_script("train.py", "-c", cfg, "--device", "cpu"), str(cfg), "precision fp16 needs CUDA")
+    assert_user_error(run_in_process("train.py", "-c", cfg, "--device", "cpu"), str(cfg), "precision fp16 needs CUDA")
     cfg = train_config(
         tmp_path / "qat.json", data_cfg, tmp_path / "out", train={"precision": "bf16"}, vit={"q_format": "FP16_32"}
     )
-    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "train_config.precision: bf16", "q_format FP16_32")
+    assert_user_error(
+        run_in_process("train.py", "-c", cfg), str(cfg), "train_config.precision: bf16", "q_format FP16_32"
+    )
     cfg = train_config(tmp_path / "bad.json", data_cfg, tmp_path / "out", train={"precision": "half"})
-    assert_user_error(run_script("train.py", "-c", cfg), str(cfg), "precision", "fp32, bf16, fp16")
+    assert_user_error(run_in_process("train.py", "-c", cfg), str(cfg), "precision", "fp32, bf16, fp16")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, class_image, run_script
+from conftest import assert_user_error, class_image, run_in_process, run_script
 from PIL import Image
 
 from myrtle_vision import files, prepare
@@ -100,13 +100,13 @@ def test_bad_tree_is_an_error_and_nothing_moves(resisc_tree, tmp_path, case):
         (root / "beach" / "notes.txt").write_text("hi")
         needle = "unexpected entry 'notes.txt'"
     before = _snapshot(root)
-    assert_user_error(run_script("prepare_resisc45.py", root), str(root), needle)
+    assert_user_error(run_in_process("prepare_resisc45.py", root), str(root), needle)
     assert _snapshot(root) == before
 
 
 @pytest.mark.slow
 def test_missing_folder(tmp_path):
-    assert_user_error(run_script("prepare_resisc45.py", tmp_path / "nowhere"), "nowhere", "not found")
+    assert_user_error(run_in_process("prepare_resisc45.py", tmp_path / "nowhere"), "nowhere", "not found")
 
 
 # --- a folder that cannot be written, a move that fails or was stopped part-way ------------------------
@@ -259,7 +259,7 @@ def test_an_ambiguous_split_layout_is_refused_and_nothing_moves(resisc_tree, tmp
         needles = (str(root / "images" / "beach"), "unexpected entry 'notes.txt'")
     before = _snapshot(root)
     if case == "class in both places":  # through the script: one line, exit 2
-        assert_user_error(run_script("prepare_resisc45.py", root), *needles)
+        assert_user_error(run_in_process("prepare_resisc45.py", root), *needles)
     else:
         with pytest.raises(UserError) as e:
             prepare.prepare_resisc45(root)
@@ -418,5 +418,5 @@ def test_fashion_mnist_into_a_read_only_folder_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_fashion_mnist_without_the_files(tmp_path):
     assert_user_error(
-        run_script("prepare_fashion_mnist.py", "--idx-dir", tmp_path), str(tmp_path), "dataset-fashion-mnist"
+        run_in_process("prepare_fashion_mnist.py", "--idx-dir", tmp_path), str(tmp_path), "dataset-fashion-mnist"
     )

@@ -49,7 +49,7 @@ class TrainConfig:
     epochs_per_val: int = 1  # validation also runs at the end of every this-many epochs, and of the last one
     seed: int = 1234
     drop_last_batch: bool = True
-    # Sampling and class balance (all off by default; see the README's train_config table):
+    # Sampling and class balance (all off by default; see docs/config.md):
     repeated_augmentation: int = 1  # k > 1: each sampled image comes k times in a row, augmented differently (DeiT: 3)
     class_weights: str | list[float] | None = None  # null, "balanced" or one weight per class
     class_balanced_sampler: bool = False  # draw each epoch's images with replacement, every class equally often
@@ -78,7 +78,7 @@ class TrainConfig:
     # The class and distillation tokens and the position embedding take weight decay, as in the earlier
     # release (its model exempted nothing but biases and norms); false: exempt them, as timm and DeiT do.
     weight_decay_tokens: bool = True
-    # DeiT's regularisation recipe (all off by default, as in the earlier release; see the README)
+    # DeiT's regularisation recipe (all off by default, as in the earlier release; see docs/recipe.md)
     mixup: float = 0.0  # MixUp's Beta alpha (DeiT: 0.8); 0: off
     cutmix: float = 0.0  # CutMix's Beta alpha (DeiT: 1.0); 0: off
     mixup_prob: float = 1.0  # the probability that a batch is mixed at all
@@ -87,7 +87,7 @@ class TrainConfig:
     ema_decay: float | None = None  # an exponential moving average of the weights (DeiT: 0.99996); None: off
     ema_every: int = 1  # updates between two updates of the average
     ema_deploy: bool = True  # the average is what best.pt follows and what the checkpoint's model entry holds
-    # Accepted for compatibility with the earlier release; see the README for what happens to them.
+    # Accepted for compatibility with the earlier release; see docs/config.md for what happens to them.
     lr_noise: list[float] | None = None
     lr_noise_pct: float = 0.67
     lr_noise_std: float = 1.0

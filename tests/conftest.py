@@ -358,7 +358,7 @@ def reference_forward(
 ) -> torch.Tensor:
     """The deploy layout's semantics, written from its description, straight off the tensors (attention scores
     divided by sqrt(head_dim_scale): 64, the head size of every shipped model; our ViT divides by its own head size).
-    An independent reference: it uses nothing of the package. ``q_format``, as the README's quantization table
+    An independent reference: it uses nothing of the package. ``q_format``, as docs/quantization.md's formats table
     describes it: FP16_32, BF16_32 and TF32 round the inputs, weights and biases of every linear map and layer
     norm, and compute the rest in FP32; FP16_16 also rounds every result to FP16 (each linear map's and layer
     norm's output, the class token, the position embedding and its sum, the scaled attention scores, the

@@ -45,7 +45,7 @@ def test_demo_pair_differs_only_by_the_teacher():
 
 def test_demo_configs_train_the_recipe_the_ablation_measured_best(tmp_path):
     """The demo trains DeiT's recipe without repeated augmentation, the variant benchmarks/recipe_ablation.py
-    measured best on the demo data (README, "DeiT's data-efficient recipe"): the same run, seed and folder aside."""
+    measured best on the demo data (docs/recipe.md): the same run, seed and folder aside."""
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))

@@ -367,7 +367,7 @@ def _recording(update, trainer, out):
 def test_skip_gives_up_after_ten_nonfinite_updates_in_a_row(data, tmp_path, capsys):
     """A learning rate of 1e30: the first update is finite and ruins the weights; every later one is not.
     Ten are skipped (updates 2 to 11), the eleventh in a row (update 12) stops the run."""
-    assert MAX_SKIPPED_IN_A_ROW == 10  # the number the README gives
+    assert MAX_SKIPPED_IN_A_ROW == 10  # the number docs/training.md gives
     trainer = _trainer(data, tmp_path, nonfinite_loss="skip", lr=1e30, warmup_epochs=0)
     with pytest.raises(NonFiniteLoss, match=r"^iteration 12 \(epoch 4\): .* after 10 skipped updates in a row"):
         trainer.fit()

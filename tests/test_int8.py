@@ -324,7 +324,7 @@ def runs(tmp_path_factory, dataset):
     return tmp, data_cfg, {"FP32": (cfg, run_dir_of(proc), proc)}
 
 
-# The deploy layout's names in our modules' (the README's table, "Checkpoint contents"), written out here
+# The deploy layout's names in our modules' (docs/deployment.md's table, "Checkpoint contents"), written out here
 # again so that the reference below reads a checkpoint without the package.
 _DEPLOY_TO_OURS = [
     (r"pos_embedding", "pos_embed"),

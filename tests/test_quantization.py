@@ -267,7 +267,7 @@ def test_unknown_format_and_rounding_list_the_valid_ones():
 
 @pytest.mark.parametrize("q_format", ["FP16_16", "FP16_32", "BF16_32", "TF32"])
 def test_a_quantized_vit_computes_what_the_independent_reference_computes_in_its_format(q_format):
-    """conftest.reference_forward rounds where the README's quantization table says each format rounds. FP16_16
+    """conftest.reference_forward rounds where docs/quantization.md's formats table says each format rounds. FP16_16
     rounds every result, so the model's logits equal the reference's bit for bit; the other formats keep some
     results in FP32, where another summation order can move a later rounding by one step: most logits are equal
     and the rest differ by far less than the format's own effect."""

@@ -4,6 +4,7 @@ optionally ONNX; each checked against the checkpoint on the first test images:
 python export.py -c CONFIG [--checkpoint PATH] [--output FILE.pt] [--fp16] [--onnx FILE.onnx] [--check-images N]
                   [--force]"""
 
+import argparse
 from pathlib import Path
 
 from myrtle_vision.checkpoint import checkpoint_path_for
@@ -12,7 +13,7 @@ from myrtle_vision.config import load_config
 from myrtle_vision.reports.export import export
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument(
@@ -33,7 +34,11 @@ def main() -> int:
         help="replace files at --output/--onnx that are not an earlier "
         "export's (an earlier export's files are replaced anyway)",
     )
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     cfg = load_config(args.config)
     export(
         cfg,

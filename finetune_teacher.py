@@ -9,10 +9,14 @@ from myrtle_vision.cli import main_guard
 from myrtle_vision.training.finetune import TeacherConfig, add_arguments, finetune_teacher
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    cfg = TeacherConfig.from_dict(vars(parser.parse_args()), "finetune_teacher.py arguments")
+    return parser
+
+
+def main() -> int:
+    cfg = TeacherConfig.from_dict(vars(build_parser().parse_args()), "finetune_teacher.py arguments")
     finetune_teacher(cfg)
     return 0
 

@@ -5,6 +5,7 @@ python predict.py -c CONFIG --checkpoint PATH INPUT [INPUT ...] [--output predic
 INPUT: a folder (walked recursively), a .txt/.lst list of paths (relative to the list's folder), or an image.
 On several processes: torchrun --nproc_per_node=N predict.py -c CONFIG ..."""
 
+import argparse
 from pathlib import Path
 
 from myrtle_vision import distributed
@@ -15,7 +16,7 @@ from myrtle_vision.quantization import Q_FORMATS, ROUNDINGS
 from myrtle_vision.reports.predict import predict
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, list files or image files")
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
@@ -37,7 +38,11 @@ def main() -> int:
     )
     p.add_argument("--batch-size", type=int, help="default: the config's train_config.local_batch_size")
     add_force_argument(p, "an --output", "an earlier predictions CSV")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     cfg = load_config(args.config)
     checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:

@@ -8,12 +8,14 @@ Reads the four IDX files (gzipped or not) from the Debian package dataset-fashio
 images that --train-per-class leaves out).
 """
 
+import argparse
+
 from myrtle_vision.cli import main_guard, parser
 from myrtle_vision.errors import UserError
 from myrtle_vision.prepare import FASHION_MNIST_DEBIAN_DIR, prepare_fashion_mnist
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__, config=False)
     p.add_argument("--idx-dir", default=FASHION_MNIST_DEBIAN_DIR, help=f"default: {FASHION_MNIST_DEBIAN_DIR}")
     p.add_argument("--out", default="data/fashion-mnist", help="default: data/fashion-mnist")
@@ -25,7 +27,11 @@ def main() -> int:
         "and list the rest in extra_imagepaths.txt (default: all; the demo keeps 500, the scale of "
         "NWPU-RESISC45, and pretrains its teacher on the rest)",
     )
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.train_per_class is not None and args.train_per_class < 1:
         raise UserError(f"--train-per-class: must be at least 1, got {args.train_per_class}")
     counts = prepare_fashion_mnist(args.idx_dir, args.out, args.val_per_class, args.train_per_class)

@@ -2,6 +2,8 @@
 The config's CNN teacher instead: python test.py -c CONFIG --teacher [WEIGHTS]
 On several processes: torchrun --nproc_per_node=N test.py -c CONFIG"""
 
+import argparse
+
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
@@ -9,7 +11,7 @@ from myrtle_vision.config import load_config
 from myrtle_vision.reports.test import run_teacher_test, run_test
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument("--json", help="also write {top1, top5, num_images, per_class} here")
@@ -27,6 +29,11 @@ def main() -> int:
         help="test the config's CNN teacher (distiller_config.teacher_model) instead, from WEIGHTS "
         "(default: distiller_config.teacher_weights_path), e.g. a finetune_teacher.py output",
     )
+    return p
+
+
+def main() -> int:
+    p = build_parser()
     args = p.parse_args()
     if args.teacher is not None and args.checkpoint:
         p.error("--teacher tests the CNN teacher, --checkpoint a ViT checkpoint: give one of them")

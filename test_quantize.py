@@ -3,6 +3,8 @@ python test_quantize.py -c CONFIG [--checkpoint PATH] [--q_format F] [--quantize
 INT8 post-training quantization, as the earlier release: --q_format PyTorchINT8 [--calib_steps N] [--per_channel]
 On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ..."""
 
+import argparse
+
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
@@ -11,7 +13,7 @@ from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDIN
 from myrtle_vision.reports.quantize import DEFAULT_CALIB_STEPS, run_quantize_test
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument("--checkpoint", help="default: the config's train_config.checkpoint_path")
     p.add_argument(
@@ -57,7 +59,11 @@ def main() -> int:
         "(default: <split>_<format>_<checkpoint name> beside the checkpoint)",
     )
     add_split_argument(p)
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     cfg = load_config(args.config)
     checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     with distributed.session(cfg, resolve_device(args.device)) as procs:

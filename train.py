@@ -2,6 +2,8 @@
 With "distributed": true it trains on every visible GPU, one process each (or --nproc_per_node N);
 on several machines: torchrun --nnodes=M --nproc_per_node=N ... train.py -c CONFIG"""
 
+import argparse
+
 from myrtle_vision import distributed
 from myrtle_vision.cli import main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
@@ -9,7 +11,7 @@ from myrtle_vision.reporting import say
 from myrtle_vision.training import Interrupted, train
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = parser(__doc__)
     p.add_argument(
         "--nproc_per_node",
@@ -19,7 +21,11 @@ def main() -> int:
         help="train in N processes on this machine (one per GPU on CUDA; Gloo on CPU); default: one per "
         "visible GPU when train_config.distributed is true, else one",
     )
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     cfg = load_config(args.config)
     device = resolve_device(args.device)
     nproc = distributed.processes_to_start(cfg, device, args.nproc_per_node)

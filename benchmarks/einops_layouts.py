@@ -47,14 +47,18 @@ class _ByReshape:
         PatchEmbed.forward, Attention.forward = self.saved
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--no-write", action="store_true", help="print the table; leave RESULTS.md alone")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = VisionTransformer(ViTArgs(**dict(TINY, image_size=args.image_size))).to(device)

@@ -40,7 +40,7 @@ INTRO = (
 )
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default="train_configs/vit_demo.json")
     p.add_argument(
@@ -50,7 +50,11 @@ def main() -> int:
     p.add_argument("--random-batches", type=int, metavar="N", help="model only, on N random batches")
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--no-write", action="store_true", help="print the table only")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     cfg = load_config(args.config)
     device = resolve_device(args.device)
     torch.manual_seed(0)

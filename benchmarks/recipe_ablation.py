@@ -123,7 +123,7 @@ def measure(
     return figures
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit", "deit"], choices=["vit", "deit"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -147,7 +147,11 @@ def main() -> None:
         action="store_true",
         help="run nothing: the table of the runs measured so far (a row lists the seeds it has)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = REPO / args.out
     out.mkdir(parents=True, exist_ok=True)
     rows = ["| model | variant | test top-1 per seed | mean | train seconds (mean) |", "|---|---|---|---|---|"]

@@ -277,7 +277,7 @@ def end_to_end_rate(cfg_path: Path, device: torch.device, work: Path) -> tuple[f
 # --- the run ------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=sorted(USER_CONFIGS), default=["tiny", "small"])
     p.add_argument(
@@ -300,6 +300,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", choices=("cpu", "cuda"))
     p.add_argument("--no-write", action="store_true", help="print the tables only")
+    return p
+
+
+def main() -> int:
+    p = build_parser()
     args = p.parse_args()
     try:
         import timm  # noqa: F401

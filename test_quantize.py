@@ -1,6 +1,7 @@
 """Test a checkpoint in FP32 and in the accelerator's number format (or INT8), side by side:
 python test_quantize.py -c CONFIG [--checkpoint PATH] [--q_format F] [--quantized_ckpt] [--json PATH]
 INT8 post-training quantization, as the earlier release: --q_format PyTorchINT8 [--calib_steps N] [--per_channel]
+Where the format hurts, rounding point by rounding point: --per-layer [--per-layer-images N] [--split S]
 On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ..."""
 
 import argparse
@@ -10,6 +11,7 @@ from myrtle_vision.checkpoint import checkpoint_path_for
 from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
+from myrtle_vision.reports.layers import DEFAULT_IMAGES, run_layer_report
 from myrtle_vision.reports.quantize import DEFAULT_CALIB_STEPS, run_quantize_test
 
 
@@ -58,7 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="where both confusion matrices and the list of changed predictions go "
         "(default: <split>_<format>_<checkpoint name> beside the checkpoint)",
     )
-    add_split_argument(p)
+    add_split_argument(p, default=None, says="test; val with --per-layer")
+    p.add_argument(
+        "--per-layer",
+        "--per_layer",
+        action="store_true",
+        help="instead of the side-by-side test: where the format hurts the model, every rounding point's range "
+        "against the format and what rounding it costs (layers.csv, layers.json, layers.png in --output-dir)",
+    )
+    p.add_argument(
+        "--per-layer-images",
+        "--per_layer_images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        metavar="N",
+        help=f"--per-layer: the first N images of the split (default {DEFAULT_IMAGES})",
+    )
     return p
 
 
@@ -66,21 +83,23 @@ def main() -> int:
     args = build_parser().parse_args()
     cfg = load_config(args.config)
     checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
+    options = dict(
+        q_format=args.q_format,
+        q_rounding=args.q_rounding,
+        quantized_ckpt=args.quantized_ckpt,
+        json_path=args.json,
+        calib_steps=args.calib_steps,
+        per_channel=args.per_channel,
+        output_dir=args.output_dir,
+        force=args.force,
+    )
     with distributed.session(cfg, resolve_device(args.device)) as procs:
-        run_quantize_test(
-            cfg,
-            checkpoint_path,
-            procs,
-            q_format=args.q_format,
-            q_rounding=args.q_rounding,
-            quantized_ckpt=args.quantized_ckpt,
-            json_path=args.json,
-            calib_steps=args.calib_steps,
-            per_channel=args.per_channel,
-            split=args.split,
-            output_dir=args.output_dir,
-            force=args.force,
-        )
+        if args.per_layer:
+            run_layer_report(
+                cfg, checkpoint_path, procs, split=args.split or "val", images=args.per_layer_images, **options
+            )
+        else:
+            run_quantize_test(cfg, checkpoint_path, procs, split=args.split or "test", **options)
     return 0
 
 

@@ -29,12 +29,13 @@ def add_force_argument(p: argparse.ArgumentParser, output: str, earlier: str) ->
     )
 
 
-def add_split_argument(p: argparse.ArgumentParser) -> None:
+def add_split_argument(p: argparse.ArgumentParser, default: str | None = "test", says: str = "test") -> None:
     p.add_argument(
         "--split",
         choices=("train", "val", "test"),
-        default="test",
-        help="the split to evaluate, with the evaluation transforms (transform_ops_val) whatever it is (default: test)",
+        default=default,
+        help="the split to evaluate, with the evaluation transforms (transform_ops_val) whatever it is "
+        f"(default: {says})",
     )
 
 

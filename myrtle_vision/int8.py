@@ -83,10 +83,12 @@ class FakeQuant(nn.Module):
     calibrating, then quantizes to uint8 and back with the frozen scale and zero point.
 
     Its buffers are not persistent, so it adds nothing to the state dict; they follow ``.to(device)``.
+    ``bypass`` leaves a calibrated point in FP32 (the per-layer report quantizes one point at a time).
     """
 
     def __init__(self):
         super().__init__()
+        self.bypass = False
         self.phase = UNCALIBRATED
         self.register_buffer("min_val", torch.tensor(float("inf")), persistent=False)
         self.register_buffer("max_val", torch.tensor(float("-inf")), persistent=False)
@@ -115,6 +117,8 @@ class FakeQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.phase == QUANTIZED:
+            if self.bypass:
+                return x
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, ACT_MIN, ACT_MAX)
         if self.phase == CALIBRATING:
             lo, hi = torch.aminmax(x.detach())
@@ -129,6 +133,17 @@ class FakeQuant(nn.Module):
         return f"scale={self.scale.item():.6g}, zero_point={self.zero_point.item()}"
 
 
+class WeightQuant(nn.Module):
+    """A Linear's weight quantization point: the weight on its int8 grid (``bypass``: FP32)."""
+
+    def __init__(self, per_channel: bool):
+        super().__init__()
+        self.per_channel, self.bypass = per_channel, False
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self.bypass else fake_quantize_weight(weight, self.per_channel)
+
+
 class Int8Linear(nn.Linear):
     """A Linear with int8 weights, FP32 bias, and a quantization point (``output``) on its output.
 
@@ -138,17 +153,16 @@ class Int8Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool):
         super().__init__(in_features, out_features, bias=bias)
-        self.per_channel = per_channel
+        self.weight_quant = WeightQuant(per_channel)
         self.output = FakeQuant()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.output.phase != CALIBRATING:
-            weight = fake_quantize_weight(weight, self.per_channel)
+        weight = self.weight if self.output.phase == CALIBRATING else self.weight_quant(self.weight)
         return self.output(F.linear(x, weight, self.bias))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", int8 weights {'per_channel' if self.per_channel else 'per_tensor'}"
+        scheme = "per_channel" if self.weight_quant.per_channel else "per_tensor"
+        return super().extra_repr() + f", int8 weights {scheme}"
 
 
 class Int8LayerNorm(nn.LayerNorm):

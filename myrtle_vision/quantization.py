@@ -58,6 +58,7 @@ ROUNDINGS = ("nearest_even", "qtorch")
 FP16 = FloatingPoint(exp=5, man=10)
 BF16 = FloatingPoint(exp=8, man=7)
 TF32 = FloatingPoint(exp=8, man=10)
+FP32_FORMAT = FloatingPoint(exp=8, man=23)  # rounding to it changes nothing (the per-layer report's FP32)
 NATIVE = {(5, 10): torch.float16, (8, 7): torch.bfloat16}  # formats torch has as a dtype
 
 
@@ -98,6 +99,8 @@ def round_qtorch(x: torch.Tensor, fmt: FloatingPoint) -> torch.Tensor:
 
 def rounding_function(fmt: FloatingPoint, rounding: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The fastest function that rounds an FP32 tensor to ``fmt`` with ``rounding``."""
+    if (fmt.exp, fmt.man) == (FP32_FORMAT.exp, FP32_FORMAT.man):
+        return lambda x: x.float()
     if rounding == "qtorch":
         return lambda x: round_qtorch(x, fmt)
     if rounding != "nearest_even":
@@ -119,14 +122,21 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class Round(nn.Module):
-    """Round a tensor to a number format; the gradient passes straight through."""
+    """Round a tensor to a number format; the gradient passes straight through.
+
+    Each place the model rounds has a Round of its own (a rounding point). ``bypass`` leaves the point in
+    FP32, which the per-layer report (:mod:`myrtle_vision.reports.layers`) uses to round one point at a time.
+    """
 
     def __init__(self, fmt: FloatingPoint, rounding: str):
         super().__init__()
         self.fmt, self.rounding = fmt, rounding
         self.fn = rounding_function(fmt, rounding)
+        self.bypass = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return x
         if x.requires_grad and torch.is_grad_enabled():
             return _StraightThrough.apply(x, self.fn)
         return self.fn(x)
@@ -136,29 +146,31 @@ class Round(nn.Module):
 
 
 class _RoundsParameters(nn.Module):
-    """Rounds its ``weight`` and ``bias`` on the fly; in evaluation the rounded copies are reused
-    until the parameter changes (its version counter, storage or device)."""
+    """Rounds its input (``round_input``), its ``weight`` and ``bias`` (``round_params``) and, with
+    ``round_output``, its output: three rounding points. In evaluation the rounded parameters are reused
+    until a parameter changes (its version counter, storage or device) or the point is bypassed."""
 
     def rounded(self, name: str) -> torch.Tensor | None:
         p = getattr(self, name)
-        if p is None or self.operand is None:
+        if p is None or self.round_params is None:
             return p
         if torch.is_grad_enabled():  # training: round the FP32 master weights, gradient straight through
-            return self.operand(p)
-        key = (p.data_ptr(), p._version, p.device, p.dtype)
+            return self.round_params(p)
+        key = (p.data_ptr(), p._version, p.device, p.dtype, self.round_params.bypass)
         cache = self.__dict__.setdefault("_rounded_cache", {})
         if name not in cache or cache[name][0] != key:
-            cache[name] = (key, self.operand(p.detach()))
+            cache[name] = (key, self.round_params(p.detach()))
         return cache[name][1]
 
-    def round_in_out(self, operand: Round | None, output: Round | None) -> None:
-        self.operand, self.output = operand, output
+    def set_rounding(self, operands: Callable[[], Round | None], output: Round | None) -> None:
+        """``operands`` makes a Round (or None) for the input and another for the parameters."""
+        self.round_input, self.round_params, self.round_output = operands(), operands(), output
 
     def _in(self, x):
-        return x if self.operand is None else self.operand(x)
+        return x if self.round_input is None else self.round_input(x)
 
     def _out(self, y):
-        return y if self.output is None else self.output(y)
+        return y if self.round_output is None else self.round_output(y)
 
 
 class QLinear(nn.Linear, _RoundsParameters):
@@ -167,9 +179,9 @@ class QLinear(nn.Linear, _RoundsParameters):
     The same parameters as ``nn.Linear``, so its state dict (and the checkpoint layout) is unchanged.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, operand: Round | None, output: Round | None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, operands, output: Round | None):
         super().__init__(in_features, out_features, bias=bias)
-        self.round_in_out(operand, output)
+        self.set_rounding(operands, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._out(F.linear(self._in(x), self.rounded("weight"), self.rounded("bias")))
@@ -178,9 +190,9 @@ class QLinear(nn.Linear, _RoundsParameters):
 class QLayerNorm(nn.LayerNorm, _RoundsParameters):
     """A LayerNorm whose input, weight and bias are rounded (and with ``output``, its output too)."""
 
-    def __init__(self, dim: int, eps: float, operand: Round | None, output: Round | None):
+    def __init__(self, dim: int, eps: float, operands, output: Round | None):
         super().__init__(dim, eps=eps)
-        self.round_in_out(operand, output)
+        self.set_rounding(operands, output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._out(
@@ -204,12 +216,14 @@ class Arithmetic:
     def linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
         if self.operands is None and self.activations is None:
             return nn.Linear(in_features, out_features, bias=bias)
-        return QLinear(in_features, out_features, bias, self._round(self.operands), self._round(self.activations))
+        return QLinear(
+            in_features, out_features, bias, lambda: self._round(self.operands), self._round(self.activations)
+        )
 
     def layer_norm(self, dim: int, eps: float = 1e-5) -> nn.LayerNorm:
         if self.operands is None and self.activations is None:
             return nn.LayerNorm(dim, eps=eps)
-        return QLayerNorm(dim, eps, self._round(self.operands), self._round(self.activations))
+        return QLayerNorm(dim, eps, lambda: self._round(self.operands), self._round(self.activations))
 
     def activation(self) -> nn.Module:
         """Rounding of an activation (a residual add, a token, the GELU, attention): FP16_16 only.

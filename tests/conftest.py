@@ -197,8 +197,8 @@ def run_script(
 def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     """``python script args`` run in this process (runpy, as ``__main__``): the same code path, exit status and
     output as :func:`run_script`, without the 4 seconds a new process spends importing torch. For runs that end
-    in a user error; a run that must see no GPU, another folder or environment, or fewer privileges, or that
-    trains, starts a process of its own with :func:`run_script`."""
+    in a user error or only evaluate on the CPU (say ``--device cpu``); a run that must see no GPU, another folder
+    or environment, or fewer privileges, or that trains, starts a process of its own with :func:`run_script`."""
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
     sys.argv = [str(REPO / script), *map(str, args)]
@@ -354,7 +354,13 @@ REFERENCE_ROUNDING = {
 
 
 def reference_forward(
-    sd: dict, img: torch.Tensor, heads: int, patch: int, head_dim_scale: int = 64, q_format: str = "FP32"
+    sd: dict,
+    img: torch.Tensor,
+    heads: int,
+    patch: int,
+    head_dim_scale: int = 64,
+    q_format: str = "FP32",
+    only: tuple[str, str] | None = None,
 ) -> torch.Tensor:
     """The deploy layout's semantics, written from its description, straight off the tensors (attention scores
     divided by sqrt(head_dim_scale): 64, the head size of every shipped model; our ViT divides by its own head size).
@@ -362,15 +368,24 @@ def reference_forward(
     describes it: FP16_32, BF16_32 and TF32 round the inputs, weights and biases of every linear map and layer
     norm, and compute the rest in FP32; FP16_16 also rounds every result to FP16 (each linear map's and layer
     norm's output, the class token, the position embedding and its sum, the scaled attention scores, the
-    softmax, the attention output, the GELU and both residual sums)."""
+    softmax, the attention output, the GELU and both residual sums). ``only`` (in FP32): one tensor rounded to
+    FP16 and nothing else, named by a linear map's or layer norm's layout name and "input" or "weights" (its
+    weight and bias)."""
     r = REFERENCE_ROUNDING[q_format] or (lambda t: t)
     a = r if q_format == "FP16_16" else (lambda t: t)
 
+    def at(name, role):  # the rounding of a linear map's or layer norm's input or weights
+        if only is None:
+            return r
+        return REFERENCE_ROUNDING["FP16_32"] if only == (name, role) else (lambda t: t)
+
     def linear(x, name, bias=True):
-        return a(r(x) @ r(sd[f"{name}.weight"]).T + (r(sd[f"{name}.bias"]) if bias else 0))
+        ri, rw = at(name, "input"), at(name, "weights")
+        return a(ri(x) @ rw(sd[f"{name}.weight"]).T + (rw(sd[f"{name}.bias"]) if bias else 0))
 
     def norm(x, name):
-        return a(F.layer_norm(r(x), (x.shape[-1],), r(sd[f"{name}.weight"]), r(sd[f"{name}.bias"]), eps=1e-5))
+        ri, rw = at(name, "input"), at(name, "weights")
+        return a(F.layer_norm(ri(x), (x.shape[-1],), rw(sd[f"{name}.weight"]), rw(sd[f"{name}.bias"]), eps=1e-5))
 
     B, C, H, W = img.shape
     x = (

@@ -352,3 +352,23 @@ def test_a_user_error_in_the_started_processes_is_their_exit_status(runs, tmp_pa
     proc = run_script("train.py", "-c", cfg, "--device", "cpu", "--nproc_per_node", "2", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert f"error: {cfg}: train_config.checkpoint_path: {tmp_path / 'gone.pt'}: checkpoint not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_per_layer_report_in_two_processes_is_what_one_process_measures(runs, tmp_path):
+    """Each process measures its share of the images; the counts, histograms and sums are added up."""
+    _, _, _, (cfg, run_dir, _) = runs
+    ckpt = near_tie_checkpoint(run_dir / "checkpoint_0000004.pt", tmp_path / "near_tie.pt")
+    args = ("-c", cfg, "--checkpoint", ckpt, "--q_format", "FP16_16", "--per-layer", "--per-layer-images", "11")
+    run_script("test_quantize.py", *args, "--json", tmp_path / "one.json", "--output-dir", tmp_path / "one", check=True)
+    two = torchrun(*args, "--json", tmp_path / "two.json", "--output-dir", tmp_path / "two", script="test_quantize.py")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["num_images"] == b["num_images"] == 11  # 6 on one process, 5 on the other
+    assert a["all_rounded_changed"] == b["all_rounded_changed"] and a["fp32_top1"] == b["fp32_top1"]
+    exact = ("point", "values", "overflow", "subnormal", "to_zero", "alone_changed", "all_but_changed", "p99_9_abs")
+    for x, y in zip(a["layers"], b["layers"], strict=True):
+        assert {k: x[k] for k in exact} == {k: y[k] for k in exact}
+        for k in ("max_abs", "min_nonzero_abs", "rel_error_all", "alone_kl", "all_but_kl"):
+            assert x[k] == pytest.approx(y[k], rel=1e-3, abs=1e-12), (x["point"], k)
+    assert two.stdout.count("the most sensitive is") == 1

@@ -112,18 +112,20 @@ class Attention(nn.Module):
         self.qkv = ar.linear(dim, dim * 3, bias=qkv_bias)
         self.proj = ar.linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
-        self.round = ar.activation() if ar.rounds_attention else None  # FP16_16: scores and softmax
+        # FP16_16: the scores and the softmax, each a rounding point of its own
+        self.round_scores = ar.activation() if ar.rounds_attention else None
+        self.round_softmax = ar.activation() if ar.rounds_attention else None
         self.round_out = ar.activation()  # FP16_16 rounds the attention output, INT8 quantizes it (proj's input)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
-        if self.round is None:
+        if self.round_scores is None:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # softmax(q k^T / sqrt(head_dim)) v
         else:  # the same, step by step, each result rounded
-            scores = self.round(q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1])))
+            scores = self.round_scores(q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1])))
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            x = self.round(scores.softmax(dim=-1)) @ v
+            x = self.round_softmax(scores.softmax(dim=-1)) @ v
         return self.proj_drop(self.proj(self.round_out(rearrange(x, "b h n d -> b n (h d)"))))
 
 

@@ -2,7 +2,8 @@
 # The GPU checks, in one run of under 8 minutes on one GPU machine (an H200 here):
 #   1. the CUDA-only tests (tests/test_cuda.py: no host synchronisation inside the step's micro-batch loop,
 #      the batched GPU transforms against torchvision's, train.py learning on CUDA, fp16 with the gradient
-#      scaler, pinned memory, the CUDA out-of-memory line, NCCL under torchrun on two GPUs);
+#      scaler, pinned memory, the CUDA out-of-memory line, NCCL under torchrun on two GPUs, the per-layer
+#      report on the GPU against the CPU's);
 #   2. benchmarks/vs_timm.py: ours against timm for ViT-Tiny and ViT-Small at batch 256 in fp32, bf16 and
 #      bf16 compiled (timm compiled too), the bf16 utilisation, train.py end to end on generated Resisc45-size
 #      JPEGs with the loader included, and the loader alone; it rewrites the GPU table of benchmarks/RESULTS.md.

@@ -222,3 +222,26 @@ def test_predict_py_on_cuda_with_the_batch_transformed_there_agrees_with_the_cpu
         assert a["error"] == b["error"]
         if not a["error"]:
             assert float(a["prob1"]) == pytest.approx(float(b["prob1"]), abs=1e-3)
+
+
+def test_the_per_layer_report_on_cuda_agrees_with_the_cpu(tmp_path, data_cfg):
+    """test_quantize.py --per-layer on the GPU: the same points, ranges and overflow counts as on the CPU, and
+    sensitivities within FP32's differences between the devices."""
+    import json
+
+    cfg = train_config(tmp_path / "t.json", data_cfg, tmp_path / "out", train={"epochs": 1})
+    ckpt = run_dir_of(run_script("train.py", "-c", cfg, "--device", "cpu", check=True)) / "last.pt"
+    reports = {}
+    for device in ("cpu", "cuda"):
+        run_script(
+            "test_quantize.py", "-c", cfg, "--checkpoint", ckpt, "--q_format", "FP16_16", "--per-layer",
+            "--device", device, "--output-dir", tmp_path / device, "--json", tmp_path / f"{device}.json", check=True,
+            device=device,
+        )  # fmt: skip
+        reports[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    cpu, cuda = reports["cpu"], reports["cuda"]
+    assert cpu["num_images"] == cuda["num_images"] and cpu["all_rounded_changed"] == cuda["all_rounded_changed"]
+    for a, b in zip(cpu["layers"], cuda["layers"], strict=True):
+        assert (a["point"], a["values"], a["overflow"]) == (b["point"], b["values"], b["overflow"])
+        assert a["max_abs"] == pytest.approx(b["max_abs"], rel=1e-3)
+        assert a["alone_kl"] == pytest.approx(b["alone_kl"], rel=0.1, abs=1e-9), a["point"]

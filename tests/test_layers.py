@@ -235,3 +235,39 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
         run_in_process("test_quantize.py", "-c", tmp_path / "t.json", "--checkpoint", ckpt, "--per-layer"), "empty"
     )
     assert "empty_val.txt" in line
+
+
+@pytest.mark.slow
+def test_a_deit_checkpoint_is_reported_by_its_class_head_and_a_qat_one_in_its_format(run, tmp_path):
+    cfg, ckpt = run
+    raw = ckpt_io.load(ckpt)
+    raw["distillation"] = {
+        "dist_token": torch.randn(1, 1, 32),
+        "head_dist.weight": torch.randn(3, 32),
+        "head_dist.bias": torch.randn(3),
+    }
+    deit = tmp_path / "deit.pt"
+    torch.save(raw, deit)
+    plain, student = report(cfg, ckpt, tmp_path / "plain"), report(cfg, deit, tmp_path / "deit")
+    assert "DeiT: class head" in student["stdout"] and "distillation" not in " ".join(by_name(student))
+    drop = ("stdout", "output_dir")
+    assert {k: v for k, v in plain.items() if k not in drop} == {k: v for k, v in student.items() if k not in drop}
+    # quantization-aware training in FP16_32: reported in that format, as test_quantize.py --quantized_ckpt tests it
+    qat_cfg = train_config(
+        tmp_path / "qat.json", json.loads(cfg.read_text())["data_config_path"], tmp_path / "qat",
+        train={"epochs": 2}, vit={"depth": 3, "q_format": "FP16_32"},
+    )  # fmt: skip
+    qat = run_dir_of(run_script("train.py", "-c", qat_cfg, check=True)) / "last.pt"
+    assert_user_error(
+        run_in_process("test_quantize.py", "-c", qat_cfg, "--checkpoint", qat, "--per-layer"), "--quantized_ckpt"
+    )
+    result = report(qat_cfg, qat, tmp_path / "qat_layers", "--quantized_ckpt")
+    proc = run_in_process(
+        "test_quantize.py", "-c", qat_cfg, "--checkpoint", qat, "--quantized_ckpt", "--device", "cpu",
+        "--output-dir", tmp_path / "qat_plain", "--json", tmp_path / "qat_plain.json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plain = json.loads((tmp_path / "qat_plain.json").read_text())
+    assert result["q_format"] == plain["q_format"] == "FP16_32" and result["quantized_ckpt"]
+    assert result["all_rounded_top1"] == pytest.approx(plain["quantized"]["top1"])
+    assert result["all_rounded_max_logit_diff"] == pytest.approx(plain["max_logit_diff"], rel=1e-3)

@@ -45,7 +45,7 @@ from ..quantization import FP32_FORMAT, Round, rounding_function
 from ..reporting import say
 from ..weights.deploy import has_distillation
 from .outputs import check_outputs, save_png, write_report
-from .quantize import calibrate_on_validation, resolve_format, resolve_int8
+from .quantize import calibrate_on_validation, setup
 
 DEFAULT_IMAGES = 64  # images of the split the report measures on
 CHUNK = 8  # images whose FP32 outputs are kept at every point at once, for (a)
@@ -536,14 +536,11 @@ def run_layer_report(
     name>`` beside the checkpoint, as ``test_quantize.py``'s other files)."""
     if images < 1:
         raise UserError(f"--per-layer-images {images}: must be at least 1 (the images the report measures on)")
-    ckpt = checkpoint.load(checkpoint_path)
-    trained = checkpoint.trained_format(ckpt, checkpoint_path)
-    fmt, rounding = resolve_format(
-        cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format, q_rounding=q_rounding, path=checkpoint_path
+    ckpt, fmt, rounding, out_dir, int8_options = setup(
+        cfg, checkpoint_path, procs, q_format, q_rounding, quantized_ckpt, calib_steps, per_channel, split
     )
-    out_dir = Path(output_dir) if output_dir else checkpoint_path.parent / f"{split}_{fmt}_{checkpoint_path.stem}"
+    out_dir = Path(output_dir) if output_dir else out_dir
     check_outputs(procs, out_dir, json_path, force)
-    int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
     weights = int8_options[1] if int8_options else "per_tensor"
     # FP32 rounds nothing: its points are FP16_32's places, each rounding to FP32 (every figure zero)
     model = checkpoint.ready_model(

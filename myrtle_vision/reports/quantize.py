@@ -195,6 +195,29 @@ def calibrate_on_validation(cfg: Config, model: VisionTransformer, procs: Proces
     return batches, images
 
 
+def setup(
+    cfg: Config,
+    checkpoint_path: Path,
+    procs: Processes,
+    q_format: str | None,
+    q_rounding: str | None,
+    quantized_ckpt: bool,
+    calib_steps: int | None,
+    per_channel: bool,
+    split: str,
+) -> tuple[dict, str, str, Path, tuple[int, str] | None]:
+    """What test_quantize.py's reports start from: (the checkpoint, the format and rounding to test in, the default
+    output folder ``<split>_<format>_<checkpoint name>`` beside the checkpoint, INT8's (calibration batches, weight
+    scheme) or None)."""
+    ckpt = checkpoint.load(checkpoint_path)
+    trained = checkpoint.trained_format(ckpt, checkpoint_path)
+    fmt, rounding = resolve_format(
+        cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format, q_rounding=q_rounding, path=checkpoint_path
+    )
+    out_dir = checkpoint_path.parent / f"{split}_{fmt}_{checkpoint_path.stem}"
+    return ckpt, fmt, rounding, out_dir, resolve_int8(fmt, q_rounding, calib_steps, per_channel)
+
+
 def run_quantize_test(
     cfg: Config,
     checkpoint_path: Path,
@@ -220,14 +243,11 @@ def run_quantize_test(
     is read once, both models seeing each batch. A DeiT checkpoint is tested by its class head,
     which is what the accelerator runs.
     """
-    ckpt = checkpoint.load(checkpoint_path)
-    trained = checkpoint.trained_format(ckpt, checkpoint_path)
-    fmt, rounding = resolve_format(
-        cfg, trained, quantized_ckpt=quantized_ckpt, q_format=q_format, q_rounding=q_rounding, path=checkpoint_path
+    ckpt, fmt, rounding, out_dir, int8_options = setup(
+        cfg, checkpoint_path, procs, q_format, q_rounding, quantized_ckpt, calib_steps, per_channel, split
     )
-    out_dir = Path(output_dir) if output_dir else checkpoint_path.parent / f"{split}_{fmt}_{checkpoint_path.stem}"
+    out_dir = Path(output_dir) if output_dir else out_dir
     check_outputs(procs, out_dir, json_path, force)
-    int8_options = resolve_int8(fmt, q_rounding, calib_steps, per_channel)
     weights = int8_options[1] if int8_options else "per_tensor"
     models = [
         checkpoint.ready_model(
@@ -238,7 +258,7 @@ def run_quantize_test(
     tc = cfg.train_config
     loader, names = split_loader(cfg, procs, tc.local_batch_size, tc.num_workers, split)
     kind = (
-        f"trained with quantization-aware training in {trained[0]}"
+        f"trained with quantization-aware training in {checkpoint.trained_format(ckpt, checkpoint_path)[0]}"
         if quantized_ckpt
         else "trained in FP32, quantized after training"
     )

@@ -2,6 +2,7 @@
 accelerator's number format; one CSV row per file (the top-k classes and probabilities, or why it could not
 be read):
 python predict.py -c CONFIG --checkpoint PATH INPUT [INPUT ...] [--output predictions.csv] [--topk K] [--q_format F]
+    [--tta flip|dihedral]
 INPUT: a folder (walked recursively), a .txt/.lst list of paths (relative to the list's folder), or an image.
 On several processes: torchrun --nproc_per_node=N predict.py -c CONFIG ..."""
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
-from myrtle_vision.cli import add_force_argument, main_guard, parser, resolve_device
+from myrtle_vision.cli import add_force_argument, add_tta_argument, main_guard, parser, resolve_device
 from myrtle_vision.config import load_config
 from myrtle_vision.quantization import Q_FORMATS, ROUNDINGS
 from myrtle_vision.reports.predict import predict
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(ROUNDINGS)} (default: "
         "the checkpoint's if trained with quantization, else the config's vit_config.q_rounding)",
     )
+    add_tta_argument(p)
     p.add_argument("--batch-size", type=int, help="default: the config's train_config.local_batch_size")
     add_force_argument(p, "an --output", "an earlier predictions CSV")
     return p
@@ -57,6 +59,7 @@ def main() -> int:
             q_rounding=args.q_rounding,
             batch_size=args.batch_size,
             force=args.force,
+            tta=args.tta,
         )
     return 0
 

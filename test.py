@@ -1,4 +1,5 @@
 """Measure a checkpoint's accuracy on the test split: python test.py -c CONFIG [--checkpoint PATH] [--split S]
+With test-time augmentation (the mean of the softmax over flipped or rotated views): --tta flip|dihedral
 The config's CNN teacher instead: python test.py -c CONFIG --teacher [WEIGHTS]
 On several processes: torchrun --nproc_per_node=N test.py -c CONFIG"""
 
@@ -6,7 +7,14 @@ import argparse
 
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
-from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
+from myrtle_vision.cli import (
+    add_force_argument,
+    add_split_argument,
+    add_tta_argument,
+    main_guard,
+    parser,
+    resolve_device,
+)
 from myrtle_vision.config import load_config
 from myrtle_vision.reports.test import run_teacher_test, run_test
 
@@ -21,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the confusion matrix and TensorBoard go (default: <split>_<checkpoint name> beside the checkpoint)",
     )
     add_split_argument(p)
+    add_tta_argument(p)
     p.add_argument(
         "--teacher",
         nargs="?",
@@ -49,6 +58,7 @@ def main() -> int:
                 output_dir=args.output_dir,
                 split=args.split,
                 force=args.force,
+                tta=args.tta,
             )
         else:
             run_test(
@@ -59,6 +69,7 @@ def main() -> int:
                 output_dir=args.output_dir,
                 split=args.split,
                 force=args.force,
+                tta=args.tta,
             )
     return 0
 

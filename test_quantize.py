@@ -1,5 +1,6 @@
 """Test a checkpoint in FP32 and in the accelerator's number format (or INT8), side by side:
 python test_quantize.py -c CONFIG [--checkpoint PATH] [--q_format F] [--quantized_ckpt] [--json PATH]
+With test-time augmentation, both models seeing the same views: --tta flip|dihedral
 INT8 post-training quantization, as the earlier release: --q_format PyTorchINT8 [--calib_steps N] [--per_channel]
 Where the format hurts, rounding point by rounding point: --per-layer [--per-layer-images N] [--split S]
 On several processes: torchrun --nproc_per_node=N test_quantize.py -c CONFIG ..."""
@@ -8,8 +9,16 @@ import argparse
 
 from myrtle_vision import distributed
 from myrtle_vision.checkpoint import checkpoint_path_for
-from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser, resolve_device
+from myrtle_vision.cli import (
+    add_force_argument,
+    add_split_argument,
+    add_tta_argument,
+    main_guard,
+    parser,
+    resolve_device,
+)
 from myrtle_vision.config import load_config
+from myrtle_vision.errors import UserError
 from myrtle_vision.quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from myrtle_vision.reports.layers import DEFAULT_IMAGES, run_layer_report
 from myrtle_vision.reports.quantize import DEFAULT_CALIB_STEPS, run_quantize_test
@@ -61,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: <split>_<format>_<checkpoint name> beside the checkpoint)",
     )
     add_split_argument(p, default=None, says="test; val with --per-layer")
+    add_tta_argument(p)
     p.add_argument(
         "--per-layer",
         "--per_layer",
@@ -81,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     args = build_parser().parse_args()
+    if args.per_layer and args.tta != "none":
+        raise UserError(
+            f"--tta {args.tta} with --per-layer: the per-layer report measures each rounding point on the images "
+            "as they are; drop one of them"
+        )
     cfg = load_config(args.config)
     checkpoint_path = checkpoint_path_for(cfg, args.checkpoint)
     options = dict(
@@ -99,7 +114,7 @@ def main() -> int:
                 cfg, checkpoint_path, procs, split=args.split or "val", images=args.per_layer_images, **options
             )
         else:
-            run_quantize_test(cfg, checkpoint_path, procs, split=args.split or "test", **options)
+            run_quantize_test(cfg, checkpoint_path, procs, split=args.split or "test", tta=args.tta, **options)
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 
 from .errors import UserError, reason
 from .reporting import say
+from .tta import MODES
 
 
 def parser(description: str, config: bool = True) -> argparse.ArgumentParser:
@@ -36,6 +37,19 @@ def add_split_argument(p: argparse.ArgumentParser, default: str | None = "test",
         default=default,
         help="the split to evaluate, with the evaluation transforms (transform_ops_val) whatever it is "
         f"(default: {says})",
+    )
+
+
+def add_tta_argument(p: argparse.ArgumentParser) -> None:
+    """--tta: test-time augmentation (myrtle_vision.tta), the same flag in test.py, test_quantize.py and predict.py."""
+    p.add_argument(
+        "--tta",
+        choices=tuple(MODES),
+        default="none",
+        help="test-time augmentation: also run each image flipped (flip: 2 views, the image and its horizontal "
+        "flip) or in all 8 rotations and flips of the square (dihedral), and predict from the average of their "
+        "softmax; costs the views times the forward passes (2x, 8x; and the accelerator's work per image, if "
+        "deployed so) (default: none)",
     )
 
 

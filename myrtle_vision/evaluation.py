@@ -14,23 +14,36 @@ from .distributed import Processes
 from .errors import UserError
 from .metrics import Accumulator
 from .precision import autocast
+from .tta import predict, predict_heads
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, num_classes: int, procs: Processes = Processes(), precision: str = "fp32"
+    model: nn.Module,
+    loader,
+    num_classes: int,
+    procs: Processes = Processes(),
+    precision: str = "fp32",
+    tta: str = "none",
 ) -> Accumulator:
     """Loss and accuracy of ``model`` (for a ViT: its class head) over every batch of ``loader``
-    (with several processes: over every process's share, summed)."""
-    return _evaluate(model, loader, num_classes, average_heads=False, procs=procs, precision=precision)[0]
+    (with several processes: over every process's share, summed); ``tta``: test-time augmentation's views
+    (:mod:`myrtle_vision.tta`), the counts then from the averaged probabilities."""
+    return _evaluate(model, loader, num_classes, average_heads=False, procs=procs, precision=precision, tta=tta)[0]
 
 
 @torch.no_grad()
 def evaluate_heads(
-    model: nn.Module, loader, num_classes: int, procs: Processes = Processes(), precision: str = "fp32"
+    model: nn.Module,
+    loader,
+    num_classes: int,
+    procs: Processes = Processes(),
+    precision: str = "fp32",
+    tta: str = "none",
 ) -> tuple[Accumulator, Accumulator]:
-    """A DeiT student's (class head, average of class and distillation heads), from one pass per batch."""
-    return _evaluate(model, loader, num_classes, average_heads=True, procs=procs, precision=precision)
+    """A DeiT student's (class head, average of class and distillation heads), from one pass per batch (and
+    view: with ``tta``, each averaged over the views)."""
+    return _evaluate(model, loader, num_classes, average_heads=True, procs=procs, precision=precision, tta=tta)
 
 
 def sum_over_processes(acc: Accumulator, procs: Processes) -> Accumulator:
@@ -49,7 +62,7 @@ def sum_over_processes(acc: Accumulator, procs: Processes) -> Accumulator:
 
 
 def _evaluate(
-    model, loader, num_classes: int, *, average_heads: bool, procs: Processes, precision: str = "fp32"
+    model, loader, num_classes: int, *, average_heads: bool, procs: Processes, precision: str = "fp32", tta: str
 ) -> tuple[Accumulator, Accumulator]:
     device = next(model.parameters()).device  # the loader's batches are there already (see data.loaders)
     was_training = model.training
@@ -59,11 +72,11 @@ def _evaluate(
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, precision):
+            # tta "none": the model's logits themselves; else the log of the probabilities averaged over the views
             if average_heads:
-                class_logits, dist_logits = model.forward_heads(images)
-                avg_logits = (class_logits.float() + dist_logits.float()) / 2
+                class_logits, avg_logits = predict_heads(model, images, tta)
             else:
-                class_logits = model(images)
+                class_logits = predict(model, images, tta)
         if average_heads:
             avg_acc.update(avg_logits, targets)
         class_acc.update(class_logits, targets)
@@ -105,10 +118,12 @@ def split_accuracy(
     *,
     split: str = "test",
     precision: str = "fp32",
+    tta: str = "none",
 ) -> tuple[Accumulator, Accumulator | None, list[str]]:
-    """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names)."""
+    """Evaluate on every image of a split: (class head, average of both heads for DeiT else None, class names);
+    ``tta``: test-time augmentation (:mod:`myrtle_vision.tta`)."""
     loader, names = split_loader(cfg, procs, batch_size, num_workers, split)
     if getattr(model, "args", None) is not None and model.args.distilled:
-        acc, avg = evaluate_heads(model, loader, len(names), procs, precision)
+        acc, avg = evaluate_heads(model, loader, len(names), procs, precision, tta)
         return acc, avg, names
-    return evaluate(model, loader, len(names), procs, precision), None, names
+    return evaluate(model, loader, len(names), procs, precision, tta), None, names

@@ -34,7 +34,8 @@ def test_reports_every_test_image_and_writes_json_png_tensorboard(run):
     tmp, cfg, run_dir = run
     proc = run_script("test.py", "-c", cfg, "--checkpoint", run_dir / "last.pt", "--json", tmp / "r.json", check=True)
     result = json.loads((tmp / "r.json").read_text())
-    assert set(result) == {"split", "top1", "top5", "num_images", "per_class"} and result["split"] == "test"
+    assert set(result) == {"split", "top1", "top5", "num_images", "per_class", "tta", "views"}
+    assert (result["split"], result["tta"], result["views"]) == ("test", "none", 1)
     assert result["num_images"] == 15  # 15 images, batches of 4: the last partial batch counts
     assert set(result["per_class"]) == set(CLASSES)
     assert sum(c["support"] for c in result["per_class"].values()) == 15

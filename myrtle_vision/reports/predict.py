@@ -22,6 +22,8 @@ from ..errors import UserError
 from ..files import check_output, write_atomic
 from ..quantization import Q_FORMATS, ROUNDINGS
 from ..reporting import Reporter, say
+from ..tta import MODES, describe
+from ..tta import predict as tta_predict
 
 LIST_SUFFIXES = (".txt", ".lst")
 
@@ -86,10 +88,13 @@ def predict(
     batch_size: int | None = None,
     num_workers: int | None = None,
     force: bool = False,
+    tta: str = "none",
 ) -> dict:
     """Write ``output`` (CSV, one row per input file, in the order given, UTF-8; see :func:`printable`) and
     return a summary. With several processes each predicts its share; rank 0 writes. An existing ``output`` is
-    replaced only when it is an earlier predictions CSV, or with ``force``."""
+    replaced only when it is an earlier predictions CSV, or with ``force``. ``tta``: test-time augmentation
+    (:mod:`myrtle_vision.tta`), the probabilities then the softmax averaged over the views, each model's
+    (with ``q_format``, both see the same views)."""
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     procs.on_main(
@@ -130,6 +135,8 @@ def predict(
         rank=procs.rank,
         world_size=procs.world_size,
     )
+    if tta != "none":
+        say(describe(tta), procs)
     rows: dict[int, dict] = {}
     reporter = Reporter(enabled=procs.is_main)  # no TensorBoard: a progress bar only
     bar = reporter.progress_bar(len(loader), 0, "predicting")
@@ -138,7 +145,7 @@ def predict(
             rows[index] = {"path": printable(paths[index]), "error": printable(reason)}
         if batch is not None:
             images, indices = batch
-            results = [_topk(model(images), k) for model in models]
+            results = [_topk(tta_predict(model, images, tta), k) for model in models]
             for j, index in enumerate(indices.tolist()):
                 row = {"path": printable(paths[index])}
                 for fmt, (probs, classes) in zip(formats, results):
@@ -154,7 +161,7 @@ def predict(
     gathered = {i: row for part in procs.gather(rows) for i, row in part.items()}
     errors = sum("error" in row for row in gathered.values())
     changed = sum(int(row.get("top1_changed", 0)) for row in gathered.values())
-    summary = {"images": len(paths) - errors, "errors": errors, "output": str(output)}
+    summary = {"images": len(paths) - errors, "errors": errors, "output": str(output), "tta": tta, "views": MODES[tta]}
     if q_format:
         summary.update(q_format=q_format, top1_changed=changed)
     if procs.is_main:
@@ -164,6 +171,8 @@ def predict(
         writer.writerows(gathered[i] for i in range(len(paths)))
         write_atomic(output, text.getvalue(), "predictions CSV")
         line = f"{output}: {summary['images']} images predicted, top-{k} each"
+        if tta != "none":
+            line += f" (the softmax averaged over {MODES[tta]} views, --tta {tta})"
         if q_format:
             line += f"; {q_format} changes the top-1 of {changed}"
         if errors:
@@ -174,5 +183,7 @@ def predict(
 
 
 def _topk(logits: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """The top ``k`` probabilities and classes; with test-time augmentation ``logits`` is the log of the averaged
+    probabilities, whose softmax is those probabilities."""
     probs, classes = logits.float().softmax(1).topk(k, dim=1)
     return probs.tolist(), classes.tolist()

@@ -21,6 +21,8 @@ from ..metrics import Accumulator, confusion_image, format_side_by_side
 from ..models import VisionTransformer
 from ..quantization import POST_TRAINING_FORMATS, Q_FORMATS, ROUNDINGS
 from ..reporting import say
+from ..tta import MODES, describe
+from ..tta import predict as tta_predict
 from ..weights.deploy import has_distillation
 from .outputs import check_outputs, save_png, write_report
 
@@ -34,6 +36,8 @@ class Comparison:
     max_logit_diff: float
     # one row per changed image, by its index in the split: (index, true class, reference's prediction,
     # quantized prediction, reference's margin, quantized margin); a margin is top-1 minus runner-up logit
+    # (with test-time augmentation the logits are the log of the probabilities averaged over the views, as is
+    # max_logit_diff's)
     changed: list[tuple[int, int, int, int, float, float]]
 
 
@@ -44,17 +48,23 @@ def _margins(logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compare(
-    reference: torch.nn.Module, quantized: torch.nn.Module, loader, num_classes: int, procs: Processes = Processes()
+    reference: torch.nn.Module,
+    quantized: torch.nn.Module,
+    loader,
+    num_classes: int,
+    procs: Processes = Processes(),
+    tta: str = "none",
 ) -> Comparison:
     """Both models on every batch of ``loader`` (with several processes: this process's share of the split,
-    samples ``rank``, ``rank + world_size``, ..., as :func:`split_loader` deals them), over all shares."""
+    samples ``rank``, ``rank + world_size``, ..., as :func:`split_loader` deals them), over all shares; ``tta``:
+    both on the same views of each batch, each model's probabilities averaged over them (:mod:`..tta`)."""
     reference.eval(), quantized.eval()
     ref_acc, q_acc = Accumulator(num_classes), Accumulator(num_classes)
     max_diff, seen, rows = 0.0, 0, []
     for images, targets in loader:
         images = images.to(procs.device, non_blocking=True)
         targets = targets.to(procs.device, non_blocking=True)
-        ref, q = reference(images), quantized(images)
+        ref, q = tta_predict(reference, images, tta), tta_predict(quantized, images, tta)
         ref_acc.update(ref, targets)
         q_acc.update(q, targets)
         ref_pred, q_pred = ref.argmax(1), q.argmax(1)
@@ -231,6 +241,7 @@ def run_quantize_test(
     split: str = "test",
     output_dir: str | None = None,
     force: bool = False,
+    tta: str = "none",
 ) -> dict:
     """Test ``checkpoint_path`` in FP32 and in a simulated number format, side by side, on every image of a split
     (the test split unless told); print and return the results, and save both confusion matrices and the
@@ -241,11 +252,16 @@ def run_quantize_test(
     split is not read. PyTorchINT8 is calibrated first, on the first ``calib_steps`` (default 10)
     validation batches, with per-tensor or (``per_channel``) per-row weight scales. The test split
     is read once, both models seeing each batch. A DeiT checkpoint is tested by its class head,
-    which is what the accelerator runs.
+    which is what the accelerator runs. ``tta``: test-time augmentation, both models on the same views
+    (:mod:`myrtle_vision.tta`; the default folder then ``<split>_<format>_tta_<mode>_<checkpoint name>``); the
+    changed predictions, their margins and the largest logit difference are then over the log of the averaged
+    probabilities.
     """
     ckpt, fmt, rounding, out_dir, int8_options = setup(
         cfg, checkpoint_path, procs, q_format, q_rounding, quantized_ckpt, calib_steps, per_channel, split
     )
+    if tta != "none" and not output_dir:
+        out_dir = out_dir.with_name(f"{split}_{fmt}_tta_{tta}_{checkpoint_path.stem}")
     out_dir = Path(output_dir) if output_dir else out_dir
     check_outputs(procs, out_dir, json_path, force)
     weights = int8_options[1] if int8_options else "per_tensor"
@@ -274,9 +290,15 @@ def run_quantize_test(
     deployed = checkpoint.deployed_weights(ckpt)
     if deployed:
         say(f"{checkpoint_path}: testing {deployed}", procs)
+    if tta != "none":
+        say(
+            describe(tta) + "; both models see the same views, and the changed predictions, margins and the "
+            "largest logit difference are over the log of the averaged probabilities",
+            procs,
+        )
     if int8_options:
         calibrated = calibrate_on_validation(cfg, models[1], procs, int8_options[0])
-    comparison = compare(*models, loader, len(names), procs)
+    comparison = compare(*models, loader, len(names), procs, tta)
     ref, q, changed = comparison.reference, comparison.quantized, len(comparison.changed)
     unchanged = 100.0 * (ref.count - changed) / max(1, ref.count)
     result = {
@@ -290,6 +312,8 @@ def run_quantize_test(
         "unchanged_predictions": unchanged,
         "changed_predictions": changed,
         "max_logit_diff": comparison.max_logit_diff,
+        "tta": tta,
+        "views": MODES[tta],
     }
     if int8_options:
         result.update(calib_steps=calibrated[0], calib_images=calibrated[1], int8_weights=weights)
@@ -297,7 +321,8 @@ def run_quantize_test(
         return result
     say(format_side_by_side([ref, q], ["FP32", fmt], names), procs)
     say(f"predictions unchanged: {unchanged:.2f}% ({changed} of {ref.count} {split} images changed)", procs)
-    say(f"largest logit difference: {comparison.max_logit_diff:.6g}", procs)
+    averaged = f" (of the log of the probabilities averaged over {MODES[tta]} views)" if tta != "none" else ""
+    say(f"largest logit difference{averaged}: {comparison.max_logit_diff:.6g}", procs)
     for label, acc in (("FP32", ref), (fmt, q)):  # (out_dir made by check_outputs)
         save_png(confusion_image(acc.confusion, names), out_dir / f"confusion_matrix_{label}.png")
     rows = _changed_rows(comparison, loader, names, fmt)

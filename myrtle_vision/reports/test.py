@@ -14,6 +14,7 @@ from ..metrics import Accumulator, confusion_image, format_report
 from ..models.cnn import Resized, load_teacher
 from ..quantization import POST_TRAINING_FORMATS
 from ..reporting import Reporter, say
+from ..tta import MODES, describe
 from ..weights.deploy import has_distillation
 from .outputs import check_outputs, save_png, write_report
 
@@ -26,15 +27,17 @@ def run_test(
     output_dir: str | None = None,
     split: str = "test",
     force: bool = False,
+    tta: str = "none",
 ) -> dict:
     """Evaluate ``checkpoint_path`` on every image of a split (the test split unless told); print and save the
     results; return the JSON dict.
 
     With several processes each evaluates its share of the split and the counts are summed; rank 0
     alone prints and writes. Always in FP32 (whatever the config's training ``precision``): the
-    weights as deployed.
+    weights as deployed. ``tta``: test-time augmentation (:mod:`myrtle_vision.tta`); every figure, the
+    average of the heads' too, is then from the probabilities averaged over the views.
     """
-    out_dir = _output_dir(output_dir, checkpoint_path, split)
+    out_dir = _output_dir(output_dir, checkpoint_path, split, tta)
     check_outputs(procs, out_dir, json_path, force)
     ckpt = checkpoint.load(checkpoint_path)
     # A DeiT checkpoint is tested as one whatever the config says: its class head is the plain ViT.
@@ -56,8 +59,10 @@ def run_test(
             "beside FP32's",
             procs,
         )
-    acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
-    result = _result(acc, names, split)
+    if tta != "none":
+        say(describe(tta), procs)
+    acc, avg, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split, tta=tta)
+    result = _result(acc, names, split, tta)
     if avg is not None:
         result["average_heads"] = {"top1": avg.top1, "top5": avg.top5}
     if weights:
@@ -68,7 +73,8 @@ def run_test(
     if avg is not None:
         say(
             f"DeiT checkpoint: the figures above are the class head's, which is what the accelerator runs; "
-            f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%",
+            f"the average of the class and distillation heads gives top-1 {avg.top1:.2f}%, top-{avg.k} {avg.top5:.2f}%"
+            + (f" (also averaged over the {MODES[tta]} views)" if tta != "none" else ""),
             procs,
         )
     scalars = {f"{split}/top1": acc.top1, f"{split}/top5": acc.top5}
@@ -87,9 +93,11 @@ def run_teacher_test(
     output_dir: str | None = None,
     split: str = "test",
     force: bool = False,
+    tta: str = "none",
 ) -> dict:
     """Evaluate the config's CNN teacher (``distiller_config``: its model, image size and, unless ``weights``
-    names another file, its weights file) on every image of a split, as distillation sees it."""
+    names another file, its weights file) on every image of a split, as distillation sees it (``tta``: with
+    test-time augmentation's views, made before the teacher's resize)."""
     dc = cfg.distiller_config
     if dc is None:
         raise UserError(
@@ -98,15 +106,17 @@ def run_teacher_test(
         )
     path = Path(weights or dc.teacher_weights_path)
     where = f"--teacher {path}" if weights else f"{cfg.path}: distiller_config.teacher_weights_path"
-    out_dir = _output_dir(output_dir, path, split)
+    out_dir = _output_dir(output_dir, path, split, tta)
     check_outputs(procs, out_dir, json_path, force)
     net = load_teacher(dc.teacher_model, cfg.data_config.number_of_classes, path, where)
     model = Resized(net, dc.teacher_image_size).eval().to(procs.device)
     tc = cfg.train_config
     size = f", images resized to {dc.teacher_image_size}" if dc.teacher_image_size else ""
     say(f"{path}: testing teacher {dc.teacher_model} on the {split} split{size}", procs)
-    acc, _, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split)
-    result = {**_result(acc, names, split), "teacher_model": dc.teacher_model, "weights_path": str(path)}
+    if tta != "none":
+        say(describe(tta), procs)
+    acc, _, names = split_accuracy(model, cfg, procs, tc.local_batch_size, tc.num_workers, split=split, tta=tta)
+    result = {**_result(acc, names, split, tta), "teacher_model": dc.teacher_model, "weights_path": str(path)}
     if not procs.is_main:
         return result
     say(format_report(acc, names), procs)
@@ -115,20 +125,24 @@ def run_teacher_test(
     return result
 
 
-def _result(acc: Accumulator, names: list[str], split: str) -> dict:
+def _result(acc: Accumulator, names: list[str], split: str, tta: str) -> dict:
     return {
         "split": split,
         "top1": acc.top1,
         "top5": acc.top5,
         "num_images": acc.count,
         "per_class": acc.per_class(names),
+        "tta": tta,
+        "views": MODES[tta],
     }
 
 
-def _output_dir(output_dir: str | None, tested: Path, split: str) -> Path:
+def _output_dir(output_dir: str | None, tested: Path, split: str, tta: str = "none") -> Path:
     """``--output-dir``, else ``test_<file name>`` beside the file tested (``<split>_<file name>`` for
-    another split)."""
-    return Path(output_dir) if output_dir else tested.parent / f"{split}_{tested.stem}"
+    another split; ``<split>_tta_<mode>_<file name>`` with test-time augmentation, beside the plain report)."""
+    if output_dir:
+        return Path(output_dir)
+    return tested.parent / (f"{split}_{tested.stem}" if tta == "none" else f"{split}_tta_{tta}_{tested.stem}")
 
 
 def _save(acc: Accumulator, names: list[str], split: str, out_dir: Path, step: int, scalars: dict) -> None:

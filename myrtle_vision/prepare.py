@@ -164,8 +164,8 @@ def _find_classes(root: Path, images: Path, known: tuple[str, ...] | None = None
     if known is None:
         if len(top) + len(under) < 2:
             raise UserError(
-                f"{root}: found {len(top) + len(under)} class folders; a dataset needs at least 2, one folder "
-                "per class, at the top of the folder or under images/"
+                f"{root}: found {_plural(len(top) + len(under), 'class folder')}; a dataset needs at least 2, "
+                "one folder per class, at the top of the folder or under images/"
             )
         return {**under, **top}
     missing = sorted(set(known) - set(top) - set(under))
@@ -177,6 +177,10 @@ def _find_classes(root: Path, images: Path, known: tuple[str, ...] | None = None
             else f"{source}: incomplete: no folder for {', '.join(missing)}"
         )
     return {**under, **top}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _listable(path: Path) -> None:
@@ -210,7 +214,8 @@ def _class_images(folder: Path, kind: _Kind) -> tuple[list[str], list[str]]:
         if not images:
             folders = sum(p.is_dir() for p in entries)
             hint = (
-                f"; it holds {folders} folders: if they are the classes, pass {folder} itself as the dataset folder"
+                f"; it holds {_plural(folders, 'folder')}: if they are the classes, pass {folder} itself as the "
+                "dataset folder"
                 if folders
                 else ""
             )

@@ -94,6 +94,10 @@ def _sha256_or_none(path: Path) -> str | None:
         return None
 
 
+def _images(n: int) -> str:
+    return "1 image gives" if n == 1 else f"{n} images give"
+
+
 def round_half_up(x: Fraction) -> int:
     return math.floor(x + Fraction(1, 2))
 
@@ -121,7 +125,7 @@ def split_by_fraction(
         n_train, n_val, n_test = fraction_counts(len(names), train_fraction, val_fraction)
         if n_train < 1 or n_test < 1:
             raise UserError(
-                f"{shown}/{cls}: {len(names)} images give {n_train} train, {n_val} validation and {n_test} test "
+                f"{shown}/{cls}: {_images(len(names))} {n_train} train, {n_val} validation and {n_test} test "
                 f"with --train-fraction {float(train_fraction):g} and --val-fraction {float(val_fraction):g}; every "
                 "class needs at least one training and one test image"
             )

@@ -64,7 +64,7 @@ class Protocol:
         """What split_protocol.json says of the protocol."""
         if self.kind == "earlier":
             train, val, test = EARLIER_SPLIT
-            return {"protocol": "earlier", "per_class": {"train": train, "val": val, "test": test}}
+            return {"protocol": "earlier", "split": f"per class, by sorted file name: {train} / {val} / {test}"}
         if self.kind == "fraction":
             return {
                 "protocol": "fraction",
@@ -157,7 +157,7 @@ def split_earlier(files: dict[str, list[str]]) -> dict[str, dict[str, list[str]]
 def read_list(path: Path) -> list[tuple[int, str]]:
     """(line number, entry) of each non-blank line of a split list."""
     try:
-        text = Path(path).read_bytes().decode()
+        text = Path(path).read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first name
     except FileNotFoundError:
         raise UserError(f"{path}: split list not found") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -321,10 +321,14 @@ def _ours(root: Path, name: str, also: dict[str, str]) -> bool:
     test = (
         json_with("protocol", "files") if name == PROTOCOL_FILE else described_by(root / PROTOCOL_FILE, "files", name)
     )
-    try:
-        return bool(test(path)) or (name in also and path.read_text() == also[name])
-    except (OSError, ValueError, RecursionError):
-        return False
+
+    def safely(check) -> bool:
+        try:
+            return bool(check())
+        except (OSError, ValueError, RecursionError):  # no split_protocol.json, not JSON, not text: not ours
+            return False
+
+    return safely(lambda: test(path)) or (name in also and safely(lambda: path.read_text() == also[name]))
 
 
 def data_config_text(dataset_path: str, number_of_classes: int) -> str:

@@ -90,6 +90,21 @@ def make_dataset(root: Path, classes: list[str], counts=(8, 4, 5), size: int = 3
     return root
 
 
+def make_resisc45_tree(root: Path) -> Path:
+    """45 class folders of 700 small JPEGs (8x8, all the same bytes) at the top of ``root``, named as NWPU-RESISC45's
+    (``airplane/airplane_001.jpg`` ...), as its .rar extracts; return root."""
+    from myrtle_vision.prepare import RESISC45_CLASSES
+
+    buf = io.BytesIO()
+    class_image(0, 0, 8).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    for cls in RESISC45_CLASSES:
+        (root / cls).mkdir(parents=True)
+        for i in range(1, 701):
+            (root / cls / f"{cls}_{i:03d}.jpg").write_bytes(jpeg)
+    return root
+
+
 def data_config(path: Path, dataset: Path, num_classes: int, train_ops=None, val_ops=None, **extra) -> Path:
     cfg = {
         "dataset_path": str(dataset),

@@ -2,7 +2,6 @@
 
 import errno
 import gzip
-import io
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_user_error, class_image, run_in_process, run_script
+from conftest import assert_user_error, make_resisc45_tree, run_in_process, run_script
 from PIL import Image
 
 from myrtle_vision import files, prepare
@@ -29,15 +28,7 @@ def _snapshot(root):
 @pytest.fixture(scope="module")
 def resisc_tree(tmp_path_factory):
     """45 class folders of 700 small JPEGs at the top of NWPU-RESISC45/, as the .rar extracts."""
-    root = tmp_path_factory.mktemp("resisc") / "NWPU-RESISC45"
-    buf = io.BytesIO()
-    class_image(0, 0, 8).save(buf, format="JPEG")
-    jpeg = buf.getvalue()
-    for cls in RESISC45_CLASSES:
-        (root / cls).mkdir(parents=True)
-        for i in range(1, 701):
-            (root / cls / f"{cls}_{i:03d}.jpg").write_bytes(jpeg)
-    return root
+    return make_resisc45_tree(tmp_path_factory.mktemp("resisc") / "NWPU-RESISC45")
 
 
 def _copy(tree, dst):
@@ -55,6 +46,7 @@ def test_lays_out_splits_labels_and_is_idempotent(resisc_tree, tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [
         "images",
         "label_map.json",
+        "split_protocol.json",
         "test_imagepaths.txt",
         "train_imagepaths.txt",
         "val_imagepaths.txt",
@@ -174,6 +166,7 @@ def _assert_prepared(root, stdout=None):
     assert sorted(p.name for p in root.iterdir()) == [
         "images",
         "label_map.json",
+        "split_protocol.json",
         "test_imagepaths.txt",
         "train_imagepaths.txt",
         "val_imagepaths.txt",

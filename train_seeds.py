@@ -7,7 +7,7 @@ config is not run again, so a stopped run is finished by running the same comman
 import argparse
 from pathlib import Path
 
-from myrtle_vision.cli import add_force_argument, add_split_argument, main_guard, parser
+from myrtle_vision.cli import add_force_argument, add_split_argument, add_tta_argument, main_guard, parser
 from myrtle_vision.seeds import run_seeds
 
 
@@ -18,6 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="where the seeds' configs, runs, logs and seeds.json go (default: runs/seeds_<config>)"
     )
     add_split_argument(p)
+    add_tta_argument(p)
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: summarise the seeds measured in --out, each on the split it was measured on (for a "
+        "protocol that redraws the split for each run: prepare, train one seed, prepare again, ...)",
+    )
     add_force_argument(p, "an --out/seeds.json", "an earlier summary")
     return p
 
@@ -27,7 +34,8 @@ def main() -> int:
     out = args.out or f"runs/seeds_{Path(args.config).stem}"
     device = ["--device", args.device] if args.device else []
     scripts = Path(__file__).resolve().parent
-    run_seeds(args.config, args.seeds, out, scripts, device, ["--split", args.split, *device], force=args.force)
+    test_args = ["--split", args.split, "--tta", args.tta, *device]
+    run_seeds(args.config, args.seeds, out, scripts, device, test_args, force=args.force, report=args.report)
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import Config, build, load_config, read_json
 from .errors import TrainingStopped, UserError
-from .files import check_folder, check_output, json_with, write_atomic, write_json
+from .files import check_folder, check_output, json_with, sha256, write_atomic, write_json
 from .reporting import say
 
 # What can change between runs without changing the weights trained: where they go, and when validation runs
@@ -43,13 +43,26 @@ def _trains(raw: dict, source: str) -> dict:
     return out
 
 
-def measured_before(cfg: Path, report: Path) -> dict | None:
-    """``report``'s figures when it was made from a config that trains what ``cfg`` trains, else None."""
+def split_of(cfg: Path) -> dict:
+    """Which split a config's data config names: the sha256 of its three split files (and the protocol
+    ``split_protocol.json`` records, when the dataset folder has one)."""
+    data = load_config(cfg).data_config
+    root = Path(data.dataset_path)
+    split = {name: sha256(root / getattr(data, name)) for name in ("train_files", "valid_files", "test_files")}
+    protocol = root / "split_protocol.json"
+    if protocol.is_file():
+        split["protocol"] = {k: v for k, v in json.loads(protocol.read_text()).items() if k != "files"}
+    return split
+
+
+def measured_before(cfg: Path, report: Path, any_split: bool = False) -> dict | None:
+    """``report``'s figures when it was made from a config that trains what ``cfg`` trains, on the split the
+    data config names now (with ``any_split``, on whichever split it was), else None."""
     if not report.is_file():
         return None
     before = json.loads(report.read_text())
     same = _trains(before.get("config", {}), str(report)) == _trains(read_json(cfg), str(cfg))
-    return before if same else None
+    return before if same and (any_split or before.get("split") == split_of(cfg)) else None
 
 
 def _run(command: list[str], log: Path, what: str, cwd: Path) -> str:
@@ -83,6 +96,7 @@ def train_and_test(cfg: Path, scripts: Path, train_args: list[str], test_args: l
     )
     tested = json.loads(report.read_text())
     figures = {
+        "split": split_of(cfg),
         "top1": tested["top1"],
         "top5": tested["top5"],
         "train_seconds": seconds,
@@ -107,9 +121,12 @@ def run_seeds(
     train_args: list[str],
     test_args: list[str],
     force: bool = False,
+    report: bool = False,
 ) -> dict:
-    """Train and test ``config`` at each of ``seeds`` (those measured before on the same config are kept), and
-    summarise; the summary is printed and written to ``out/seeds.json``."""
+    """Train and test ``config`` at each of ``seeds`` (those measured before on the same config and split are
+    kept), and summarise; the summary is printed and written to ``out/seeds.json``. With ``report`` nothing is
+    run: the seeds measured before, each on the split it was measured on (a protocol that redraws the split
+    for each run), are summarised."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: give one or more different seeds")
     load_config(config)  # the config and its data config are checked before anything runs
@@ -120,7 +137,11 @@ def run_seeds(
     results = {}
     for seed in seeds:
         cfg = seed_config(Path(config), seed, out_dir)
-        before = measured_before(cfg, Path(f"{cfg.with_suffix('')}.result.json"))
+        before = measured_before(cfg, Path(f"{cfg.with_suffix('')}.result.json"), any_split=report)
+        if report and (before is None or before.get("test_args") != test_args):
+            raise UserError(
+                f"--report: seed {seed} has not been measured in {out_dir} on this config and these test flags"
+            )
         if before is not None and before.get("test_args") == test_args:
             say(f"seed {seed}: measured before, test top-1 {before['top1']:.2f}%")
             results[seed] = before
@@ -140,6 +161,7 @@ def run_seeds(
         "top5_mean": top5[0],
         "top5_std": top5[1],
         "checkpoints": {str(s): r["checkpoint"] for s, r in results.items()},
+        "splits": {str(s): r["split"] for s, r in results.items()},
     }
     write_json(summary_path, summary, "summary")
     say(

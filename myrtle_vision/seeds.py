@@ -75,19 +75,24 @@ def _run(command: list[str], log: Path, what: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def train_and_test(cfg: Path, scripts: Path, train_args: list[str], test_args: list[str]) -> dict:
-    """Train ``cfg`` with ``train.py`` (and ``train_args``) and test its last checkpoint with ``test.py`` (and
-    ``test_args``); the figures, which are also kept in ``<cfg minus .json>.result.json``."""
+def train(cfg: Path, scripts: Path, train_args: list[str]) -> tuple[str, float]:
+    """Train ``cfg`` with ``train.py`` (and ``train_args``): (its last checkpoint, the seconds it took)."""
     stem = cfg.with_suffix("")
     start = time.perf_counter()
     command = [sys.executable, str(scripts / "train.py"), "-c", str(cfg), *train_args]
     log = _run(command, Path(f"{stem}.train.log"), f"{cfg.stem}: train.py", scripts)
-    seconds = time.perf_counter() - start
     run_dir = next((line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("run directory: ")), None)
     if run_dir is None:
         raise TrainingStopped(f"{cfg.stem}: train.py printed no run directory (its output: {stem}.train.log)")
+    return f"{run_dir}/last.pt", time.perf_counter() - start
+
+
+def test(cfg: Path, checkpoint: str, seconds: float, scripts: Path, test_args: list[str]) -> dict:
+    """Test ``checkpoint`` with ``test.py`` (and ``test_args``); the figures, also kept in ``<cfg minus
+    .json>.result.json``."""
+    stem = cfg.with_suffix("")
     report = Path(f"{stem}.test.json")
-    command = [sys.executable, str(scripts / "test.py"), "-c", str(cfg), "--checkpoint", f"{run_dir}/last.pt"]
+    command = [sys.executable, str(scripts / "test.py"), "-c", str(cfg), "--checkpoint", checkpoint]
     _run(
         [*command, "--json", str(report), "--force", *test_args],
         Path(f"{stem}.test.log"),
@@ -100,7 +105,7 @@ def train_and_test(cfg: Path, scripts: Path, train_args: list[str], test_args: l
         "top1": tested["top1"],
         "top5": tested["top5"],
         "train_seconds": seconds,
-        "checkpoint": f"{run_dir}/last.pt",
+        "checkpoint": checkpoint,
         "test_args": test_args,
         "config": read_json(cfg),
     }
@@ -146,8 +151,13 @@ def run_seeds(
             say(f"seed {seed}: measured before, test top-1 {before['top1']:.2f}%")
             results[seed] = before
             continue
+        if before is not None and Path(before["checkpoint"]).is_file():  # trained before: only the test differs
+            say(f"seed {seed}: trained before ({before['checkpoint']}); testing it with {' '.join(test_args)}")
+            results[seed] = test(cfg, before["checkpoint"], before["train_seconds"], scripts, test_args)
+            say(f"seed {seed}: test top-1 {results[seed]['top1']:.2f}%")
+            continue
         say(f"seed {seed}: training {cfg} (log: {cfg.with_suffix('')}.train.log)")
-        results[seed] = train_and_test(cfg, scripts, train_args, test_args)
+        results[seed] = test(cfg, *train(cfg, scripts, train_args), scripts, test_args)
         say(f"seed {seed}: test top-1 {results[seed]['top1']:.2f}%, trained in {results[seed]['train_seconds']:.0f} s")
     top1, top5 = mean_std([r["top1"] for r in results.values()]), mean_std([r["top5"] for r in results.values()])
     summary = {

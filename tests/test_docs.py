@@ -14,7 +14,8 @@ What the documents must follow:
 - docs/distillation.md: finetune_teacher.py's parameters in the table headed | parameter | default | meaning |.
 - A ```json block holding a whole data config (transform_ops_train) or train config (train_config) builds as one.
 - Commands: in ```bash/sh/console or unlabelled blocks and in `inline code`, starting python, python3,
-  .venv/bin/python or torchrun; synopses may use [optional], a|b alternatives, `...` and UPPERCASE placeholders.
+  .venv/bin/python or torchrun; synopses may use [optional], a|b alternatives, `...`, UPPERCASE placeholders and
+  shell variables ($seed).
   `python train.py` alone in prose names the script (it must exist) and is not parsed.
 """
 
@@ -204,7 +205,7 @@ def undocumented(cls, documented: dict[str, int], doc: str, line: int, section: 
 
 RUNNERS = {"python", "python3", ".venv/bin/python", "torchrun"}
 SHELL_BLOCKS = {"", "bash", "sh", "shell", "console"}
-PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(\.[a-z0-9]+)?")
+PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(\.[a-z0-9]+)?|\$\{?\w+\}?")  # or a shell variable: $seed
 SHELL_OPERATOR = re.compile(r"&&?|\|\|?|;|\d*[<>].*")  # where the command itself ends
 
 

@@ -57,6 +57,12 @@ def test_seeds_are_trained_tested_summarised_and_not_run_again(tmp_path):
     assert again.returncode == 0 and again.stdout.count("measured before") == 2
     assert sorted(out.glob("seed_*/*")) == runs
     assert json.loads((out / "seeds.json").read_text()) == summary
+    # test-time augmentation: the runs are tested again, not trained again
+    tta = run_in_process(*args, "3", "4", "--tta", "flip")
+    assert tta.returncode == 0 and tta.stdout.count("trained before") == 2, tta.stdout
+    assert sorted(out.glob("seed_*/*")) == runs
+    assert json.loads((out / "seed_3.test.json").read_text())["views"] == 2
+    args = (*args[:-1], "--tta", "flip", "--seeds")  # (from here on, tested with the flip too)
     # another split (a protocol that redraws it for each run): seed 4 is trained again on it
     split = dataset / "test_imagepaths.txt"
     split.write_text("\n".join(split.read_text().split()[:-2]) + "\n")

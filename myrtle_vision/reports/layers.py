@@ -339,29 +339,18 @@ def measure(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
         for h in handles:
             h.remove()
         set_rounded(points, "all")
-    for i, p in enumerate(points):  # weights: the same on every process, measured once
+    # the activations' figures over every process's images; the weights' rows are still empty here
+    ranges.reduce(procs)
+    procs.all_reduce_sum(errors), procs.all_reduce_sum(effects.sums), procs.all_reduce_sum(totals)
+    procs.all_reduce_max(largest_diff)
+    for i, p in enumerate(points):  # then the weights: the same on every process, measured once
         if p.params:
             # a Round's weight and bias as one tensor; int8 weights keep their shape (scales per row or tensor)
-            flat = (
-                p.params[0].detach()
-                if isinstance(p.module, WeightQuant)
-                else torch.cat([t.flatten() for t in p.params])
-            )
-            flat = flat.float()
+            flat = p.params[0] if isinstance(p.module, WeightQuant) else torch.cat([t.flatten() for t in p.params])
+            flat = flat.detach().float()
             ranges.add(i, p, flat)
             r = rounded(p, flat)
             errors[i] = torch.stack([((r.double() - flat.double()) ** 2).sum(), (flat.double() ** 2).sum()])
-    activation_rows = torch.tensor([not p.params for p in points], device=device)
-    share = Ranges(n, device)  # the activations' figures are summed over processes, the weights' are not
-    for name in ("counts", "hist"):
-        setattr(share, name, getattr(ranges, name) * activation_rows[:, None])
-    share.max_abs, share.neg_min = ranges.max_abs.clone(), ranges.neg_min.clone()
-    share.reduce(procs)
-    for name in ("counts", "hist"):
-        getattr(ranges, name)[activation_rows] = getattr(share, name)[activation_rows]
-    ranges.max_abs, ranges.neg_min = share.max_abs, share.neg_min
-    procs.all_reduce_sum(effects.sums), procs.all_reduce_sum(totals), procs.all_reduce_max(largest_diff)
-    errors[activation_rows] = procs.all_reduce_sum(errors * activation_rows[:, None])[activation_rows]
     return {
         "points": points,
         "ranges": ranges,

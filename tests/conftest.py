@@ -434,24 +434,26 @@ def near_tie_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def reference_vit(cfg_path, ckpt_path):
+    """A checkpoint's ViT without the package: its deploy entry read with torch.load and computed from its layout
+    by conftest.reference_forward; a function of (images, q_format, only)."""
+    vit = json.loads(cfg_path.read_text())["vit_config"]
+    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
+
+    def forward(images: torch.Tensor, q_format: str = "FP32", only: tuple[str, str] | None = None) -> torch.Tensor:
+        scale = vit["embed_dim"] // vit["heads"]
+        return reference_forward(weights, images, vit["heads"], vit["patch_size"], scale, q_format, only)
+
+    return forward
+
+
 def reference_logits(
     cfg_path, ckpt_path, q_format: str = "FP32", split: str = "test"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A checkpoint's logits on a split (the test split) of a config, and the labels, without the package: the
-    images read and normalized by hand, the checkpoint's deploy entry read with torch.load, and the ViT computed
-    from its layout in ``q_format`` (conftest.reference_forward)."""
+    images read and normalized by hand (reference_images) and the ViT of :func:`reference_vit` in ``q_format``."""
     images, labels = reference_images(cfg_path, split)
-    vit = json.loads(cfg_path.read_text())["vit_config"]
-    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
-    logits = reference_forward(
-        weights,
-        images,
-        vit["heads"],
-        vit["patch_size"],
-        head_dim_scale=vit["embed_dim"] // vit["heads"],
-        q_format=q_format,
-    )
-    return logits, torch.tensor(labels)
+    return reference_vit(cfg_path, ckpt_path)(images, q_format), torch.tensor(labels)
 
 
 def run_script_read_only(folder: Path, script: str, *args, **kwargs) -> subprocess.CompletedProcess:

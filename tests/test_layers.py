@@ -15,8 +15,8 @@ from conftest import (
     data_config,
     make_dataset,
     near_tie_checkpoint,
-    reference_forward,
     reference_images,
+    reference_vit,
     run_dir_of,
     run_in_process,
     run_script,
@@ -141,13 +141,10 @@ def test_each_points_sensitivity_is_the_reference_forward_pass_with_that_tensor_
     result = report(cfg, near, tmp_path / "out", "--q_format", "FP16_32")
     images, labels = reference_images(cfg, "test")
     labels = torch.tensor(labels)
-    vit = json.loads(cfg.read_text())["vit_config"]
-    sd = torch.load(near, map_location="cpu", weights_only=True)["model"]
+    vit = reference_vit(cfg, near)
 
     def logits(only=None):
-        return reference_forward(
-            sd, images, vit["heads"], vit["patch_size"], head_dim_scale=vit["embed_dim"] // vit["heads"], only=only
-        ).double()
+        return vit(images, only=only).double()
 
     fp32 = logits()
     top1 = lambda x: 100.0 * (x.argmax(1) == labels).double().mean().item()  # noqa: E731

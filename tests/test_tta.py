@@ -16,8 +16,8 @@ import torch
 from conftest import (
     assert_user_error,
     data_config,
-    reference_forward,
     reference_images,
+    reference_vit,
     run_dir_of,
     run_in_process,
     run_script,
@@ -94,23 +94,11 @@ def squeezed_checkpoint(src: Path, dst: Path) -> Path:
 
 
 def reference_view_logits(cfg_path: Path, ckpt_path: Path, mode: str, q_format: str = "FP32", split: str = "test"):
-    """Each view's logits (views x images x classes) and the labels, without the package (as conftest.reference_logits
-    does it: the images read and normalized by hand, the deploy entry read with torch.load, reference_forward)."""
+    """Each view's logits (views x images x classes) and the labels, without the package (conftest.reference_vit on
+    the images read and normalized by hand, each view made here)."""
     images, labels = reference_images(cfg_path, split)
-    vit = json.loads(cfg_path.read_text())["vit_config"]
-    weights = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model"]
-    logits = [
-        reference_forward(
-            weights,
-            view,
-            vit["heads"],
-            vit["patch_size"],
-            head_dim_scale=vit["embed_dim"] // vit["heads"],
-            q_format=q_format,
-        )
-        for view in independent_views(images, mode)
-    ]
-    return torch.stack(logits), torch.tensor(labels)
+    vit = reference_vit(cfg_path, ckpt_path)
+    return torch.stack([vit(view, q_format) for view in independent_views(images, mode)]), torch.tensor(labels)
 
 
 def reference_probs(cfg_path, ckpt_path, mode, q_format="FP32", split="test"):

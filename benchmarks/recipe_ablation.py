@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from _common import machine, write_section
 
-from myrtle_vision.config import Config, build
+from myrtle_vision.seeds import trains
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,25 +70,12 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
-# When validation runs changes what is printed, not the weights trained (tests/test_recipe.py checks it).
-VALIDATION_SCHEDULE = ("iters_per_val", "epochs_per_val")
-
-
-def resolved(raw: dict, source: str) -> dict:
-    """What a train config trains: every default filled in, so that ``"mixup": 0.0`` and no ``mixup`` compare
-    equal (the same run), and the validation schedule left out."""
-    out = build(Config, raw, source).to_dict()
-    for name in VALIDATION_SCHEDULE:
-        out["train_config"].pop(name)
-    return out
-
-
 def measured_before(cfg: Path) -> dict | None:
     """The figures of the run of config ``cfg`` measured before (on a config that means the same), else None."""
     measured = cfg.with_suffix(".measured.json")
     if measured.exists():
         before = json.loads(measured.read_text())
-        if resolved(before["config"], str(measured)) == resolved(json.loads(cfg.read_text()), str(cfg)):
+        if trains(before["config"], str(measured)) == trains(json.loads(cfg.read_text()), str(cfg)):
             return before
     return None
 

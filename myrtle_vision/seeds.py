@@ -34,7 +34,7 @@ def seed_config(base: Path, seed: int, out: Path) -> Path:
     return write_atomic(out / f"seed_{seed}.json", json.dumps(raw, indent=2) + "\n", "seed config")
 
 
-def _trains(raw: dict, source: str) -> dict:
+def trains(raw: dict, source: str) -> dict:
     """What a config trains: every default filled in, less what does not change the weights."""
     out = build(Config, raw, source).to_dict()
     for section, names in NOT_TRAINED.items():
@@ -61,7 +61,7 @@ def measured_before(cfg: Path, report: Path, any_split: bool = False) -> dict | 
     if not report.is_file():
         return None
     before = json.loads(report.read_text())
-    same = _trains(before.get("config", {}), str(report)) == _trains(read_json(cfg), str(cfg))
+    same = trains(before.get("config", {}), str(report)) == trains(read_json(cfg), str(cfg))
     return before if same and (any_split or before.get("split") == split_of(cfg)) else None
 
 

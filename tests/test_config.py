@@ -49,7 +49,9 @@ def test_demo_configs_train_the_recipe_the_ablation_measured_best(tmp_path):
     import sys
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from recipe_ablation import resolved, variant_config
+    from recipe_ablation import variant_config
+
+    from myrtle_vision.seeds import trains
 
     for model in ("vit", "deit"):
         demo = REPO / "train_configs" / f"{model}_demo.json"
@@ -57,7 +59,7 @@ def test_demo_configs_train_the_recipe_the_ablation_measured_best(tmp_path):
         shipped = json.loads(demo.read_text())
         for cfg in (measured, shipped):
             cfg["train_config"].update(seed=0, output_directory="")
-        assert resolved(measured, "measured") == resolved(shipped, str(demo))
+        assert trains(measured, "measured") == trains(shipped, str(demo))
         assert shipped["train_config"]["mixup"] > 0 and shipped["vit_config"]["drop_path"] > 0
 
 
